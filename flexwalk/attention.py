@@ -1,0 +1,195 @@
+"""Stage 4: attention kernels.  The functional API `sketchwalk_attention` lives here.
+
+All flex calls go through one compiled function (automatic dynamic shapes: the second
+length seen compiles a length-generic kernel, later lengths reuse it).  Dense fallbacks
+are explicit, counted in `flexwalk.counters()` and logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+
+from . import stats
+from .block_mask import dense_block_mask, selection_block_mask
+from .config import SketchWalkConfig
+from .selection import sketchwalk_selection
+from .walk import WalkState
+
+_compiled_flex = torch.compile(flex_attention, dynamic=None)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be [batch, heads, seq, head_dim]; got shapes {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must agree in batch, heads and length; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}) for GQA"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValueError(f"q, k, v must share one float dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+@functools.lru_cache(maxsize=64)
+def softcap_score_mod(softcap: float):
+    """score_mod for logit soft-capping (Gemma 2): softcap * tanh(score / softcap)."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return score_mod
+
+
+def _kernel_options(block_size: int, device: torch.device) -> dict | None:
+    # Triton's default tiles are 128 x 64; smaller blocks need matching tiles on CUDA.
+    if device.type == "cuda" and block_size < 128:
+        return {"BLOCK_M": block_size, "BLOCK_N": block_size}
+    return None
+
+
+def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128) -> torch.Tensor:
+    """Compiled flex_attention with GQA and optional soft-capping; [B, Hq, L, D] out."""
+    return _compiled_flex(
+        q,
+        k,
+        v,
+        score_mod=None if softcap is None else softcap_score_mod(float(softcap)),
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+        kernel_options=_kernel_options(block_size, q.device),
+    )
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+    q_offset: int = 0,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """Exact causal attention (+window, +padding, +softcap) without any n x n tensor.
+
+    Plain causal attention goes to SDPA (flash / cuDNN on GPU); anything with a mask or
+    soft-capping goes to compiled flex with a dense BlockMask.
+    """
+    L, S = q.shape[2], k.shape[2]
+    if key_valid is None and softcap is None and window is None and q_offset == 0 and L == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    bm = dense_block_mask(
+        q.shape[0], L, S, block_size, q.device, key_valid=key_valid, q_offset=q_offset, window=window
+    )
+    return flex(q, k, v, bm, scale=scale, softcap=softcap, block_size=block_size)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention with an explicit bool mask [B, 1, L, S] (decode: L = 1, so it is one row).
+
+    Rows with no allowed key return 0 instead of NaN.
+    """
+    g = q.shape[1] // k.shape[1]
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=g != 1)
+    else:
+        kk = k.repeat_interleave(g, 1) if g != 1 else k
+        vv = v.repeat_interleave(g, 1) if g != 1 else v
+        s = (q.float() @ kk.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        s = softcap * torch.tanh(s / softcap)
+        s = s.masked_fill(~mask, float("-inf"))
+        out = (torch.softmax(s, -1).nan_to_num(0.0) @ vv.float()).to(q.dtype)
+    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def sparse_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: SketchWalkConfig,
+    layer_idx: int,
+    state: WalkState | None,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, WalkState]:
+    """SketchWalk selection + compiled block-sparse flex for one prefill layer."""
+    selection, new_state = sketchwalk_selection(q, k, config, layer_idx, state, key_valid=key_valid, scale=scale)
+    bm = selection_block_mask(selection, key_valid=key_valid)
+    out = flex(q, k, v, bm, scale=scale, softcap=softcap, block_size=config.block_size)
+    stats.count(stats.SPARSE_PREFILL)
+    stats.record_density(layer_idx, selection.kept, selection.causal)
+    return out, new_state
+
+
+def sketchwalk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: SketchWalkConfig,
+    layer_idx: int,
+    state: WalkState | None = None,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+) -> tuple[torch.Tensor, WalkState | None]:
+    """SketchWalk causal attention of one layer's prefill, no transformers needed.
+
+    q: [B, Hq, n, D]; k, v: [B, Hkv, n, D] (Hq a multiple of Hkv); the same n for all three.
+    key_valid: [B, n] bool, False at padding tokens.  state: the WalkState returned by the
+    previous layer of the same forward pass (None for the first).  window: a sliding-window
+    layer's window (it keeps its window, dense inside it).  Returns (out [B, Hq, n, D],
+    state for the next layer).  Layers below config.dense_layers and lengths below
+    config.dense_below run dense; flexwalk.counters() shows which path ran.
+    """
+    _check_qkv(q, k, v)
+    if not isinstance(config, SketchWalkConfig):
+        raise TypeError(f"config must be a SketchWalkConfig, got {type(config).__name__}")
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+        raise ValueError(f"layer_idx={layer_idx!r} is invalid: must be an int >= 0")
+    n = q.shape[2]
+    if k.shape[2] != n:
+        raise ValueError(
+            f"sketchwalk_attention is for prefill: q has {n} tokens but k has {k.shape[2]}; "
+            "use dense_attention(..., q_offset=...) for queries after a cached prefix"
+        )
+    if key_valid is not None and tuple(key_valid.shape) != (q.shape[0], n):
+        raise ValueError(f"key_valid must be [batch, seq] = {(q.shape[0], n)}, got {tuple(key_valid.shape)}")
+    if window is not None:
+        stats.count(stats.SLIDING_WINDOW)
+        out = dense_attention(q, k, v, key_valid=key_valid, scale=scale, softcap=softcap, window=window,
+                              block_size=config.block_size)
+        return out, state
+    if layer_idx < config.dense_layers:
+        stats.count(stats.DENSE_LAYER)
+        return dense_attention(q, k, v, key_valid=key_valid, scale=scale, softcap=softcap,
+                               block_size=config.block_size), state
+    if n < config.dense_below:
+        stats.count(stats.DENSE_SHORT)
+        return dense_attention(q, k, v, key_valid=key_valid, scale=scale, softcap=softcap,
+                               block_size=config.block_size), state
+    return sparse_prefill(q, k, v, config, layer_idx, state, key_valid=key_valid, scale=scale, softcap=softcap)

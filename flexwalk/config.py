@@ -1,0 +1,198 @@
+"""SketchWalkConfig: every knob of the method, validated and frozen.
+
+The config is pure data: it holds no tensors and knows nothing of models, so it can be
+stored on a transformers config, hashed, compared and printed.  `expected_density` predicts
+the fraction of the causal block triangle a sparse layer computes for a given length, using
+exactly the budget rule the selection applies (tests check the two agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+WalkMode = Literal["walk", "damped", "one_hop"]
+HeadScoring = Literal["mean", "per_head"]
+
+_WALK_MODES = ("walk", "damped", "one_hop")
+_HEAD_SCORINGS = ("mean", "per_head")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"SketchWalkConfig.{name}={value!r} is invalid: {allowed}")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, value, f"must be an int >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+    if value < lo or (hi is not None and value > hi):
+        _fail(name, value, f"must be an int >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+
+
+@dataclass(frozen=True)
+class SketchWalkConfig:
+    """Configuration of SketchWalk block-sparse attention.
+
+    Budget: set exactly one of ``density`` (fraction of each query block's causal key blocks,
+    forced blocks included) or ``top_k_blocks`` (key blocks kept per query block, forced blocks
+    included).  Sink, local and dense-tail blocks are always kept, even past the budget.
+    """
+
+    block_size: int = 64
+    """Tokens per query and key block (power of two, 16..256)."""
+    sketch_dim: int = 64
+    """SRHT sketch width r; clipped to the head dim rounded up to a power of two."""
+    sparsity_exponent: float = 8.0
+    """Inverse temperature s of the transition W = softmax(s * A)."""
+    density: float | None = 0.2
+    """Fraction of each row's causal blocks to keep, in (0, 1]; None when top_k_blocks is set."""
+    top_k_blocks: int | None = None
+    """Key blocks kept per query block (forced blocks included); None when density is set."""
+    sink_blocks: int = 1
+    """First real blocks of each row always kept (attention sinks)."""
+    local_blocks: int = 1
+    """Diagonal block plus local_blocks - 1 blocks before it, always kept."""
+    dense_tail_blocks: int = 1
+    """The last T query blocks attend every causal block (cost T / num_blocks of dense)."""
+    dense_layers: int = 2
+    """Layers with layer_idx < dense_layers run dense attention."""
+    walk: WalkMode = "damped"
+    """'walk': R_l = R_{l-1} W_l; 'damped': (1-beta) W_l + beta R_{l-1} W_l; 'one_hop': R_l = W_l."""
+    damping: float = 0.25
+    """beta of the damped walk, in [0, 1]."""
+    head_scoring: HeadScoring = "mean"
+    """'mean': score head-mean q/k; 'per_head': score each head, average the transitions."""
+    seed: int = 0
+    """Seed of the SRHT sketches (selection is deterministic under it)."""
+    dense_below: int = 2048
+    """Prefill lengths (tokens) below this run dense attention."""
+    skip_decode: bool = True
+    """True: decode steps run dense attention (prefill-only sparsity)."""
+
+    def __post_init__(self) -> None:
+        bs = self.block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 16 or bs > 256 or bs & (bs - 1):
+            _fail("block_size", bs, "must be a power of two between 16 and 256")
+        _check_int("sketch_dim", self.sketch_dim, 1, 4096)
+        s = self.sparsity_exponent
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+            _fail("sparsity_exponent", s, "must be a finite number > 0")
+        if (self.density is None) == (self.top_k_blocks is None):
+            raise ValueError(
+                f"SketchWalkConfig: set exactly one of density={self.density!r} and "
+                f"top_k_blocks={self.top_k_blocks!r} (the other must be None)"
+            )
+        if self.density is not None:
+            d = self.density
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0.0 < d <= 1.0):
+                _fail("density", d, "must be a number in (0, 1]")
+        if self.top_k_blocks is not None:
+            _check_int("top_k_blocks", self.top_k_blocks, 1)
+        _check_int("sink_blocks", self.sink_blocks, 0)
+        _check_int("local_blocks", self.local_blocks, 1)
+        _check_int("dense_tail_blocks", self.dense_tail_blocks, 0)
+        _check_int("dense_layers", self.dense_layers, 0)
+        if self.walk not in _WALK_MODES:
+            _fail("walk", self.walk, f"must be one of {_WALK_MODES}")
+        b = self.damping
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not (0.0 <= b <= 1.0):
+            _fail("damping", b, "must be a number in [0, 1]")
+        if self.head_scoring not in _HEAD_SCORINGS:
+            _fail("head_scoring", self.head_scoring, f"must be one of {_HEAD_SCORINGS}")
+        _check_int("seed", self.seed, 0)
+        _check_int("dense_below", self.dense_below, 0)
+        if not isinstance(self.skip_decode, bool):
+            _fail("skip_decode", self.skip_decode, "must be a bool")
+        if not self.skip_decode:
+            raise NotImplementedError(
+                "SketchWalkConfig.skip_decode=False (sparse decode) is not implemented yet: "
+                "decode steps run dense attention; use skip_decode=True"
+            )
+
+    # ----------------------------------------------------------------- helpers
+    def replace(self, **changes: Any) -> "SketchWalkConfig":
+        """A copy with some fields changed (validated again).
+
+        Setting ``top_k_blocks`` clears ``density`` and the other way round, so
+        ``cfg.replace(top_k_blocks=8)`` does what it says.
+        """
+        if changes.get("top_k_blocks") is not None and "density" not in changes:
+            changes["density"] = None
+        if changes.get("density") is not None and "top_k_blocks" not in changes:
+            changes["top_k_blocks"] = None
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SketchWalkConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"SketchWalkConfig: unknown field(s) {unknown}; allowed: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "SketchWalkConfig":
+        """One of the named presets (see PRESETS), optionally with fields changed."""
+        if name not in PRESETS:
+            raise ValueError(f"preset={name!r} is unknown: allowed {sorted(PRESETS)}")
+        return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+PRESETS: dict[str, SketchWalkConfig] = {
+    # The paper's granularity and 20% density; damped walk as in the authors' code.
+    "default": SketchWalkConfig(),
+    # More budget, wider sketch and per-head scoring: closest to dense.
+    "quality": SketchWalkConfig(density=0.3, sketch_dim=128, head_scoring="per_head", dense_tail_blocks=2),
+    # Kernel-friendly 128-token blocks, 10% density, narrow sketch.
+    "speed": SketchWalkConfig(block_size=128, density=0.1, sketch_dim=32),
+    # Long prompts: 128-token blocks, a wider local window, dense only under 8K.
+    "long-context": SketchWalkConfig(block_size=128, density=0.15, local_blocks=2, dense_below=8192),
+}
+
+
+def block_budget(config: SketchWalkConfig, n_causal: int, forced: int) -> int:
+    """Blocks kept for one query block with `n_causal` causal key blocks, `forced` of them forced."""
+    if config.top_k_blocks is not None:
+        budget = config.top_k_blocks
+    else:
+        budget = math.ceil(config.density * n_causal - 1e-9)
+    return min(n_causal, max(forced, budget))
+
+
+def expected_density(config: SketchWalkConfig, seq_len: int, num_layers: int | None = None) -> float:
+    """Fraction of the causal block triangle computed at `seq_len` tokens (no padding).
+
+    With ``num_layers`` the dense layers and the dense-below rule are included, giving the
+    model-wide fraction; without it, the fraction of one sparse layer.  Counts blocks, as
+    the kernel does (a partly filled last block counts as one).
+    """
+    _check_int_arg("seq_len", seq_len, 1)
+    nb = math.ceil(seq_len / config.block_size)
+    kept = causal = 0
+    for i in range(nb):
+        n_causal = i + 1
+        causal += n_causal
+        if i >= nb - config.dense_tail_blocks:
+            kept += n_causal
+            continue
+        sink = set(range(min(config.sink_blocks, n_causal)))
+        local = set(range(max(0, i - config.local_blocks + 1), i + 1))
+        kept += block_budget(config, n_causal, len(sink | local))
+    sparse = kept / causal
+    if num_layers is None:
+        return sparse
+    _check_int_arg("num_layers", num_layers, 1)
+    if seq_len < config.dense_below:
+        return 1.0
+    n_dense = min(config.dense_layers, num_layers)
+    return (n_dense + (num_layers - n_dense) * sparse) / num_layers
+
+
+def _check_int_arg(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name}={value!r} is invalid: must be an int >= {lo}")

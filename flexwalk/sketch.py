@@ -1,0 +1,115 @@
+"""Stage 1 of the selection: head means, block means, SRHT sketches and block scores.
+
+Everything here runs in fp32 whatever the model dtype, reads q and k once, and produces
+block-level tensors only ([B, nb, D], [B, nb, r], [B, nb, nb]); no token-by-token matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    return (seq_len + block_size - 1) // block_size
+
+
+def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of x over the valid tokens of each block.
+
+    x: [..., n, D] (any float dtype); valid: [B, n] bool or None (all valid), broadcast over
+    the dims between batch and tokens.  Returns (means [..., nb, D] fp32, counts [B or 1, nb]
+    fp32 of valid tokens per block).  Padding tokens never enter a mean; a block without
+    valid tokens has mean 0 and count 0.
+    """
+    n, d = x.shape[-2], x.shape[-1]
+    nb = num_blocks(n, block_size)
+    pad = nb * block_size - n
+    x = x.float()
+    if valid is None:
+        valid_f = torch.ones(1, n, device=x.device, dtype=torch.float32)
+    else:
+        valid_f = valid.to(torch.float32)
+    # Broadcast the [B, n] validity over any head dimension sitting between B and n.
+    vshape = (valid_f.shape[0],) + (1,) * (x.dim() - 3) + (n, 1)
+    xw = x * valid_f.reshape(vshape)
+    if pad:
+        xw = torch.nn.functional.pad(xw, (0, 0, 0, pad))
+        valid_f = torch.nn.functional.pad(valid_f, (0, pad))
+    sums = xw.reshape(*xw.shape[:-2], nb, block_size, d).sum(-2)
+    counts = valid_f.reshape(valid_f.shape[0], nb, block_size).sum(-1)
+    cshape = (counts.shape[0],) + (1,) * (x.dim() - 3) + (nb, 1)
+    means = sums / counts.clamp_min(1.0).reshape(cshape)
+    return means, counts
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    """Sylvester +-1 Walsh-Hadamard matrix of size n (a power of two)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def effective_sketch_dim(head_dim: int, sketch_dim: int) -> int:
+    """The sketch width used: r, at most the head dim padded to a power of two."""
+    dp = 1 << max(0, math.ceil(math.log2(head_dim)))
+    return min(sketch_dim, dp)
+
+
+@functools.lru_cache(maxsize=256)
+def _srht_cpu(head_dim: int, sketch_dim: int, seed: int) -> torch.Tensor:
+    dp = 1 << max(0, math.ceil(math.log2(head_dim)))
+    r = min(sketch_dim, dp)
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (dp,), generator=gen).float() * 2 - 1
+    cols = torch.randperm(dp, generator=gen)[:r].sort().values
+    p = signs[:, None] * _hadamard(dp)[:, cols] / math.sqrt(r)
+    return p[:head_dim].contiguous()  # zero-padded features contribute nothing: drop their rows
+
+
+_SRHT_DEVICE_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def srht_matrix(head_dim: int, sketch_dim: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Subsampled randomized Hadamard transform P, [head_dim, r] fp32, with E[(xP).(yP)] = x.y.
+
+    P = diag(sigma) Hd[:, cols] / sqrt(r) with Hd the Walsh-Hadamard matrix of the head dim
+    rounded up to a power of two, sigma random signs and cols r distinct columns, all drawn
+    from `seed`.  Cached per (shape, seed, device).
+    """
+    key = (head_dim, sketch_dim, seed, str(device))
+    p = _SRHT_DEVICE_CACHE.get(key)
+    if p is None:
+        p = _srht_cpu(head_dim, sketch_dim, seed).to(device)
+        _SRHT_DEVICE_CACHE[key] = p
+    return p
+
+
+def sketch_seed(seed: int, layer_idx: int) -> int:
+    """Each layer gets its own sketch, derived from the config seed."""
+    return (seed * 1_000_003 + layer_idx * 7919 + 17) % (2**31 - 1)
+
+
+def block_causal_mask(block_valid: torch.Tensor) -> torch.Tensor:
+    """[B, nb, nb] bool: key block j is allowed for query block i (j <= i, j has valid tokens).
+
+    A query block with no valid key at all (a fully padded block) keeps its diagonal so
+    every row has at least one entry and softmax stays finite.
+    """
+    nb = block_valid.shape[-1]
+    tri = torch.ones(nb, nb, dtype=torch.bool, device=block_valid.device).tril()
+    allowed = tri & block_valid[:, None, :]
+    empty = ~allowed.any(-1, keepdim=True)
+    eye = torch.eye(nb, dtype=torch.bool, device=block_valid.device)
+    return allowed | (empty & eye)
+
+
+def block_scores(q_sketch: torch.Tensor, k_sketch: torch.Tensor, scale: float, allowed: torch.Tensor) -> torch.Tensor:
+    """A[i, j] = Qs[i].Ks[j] * scale, -inf where not allowed.  [.., nb, r] x2 -> [.., nb, nb] fp32."""
+    a = torch.matmul(q_sketch, k_sketch.transpose(-1, -2)) * scale
+    if a.dim() == 4:  # per-head scores [B, H, nb, nb]
+        allowed = allowed[:, None]
+    return a.masked_fill(~allowed, float("-inf"))

@@ -1,0 +1,137 @@
+"""Stage 2 of the selection: transition matrices, the cross-layer walk and top-k blocks.
+
+`WalkState` is the only thing carried from one sparse layer to the next inside one forward
+pass.  Its lifetime is one forward (prefill) pass: the transformers integration keeps it on
+the per-forward mask context, the functional API hands it back to the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import SketchWalkConfig
+
+
+@dataclass(frozen=True)
+class WalkState:
+    """Walk matrix R of the last sparse layer of this forward pass.
+
+    transition: [B, nb, nb] fp32, row-stochastic and block-lower-triangular.
+    """
+
+    transition: torch.Tensor
+    layer_idx: int
+    block_size: int
+    seq_len: int
+
+    def check_compatible(self, batch: int, seq_len: int, block_size: int) -> None:
+        if (self.transition.shape[0], self.seq_len, self.block_size) != (batch, seq_len, block_size):
+            raise ValueError(
+                f"state: WalkState from layer {self.layer_idx} was built for batch="
+                f"{self.transition.shape[0]}, seq_len={self.seq_len}, block_size={self.block_size}; "
+                f"this layer has batch={batch}, seq_len={seq_len}, block_size={block_size}. "
+                "A WalkState lives for one forward pass: pass state=None to start a new one."
+            )
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """Key blocks each query block attends to, shared by all heads.
+
+    mask: [B, nq, nk] bool block table (True = attend).  block_size tokens per block,
+    seq_len real tokens (the last block may be partial).  kept / causal: [B] fp32 counts of
+    selected and of allowed causal blocks, for density reports without a host sync.
+    """
+
+    mask: torch.Tensor
+    block_size: int
+    seq_len: int
+    kept: torch.Tensor
+    causal: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return self.mask.shape[-1]
+
+    def density(self) -> float:
+        """Achieved fraction of the causal block triangle (host sync: for reports and tests)."""
+        return float(self.kept.sum() / self.causal.sum())
+
+    def indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counts [B, nq] int32, indices [B, nq, nk] int32): selected block ids first, ascending."""
+        return table_to_indices(self.mask)
+
+
+def table_to_indices(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool block table [..., nk] -> (counts int32 [...], indices int32 [..., nk]); selected first."""
+    counts = table.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~table).to(torch.int8), dim=-1, stable=True)
+    return counts, order.to(torch.int32)
+
+
+def transition_matrix(scores: torch.Tensor, exponent: float) -> torch.Tensor:
+    """W = row_softmax(exponent * A), fp32; -inf entries get probability 0."""
+    return torch.softmax(scores.float() * exponent, dim=-1)
+
+
+def _normalise_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / x.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def walk_step(w: torch.Tensor, state: WalkState | None, config: SketchWalkConfig) -> torch.Tensor:
+    """R_l from this layer's transition W_l and the previous sparse layer's R_{l-1}."""
+    if state is None or config.walk == "one_hop":
+        return w
+    walked = _normalise_rows(torch.bmm(state.transition, w))
+    if config.walk == "walk":
+        return walked
+    beta = config.damping
+    return (1.0 - beta) * w + beta * walked
+
+
+def select_blocks(
+    walk: torch.Tensor,
+    allowed: torch.Tensor,
+    block_valid: torch.Tensor,
+    config: SketchWalkConfig,
+    seq_len: int,
+) -> BlockSelection:
+    """Top-k key blocks per query block from the walk matrix, plus sink, local and tail blocks.
+
+    walk: [B, nb, nb] scores (higher = keep); allowed: [B, nb, nb] bool causal/valid blocks;
+    block_valid: [B, nb] bool blocks holding at least one real token.  Sink blocks are the
+    first `sink_blocks` valid blocks of each row, so they count from its first real token.
+    Ties break towards the lower block index.  No host synchronisation.
+    """
+    bsz, nb, _ = walk.shape
+    dev = walk.device
+    idx = torch.arange(nb, device=dev)
+    causal_valid = allowed & block_valid[:, None, :]
+    # rank of each valid block among the valid blocks of its row (0 = first real block)
+    valid_rank = torch.cumsum(block_valid.to(torch.int32), -1) - 1  # [B, nb]
+    sink = valid_rank[:, None, :] < config.sink_blocks
+    local = (idx[:, None] - idx[None, :]) < config.local_blocks  # j > i - local  (j <= i via allowed)
+    forced = causal_valid & (sink | local[None])
+    n_causal = causal_valid.sum(-1)  # [B, nb]
+    n_forced = forced.sum(-1)
+    if config.top_k_blocks is not None:
+        budget = torch.full_like(n_causal, config.top_k_blocks)
+    else:
+        budget = torch.ceil(n_causal.to(torch.float64) * config.density - 1e-9).to(n_causal.dtype)
+    kept = torch.minimum(n_causal, torch.maximum(n_forced, budget))
+    if config.dense_tail_blocks:
+        tail = idx >= nb - config.dense_tail_blocks
+        kept = torch.where(tail[None], n_causal, kept)
+    # Rows without any valid key (fully padded query blocks) keep their diagonal only.
+    kept = torch.where(n_causal == 0, torch.ones_like(kept), kept)
+    score = walk.float().masked_fill(~allowed, float("-inf"))
+    score = score.masked_fill(forced, float("inf"))
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    take = idx[None, None, :] < kept[..., None]
+    mask = torch.zeros_like(allowed).scatter_(-1, order, take)
+    mask = mask & allowed
+    kept_total = (mask & causal_valid).sum((-1, -2)).float()
+    causal_total = n_causal.sum(-1).float()
+    return BlockSelection(mask=mask, block_size=config.block_size, seq_len=seq_len, kept=kept_total, causal=causal_total)
