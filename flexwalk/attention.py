@@ -14,12 +14,29 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 from . import stats
-from .block_mask import dense_block_mask, selection_block_mask
+from .block_mask import check_contiguous_padding, dense_block_mask, selection_block_mask
 from .config import SketchWalkConfig
 from .selection import sketchwalk_selection
 from .walk import WalkState
 
-_compiled_flex = torch.compile(flex_attention, dynamic=None)
+# Static shapes, one compile per length bucket (block_mask.bucket_length): automatic dynamic
+# shapes miscompile torch 2.13's CPU flex kernel (undeclared cur_kvSplitSize in the C++).
+_compiled_flex = torch.compile(flex_attention, dynamic=False)
+
+# Each distinct (bucket, block size, mask variant, softcap) is one compiled kernel; a model
+# sees more than dynamo's default of 8 over its lifetime, after which flex would silently drop
+# to its eager path (correct, since our mask_mod encodes the selection, but dense-cost).
+_RECOMPILE_LIMIT = 64
+
+
+def _raise_recompile_limit() -> None:
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name) < _RECOMPILE_LIMIT:
+        setattr(cfg, name, _RECOMPILE_LIMIT)
+
+
+_raise_recompile_limit()
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -58,8 +75,17 @@ def _kernel_options(block_size: int, device: torch.device) -> dict | None:
 
 
 def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128) -> torch.Tensor:
-    """Compiled flex_attention with GQA and optional soft-capping; [B, Hq, L, D] out."""
-    return _compiled_flex(
+    """Compiled flex_attention with GQA and optional soft-capping; [B, Hq, L, D] out.
+
+    q, k, v are zero-padded to the mask's (bucket) lengths and the output cut back.
+    """
+    L, S = q.shape[2], k.shape[2]
+    Lp, Sp = block_mask.seq_lengths
+    if Lp != L:
+        q = F.pad(q, (0, 0, 0, Lp - L))
+    if Sp != S:
+        k, v = F.pad(k, (0, 0, 0, Sp - S)), F.pad(v, (0, 0, 0, Sp - S))
+    out = _compiled_flex(
         q,
         k,
         v,
@@ -69,6 +95,7 @@ def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128) -> to
         enable_gqa=q.shape[1] != k.shape[1],
         kernel_options=_kernel_options(block_size, q.device),
     )
+    return out[:, :, :L] if Lp != L else out
 
 
 def dense_attention(
@@ -156,13 +183,16 @@ def sketchwalk_attention(
     scale: float | None = None,
     softcap: float | None = None,
     window: int | None = None,
+    check_padding: bool = True,
 ) -> tuple[torch.Tensor, WalkState | None]:
     """SketchWalk causal attention of one layer's prefill, no transformers needed.
 
     q: [B, Hq, n, D]; k, v: [B, Hkv, n, D] (Hq a multiple of Hkv); the same n for all three.
     key_valid: [B, n] bool, False at padding tokens.  state: the WalkState returned by the
     previous layer of the same forward pass (None for the first).  window: a sliding-window
-    layer's window (it keeps its window, dense inside it).  Returns (out [B, Hq, n, D],
+    layer's window (it keeps its window, dense inside it).  check_padding: verify (one host
+    sync) that key_valid is left/right padding without holes; callers that checked once per
+    forward pass False.  Returns (out [B, Hq, n, D],
     state for the next layer).  Layers below config.dense_layers and lengths below
     config.dense_below run dense; flexwalk.counters() shows which path ran.
     """
@@ -177,8 +207,14 @@ def sketchwalk_attention(
             f"sketchwalk_attention is for prefill: q has {n} tokens but k has {k.shape[2]}; "
             "use dense_attention(..., q_offset=...) for queries after a cached prefix"
         )
-    if key_valid is not None and tuple(key_valid.shape) != (q.shape[0], n):
-        raise ValueError(f"key_valid must be [batch, seq] = {(q.shape[0], n)}, got {tuple(key_valid.shape)}")
+    if key_valid is not None:
+        if tuple(key_valid.shape) != (q.shape[0], n) or key_valid.dtype != torch.bool:
+            raise ValueError(
+                f"key_valid must be a bool tensor [batch, seq] = {(q.shape[0], n)}, got "
+                f"{key_valid.dtype} {tuple(key_valid.shape)}"
+            )
+        if check_padding:
+            check_contiguous_padding(key_valid)
     if window is not None:
         stats.count(stats.SLIDING_WINDOW)
         out = dense_attention(q, k, v, key_valid=key_valid, scale=scale, softcap=softcap, window=window,

@@ -3,8 +3,13 @@
 Two block tables describe a mask: `partial` blocks run mask_mod on every element, `full`
 blocks skip it (about 11-15% faster).  The mask_mod itself also encodes the selection, so
 flex's eager path computes the same function as the compiled kernel (FLEX_AND_HF_FACTS.md).
-Every tensor here is block-level ([B, nq, nk]) or token-level along one axis ([B, S]); none
-is n x n.  The mask has one head: the selection is shared by all query heads.
+Every tensor here is block-level ([B, nq, nk]) or per row ([B]); none is n x n.  The mask
+has one head: the selection is shared by all query heads.
+
+Length buckets: masks are built for lengths rounded up to `bucket_length(n)` (at most four
+buckets per octave, a multiple of 256).  Flex then compiles once per bucket instead of once
+per prompt length; the extra query blocks get no key block at all and the extra keys sit
+outside every row's [start, end) interval, so the padding costs a copy, not attention.
 """
 
 from __future__ import annotations
@@ -17,32 +22,69 @@ from torch.nn.attention.flex_attention import BlockMask
 from .walk import BlockSelection, table_to_indices
 
 _HAS_COMPUTE_Q_BLOCKS = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+BUCKET_GRANULE = 256
+
+
+def bucket_length(n: int) -> int:
+    """Length a mask of n tokens is built for: n rounded up to <= 4 buckets per octave."""
+    step = max(BUCKET_GRANULE, (1 << max(0, n.bit_length() - 1)) // 4)
+    return -(-n // step) * step
+
+
+def key_bounds(key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, S] contiguous validity -> (start [B], end [B]) int32, no host sync.
+
+    A row without any valid token gets start = end = S.
+    """
+    s = key_valid.shape[-1]
+    kv = key_valid.to(torch.int8)
+    any_valid = key_valid.any(-1)
+    start = torch.where(any_valid, kv.argmax(-1), s)
+    end = torch.where(any_valid, s - kv.flip(-1).argmax(-1), s)
+    return start.to(torch.int32), end.to(torch.int32)
+
+
+def check_contiguous_padding(key_valid: torch.Tensor) -> None:
+    """Raise NotImplementedError for padding masks with holes (one host sync)."""
+    start, end = key_bounds(key_valid)
+    if not bool((key_valid.sum(-1) == (end - start).clamp_min(0)).all()):
+        raise NotImplementedError(
+            "attention masks with holes are not supported: padding must be left and/or right padding "
+            "(each row's real tokens contiguous)"
+        )
+
+
+def _bounds(batch: int, kv_len: int, key_valid: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if key_valid is None:
+        return (torch.zeros(batch, dtype=torch.int32, device=device),
+                torch.full((batch,), kv_len, dtype=torch.int32, device=device))
+    return key_bounds(key_valid[:, :kv_len])
 
 
 def make_mask_mod(
     *,
     block_size: int,
+    start: torch.Tensor,
+    end: torch.Tensor,
     block_table: torch.Tensor | None = None,
-    key_valid: torch.Tensor | None = None,
     q_offset: torch.Tensor | None = None,
     window: int | None = None,
 ):
-    """mask_mod(b, h, q_idx, kv_idx) -> bool for causal (+window) (+padding) (+selection).
+    """mask_mod(b, h, q_idx, kv_idx) -> bool for causal (+window) (+selection) within [start, end).
 
-    block_table: [B, nq, nk] bool selection.  key_valid: [B, >= nk*block_size] bool, False
-    at padding.  q_offset: 0-d int tensor, absolute position of query 0 (a tensor, not a
-    Python int, so a new offset never recompiles).  A padding query attends to itself so its
-    row stays finite.
+    start, end: [B] int32, each row's real keys (padding and bucket padding lie outside).
+    block_table: [B, nq, nk] bool selection.  q_offset: 0-d int tensor, absolute position
+    of query 0 (a tensor, not a Python int, so a new offset never recompiles).  A padding
+    query attends to itself so its row stays finite.
     """
     bs = block_size
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_abs = q_idx if q_offset is None else q_idx + q_offset
-        keep = kv_idx <= q_abs
+        keep = (kv_idx <= q_abs) & (kv_idx >= start[b]) & (kv_idx < end[b])
         if window is not None:
             keep = keep & (kv_idx > q_abs - window)
-        if key_valid is not None:
-            keep = (keep & key_valid[b, kv_idx]) | (kv_idx == q_abs)
+        keep = keep | (kv_idx == q_abs)
         if block_table is not None:
             keep = keep & block_table[b, q_idx // bs, kv_idx // bs]
         return keep
@@ -50,86 +92,61 @@ def make_mask_mod(
     return mask_mod
 
 
-def pad_key_valid(key_valid: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad a [B, S] validity mask with False up to `length` tokens (flex reads whole blocks)."""
-    extra = length - key_valid.shape[-1]
-    return torch.nn.functional.pad(key_valid, (0, extra), value=False) if extra > 0 else key_valid
-
-
-def block_mask_from_tables(
-    partial: torch.Tensor,
-    full: torch.Tensor,
-    mask_mod,
-    block_size: int,
-    q_len: int,
-    kv_len: int,
-) -> BlockMask:
+def block_mask_from_tables(partial, full, mask_mod, block_size: int, q_len: int, kv_len: int) -> BlockMask:
     """[B, nq, nk] bool partial/full tables -> BlockMask with one mask head."""
     p_cnt, p_idx = table_to_indices(partial)
     f_cnt, f_idx = table_to_indices(full)
     kwargs = {"compute_q_blocks": False} if _HAS_COMPUTE_Q_BLOCKS else {}
     return BlockMask.from_kv_blocks(
-        p_cnt[:, None],
-        p_idx[:, None],
-        f_cnt[:, None],
-        f_idx[:, None],
-        BLOCK_SIZE=block_size,
-        mask_mod=mask_mod,
-        seq_lengths=(q_len, kv_len),
-        **kwargs,
+        p_cnt[:, None], p_idx[:, None], f_cnt[:, None], f_idx[:, None],
+        BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(q_len, kv_len), **kwargs,
     )
 
 
-def _block_bounds(length: int, block_size: int, device, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    nb = (length + block_size - 1) // block_size
-    lo = torch.arange(nb, device=device) * block_size
-    hi = torch.clamp(lo + block_size, max=length) - 1
-    return lo + offset, hi + offset
-
-
-def _key_block_counts(key_valid: torch.Tensor | None, batch: int, kv_len: int, block_size: int, device) -> torch.Tensor:
-    """[B, nk] number of valid keys per block (inside the sequence)."""
-    nk = (kv_len + block_size - 1) // block_size
-    if key_valid is None:
-        key_valid = torch.ones(1, kv_len, dtype=torch.bool, device=device)
-    kv = pad_key_valid(key_valid[:, :kv_len], nk * block_size)
-    counts = kv.reshape(kv.shape[0], nk, block_size).sum(-1)
-    return counts.expand(batch, nk)
-
-
 def structural_tables(
-    batch: int,
     q_len: int,
     kv_len: int,
     block_size: int,
-    device,
+    start: torch.Tensor,
+    end: torch.Tensor,
     *,
-    key_valid: torch.Tensor | None = None,
     q_offset: int = 0,
     window: int | None = None,
+    q_pad: int | None = None,
+    kv_pad: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(maybe, full) [B, nq, nk] tables of the causal (+window) (+padding) mask.
+    """(maybe, full) [B, nq, nk] tables of causal (+window) attention inside [start, end).
 
-    maybe: the block holds at least one allowed element (may over-approximate); full: every
-    element of the block is allowed, so mask_mod can be skipped there.
+    maybe: the block may hold an allowed element (over-approximates); full: every element of
+    the block is allowed, so mask_mod is skipped there.  q_pad / kv_pad: bucket lengths; their
+    extra blocks are empty.
     """
-    q_lo, q_hi = _block_bounds(q_len, block_size, device, q_offset)
-    k_lo, k_hi = _block_bounds(kv_len, block_size, device)
-    maybe = k_lo[None, :] <= q_hi[:, None]
-    full = k_hi[None, :] <= q_lo[:, None]
+    dev = start.device
+    nq = -(-(q_pad or q_len) // block_size)
+    nk = -(-(kv_pad or kv_len) // block_size)
+    qi = torch.arange(nq, device=dev) * block_size
+    kj = torch.arange(nk, device=dev) * block_size
+    q_lo = (qi + q_offset)[:, None]
+    q_hi = (torch.clamp(qi + block_size, max=q_len) - 1 + q_offset)[:, None]
+    k_lo = kj[None, :]
+    k_hi = (torch.clamp(kj + block_size, max=kv_len) - 1)[None, :]
+    real = (qi < q_len)[:, None] & (kj < kv_len)[None, :]
+    maybe = real & (k_lo <= q_hi)
+    full = real & (k_hi <= q_lo) & (k_hi - k_lo + 1 == block_size)
     if window is not None:
-        maybe = maybe & (k_hi[None, :] > q_lo[:, None] - window)
-        full = full & (k_lo[None, :] > q_hi[:, None] - window)
-    counts = _key_block_counts(key_valid, batch, kv_len, block_size, device)
-    sizes = (k_hi - k_lo + 1)[None, :]
-    has_valid = counts > 0
-    fully_valid = counts == sizes
-    # A block whose keys are all padding is still needed where it holds a padding query's own
-    # position (that query attends to itself only).
-    holds_self = (k_lo[None, :] <= q_hi[:, None]) & (k_hi[None, :] >= q_lo[:, None])
-    maybe = maybe[None] & (has_valid[:, None, :] | holds_self[None])
-    full = full[None] & fully_valid[:, None, :]
+        maybe = maybe & (k_hi > q_lo - window)
+        full = full & (k_lo > q_hi - window)
+    # keys of block j inside row b's [start, end)
+    s, e = start[:, None, None], end[:, None, None]
+    n_valid = (torch.minimum(k_hi[None] + 1, e) - torch.maximum(k_lo[None], s)).clamp_min(0)
+    holds_self = (k_lo <= q_hi) & (k_hi >= q_lo)  # a padding query's own position
+    maybe = maybe[None] & ((n_valid > 0) | holds_self[None])
+    full = full[None] & (n_valid == block_size)
     return maybe, full
+
+
+def _pad_table(table: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+    return torch.nn.functional.pad(table, (0, nk - table.shape[-1], 0, nq - table.shape[-2]), value=False)
 
 
 def selection_block_mask(
@@ -137,17 +154,24 @@ def selection_block_mask(
     *,
     key_valid: torch.Tensor | None = None,
     window: int | None = None,
+    bucket: bool = True,
 ) -> BlockMask:
-    """BlockMask for a prefill selection (queries and keys both cover tokens 0..n-1)."""
+    """BlockMask for a prefill selection (queries and keys both cover tokens 0..n-1).
+
+    With bucket=True the mask covers bucket_length(n) tokens: pad q, k, v to
+    `block_mask.seq_lengths` (attention.flex does this) and drop the extra rows.
+    """
     table = selection.mask
-    bsz, nq, nk = table.shape
+    bsz = table.shape[0]
     n, bs = selection.seq_len, selection.block_size
-    maybe, full = structural_tables(bsz, n, n, bs, table.device, key_valid=key_valid, window=window)
+    n_pad = bucket_length(n) if bucket else n
+    start, end = _bounds(bsz, n, key_valid, table.device)
+    maybe, full = structural_tables(n, n, bs, start, end, window=window, q_pad=n_pad, kv_pad=n_pad)
+    table = _pad_table(table, maybe.shape[1], maybe.shape[2])
     sel = table & maybe
     full = sel & full
-    kv = None if key_valid is None else pad_key_valid(key_valid, nk * bs)
-    mask_mod = make_mask_mod(block_size=bs, block_table=table, key_valid=kv, window=window)
-    return block_mask_from_tables(sel & ~full, full, mask_mod, bs, n, n)
+    mask_mod = make_mask_mod(block_size=bs, start=start, end=end, block_table=table, window=window)
+    return block_mask_from_tables(sel & ~full, full, mask_mod, bs, n_pad, n_pad)
 
 
 def dense_block_mask(
@@ -160,13 +184,15 @@ def dense_block_mask(
     key_valid: torch.Tensor | None = None,
     q_offset: int = 0,
     window: int | None = None,
+    bucket: bool = True,
 ) -> BlockMask:
-    """BlockMask of plain causal attention (+window, +padding), queries at q_offset..q_offset+q_len-1."""
+    """BlockMask of causal attention (+window, +padding), queries at q_offset..q_offset+q_len-1."""
+    start, end = _bounds(batch, kv_len, key_valid, device)
+    q_pad = bucket_length(q_len) if bucket else q_len
+    kv_pad = bucket_length(kv_len) if bucket else kv_len
     maybe, full = structural_tables(
-        batch, q_len, kv_len, block_size, device, key_valid=key_valid, q_offset=q_offset, window=window
+        q_len, kv_len, block_size, start, end, q_offset=q_offset, window=window, q_pad=q_pad, kv_pad=kv_pad
     )
-    nk = maybe.shape[-1]
-    kv = None if key_valid is None else pad_key_valid(key_valid[:, :kv_len], nk * block_size)
     off = None if q_offset == 0 else torch.tensor(q_offset, device=device)
-    mask_mod = make_mask_mod(block_size=block_size, key_valid=kv, q_offset=off, window=window)
-    return block_mask_from_tables(maybe & ~full, full, mask_mod, block_size, q_len, kv_len)
+    mask_mod = make_mask_mod(block_size=block_size, start=start, end=end, q_offset=off, window=window)
+    return block_mask_from_tables(maybe & ~full, full, mask_mod, block_size, q_pad, kv_pad)

