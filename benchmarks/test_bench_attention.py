@@ -5,9 +5,14 @@ runs once and its output is checked); `make bench` times them.  Compare ratios w
 run, never absolute times across machines.  The GPU benchmark lives in benchmarks/gpu_bench.py.
 """
 
-import pytest
-import torch
-import torch.nn.functional as F
+import os
+import pathlib
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "inductor"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from flexwalk import SketchWalkConfig, sketchwalk_attention, sketchwalk_selection
 from flexwalk.block_mask import selection_block_mask
