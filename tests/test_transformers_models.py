@@ -452,6 +452,23 @@ def test_from_pretrained_sketchwalk_config_kwarg(models, tmp_path):
     assert torch.equal(model(ids).logits, want)
 
 
+def test_config_object_survives_save_pretrained(models, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(
+        _saved(models, tmp_path), attn_implementation="sketchwalk_flex", sketchwalk_config=SPARSE
+    ).eval()
+    ids = random_ids(1, SEQ, seed=16)
+    model(ids)  # first forward stores the config as a plain dict
+    model.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", attn_implementation="sketchwalk_flex")
+    assert fw_tf.resolve_config(again.model.layers[0].self_attn) == SPARSE
+
+
+def _saved(models, tmp_path):
+    path = tmp_path / "llama"
+    models("llama", "eager").save_pretrained(path)
+    return path
+
+
 # --------------------------------------------------------------------------- unsupported features
 def test_output_attentions_refused(models):
     model = flexwalk.configure(models("llama", "sketchwalk_flex"), full_cfg("llama"))

@@ -149,7 +149,8 @@ def resolve_config(module: torch.nn.Module) -> SketchWalkConfig:
     cfg = getattr(module, _MODULE_ATTR, None)
     if isinstance(cfg, SketchWalkConfig):
         return cfg
-    raw = getattr(getattr(module, "config", None), CONFIG_ATTR, None)
+    mconf = getattr(module, "config", None)
+    raw = getattr(mconf, CONFIG_ATTR, None)
     if raw is None:
         stats.log_once("default-config", "flexwalk: no SketchWalkConfig set on this model; using the 'default' preset")
         cfg = PRESETS["default"]
@@ -252,9 +253,20 @@ def register() -> None:
     """Register "sketchwalk_flex" with transformers (idempotent; `import flexwalk` calls it)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, sketchwalk_flex_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sketchwalk_mask_function)
-    # Lets from_pretrained(..., sketchwalk_config=...) land on the model config.
-    if not hasattr(PretrainedConfig, CONFIG_ATTR):
-        setattr(PretrainedConfig, CONFIG_ATTR, None)
+    # Lets from_pretrained(..., sketchwalk_config=...) land on the model config, stored as a
+    # plain dict so config.json (and the config's repr) stay JSON-serialisable.
+    if not isinstance(getattr(PretrainedConfig, CONFIG_ATTR, None), property):
+        setattr(PretrainedConfig, CONFIG_ATTR, property(_get_config_attr, _set_config_attr))
+
+
+def _get_config_attr(self):
+    return self.__dict__.get(CONFIG_ATTR)
+
+
+def _set_config_attr(self, value):
+    if isinstance(value, SketchWalkConfig):
+        value = value.to_dict()
+    self.__dict__[CONFIG_ATTR] = value
 
 
 def configure(model: torch.nn.Module, config: SketchWalkConfig | dict | str | None = None, *, enable: bool = True):
