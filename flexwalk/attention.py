@@ -1,8 +1,8 @@
 """Stage 4: attention kernels.  The functional API `sketchwalk_attention` lives here.
 
-All flex calls go through one compiled function (automatic dynamic shapes: the second
-length seen compiles a length-generic kernel, later lengths reuse it).  Dense fallbacks
-are explicit, counted in `flexwalk.counters()` and logged once.
+All flex calls go through one compiled function with static shapes; masks are built for
+bucketed lengths (block_mask.bucket_length), so flex compiles once per bucket, not once per
+prompt length.  Dense fallbacks are explicit, counted in `flexwalk.counters()` and logged once.
 """
 
 from __future__ import annotations
@@ -79,6 +79,11 @@ def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128) -> to
 
     q, k, v are zero-padded to the mask's (bucket) lengths and the output cut back.
     """
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise NotImplementedError(
+            "sketchwalk_flex: backward (training) through flex attention on CPU is not supported by torch; "
+            "run inference under torch.no_grad() or torch.inference_mode()"
+        )
     L, S = q.shape[2], k.shape[2]
     Lp, Sp = block_mask.seq_lengths
     if Lp != L:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 WalkMode = Literal["walk", "damped", "one_hop"]
 HeadScoring = Literal["mean", "per_head"]
 
 _WALK_MODES = ("walk", "damped", "one_hop")
+DEFAULT_DENSITY = 0.2
 _HEAD_SCORINGS = ("mean", "per_head")
 
 
@@ -35,7 +36,7 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
 class SketchWalkConfig:
     """Configuration of SketchWalk block-sparse attention.
 
-    Budget: set exactly one of ``density`` (fraction of each query block's causal key blocks,
+    Budget: set at most one of ``density`` (fraction of each query block's causal key blocks,
     forced blocks included) or ``top_k_blocks`` (key blocks kept per query block, forced blocks
     included).  Sink, local and dense-tail blocks are always kept, even past the budget.
     """
@@ -46,8 +47,8 @@ class SketchWalkConfig:
     """SRHT sketch width r; clipped to the head dim rounded up to a power of two."""
     sparsity_exponent: float = 8.0
     """Inverse temperature s of the transition W = softmax(s * A)."""
-    density: float | None = 0.2
-    """Fraction of each row's causal blocks to keep, in (0, 1]; None when top_k_blocks is set."""
+    density: float | None = None
+    """Fraction of each row's causal blocks to keep, in (0, 1]; 0.2 when neither budget is set."""
     top_k_blocks: int | None = None
     """Key blocks kept per query block (forced blocks included); None when density is set."""
     sink_blocks: int = 1
@@ -79,6 +80,8 @@ class SketchWalkConfig:
         s = self.sparsity_exponent
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
             _fail("sparsity_exponent", s, "must be a finite number > 0")
+        if self.density is None and self.top_k_blocks is None:
+            object.__setattr__(self, "density", DEFAULT_DENSITY)
         if (self.density is None) == (self.top_k_blocks is None):
             raise ValueError(
                 f"SketchWalkConfig: set exactly one of density={self.density!r} and "

@@ -44,7 +44,7 @@ def count(path: str) -> None:
         if first:
             _logged.add(path)
     if first:
-        logger.info("flexwalk: %s (logged once; see flexwalk.counters())", _REASONS[path])
+        logger.warning("flexwalk: %s (logged once; see flexwalk.counters())", _REASONS[path])
 
 
 def log_once(key: str, message: str, *args) -> None:

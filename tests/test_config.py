@@ -42,8 +42,8 @@ def test_invalid_field_names_field_value_and_rule(field, value):
 def test_budget_needs_exactly_one_of_density_and_top_k():
     with pytest.raises(ValueError, match="exactly one of density"):
         SketchWalkConfig(density=0.2, top_k_blocks=4)
-    with pytest.raises(ValueError, match="exactly one of density"):
-        SketchWalkConfig(density=None, top_k_blocks=None)
+    assert SketchWalkConfig(top_k_blocks=8).density is None  # a top-k budget replaces the default density
+    assert SketchWalkConfig().density == 0.2
     with pytest.raises(ValueError, match=r"top_k_blocks=0"):
         SketchWalkConfig(density=None, top_k_blocks=0)
 

@@ -113,3 +113,12 @@ def test_bad_inputs_name_the_problem():
         sketchwalk_attention(q[:, :, :32], k, v, cfg, 0)
     with pytest.raises(TypeError, match="SketchWalkConfig"):
         sketchwalk_attention(q, k, v, {"density": 0.2}, 0)
+
+
+def test_cpu_backward_is_refused_with_a_clear_error():
+    q, k, v = random_qkv(1, 2, 2, 100, 16)
+    q.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="backward"):
+        sketchwalk_attention(q, k, v, sparse_cfg(block_size=16), 0)
+    with torch.no_grad():
+        assert torch.isfinite(sketchwalk_attention(q, k, v, sparse_cfg(block_size=16), 0)[0]).all()

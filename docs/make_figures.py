@@ -1,0 +1,191 @@
+"""Regenerate the figures under docs/img/ (one command, CPU is enough):
+
+    .venv/bin/python docs/make_figures.py
+
+(TORCHINDUCTOR_CACHE_DIR and FLEXWALK_CACHE default to the repository's .cache/, as in the Makefile.)
+
+1. docs/img/density_vs_length.png: expected_density() of every preset over sequence length.
+2. docs/img/block_mask_smollm2.png: the block selection SketchWalk really makes in a few
+   layers of SmolLM2-135M-Instruct on a ~2K-token needle-in-a-haystack prompt.  The selection
+   is recorded by wrapping flexwalk.attention.sketchwalk_selection for the duration of one
+   forward pass (the library itself is not changed).
+
+Options: --only density|mask, --length N (prompt tokens, default 2048), --depth D (needle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+# Same caches as the Makefile (compiled kernels, converted model), unless already set.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_ROOT / ".cache" / "inductor"))
+os.environ.setdefault("FLEXWALK_CACHE", str(_ROOT / ".cache" / "models"))
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+IMG = Path(__file__).resolve().parent / "img"
+LAYERS = (2, 10, 17, 29)
+
+
+# ----------------------------------------------------------------------------- density
+
+
+def density_figure(path: Path) -> None:
+    from flexwalk import PRESETS, expected_density
+
+    lengths = np.unique(np.geomspace(256, 131072, 200).astype(int))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for name, cfg in PRESETS.items():
+        per_layer = [expected_density(cfg, int(n)) for n in lengths]
+        model = [expected_density(cfg, int(n), num_layers=30) for n in lengths]
+        label = f"{name} (density={cfg.density}, block={cfg.block_size})"
+        (line,) = axes[0].plot(lengths, per_layer, label=label)
+        axes[1].plot(lengths, model, color=line.get_color(), label=label)
+    axes[0].set_title("one sparse layer\nexpected_density(cfg, n)", fontsize=11)
+    axes[1].set_title("30-layer model (dense layers, dense_below included)\nexpected_density(cfg, n, num_layers=30)", fontsize=11)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length n (tokens)")
+        ax.set_xticks([2**k for k in range(8, 18)])
+        ax.set_xticklabels(["256", "512", "1K", "2K", "4K", "8K", "16K", "32K", "64K", "128K"])
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel("fraction of causal blocks computed")
+    axes[0].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- block mask
+
+
+@contextlib.contextmanager
+def record_selections(store: dict):
+    """Wrap the selection the compiled sparse path calls; record each layer's block table."""
+    import flexwalk.attention as attention
+
+    original = attention.sketchwalk_selection
+
+    def recording(q, k, config, layer_idx, state=None, **kwargs):
+        selection, new_state = original(q, k, config, layer_idx, state, **kwargs)
+        store[layer_idx] = selection
+        return selection, new_state
+
+    attention.sketchwalk_selection = recording
+    try:
+        yield store
+    finally:
+        attention.sketchwalk_selection = original
+
+
+def needle_token_span(tokenizer, input_ids: list[int], answer: str) -> tuple[int, int]:
+    """[first, last] token index of the needle's number (the only digits in the prompt)."""
+    digits = [i for i, t in enumerate(input_ids) if any(c.isdigit() for c in tokenizer.decode([t]))]
+    if not digits:
+        raise RuntimeError(f"needle {answer} not found in the prompt")
+    return digits[0], digits[-1]
+
+
+def mask_figure(path: Path, length: int, depth: float) -> None:
+    import torch
+
+    import flexwalk
+    from flexwalk.cli import _eos_ids, greedy, needle_prompt
+    from flexwalk.config import SketchWalkConfig
+    from flexwalk.models import load_model
+
+    cfg = SketchWalkConfig(density=0.2, dense_below=256, block_size=64)
+    model, tok = load_model("smollm2-135m", attn_implementation="sketchwalk_flex", sketchwalk=cfg, device="cpu")
+    sample = needle_prompt(tok, length, depth, seed=0)
+    ids = sample.input_ids
+    first, last = needle_token_span(tok, ids, sample.answer)
+    bs = cfg.block_size
+    needle_blocks = sorted({first // bs, last // bs})
+
+    store: dict = {}
+    flexwalk.reset_counters()
+    with record_selections(store), torch.no_grad():
+        new, prefill_s, _, _ = greedy(model, ids, max_new_tokens=8, eos_ids=_eos_ids(model, tok))
+    answer_text = tok.decode(new, skip_special_tokens=True)
+    print(f"prompt {len(ids)} tokens, needle {sample.answer} at tokens {first}-{last} (block {needle_blocks}); "
+          f"prefill {prefill_s:.1f} s; answer {answer_text!r}; counters {flexwalk.counters()}")
+
+    for layer, sel in sorted(store.items()):
+        t = sel.mask[0].cpu().numpy().copy()
+        nb = t.shape[-1]
+        t[:, 0] = False  # sink
+        t[np.arange(nb), np.arange(nb)] = False  # diagonal
+        t[nb - cfg.dense_tail_blocks:] = False  # dense tail
+        picks = t.sum(0)
+        top = np.argsort(-picks, kind="stable")[:4]
+        print(f"layer {layer:2d}: density {sel.density():.3f}; rows picking needle block {needle_blocks}: "
+              f"{int(t[:, needle_blocks].any(1).sum())}; most-picked key blocks {[(int(j), int(picks[j])) for j in top]}")
+    layers = [layer for layer in LAYERS if layer in store]
+    if not layers:
+        raise RuntimeError(f"no sparse layer ran (counters: {flexwalk.counters()})")
+    cmap = ListedColormap(["#ffffff", "#dfe6ee", "#1f4e9a"])  # non-causal, causal not kept, kept
+    ncols = 2 if len(layers) > 1 else 1
+    nrows = -(-len(layers) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 5.0 * nrows + 0.9), squeeze=False)
+    for ax in axes.flat[len(layers):]:
+        ax.set_visible(False)
+    for ax, layer in zip(axes.flat, layers):
+        sel = store[layer]
+        table = sel.mask[0].cpu().numpy()
+        nb = table.shape[-1]
+        causal = np.tril(np.ones((nb, nb), dtype=bool))
+        img = np.where(table, 2, np.where(causal, 1, 0))
+        ax.imshow(img, cmap=cmap, vmin=0, vmax=2, interpolation="nearest")
+        for b in needle_blocks:
+            ax.axvline(b, color="#d62728", lw=1.0, ls=":", alpha=0.9)
+        ax.set_title(f"layer {layer}: density {sel.density():.3f}", fontsize=11)
+        ax.set_xlabel("key block")
+        ax.set_ylabel("query block")
+        ax.set_xticks(range(0, nb, 4))
+        ax.set_yticks(range(0, nb, 4))
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color="#1f4e9a", label="selected"),
+        plt.Rectangle((0, 0), 1, 1, color="#dfe6ee", label="causal, not selected"),
+        plt.Rectangle((0, 0), 1, 1, facecolor="#ffffff", edgecolor="#999999", label="non-causal"),
+        plt.Line2D([0], [0], color="#d62728", ls=":", label=f"needle block ({', '.join(map(str, needle_blocks))})"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False, fontsize=10)
+    fig.suptitle(
+        f"SketchWalk selection, SmolLM2-135M-Instruct, {len(ids)}-token needle prompt\n"
+        f"block_size={bs}, density=0.2, walk={cfg.walk}; answer {answer_text.strip()!r} "
+        f"(needle {sample.answer})", fontsize=12,
+    )
+    fig.tight_layout(rect=(0, 0.07, 1, 0.99))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("density", "mask"))
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--depth", type=float, default=0.4)
+    args = parser.parse_args(argv)
+    IMG.mkdir(parents=True, exist_ok=True)
+    if args.only in (None, "density"):
+        density_figure(IMG / "density_vs_length.png")
+    if args.only in (None, "mask"):
+        mask_figure(IMG / "block_mask_smollm2.png", args.length, args.depth)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
