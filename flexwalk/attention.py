@@ -221,16 +221,16 @@ def sketchwalk_attention(
         if check_padding:
             check_contiguous_padding(key_valid)
     if window is not None:
-        stats.count(stats.SLIDING_WINDOW)
+        dense_path = stats.SLIDING_WINDOW
+    elif layer_idx < config.dense_layers:
+        dense_path = stats.DENSE_LAYER
+    elif n < config.dense_below:
+        dense_path = stats.DENSE_SHORT
+    else:
+        dense_path = None
+    if dense_path is not None:
+        stats.count(dense_path)
         out = dense_attention(q, k, v, key_valid=key_valid, scale=scale, softcap=softcap, window=window,
                               block_size=config.block_size)
         return out, state
-    if layer_idx < config.dense_layers:
-        stats.count(stats.DENSE_LAYER)
-        return dense_attention(q, k, v, key_valid=key_valid, scale=scale, softcap=softcap,
-                               block_size=config.block_size), state
-    if n < config.dense_below:
-        stats.count(stats.DENSE_SHORT)
-        return dense_attention(q, k, v, key_valid=key_valid, scale=scale, softcap=softcap,
-                               block_size=config.block_size), state
     return sparse_prefill(q, k, v, config, layer_idx, state, key_valid=key_valid, scale=scale, softcap=softcap)

@@ -649,3 +649,36 @@ def test_second_block_size_in_one_process(models):
         assert_close(out, ref, tol, f"block_size={bs}")
         sparse = flexwalk.configure(model, cfg.replace(density=0.3))(ids).logits
         assert torch.isfinite(sparse).all()
+
+
+# --------------------------------------------------------------------------- direct calls
+def test_attention_function_without_a_mask_is_plain_causal(models):
+    """A model that builds no mask still gets causal attention (queries = the last L keys)."""
+    module = models("llama", "sketchwalk_flex").model.layers[1].self_attn
+    flexwalk.configure(models("llama", "sketchwalk_flex"), SketchWalkConfig(density=1.0, dense_below=0, block_size=16,
+                                                                          dense_layers=0))
+    g = torch.Generator().manual_seed(3)
+    hq, hkv = module.config.num_attention_heads, module.config.num_key_value_heads
+    d = module.head_dim
+    q, k, v = (torch.randn(1, h, SEQ, d, generator=g) for h in (hq, hkv, hkv))
+    flexwalk.reset_counters()
+    out, weights = fw_tf.sketchwalk_flex_attention(module, q, k, v, None, scaling=d**-0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert weights is None and out.shape == (1, SEQ, hq, d)
+    assert_close(out, ref.transpose(1, 2), floor_tol(ref), "no-mask call")
+    assert flexwalk.counters() == {"sparse_prefill": 1}
+    # a continuation of L queries after a cached prefix: causal with offset S - L
+    out2, _ = fw_tf.sketchwalk_flex_attention(module, q[:, :, -40:], k, v, None, scaling=d**-0.5)
+    assert_close(out2, ref.transpose(1, 2)[:, -40:], floor_tol(ref), "no-mask continuation")
+
+
+def test_dict_config_is_validated_once_and_errors_still_raise():
+    a = fw_tf.coerce_config({"density": 0.3, "block_size": 32})
+    assert a == SketchWalkConfig(density=0.3, block_size=32)
+    assert fw_tf.coerce_config({"block_size": 32, "density": 0.3}) is a  # cached, key order irrelevant
+    with pytest.raises(ValueError, match=r"SketchWalkConfig.block_size=48"):
+        fw_tf.coerce_config({"block_size": 48})
+    with pytest.raises(ValueError, match="unknown field"):
+        fw_tf.coerce_config({"blocksize": 64})
+    with pytest.raises(ValueError, match="config=3"):
+        fw_tf.coerce_config(3)

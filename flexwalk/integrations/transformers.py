@@ -13,6 +13,7 @@ attention modules (two models never share it); otherwise `model.config.sketchwal
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -60,8 +61,9 @@ class SketchWalkMask:
                 am = attention_mask.to(device=device, dtype=torch.bool)[:, kv_offset : kv_offset + kv_length]
                 if am.shape[-1] < kv_length:
                     am = torch.nn.functional.pad(am, (0, kv_length - am.shape[-1]), value=False)
-                if not bool(am[:, : self.q_offset + q_length].all()):
-                    check_contiguous_padding(am[:, : self.q_offset + q_length])
+                live = am[:, : self.q_offset + q_length]  # keys written so far
+                if not bool(live.all()):
+                    check_contiguous_padding(live)
                     key_valid = am
             self.key_valid = key_valid
         else:
@@ -165,11 +167,20 @@ def coerce_config(raw: Any, name: str = "config") -> SketchWalkConfig:
     if isinstance(raw, str):
         return SketchWalkConfig.preset(raw)
     if isinstance(raw, dict):
-        return SketchWalkConfig.from_dict(raw)
+        try:
+            return _config_from_items(tuple(sorted(raw.items())))
+        except TypeError:  # an unhashable value: validate it uncached (and let it fail there)
+            return SketchWalkConfig.from_dict(raw)
     raise ValueError(
         f"{name}={raw!r} is invalid: expected a SketchWalkConfig, a dict of its fields or a preset name "
         f"({sorted(PRESETS)})"
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _config_from_items(items: tuple) -> SketchWalkConfig:
+    # Every layer call resolves the config (every decode step too): validate each dict once.
+    return SketchWalkConfig.from_dict(dict(items))
 
 
 def _check_supported(module, kwargs, dropout) -> None:
@@ -186,13 +197,6 @@ def _check_supported(module, kwargs, dropout) -> None:
         raise NotImplementedError("sketchwalk_flex: training with attention dropout is not supported")
 
 
-def _window_of(module, kwargs) -> int | None:
-    w = kwargs.get("sliding_window", None)
-    if w is None:
-        return None
-    return int(w)
-
-
 def sketchwalk_flex_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -207,7 +211,8 @@ def sketchwalk_flex_attention(
     _check_supported(module, kwargs, dropout)
     cfg = resolve_config(module)
     softcap = kwargs.get("softcap", None)
-    window = _window_of(module, kwargs)
+    window = kwargs.get("sliding_window")
+    window = None if window is None else int(window)
     ctx = attention_mask
     bsz, _, L, _ = query.shape
     S = key.shape[2]
