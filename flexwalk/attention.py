@@ -16,7 +16,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from . import stats
 from .block_mask import check_contiguous_padding, dense_block_mask, selection_block_mask
 from .config import SketchWalkConfig
-from .selection import sketchwalk_selection
+from .selection import LayerSketch, sketchwalk_selection
 from .walk import WalkState
 
 # Static shapes, one compile per length bucket (block_mask.bucket_length): automatic dynamic
@@ -74,7 +74,7 @@ def _kernel_options(block_size: int, device: torch.device) -> dict | None:
     return None
 
 
-def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128) -> torch.Tensor:
+def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decode=False) -> torch.Tensor:
     """Compiled flex_attention with GQA and optional soft-capping; [B, Hq, L, D] out.
 
     q, k, v are zero-padded to the mask's (bucket) lengths and the output cut back.
@@ -98,7 +98,7 @@ def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128) -> to
         block_mask=block_mask,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
-        kernel_options=_kernel_options(block_size, q.device),
+        kernel_options=None if decode else _kernel_options(block_size, q.device),
     )
     return out[:, :, :L] if Lp != L else out
 
@@ -166,9 +166,12 @@ def sparse_prefill(
     key_valid: torch.Tensor | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    sketch: LayerSketch | None = None,
 ) -> tuple[torch.Tensor, WalkState]:
     """SketchWalk selection + compiled block-sparse flex for one prefill layer."""
-    selection, new_state = sketchwalk_selection(q, k, config, layer_idx, state, key_valid=key_valid, scale=scale)
+    selection, new_state = sketchwalk_selection(
+        q, k, config, layer_idx, state, key_valid=key_valid, scale=scale, sketch=sketch
+    )
     bm = selection_block_mask(selection, key_valid=key_valid)
     out = flex(q, k, v, bm, scale=scale, softcap=softcap, block_size=config.block_size)
     stats.count(stats.SPARSE_PREFILL)
@@ -189,6 +192,7 @@ def sketchwalk_attention(
     softcap: float | None = None,
     window: int | None = None,
     check_padding: bool = True,
+    sketch: LayerSketch | None = None,
 ) -> tuple[torch.Tensor, WalkState | None]:
     """SketchWalk causal attention of one layer's prefill, no transformers needed.
 
@@ -197,7 +201,8 @@ def sketchwalk_attention(
     previous layer of the same forward pass (None for the first).  window: a sliding-window
     layer's window (it keeps its window, dense inside it).  check_padding: verify (one host
     sync) that key_valid is left/right padding without holes; callers that checked once per
-    forward pass False.  Returns (out [B, Hq, n, D],
+    forward pass False.  sketch: this layer's `layer_sketch(...)` if the caller needs it too
+    (a decode state is built from it).  Returns (out [B, Hq, n, D],
     state for the next layer).  Layers below config.dense_layers and lengths below
     config.dense_below run dense; flexwalk.counters() shows which path ran.
     """
@@ -226,6 +231,8 @@ def sketchwalk_attention(
         dense_path = stats.DENSE_LAYER
     elif n < config.dense_below:
         dense_path = stats.DENSE_SHORT
+    elif config.skip_prefill:
+        dense_path = stats.DENSE_PREFILL
     else:
         dense_path = None
     if dense_path is not None:
@@ -233,4 +240,6 @@ def sketchwalk_attention(
         out = dense_attention(q, k, v, key_valid=key_valid, scale=scale, softcap=softcap, window=window,
                               block_size=config.block_size)
         return out, state
-    return sparse_prefill(q, k, v, config, layer_idx, state, key_valid=key_valid, scale=scale, softcap=softcap)
+    return sparse_prefill(
+        q, k, v, config, layer_idx, state, key_valid=key_valid, scale=scale, softcap=softcap, sketch=sketch
+    )

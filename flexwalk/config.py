@@ -70,7 +70,9 @@ class SketchWalkConfig:
     dense_below: int = 2048
     """Prefill lengths (tokens) below this run dense attention."""
     skip_decode: bool = True
-    """True: decode steps run dense attention (prefill-only sparsity)."""
+    """True: decode steps run dense attention (prefill-only sparsity); False: sparse decode too."""
+    skip_prefill: bool = False
+    """True: prefill runs dense attention (with skip_decode=False: decode-only sparsity)."""
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -108,10 +110,12 @@ class SketchWalkConfig:
         _check_int("dense_below", self.dense_below, 0)
         if not isinstance(self.skip_decode, bool):
             _fail("skip_decode", self.skip_decode, "must be a bool")
-        if not self.skip_decode:
-            raise NotImplementedError(
-                "SketchWalkConfig.skip_decode=False (sparse decode) is not implemented yet: "
-                "decode steps run dense attention; use skip_decode=True"
+        if not isinstance(self.skip_prefill, bool):
+            _fail("skip_prefill", self.skip_prefill, "must be a bool")
+        if self.skip_prefill and self.skip_decode:
+            raise ValueError(
+                "SketchWalkConfig: skip_prefill=True and skip_decode=True leave nothing sparse; "
+                "set skip_decode=False for decode-only sparsity, or use attn_implementation='sdpa'"
             )
 
     # ----------------------------------------------------------------- helpers

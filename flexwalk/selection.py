@@ -1,10 +1,13 @@
 """ALGORITHM.md steps 1-7: q, k of one layer (+ the walk state) -> BlockSelection.
 
 This is the one function both the compiled flex path and the eager oracle call, so the two
-can only differ in how they attend, never in what they select.
+can only differ in how they attend, never in what they select.  `layer_sketch` (steps 1-5)
+is shared with the decode state (decode.py), which starts from a prefill's block sums.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +23,76 @@ from .sketch import (
 from .walk import BlockSelection, WalkState, select_blocks, transition_matrix, walk_step
 
 
+@dataclass(frozen=True)
+class LayerSketch:
+    """Steps 1-5 of one layer: block means, sketches and the block transition matrix.
+
+    Head dims are explicit: 1 for head_scoring="mean", the model's heads for "per_head".
+    q_means: [B, Hq', nb, D], k_means: [B, Hk', nb, D] fp32; counts: [B, nb] valid tokens per
+    block; k_sketch: [B, Hk', nb, r]; transition: [B, nb, nb] (W_l, head-averaged);
+    allowed: [B, nb, nb] causal/valid block pairs; block_valid: [B, nb].
+    """
+
+    q_means: torch.Tensor
+    k_means: torch.Tensor
+    counts: torch.Tensor
+    k_sketch: torch.Tensor
+    transition: torch.Tensor
+    allowed: torch.Tensor
+    block_valid: torch.Tensor
+
+
+def sketch_matrix(config: SketchWalkConfig, layer_idx: int, head_dim: int, device) -> torch.Tensor:
+    """The layer's SRHT matrix P [head_dim, r]."""
+    r = effective_sketch_dim(head_dim, config.sketch_dim)
+    return srht_matrix(head_dim, r, sketch_seed(config.seed, layer_idx), device)
+
+
+def head_reduce(x: torch.Tensor, config: SketchWalkConfig) -> torch.Tensor:
+    """[B, H, n, D] -> fp32 [B, 1, n, D] (head mean) or [B, H, n, D] (per-head scoring)."""
+    return x.float().mean(1, keepdim=True) if config.head_scoring == "mean" else x.float()
+
+
+def transition_rows(
+    q_sketch: torch.Tensor, k_sketch: torch.Tensor, allowed: torch.Tensor, scale: float, exponent: float
+) -> torch.Tensor:
+    """Rows of W = softmax(s * A) averaged over heads.
+
+    q_sketch: [B, Hq', m, r]; k_sketch: [B, Hk', nk, r] (Hq' a multiple of Hk');
+    allowed: [B, m, nk] bool.  Returns [B, m, nk] fp32.
+    """
+    bsz, hq, m, r = q_sketch.shape
+    hk = k_sketch.shape[1]
+    qs = q_sketch.reshape(bsz, hk, (hq // hk) * m, r)
+    a = torch.matmul(qs, k_sketch.transpose(-1, -2)).reshape(bsz, hq, m, -1) * scale
+    a = a.masked_fill(~allowed[:, None], float("-inf"))
+    return transition_matrix(a, exponent).mean(1)
+
+
+def layer_sketch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SketchWalkConfig,
+    layer_idx: int,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> LayerSketch:
+    """Steps 1-5 for one prefill layer (q [B, Hq, n, D], k [B, Hkv, n, D]); no host sync."""
+    bsz, hq, n, d = q.shape
+    scale = d**-0.5 if scale is None else float(scale)
+    p = sketch_matrix(config, layer_idx, d, q.device)
+    qb, counts = block_means(head_reduce(q, config), config.block_size, key_valid)  # [B, Hq', nb, D]
+    kb, _ = block_means(head_reduce(k, config), config.block_size, key_valid)  # [B, Hk', nb, D]
+    if counts.shape[0] != bsz:
+        counts = counts.expand(bsz, -1)
+    block_valid = counts > 0  # [B, nb]
+    allowed = block_causal_mask(block_valid)
+    ks = kb @ p
+    w = transition_rows(qb @ p, ks, allowed, scale, config.sparsity_exponent)
+    return LayerSketch(qb, kb, counts, ks, w, allowed, block_valid)
+
+
 def sketchwalk_selection(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -29,38 +102,22 @@ def sketchwalk_selection(
     *,
     key_valid: torch.Tensor | None = None,
     scale: float | None = None,
+    sketch: LayerSketch | None = None,
 ) -> tuple[BlockSelection, WalkState]:
     """Select key blocks for one prefill layer.
 
     q: [B, Hq, n, D], k: [B, Hkv, n, D] (post-RoPE, any float dtype; the math runs in fp32).
     key_valid: [B, n] bool, False at padding tokens (they never enter a block mean and are
     never selected on their own).  scale: the layer's softmax scale (default 1/sqrt(D)).
+    sketch: this layer's `layer_sketch(...)` when the caller already has it.
     Returns the selection and the walk state for the next sparse layer.
     """
-    bsz, hq, n, d = q.shape
-    hkv = k.shape[1]
+    bsz, _, n, _ = q.shape
     bs = config.block_size
     if state is not None:
         state.check_compatible(bsz, n, bs)
-    scale = d**-0.5 if scale is None else float(scale)
-    r = effective_sketch_dim(d, config.sketch_dim)
-    p = srht_matrix(d, r, sketch_seed(config.seed, layer_idx), q.device)
-
-    if config.head_scoring == "mean":
-        qb, counts = block_means(q.float().mean(1), bs, key_valid)  # [B, nb, D]
-        kb, _ = block_means(k.float().mean(1), bs, key_valid)
-    else:
-        qb, counts = block_means(q, bs, key_valid)  # [B, Hq, nb, D]
-        kb, _ = block_means(k, bs, key_valid)  # [B, Hkv, nb, D]
-        kb = kb.repeat_interleave(hq // hkv, dim=1)
-    block_valid = counts > 0  # [B, nb]
-    if block_valid.shape[0] != bsz:
-        block_valid = block_valid.expand(bsz, -1)
-    allowed = block_causal_mask(block_valid)
-    scores = block_scores(qb @ p, kb @ p, scale, allowed)
-    w = transition_matrix(scores, config.sparsity_exponent)
-    if w.dim() == 4:  # per-head transitions, averaged: the selection stays shared
-        w = w.mean(1)
-    walk = walk_step(w, state, config)
-    selection = select_blocks(walk, allowed, block_valid, config, n)
+    if sketch is None:
+        sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale)
+    walk = walk_step(sketch.transition, state, config)
+    selection = select_blocks(walk, sketch.allowed, sketch.block_valid, config, n)
     return selection, WalkState(transition=walk, layer_idx=layer_idx, block_size=bs, seq_len=n)

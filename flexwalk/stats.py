@@ -18,7 +18,7 @@ logger = logging.getLogger("flexwalk")
 _lock = threading.Lock()
 _counts: collections.Counter = collections.Counter()
 _logged: set[str] = set()
-_density: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+_density: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 # Path names, one per way a layer call can be served.
 SPARSE_PREFILL = "sparse_prefill"  # SketchWalk selection + compiled flex (the product)
@@ -27,6 +27,12 @@ DENSE_SHORT = "dense_short"  # prefill shorter than dense_below
 SLIDING_WINDOW = "sliding_window"  # sliding-window layer: its own window, dense inside it
 DENSE_DECODE = "dense_decode"  # decode step (skip_decode=True)
 DENSE_CACHED_PREFILL = "dense_cached_prefill"  # several new tokens after a cached prefix
+DENSE_PREFILL = "dense_prefill"  # prefill with skip_prefill=True (decode-only sparsity)
+SPARSE_DECODE = "sparse_decode"  # decode step with the incremental SketchWalk state
+DENSE_DECODE_SHORT = "dense_decode_short"  # decode step while the sequence is shorter than dense_below
+DENSE_DECODE_NO_STATE = "dense_decode_no_state"  # decode step without a usable state (see _REASONS)
+DECODE_STATE_RESET = "decode_state_reset"  # a state was found stale (not continuing this sequence) and dropped
+DECODE_STALE_STEPS = "decode_stale_steps"  # static-cache steps whose position disagreed with the state: dense
 
 _REASONS = {
     DENSE_LAYER: "layers below dense_layers run dense attention",
@@ -34,7 +40,18 @@ _REASONS = {
     SLIDING_WINDOW: "sliding-window layers keep their window (dense inside it)",
     DENSE_DECODE: "decode steps run dense attention (skip_decode=True)",
     DENSE_CACHED_PREFILL: "a prefill continuing a cached prefix (chunked prefill) runs dense attention",
+    DENSE_PREFILL: "prefill runs dense attention (skip_prefill=True: decode-only sparsity)",
+    DENSE_DECODE_SHORT: "decode steps of sequences shorter than dense_below run dense attention",
+    DENSE_DECODE_NO_STATE: (
+        "decode steps without a SketchWalk decode state run dense attention (the prefill did not run "
+        "through sketchwalk_flex with sparse decode enabled, or the state was stale and dropped)"
+    ),
+    DECODE_STATE_RESET: (
+        "a decode state did not continue the current sequence (new cache, crop or reorder) and was dropped; "
+        "decode stays dense until the next prefill"
+    ),
 }
+_device_counts: dict[str, torch.Tensor] = {}
 
 
 def count(path: str) -> None:
@@ -55,21 +72,49 @@ def log_once(key: str, message: str, *args) -> None:
     logger.warning(message, *args)
 
 
+def device_counter(path: str, device: torch.device | str) -> torch.Tensor:
+    """A 0-dim int64 counter on `device` that kernels add to in place (read by `counters()`)."""
+    key = f"{path}@{device}"
+    with _lock:
+        t = _device_counts.get(key)
+        if t is None:
+            t = _device_counts[key] = torch.zeros((), dtype=torch.int64, device=device)
+    return t
+
+
 def counters() -> dict[str, int]:
-    """Calls per attention path since the last reset, e.g. {'sparse_prefill': 28, ...}."""
+    """Calls per attention path since the last reset, e.g. {'sparse_prefill': 28, ...}.
+
+    Counters kept on the device (decode_stale_steps) are read here: one host sync.
+    """
     with _lock:
-        return dict(_counts)
+        out = dict(_counts)
+        device = dict(_device_counts)
+    for key, value in device.items():
+        path = key.split("@")[0]
+        n = int(value)
+        if n:
+            out[path] = out.get(path, 0) + n
+            if path == DECODE_STALE_STEPS:
+                log_once(path, "flexwalk: %d static-cache decode step(s) did not continue the decode state and ran "
+                         "dense; call flexwalk.reset_decode_state(model) when reusing a cache", n)
+    return out
 
 
-def record_density(layer_idx: int, kept: torch.Tensor, causal: torch.Tensor) -> None:
+def record_density(layer_idx: int, kept: torch.Tensor, causal: torch.Tensor, phase: str = "prefill") -> None:
     with _lock:
-        _density[layer_idx] = (kept.detach(), causal.detach())
+        _density[(phase, layer_idx)] = (kept.detach(), causal.detach())
 
 
-def density_report() -> dict[int, float]:
-    """Achieved density of the last sparse selection of each layer (synchronises the host)."""
+def density_report(phase: str = "prefill") -> dict[int, float]:
+    """Achieved density of the last sparse selection of each layer (synchronises the host).
+
+    phase: "prefill" (the last prefill's selection) or "decode" (the last decode step's row).
+    """
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"phase={phase!r} is invalid: must be 'prefill' or 'decode'")
     with _lock:
-        items = sorted(_density.items())
+        items = sorted((layer, v) for (ph, layer), v in _density.items() if ph == phase)
     return {layer: float(k.sum() / c.sum().clamp_min(1)) for layer, (k, c) in items}
 
 
@@ -77,3 +122,5 @@ def reset_counters() -> None:
     with _lock:
         _counts.clear()
         _density.clear()
+        for t in _device_counts.values():
+            t.zero_()

@@ -36,8 +36,12 @@ def reference_error_budget(q, k, v, mask, out, *, scale=None, softcap=None, fact
     ref_hp = reference_attention(q.double(), k.double(), v.double(), mask, scale=scale, softcap=softcap)
     err_ref = (ref_lp.double() - ref_hp).abs().max().item()
     err_out = (out.double() - ref_hp).abs().max().item()
-    ulp = torch.finfo(q.dtype).eps * max(1.0, ref_hp.abs().max().item())
-    return err_out, factor * err_ref + 4 * ulp
+    eps = torch.finfo(q.dtype).eps
+    ulp = eps * max(1.0, ref_hp.abs().max().item())
+    # soft-capping evaluates softcap * tanh(s / softcap) in the dtype: each score carries about
+    # softcap * eps of rounding, which moves the output by up to that times max |v|.
+    capped = 0.0 if softcap is None else softcap * eps * v.abs().max().item()
+    return err_out, factor * err_ref + 4 * ulp + capped
 
 
 def assert_matches_reference(q, k, v, mask, out, **kw):

@@ -29,6 +29,7 @@ from flexwalk.config import block_budget
         ("seed", -3),
         ("dense_below", -1),
         ("skip_decode", "yes"),
+        ("skip_prefill", 1),
     ],
 )
 def test_invalid_field_names_field_value_and_rule(field, value):
@@ -48,9 +49,13 @@ def test_budget_needs_exactly_one_of_density_and_top_k():
         SketchWalkConfig(density=None, top_k_blocks=0)
 
 
-def test_sparse_decode_is_refused_until_implemented():
-    with pytest.raises(NotImplementedError, match="skip_decode=False"):
-        SketchWalkConfig(skip_decode=False)
+def test_phase_modes():
+    assert SketchWalkConfig().skip_decode and not SketchWalkConfig().skip_prefill  # prefill-only by default
+    assert not SketchWalkConfig(skip_decode=False).skip_decode  # prefill and decode sparse
+    decode_only = SketchWalkConfig(skip_decode=False, skip_prefill=True)
+    assert decode_only.skip_prefill
+    with pytest.raises(ValueError, match="skip_prefill=True and skip_decode=True"):
+        SketchWalkConfig(skip_prefill=True)
 
 
 def test_frozen_replace_and_dict_roundtrip():
