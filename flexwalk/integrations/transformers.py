@@ -24,11 +24,14 @@ from .. import stats
 from ..attention import dense_attention, masked_attention, sketchwalk_attention
 from ..block_mask import check_contiguous_padding
 from ..config import PRESETS, SketchWalkConfig
+from ..decode import DecodeState, sketchwalk_decode
+from ..selection import layer_sketch
 from ..walk import WalkState
 
 ATTN_IMPLEMENTATION = "sketchwalk_flex"
 CONFIG_ATTR = "sketchwalk_config"
 _MODULE_ATTR = "_flexwalk_config"
+_STATE_ATTR = "_flexwalk_decode_state"
 # Queries of at most this many tokens (decode, short continuations) use transformers' own
 # mask, built for those rows only ([B, 1, L, S]): exact for every cache layout.
 SMALL_QUERY = 32
@@ -39,7 +42,8 @@ class SketchWalkMask:
 
     key_valid: [B, S] bool (False at padding) or None.  q_offset: absolute position of the
     first query (int in prefill, possibly a tensor in decode with a static cache).
-    walk_state: WalkState of the last sparse layer of this forward pass.
+    walk_state: WalkState of the last sparse layer of this forward pass; decode_row: the
+    decode walk row of the last sparse layer of this step.
     """
 
     def __init__(self, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, mask_function, device):
@@ -51,8 +55,14 @@ class SketchWalkMask:
         self.attention_mask = attention_mask
         self.device = device
         self.walk_state: WalkState | None = None
+        self.decode_row: torch.Tensor | None = None
+        self.right_padded = False
         self._small_mask: torch.Tensor | None = None
         self._checked_windows: set = set()
+        if isinstance(q_offset, torch.Tensor):
+            # A static cache hands over its live counter, which layer 0's cache update then
+            # advances in place: keep this forward's value.
+            q_offset = q_offset.clone()
         if q_length > SMALL_QUERY:
             # One host sync per forward (transformers' own sdpa mask does the same).
             self.q_offset = int(q_offset)
@@ -65,10 +75,30 @@ class SketchWalkMask:
                 if not bool(live.all()):
                     check_contiguous_padding(live)
                     key_valid = am
+                    self.right_padded = not bool(live[:, -1].all())
             self.key_valid = key_valid
         else:
             self.q_offset = q_offset
             self.key_valid = None
+
+    def known_offset(self) -> int | None:
+        """q_offset as an int; None for one-token steps of a static cache (it stays on the device)."""
+        if isinstance(self.q_offset, torch.Tensor):
+            if self.q_length == 1:
+                return None
+            self.q_offset = int(self.q_offset)  # a short prefill: one host sync
+        return self.q_offset
+
+    def new_valid(self) -> torch.Tensor | None:
+        """[B, L] bool: which of this forward's tokens are real (None: all of them)."""
+        am = self.attention_mask
+        if am is None or am.dim() != 2:
+            return None
+        am = am.to(device=self.device, dtype=torch.bool)[:, self.kv_offset :]
+        if am.shape[-1] < self.kv_length:
+            am = torch.nn.functional.pad(am, (0, self.kv_length - am.shape[-1]), value=False)
+        cols = torch.arange(self.q_length, device=self.device) + self.q_offset - self.kv_offset
+        return am.index_select(1, cols)
 
     # generate() with a static cache builds the mask itself, calls .contiguous() on it and
     # hands it to the model, whose mask function then passes it through (see below).
@@ -142,6 +172,7 @@ def sketchwalk_mask_function(
     """Mask interface for transformers: returns the per-forward SketchWalkMask context."""
     if isinstance(attention_mask, SketchWalkMask):  # built by generate(); this is a new forward
         attention_mask.walk_state = None
+        attention_mask.decode_row = None
         return attention_mask
     return SketchWalkMask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, mask_function, device)
 
@@ -223,43 +254,208 @@ def sketchwalk_flex_attention(
             f"sketchwalk_flex: a precomputed attention mask of type {type(ctx).__name__} is not supported; "
             "pass a 2D padding mask (or none) so the mask is built by sketchwalk_flex"
         )
+    layer_idx = getattr(module, "layer_idx", None)
+    # Layers that keep a decode state: full-attention layers past dense_layers, sparse decode on.
+    track = not cfg.skip_decode and window is None and layer_idx is not None and layer_idx >= cfg.dense_layers
     if L <= SMALL_QUERY:
-        stats.count(stats.DENSE_DECODE if L == 1 else (stats.DENSE_SHORT if S == L else stats.DENSE_CACHED_PREFILL))
+        if track:
+            out = _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap)
+            if out is not None:
+                return out.transpose(1, 2).contiguous(), None
+        else:
+            stats.count(_small_query_path(cfg, ctx, layer_idx, window, L, S))
         out = masked_attention(query, key, value, ctx.small_mask()[..., :S], scale=scaling, softcap=softcap)
         return out.transpose(1, 2).contiguous(), None
     ctx.check_mask_function(window)
     key_valid = ctx.key_valid
-    if ctx.q_offset == 0 and L < S:  # static cache: slots past the prompt are not written yet
+    static = ctx.q_offset == 0 and L < S
+    if static:  # static cache: slots past the prompt are not written yet
         key, value = key[:, :, :L], value[:, :, :L]
         key_valid = None if key_valid is None else key_valid[:, :L]
         S = L
     if ctx.q_offset != 0 or ctx.kv_offset != 0 or L != S:
+        if track and (state := _matching_state(module, ctx, query, key, L)) is not None:
+            state.absorb(query, key[:, :, ctx.q_offset : ctx.q_offset + L], ctx.new_valid())
         stats.count(stats.DENSE_CACHED_PREFILL)
         out = dense_attention(
             query, key, value, key_valid=key_valid, scale=scaling, softcap=softcap, window=window,
             q_offset=ctx.q_offset - ctx.kv_offset, block_size=cfg.block_size,
         )
         return out.transpose(1, 2).contiguous(), None
-    layer_idx = getattr(module, "layer_idx", None)
     if layer_idx is None:
         raise NotImplementedError(
             f"sketchwalk_flex: attention module {type(module).__name__} has no layer_idx; the walk needs layer order"
         )
+    sketch = None
+    if track and not ctx.right_padded:
+        sketch = layer_sketch(query, key, cfg, layer_idx, key_valid=key_valid, scale=scaling)
     out, state = sketchwalk_attention(
         query, key, value, cfg, layer_idx, None if window is not None else ctx.walk_state,
-        key_valid=key_valid, scale=scaling, softcap=softcap, window=window, check_padding=False,
+        key_valid=key_valid, scale=scaling, softcap=softcap, window=window, check_padding=False, sketch=sketch,
     )
     if window is None:
         ctx.walk_state = state
+    if track:
+        _new_state(module, cfg, query, key, key_valid, scaling, sketch, kv_tokens=ctx.kv_length if static else None,
+                   right_padded=ctx.right_padded)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _new_state(module, cfg, query, key, key_valid, scaling, sketch, *, kv_tokens, right_padded) -> None:
+    """Build the layer's decode state from this prefill (a new sequence starts here)."""
+    if right_padded:
+        _drop_state(module)
+        stats.log_once(
+            "decode-right-padding",
+            "flexwalk: sparse decode needs left padding (generate() pads on the left); this batch is padded on "
+            "the right, so its decode steps run dense",
+        )
+        return
+    state = DecodeState.from_prefill(
+        query, key, cfg, module.layer_idx, key_valid=key_valid, scale=scaling, kv_tokens=kv_tokens,
+        growable=kv_tokens is None, sketch=sketch,
+    )
+    setattr(module, _STATE_ATTR, state)
+
+
+def _drop_state(module, counted: bool = False) -> None:
+    if getattr(module, _STATE_ATTR, None) is not None:
+        setattr(module, _STATE_ATTR, None)
+        if counted:
+            stats.count(stats.DECODE_STATE_RESET)
+
+
+def _small_query_path(cfg, ctx, layer_idx, window, L, S) -> str:
+    """Counter name for a dense query of <= SMALL_QUERY tokens on a layer without decode state."""
+    if L > 1:
+        offset = ctx.q_offset if isinstance(ctx.q_offset, int) else None
+        return stats.DENSE_SHORT if offset == 0 or S == L else stats.DENSE_CACHED_PREFILL
+    if cfg.skip_decode:
+        return stats.DENSE_DECODE
+    if window is not None:
+        return stats.SLIDING_WINDOW
+    return stats.DENSE_LAYER
+
+
+def _matching_state(module, ctx, query, key, L) -> DecodeState | None:
+    """The layer's state if it continues this sequence at a host-known offset; else drop it."""
+    state = getattr(module, _STATE_ATTR, None)
+    if state is None:
+        return None
+    offset = ctx.known_offset()
+    fits = state.batch == query.shape[0] and state.head_dim == query.shape[-1]
+    if state.growable:
+        fits = fits and key.shape[2] == offset + L
+    else:
+        fits = fits and key.shape[2] == state.kv_tokens
+    if not fits or offset != state.length:
+        _drop_state(module, counted=True)
+        return None
+    return state
+
+
+def _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap) -> torch.Tensor | None:
+    """Queries of <= SMALL_QUERY tokens on a layer that keeps a decode state.
+
+    Returns the sparse decode output [B, Hq, 1, D], or None after updating the state and
+    counting the dense path, so the caller runs transformers' exact mask.
+    """
+    L, S = query.shape[2], key.shape[2]
+    offset = ctx.known_offset()
+    if offset == 0:  # a short prompt starts a new sequence
+        valid = ctx.new_valid()
+        right = valid is not None and not bool(valid[:, -1].all())
+        _new_state(module, cfg, query, key[:, :, :L], valid, scaling, None,
+                   kv_tokens=S if S > L else None, right_padded=right)
+        stats.count(stats.DENSE_SHORT)
+        return None
+    if offset is not None:
+        state = _matching_state(module, ctx, query, key, L)
+        position = None
+    else:  # a static cache's one-token step: the position stays on the device
+        state = getattr(module, _STATE_ATTR, None)
+        if state is not None and (state.growable or state.batch != query.shape[0] or state.kv_tokens != S):
+            _drop_state(module, counted=True)
+            state = None
+        position = ctx.q_offset
+    if state is None:
+        stats.count(stats.DENSE_DECODE_NO_STATE)
+        return None
+    if L > 1 or state.length + 1 < cfg.dense_below:
+        # Several tokens, or too short for sparse decode to pay: keep the state current, attend densely.
+        start = state.pos if offset is None else offset
+        cols = torch.arange(L, device=key.device) + start
+        state.absorb(query, key.index_select(2, cols), ctx.new_valid())
+        stats.count(stats.DENSE_CACHED_PREFILL if L > 1 else stats.DENSE_DECODE_SHORT)
+        return None
+    out, row = sketchwalk_decode(
+        query, key, value, state, ctx.decode_row, scale=scaling, softcap=softcap, valid=ctx.new_valid(),
+        position=position,
+    )
+    ctx.decode_row = row
+    stats.count(stats.SPARSE_DECODE)
+    return out
+
+
+def reset_decode_state(model: torch.nn.Module) -> int:
+    """Drop every layer's sparse-decode state (the next prefill builds new ones); returns how many."""
+    n = 0
+    for m in model.modules():
+        if getattr(m, _STATE_ATTR, None) is not None:
+            setattr(m, _STATE_ATTR, None)
+            n += 1
+    return n
+
+
+def decode_states(model: torch.nn.Module) -> dict[int, DecodeState]:
+    """{layer_idx: DecodeState} of the layers holding sparse-decode state (for inspection)."""
+    return {
+        m.layer_idx: st for m in model.modules() if (st := getattr(m, _STATE_ATTR, None)) is not None
+    }
+
+
+_DYNAMO_SAFE_ATTENTION = torch._dynamo.disable(sketchwalk_flex_attention)
+_DYNAMO_SAFE_MASK = torch._dynamo.disable(sketchwalk_mask_function)
+
+
+def _no_auto_compile(original):
+    """generate() compiles a model's forward with CUDA graphs when it decodes into a static
+    cache on a GPU.  sketchwalk_flex layers are graph breaks (they keep host-side state and run
+    their own compiled kernels), and CUDA-graph replays of the layer body between the breaks
+    overwrite each other's outputs; so models using sketchwalk_flex skip that auto-compile."""
+
+    @functools.wraps(original)
+    def valid_auto_compile_criteria(self, *args, **kwargs):
+        if getattr(getattr(self, "config", None), "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+            if original(self, *args, **kwargs):
+                stats.log_once(
+                    "no-auto-compile",
+                    "flexwalk: generate() would compile this model's forward (static cache on a GPU); "
+                    "skipped for sketchwalk_flex, whose kernels are compiled already",
+                )
+            return False
+        return original(self, *args, **kwargs)
+
+    valid_auto_compile_criteria._flexwalk = True
+    return valid_auto_compile_criteria
 
 
 def register() -> None:
     """Register "sketchwalk_flex" with transformers (idempotent; `import flexwalk` calls it)."""
-    AttentionInterface.register(ATTN_IMPLEMENTATION, sketchwalk_flex_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sketchwalk_mask_function)
+    # generate() compiles the model's forward by itself on CUDA with a static cache; our
+    # functions hold host-side state (decode states, counters, per-forward context) and run
+    # their own compiled kernels, so dynamo steps around them (a graph break per call).
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _DYNAMO_SAFE_ATTENTION)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _DYNAMO_SAFE_MASK)
     # Lets from_pretrained(..., sketchwalk_config=...) land on the model config, stored as a
     # plain dict so config.json (and the config's repr) stay JSON-serialisable.
+    try:
+        from transformers.generation.utils import GenerationMixin
+    except ImportError:  # pragma: no cover - very old transformers
+        GenerationMixin = None
+    crit = getattr(GenerationMixin, "_valid_auto_compile_criteria", None)
+    if crit is not None and not getattr(crit, "_flexwalk", False):
+        GenerationMixin._valid_auto_compile_criteria = _no_auto_compile(crit)
     if not isinstance(getattr(PretrainedConfig, CONFIG_ATTR, None), property):
         setattr(PretrainedConfig, CONFIG_ATTR, property(_get_config_attr, _set_config_attr))
 

@@ -1,0 +1,474 @@
+"""Sparse decode: per-layer SketchWalk state carried across generation steps (ALGORITHM.md, Decode).
+
+A `DecodeState` is built from a layer's prefill (`DecodeState.from_prefill`) and then absorbs
+every new token (`absorb`): running sums and counts of head-mean keys per block, the sketched
+block keys, the running query sum of the current block and the layer's block transition
+matrix W_l.  A step touches one block row and one block column, O(nb * r) work; no step reads
+K again.  `sketchwalk_decode` runs one decode step of one layer: absorb the new token, score
+it against the sketched keys, walk (the row handed over from the previous sparse layer of the
+same step), keep sink + current block + top-k, and attend with a one-row BlockMask.
+
+Shapes are fixed by the state's capacity (`kv_tokens`): the mask is as wide as the capacity and
+the live length is a tensor, so steps never recompile.  With a static cache the capacity is the
+cache itself; with a growing (dynamic) cache K/V are padded up to the capacity and the
+capacity grows in length buckets (block_mask.bucket_length).
+
+Every tensor here is [B, heads, nb, D], [B, nb, r] or [B, nb, nb]: no token x token tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+
+from . import stats
+from .block_mask import _HAS_COMPUTE_Q_BLOCKS, bucket_length, key_bounds
+from .config import SketchWalkConfig
+from .selection import LayerSketch, head_reduce, layer_sketch, sketch_matrix, transition_rows
+from .sketch import effective_sketch_dim, num_blocks
+
+_INT = torch.int32
+
+
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    """A copy with standard strides, size-1 dims included: the compiled step guards on strides."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return x / x.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+class DecodeState:
+    """SketchWalk decode state of one layer for one batch of sequences.
+
+    Tensors (fp32 unless noted; Hq' / Hk' are 1 for head_scoring="mean", else the model's heads):
+      k_sum [B, Hk', C, D], k_count [B, C]: sums and counts of real keys per block;
+      k_sketch [B, Hk', C, r]: sketched block-mean keys;
+      q_sum [B, Hq', D], q_count [B]: running query sum of the block holding the last token;
+      transition [B, C, C]: W_l, rows of blocks not reached yet are 0;
+      key_start [B] int32: first real key of each row (left padding);
+      pos: 0-dim int64, tokens absorbed (on the device; `length` is its host mirror);
+      last_key [B, Hkv, D] (model dtype): the last absorbed key, a fingerprint of the cache
+        this state belongs to;  stale: 0-dim bool, set once a step finds the cache or the
+        position disagreeing with the state (that sequence then decodes densely, exactly).
+    C = ceil(kv_tokens / block_size) is the capacity in blocks.
+    """
+
+    def __init__(
+        self,
+        config: SketchWalkConfig,
+        layer_idx: int,
+        *,
+        batch: int,
+        q_heads: int,
+        k_heads: int,
+        head_dim: int,
+        scale: float,
+        kv_tokens: int,
+        device: torch.device | str,
+        growable: bool = True,
+    ):
+        self.config = config
+        self.layer_idx = layer_idx
+        self.block_size = config.block_size
+        self.scale = float(scale)
+        self.head_dim = head_dim
+        self.kv_tokens = int(kv_tokens)
+        self.growable = growable
+        self.sketch = sketch_matrix(config, layer_idx, head_dim, device)
+        r = effective_sketch_dim(head_dim, config.sketch_dim)
+        c = self.capacity
+        f32 = dict(dtype=torch.float32, device=device)
+        self.k_sum = torch.zeros(batch, k_heads, c, head_dim, **f32)
+        self.k_count = torch.zeros(batch, c, **f32)
+        self.k_sketch = torch.zeros(batch, k_heads, c, r, **f32)
+        self.q_sum = torch.zeros(batch, q_heads, head_dim, **f32)
+        self.q_count = torch.zeros(batch, **f32)
+        self.transition = torch.zeros(batch, c, c, **f32)
+        self.key_start = torch.zeros(batch, dtype=_INT, device=device)
+        self.pos = torch.zeros((), dtype=torch.int64, device=device)
+        self.length = 0
+        self.last_key: torch.Tensor | None = None
+        self.stale = torch.zeros((), dtype=torch.bool, device=device)
+        self.stale_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self._prev_and_new = torch.tensor([1, 0], device=device)  # offsets from pos: last absorbed, new
+
+    def _zero_blocks(self, kv_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero full-block tensors shaped for this capacity, allocated once."""
+        z = getattr(self, "_zeros", None)
+        if z is None or z[1].shape[-1] != kv_idx.shape[-1]:
+            bsz, c = kv_idx.shape
+            z = (torch.zeros(bsz, 1, 1, dtype=_INT, device=self.device),
+                 torch.zeros(bsz, 1, 1, c, dtype=_INT, device=self.device))
+            self._zeros = z
+        return z
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def batch(self) -> int:
+        return self.k_sum.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Capacity in blocks."""
+        return num_blocks(self.kv_tokens, self.block_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_sum.device
+
+    def grow(self, kv_tokens: int) -> None:
+        """Enlarge the capacity to `kv_tokens` (host decision, no sync; new shapes compile once)."""
+        if kv_tokens <= self.kv_tokens:
+            return
+        if not self.growable:
+            raise ValueError(
+                f"kv_tokens={kv_tokens} is invalid: this DecodeState was built for a fixed cache of "
+                f"{self.kv_tokens} tokens"
+            )
+        old_c = self.capacity
+        self.kv_tokens = int(kv_tokens)
+        c = self.capacity
+        pad = c - old_c
+        self.k_sum = F.pad(self.k_sum, (0, 0, 0, pad))
+        self.k_count = F.pad(self.k_count, (0, pad))
+        self.k_sketch = F.pad(self.k_sketch, (0, 0, 0, pad))
+        self.transition = F.pad(self.transition, (0, pad, 0, pad))
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_prefill(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        config: SketchWalkConfig,
+        layer_idx: int,
+        *,
+        key_valid: torch.Tensor | None = None,
+        scale: float | None = None,
+        kv_tokens: int | None = None,
+        growable: bool | None = None,
+        sketch: LayerSketch | None = None,
+    ) -> "DecodeState":
+        """The state after a prefill of n tokens (q [B, Hq, n, D], k [B, Hkv, n, D]).
+
+        kv_tokens: capacity in tokens (default: the length bucket above n, grown as needed).
+        Pass the static cache's length with growable=False for a fixed-size cache.
+        key_valid: [B, n] bool, left padding only (decode appends real tokens on the right).
+        sketch: this layer's `layer_sketch(...)` when the prefill already computed it.
+        """
+        bsz, hq, n, d = q.shape
+        scale = d**-0.5 if scale is None else float(scale)
+        if kv_tokens is None:
+            kv_tokens = bucket_length(n + 1)
+            growable = True if growable is None else growable
+        if kv_tokens < n:
+            raise ValueError(f"kv_tokens={kv_tokens} is invalid: must be >= the prefill length {n}")
+        if key_valid is not None and not bool(key_valid[:, -1].all()):
+            raise NotImplementedError(
+                "sparse decode after right padding is not supported: the prompt's last token must be real in "
+                "every row (generate() pads on the left)"
+            )
+        if sketch is None:
+            sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale)
+        st = cls(
+            config, layer_idx, batch=bsz, q_heads=sketch.q_means.shape[1], k_heads=sketch.k_means.shape[1],
+            head_dim=d, scale=scale, kv_tokens=kv_tokens, device=q.device,
+            growable=True if growable is None else growable,
+        )
+        nb = sketch.counts.shape[1]
+        counts = sketch.counts
+        st.k_sum[:, :, :nb] = sketch.k_means * counts[:, None, :, None]
+        st.k_count[:, :nb] = counts
+        st.k_sketch[:, :, :nb] = sketch.k_sketch
+        st.transition[:, :nb, :nb] = sketch.transition
+        st.q_sum = _packed(sketch.q_means[:, :, nb - 1] * counts[:, nb - 1, None, None])
+        st.q_count = _packed(counts[:, nb - 1])
+        if key_valid is not None:
+            st.key_start = key_bounds(key_valid)[0]
+        st.pos.fill_(n)
+        st.length = n
+        st.last_key = _packed(k[:, :, n - 1])
+        return st
+
+    # ------------------------------------------------------------------ update
+    def absorb(self, q_new: torch.Tensor, k_new: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Add L new tokens (q_new [B, Hq, L, D], k_new [B, Hkv, L, D]) at positions length..length+L-1.
+
+        valid: [B, L] bool (False: padding, kept out of every mean).  Touches the rows and
+        columns of the at most L // block_size + 2 blocks the tokens fall in; no host sync.
+        """
+        bsz, _, L, d = q_new.shape
+        if bsz != self.batch or d != self.head_dim:
+            raise ValueError(
+                f"q_new {tuple(q_new.shape)} does not fit this DecodeState (batch={self.batch}, head_dim={self.head_dim})"
+            )
+        if self.length + L > self.kv_tokens:
+            self.grow(bucket_length(self.length + L + 1))
+        qm = head_reduce(q_new, self.config)
+        km = head_reduce(k_new, self.config)
+        vf = torch.ones(bsz, L, device=self.device) if valid is None else valid.to(self.device, torch.float32)
+        q_sum, q_count = _absorb(
+            self.k_sum, self.k_count, self.k_sketch, self.transition, self.q_sum, self.q_count, self.pos,
+            qm, km, vf, self.sketch, self.block_size, self.scale, float(self.config.sparsity_exponent),
+        )
+        self.q_sum, self.q_count = _packed(q_sum), _packed(q_count)
+        self.pos += L
+        self.length += L
+        self.last_key = _packed(k_new[:, :, -1])
+
+
+def _absorb(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, qm, km, vf, p, bs, scale, exponent):
+    """In-place state update for L tokens at positions pos..pos+L-1; returns the new (q_sum, q_count)."""
+    bsz, hq, L, d = qm.shape
+    c = k_count.shape[1]
+    dev = qm.device
+    ar = torch.arange(L, device=dev)
+    blk = (pos + ar) // bs  # [L] block of each new token
+    k_sum.index_add_(2, blk, km * vf[:, None, :, None])
+    k_count.index_add_(1, blk, vf)
+    nt = (L + bs - 2) // bs + 1  # blocks the L tokens can touch
+    b0 = pos // bs
+    first = b0 + torch.arange(nt, device=dev)  # [nt], may run past the last block
+    last = (pos + L - 1) // bs
+    live = first <= last  # touched for real
+    tb = first.clamp_max(c - 1)
+    keep = live.float()
+    # Sketched keys of the touched blocks (an index_add of the change: repeated clamped
+    # indices then add zero instead of racing).
+    km_mean = k_sum.index_select(2, tb) / k_count.index_select(1, tb).clamp_min(1.0)[:, None, :, None]
+    new_ks = km_mean @ p
+    k_sketch.index_add_(2, tb, (new_ks - k_sketch.index_select(2, tb)) * keep[None, None, :, None])
+    # Query means of the touched blocks: this call's queries plus the carried partial block.
+    rel = blk - b0
+    qloc = torch.zeros(bsz, hq, nt, d, device=dev).index_add_(2, rel, qm * vf[:, None, :, None])
+    qcnt = torch.zeros(bsz, nt, device=dev).index_add_(1, rel, vf)
+    carry = (pos % bs != 0).float()
+    qloc[:, :, 0] += carry * q_sum
+    qcnt[:, 0] += carry * q_count
+    q_mean = qloc / qcnt.clamp_min(1.0)[:, None, :, None]
+    # Rows of W for the touched query blocks: causal, real key blocks only (empty -> diagonal).
+    idx = torch.arange(c, device=dev)
+    block_valid = k_count > 0
+    allowed = (idx[None, None, :] <= tb[None, :, None]) & block_valid[:, None, :]
+    empty = ~allowed.any(-1, keepdim=True)
+    allowed = allowed | (empty & (idx[None, :] == tb[:, None])[None])
+    rows = transition_rows(q_mean @ p, k_sketch, allowed, scale, exponent)  # [B, nt, C]
+    trans.index_add_(1, tb, (rows - trans.index_select(1, tb)) * keep[None, :, None])
+    lr = (last - b0).reshape(1)
+    return qloc.index_select(2, lr)[:, :, 0], qcnt.index_select(1, lr)[:, 0]
+
+
+def _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, *, bs, scale, exponent, walk_mode,
+                 damping, sink_blocks, local_blocks, top_k, density):
+    """Tensor core of the decode selection (compiled on CUDA together with the state update)."""
+    c = k_count.shape[1]
+    idx = torch.arange(c, device=k_count.device)
+    bt = p_tok // bs
+    block_valid = k_count > 0
+    allowed = (idx <= bt)[None, :] & block_valid
+    empty = ~allowed.any(-1, keepdim=True)
+    allowed = allowed | (empty & (idx == bt)[None, :])
+    w = transition_rows(qm @ p, k_sketch, allowed[:, None, :], scale, exponent)[:, 0]  # [B, C]
+    if walk_row is None or walk_mode == "one_hop":
+        row = w
+    else:
+        walked = _normalise(torch.bmm(walk_row[:, None, :], trans)[:, 0])
+        row = walked if walk_mode == "walk" else (1.0 - damping) * w + damping * walked
+    causal_valid = allowed & block_valid
+    valid_rank = torch.cumsum(block_valid.to(_INT), -1) - 1
+    sink = valid_rank < sink_blocks
+    local = idx > bt - local_blocks
+    forced = causal_valid & (sink | local[None, :])
+    n_causal = causal_valid.sum(-1)
+    n_forced = forced.sum(-1)
+    if top_k is not None:
+        budget = torch.full_like(n_causal, top_k)
+    else:
+        budget = torch.ceil(n_causal.to(torch.float64) * density - 1e-9).to(n_causal.dtype)
+    kept = torch.minimum(n_causal, torch.maximum(n_forced, budget))
+    kept = torch.where(n_causal == 0, torch.ones_like(kept), kept)
+    score = row.masked_fill(~allowed, float("-inf")).masked_fill(forced, float("inf"))
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices.to(_INT)
+    if dense is not None:
+        kept = torch.where(dense, (bt + 1).to(kept.dtype).expand_as(kept), kept)
+        order = torch.where(dense, idx.to(_INT)[None, :].expand_as(order), order)
+    return row, kept.to(_INT), order, kept.float(), n_causal.float()
+
+
+def _consts(state: "DecodeState") -> dict:
+    cfg = state.config
+    return dict(
+        bs=state.block_size, scale=state.scale, exponent=float(cfg.sparsity_exponent), walk_mode=cfg.walk,
+        damping=float(cfg.damping), sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks,
+        top_k=cfg.top_k_blocks, density=cfg.density,
+    )
+
+
+def decode_select(
+    state: DecodeState,
+    q_t: torch.Tensor,
+    walk_row: torch.Tensor | None,
+    *,
+    dense: torch.Tensor | bool = False,
+    position: torch.Tensor | None = None,
+):
+    """Selection for the token just absorbed (q_t [B, Hq, 1, D]).
+
+    Returns (walk row [B, C], kv_num_blocks [B] int32, kv_indices [B, C] int32, kept [B],
+    causal [B]).  dense: a bool (or 0-dim bool tensor) forcing every causal block (exact
+    dense decode through the same kernel).  position: the token's position when it may
+    differ from the state's (a static cache): blocks up to it are allowed.
+    """
+    if walk_row is not None and walk_row.shape != (state.batch, state.capacity):
+        raise ValueError(
+            f"walk_row has shape {tuple(walk_row.shape)}, this layer's state needs {(state.batch, state.capacity)}: "
+            "pass the row returned by the previous sparse layer of the same step"
+        )
+    p_tok = state.pos - 1 if position is None else position.reshape(()).to(torch.int64)
+    dense_t = None if isinstance(dense, bool) and not dense else torch.as_tensor(dense, device=state.device)
+    return _select_core(
+        state.k_sketch, state.k_count, state.transition, state.sketch, head_reduce(q_t, state.config), walk_row,
+        p_tok, dense_t, **_consts(state),
+    )
+
+
+def _step_core(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, last_key, stale, stale_steps, all_stale_steps, q,
+               k_rows, valid, walk_row, position, p, *, force_dense, mean_heads, **consts):
+    """One decode step's state update and selection, tensors only (no host sync).
+
+    k_rows: [B, Hkv, 2, D], the cache's keys at positions pos - 1 and pos (the last absorbed
+    token and the new one).  Checks the cache against the state (key fingerprint, position),
+    absorbs the new token in place and selects its blocks.  Returns the values that replace the state's small
+    tensors and the selection.
+    """
+    seen, k_new = k_rows[:, :, 0], k_rows[:, :, 1:]  # the cache's keys at pos - 1 and pos
+    bad = ~torch.eq(seen, last_key).all()
+    if position is not None:
+        bad = bad | (position != pos)
+    stale = stale | bad
+    stale_steps += stale.to(stale_steps.dtype)
+    all_stale_steps += stale.to(stale_steps.dtype)
+    bsz = q.shape[0]
+    valid_f = torch.ones(bsz, 1, device=q.device) if valid is None else valid.to(torch.float32)
+    qf, kf = q.float(), k_new.float()
+    qm = qf.mean(1, keepdim=True) if mean_heads else qf
+    km = kf.mean(1, keepdim=True) if mean_heads else kf
+    q_sum, q_count = _absorb(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, qm, km, valid_f, p,
+                             consts["bs"], consts["scale"], consts["exponent"])
+    new_pos = pos + 1
+    p_tok = new_pos - 1 if position is None else position
+    dense = stale | force_dense if not force_dense else torch.ones_like(stale)
+    row, kv_num, kv_idx, kept, causal = _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense,
+                                                     **consts)
+    return (q_sum.contiguous(), q_count.contiguous(), new_pos, k_new[:, :, 0].contiguous(), stale, row, kv_num,
+            kv_idx, kept, causal, (p_tok + 1).to(_INT))
+
+
+_compiled_step_core = torch.compile(_step_core, dynamic=False)
+# The step is ~40 small kernels: compiled into a few fused ones on CUDA, where launches
+# dominate.  On CPU the eager ops are cheap and compiling each shape would cost seconds.
+COMPILE_STEP_ON_CPU = False
+
+
+def _step_fn(device: torch.device):
+    return _compiled_step_core if device.type == "cuda" or COMPILE_STEP_ON_CPU else _step_core
+
+
+def _decode_mask_mod(start: torch.Tensor, end: torch.Tensor):
+    """Keys in [start[b], end): left padding and unwritten cache slots are out."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= start[b]) & (kv_idx < end)
+
+    return mask_mod
+
+
+def decode_block_mask(kv_num: torch.Tensor, kv_idx: torch.Tensor, start, end, *, rows: int, kv_tokens: int,
+                      block_size: int, zeros: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlockMask:
+    """One-row BlockMask: `rows` query rows (the query heads of one KV head) share one selection.
+
+    zeros: (full_kv_num_blocks, full_kv_indices) all-zero tensors to reuse (CPU flex needs them).
+    """
+    bsz, c = kv_idx.shape
+    num = kv_num.reshape(bsz, 1, 1)
+    ind = kv_idx.reshape(bsz, 1, 1, c)
+    if zeros is None:
+        zeros = (torch.zeros_like(num), torch.zeros_like(ind))
+    # Forward-only: skip the q-major transpose (a scatter over all blocks, the costliest part of
+    # building the mask on the host) where this torch can.
+    extra = {"compute_q_blocks": False} if _HAS_COMPUTE_Q_BLOCKS else {}
+    return BlockMask.from_kv_blocks(
+        num, ind, zeros[0], zeros[1],  # no full blocks (every block checks [start, end))
+        BLOCK_SIZE=(block_size, block_size),
+        mask_mod=_decode_mask_mod(start, end),
+        seq_lengths=(rows, kv_tokens),
+        **extra,
+    )
+
+
+def sketchwalk_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: DecodeState,
+    walk_row: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    valid: torch.Tensor | None = None,
+    position: torch.Tensor | None = None,
+    dense: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of one sparse layer.  Returns (out [B, Hq, 1, D], walk row [B, C]).
+
+    q: [B, Hq, 1, D]; k, v: [B, Hkv, S, D], the cache with the new token already written at
+    index state.length (S = state.length + 1 for a growing cache, or the static cache size).
+    walk_row: the row returned by the previous sparse layer of this step (None for the first).
+    valid: [B, 1] bool validity of the new token.  position: 0-dim tensor with the new token's
+    cache position when it is only known on the device (static caches).  If it differs from
+    the state's, or the cache's key at the last absorbed position is not the one the state
+    absorbed (another sequence's cache), the state is stale: this and every later step attend
+    densely (exact), `state.stale_steps` and flexwalk.counters()["decode_stale_steps"] count
+    them.  All of this stays on the device.
+    dense: attend every causal block (still updates the state and the walk row).
+    """
+    from .attention import flex  # late import: attention imports this module's users
+
+    bsz, hq, L, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    if L != 1:
+        raise ValueError(f"sketchwalk_decode takes one new token per row; q has {L} (use absorb + dense attention)")
+    if s > state.kv_tokens:
+        state.grow(bucket_length(s))
+    if s < state.length + 1:
+        raise ValueError(
+            f"k has {s} positions but the state has absorbed {state.length} tokens: the new token must be in the cache"
+        )
+    if walk_row is not None and walk_row.shape != (bsz, state.capacity):
+        raise ValueError(
+            f"walk_row has shape {tuple(walk_row.shape)}, this layer's state needs {(bsz, state.capacity)}: "
+            "pass the row returned by the previous sparse layer of the same step"
+        )
+    pos_t = None if position is None else position.reshape(()).to(torch.int64)
+    (state.q_sum, state.q_count, state.pos, state.last_key, state.stale, row, kv_num, kv_idx, kept, causal,
+     end) = _step_fn(q.device)(
+        state.k_sum, state.k_count, state.k_sketch, state.transition, state.q_sum, state.q_count, state.pos,
+        state.last_key, state.stale, state.stale_steps, stats.device_counter(stats.DECODE_STALE_STEPS, q.device), q,
+        k.index_select(2, state.pos - state._prev_and_new),
+        valid, walk_row, pos_t, state.sketch,
+        force_dense=bool(dense), mean_heads=state.config.head_scoring == "mean", **_consts(state),
+    )
+    state.length += 1
+    if s < state.kv_tokens:  # growing cache: pad to the capacity so shapes stay fixed
+        k = F.pad(k, (0, 0, 0, state.kv_tokens - s))
+        v = F.pad(v, (0, 0, 0, state.kv_tokens - s))
+    g = hq // hkv
+    bm = decode_block_mask(kv_num, kv_idx, state.key_start, end, rows=g, kv_tokens=state.kv_tokens,
+                           block_size=state.block_size, zeros=state._zero_blocks(kv_idx))
+    qv = q.reshape(bsz, hkv, g, d)  # the G query heads of each KV head as G query rows
+    out = flex(qv, k, v, bm, scale=scale, softcap=softcap, block_size=state.block_size, decode=True)
+    stats.record_density(state.layer_idx, kept, causal, phase="decode")
+    return out.reshape(bsz, hq, 1, d), row

@@ -1,0 +1,259 @@
+"""Sparse decode, functional API: incremental state, per-step selection, outputs vs the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters as dynamo_counters
+
+import flexwalk
+from conftest import assert_matches_reference, left_padding
+from flexwalk import DecodeState, SketchWalkConfig, sketchwalk_decode
+from flexwalk.config import block_budget
+from flexwalk.decode import decode_select
+
+EPS = torch.finfo(torch.float32).eps
+STATE_FIELDS = ("k_sum", "k_count", "k_sketch", "q_sum", "q_count", "transition")
+
+
+def _qkv(batch, hq, hkv, n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, h, n, d, generator=g) for h in (hq, hkv, hkv))
+
+
+def _state_tolerance(cfg: SketchWalkConfig, name: str, ref: torch.Tensor) -> float:
+    """fp32 error of summing <= block_size terms in another order, amplified by the exponent for W."""
+    mag = max(1.0, ref.abs().max().item())
+    tol = 4 * cfg.block_size * EPS * mag
+    if name == "transition":  # W = softmax(s * A): dW ~ s * dA, A a sum of r products of means
+        tol *= cfg.sparsity_exponent * 64
+    return tol
+
+
+def assert_state_equal(a: DecodeState, b: DecodeState, cfg: SketchWalkConfig, what: str) -> None:
+    assert a.length == b.length and int(a.pos) == int(b.pos)
+    for name in STATE_FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.shape == y.shape, f"{what}: {name} shape {tuple(x.shape)} != {tuple(y.shape)}"
+        err = (x - y).abs().max().item()
+        assert err <= _state_tolerance(cfg, name, y), f"{what}: {name} differs by {err:.3g}"
+
+
+def _token_mask(kv_idx, kv_num, bs, n_live, key_valid):
+    """[B, 1, 1, n_live] bool mask of the selected blocks' real keys (the oracle's view)."""
+    bsz = kv_idx.shape[0]
+    m = torch.zeros(bsz, n_live, dtype=torch.bool)
+    for b in range(bsz):
+        for j in kv_idx[b, : int(kv_num[b])].tolist():
+            m[b, j * bs : (j + 1) * bs] = True
+    m &= key_valid[:, :n_live]
+    return m[:, None, None, :]
+
+
+decode_cases = st.fixed_dictionaries(
+    {
+        "bs": st.sampled_from([16, 32]),
+        "n": st.integers(1, 90),
+        "steps": st.integers(1, 40),
+        "pad": st.integers(0, 40),
+        "head_scoring": st.sampled_from(["mean", "per_head"]),
+        "walk": st.sampled_from(["walk", "damped", "one_hop"]),
+        "density": st.floats(0.05, 1.0),
+        "sink": st.integers(0, 2),
+        "local": st.integers(1, 3),
+        "seed": st.integers(0, 3),
+    }
+)
+
+
+@given(case=decode_cases)
+def test_incremental_state_equals_rebuilt_and_selection_is_valid(case):
+    """At every step the absorbed state equals the state rebuilt by a prefill of the whole
+    sequence so far, and the step's selection keeps sink + current block within budget."""
+    cfg = SketchWalkConfig(
+        block_size=case["bs"], density=case["density"], head_scoring=case["head_scoring"], walk=case["walk"],
+        sink_blocks=case["sink"], local_blocks=case["local"], seed=case["seed"],
+    )
+    n, steps, bs = case["n"], case["steps"], case["bs"]
+    pad = min(case["pad"], n - 1)
+    total = n + steps
+    q, k, v = _qkv(2, 6, 2, total, 16, seed=case["seed"])
+    key_valid = left_padding(2, total, [0, pad])
+    state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 3, key_valid=key_valid[:, :n])
+    for t in range(n, total):
+        state.absorb(q[:, :, t : t + 1], k[:, :, t : t + 1])
+        rebuilt = DecodeState.from_prefill(
+            q[:, :, : t + 1], k[:, :, : t + 1], cfg, 3, key_valid=key_valid[:, : t + 1], kv_tokens=state.kv_tokens
+        )
+        assert_state_equal(state, rebuilt, cfg, f"after token {t}")
+        _, kv_num, kv_idx, kept, causal = decode_select(state, q[:, :, t : t + 1], None)
+        bt = t // bs
+        for b in range(2):
+            chosen = kv_idx[b, : int(kv_num[b])].tolist()
+            assert len(set(chosen)) == len(chosen)
+            assert all(j <= bt for j in chosen), "selection is not causal"
+            assert bt in chosen, "current block missing"
+            first = pad // bs if b == 1 else 0
+            causal_blocks = list(range(first, bt + 1))
+            assert set(chosen) <= set(causal_blocks), "a block of pure padding was selected"
+            sinks = causal_blocks[: cfg.sink_blocks]
+            assert set(sinks) <= set(chosen), "sink block missing"
+            local = [j for j in causal_blocks if j > bt - cfg.local_blocks]
+            forced = len(set(sinks) | set(local))
+            assert len(chosen) == block_budget(cfg, len(causal_blocks), forced), "budget not respected"
+            assert set(local) <= set(chosen), "local block missing"
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+@pytest.mark.parametrize("walk", ["damped", "one_hop"])
+def test_decode_steps_match_the_oracle(walk, softcap):
+    """Three sparse layers, 24 steps across block boundaries, GQA 3, left padding: each step's
+    flex output equals SDPA under the step's own selection expanded to a token mask, and the
+    walk row handed from layer to layer equals the one computed from rebuilt states."""
+    cfg = SketchWalkConfig(block_size=16, density=0.3, walk=walk)
+    n, steps, layers = 70, 24, 3
+    total = n + steps
+    data = [_qkv(2, 6, 2, total, 16, seed=10 + i) for i in range(layers)]
+    key_valid = left_padding(2, total, [0, 21])
+    states = [DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, i, key_valid=key_valid[:, :n])
+              for i, (q, k, _) in enumerate(data)]
+    for t in range(n, total):
+        row = ref_row = None
+        for i, (q, k, v) in enumerate(data):
+            rebuilt = DecodeState.from_prefill(q[:, :, :t], k[:, :, :t], cfg, i, key_valid=key_valid[:, :t],
+                                               kv_tokens=states[i].kv_tokens)
+            rebuilt.absorb(q[:, :, t : t + 1], k[:, :, t : t + 1])
+            ref_row, kv_num, kv_idx, _, _ = decode_select(rebuilt, q[:, :, t : t + 1], ref_row)
+            out, row = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], states[i], row,
+                                         softcap=softcap)
+            torch.testing.assert_close(row, ref_row, rtol=0, atol=1e-4)
+            mask = _token_mask(kv_idx, kv_num, 16, t + 1, key_valid)
+            assert_matches_reference(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], mask, out,
+                                     softcap=softcap)
+    assert flexwalk.density_report("decode")[2] < 0.6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_budget_decode_equals_dense(dtype):
+    cfg = SketchWalkConfig(block_size=32, density=1.0)
+    n, total = 100, 140
+    q, k, v = (x.to(dtype) for x in _qkv(2, 4, 4, total, 16, seed=5))
+    key_valid = left_padding(2, total, [0, 45])
+    state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 2, key_valid=key_valid[:, :n])
+    for t in range(n, total):
+        out, _ = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], state)
+        dense = key_valid[:, None, None, : t + 1]
+        assert_matches_reference(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], dense, out)
+
+
+def test_static_cache_layout_and_device_position():
+    """A fixed-size cache (static): K/V longer than the sequence, the position passed as a tensor."""
+    cfg = SketchWalkConfig(block_size=16, density=0.3)
+    cap, n = 200, 90
+    q, k, v = _qkv(1, 4, 2, cap, 16, seed=6)
+    k[:, :, n + 10 :] = 0  # unwritten slots
+    v[:, :, n + 10 :] = 0
+    state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 2, kv_tokens=cap, growable=False)
+    ref_state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 2)
+    for t in range(n, n + 10):
+        out, _ = sketchwalk_decode(q[:, :, t : t + 1], k, v, state, position=torch.tensor(t))
+        ref, _ = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], ref_state)
+        torch.testing.assert_close(out, ref, rtol=0, atol=4 * EPS)
+    assert int(state.stale_steps) == 0
+    with pytest.raises(ValueError, match="fixed cache"):
+        state.grow(400)
+
+
+def test_stale_state_decodes_densely_and_is_counted():
+    """A state continued at the wrong position, or on another sequence's cache, never selects:
+    the step is exact dense attention and the stale steps are counted on the device."""
+    cfg = SketchWalkConfig(block_size=16, density=0.2)
+    n = 96
+    q, k, v = _qkv(1, 4, 2, n + 4, 16, seed=7)
+    state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 2, kv_tokens=256, growable=False)
+    kp = torch.nn.functional.pad(k, (0, 0, 0, 256 - n - 4))
+    vp = torch.nn.functional.pad(v, (0, 0, 0, 256 - n - 4))
+    # the cache says the new token sits at n + 2, the state expects n: stale
+    out, _ = sketchwalk_decode(q[:, :, n + 2 : n + 3], kp, vp, state, position=torch.tensor(n + 2))
+    dense = torch.ones(1, 1, 1, n + 3, dtype=torch.bool)
+    assert_matches_reference(q[:, :, n + 2 : n + 3], k[:, :, : n + 3], v[:, :, : n + 3], dense, out)
+    assert int(state.stale_steps) == 1 and bool(state.stale)
+    assert flexwalk.counters()["decode_stale_steps"] == 1
+
+    # another sequence's cache of the same length (growing cache): caught by the key fingerprint
+    other_q, other_k, other_v = _qkv(1, 4, 2, n + 1, 16, seed=8)
+    state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 2)
+    out, _ = sketchwalk_decode(other_q[:, :, n:], other_k, other_v, state)
+    dense = torch.ones(1, 1, 1, n + 1, dtype=torch.bool)
+    assert_matches_reference(other_q[:, :, n:], other_k, other_v, dense, out)
+    assert int(state.stale_steps) == 1
+
+
+def test_capacity_grows_in_buckets():
+    cfg = SketchWalkConfig(block_size=16, density=0.3)
+    q, k, v = _qkv(1, 2, 2, 270, 16, seed=9)
+    state = DecodeState.from_prefill(q[:, :, :250], k[:, :, :250], cfg, 2)
+    assert state.kv_tokens == 256
+    for t in range(250, 270):
+        out, row = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], state)
+        assert row.shape == (1, state.capacity)
+    assert state.kv_tokens == 512 and state.length == 270
+    rebuilt = DecodeState.from_prefill(q, k, cfg, 2, kv_tokens=512)
+    assert_state_equal(state, rebuilt, cfg, "after growing")
+
+
+def test_bad_inputs_name_the_problem():
+    cfg = SketchWalkConfig(block_size=16)
+    q, k, v = _qkv(1, 2, 2, 40, 16, seed=1)
+    state = DecodeState.from_prefill(q[:, :, :30], k[:, :, :30], cfg, 2)
+    with pytest.raises(ValueError, match="one new token"):
+        sketchwalk_decode(q[:, :, 30:32], k[:, :, :32], v[:, :, :32], state)
+    with pytest.raises(ValueError, match="must be in the cache"):
+        sketchwalk_decode(q[:, :, 30:31], k[:, :, :30], v[:, :, :30], state)
+    with pytest.raises(ValueError, match="walk_row"):
+        sketchwalk_decode(q[:, :, 30:31], k[:, :, :31], v[:, :, :31], state, torch.ones(1, 3))
+    with pytest.raises(ValueError, match="kv_tokens=10"):
+        DecodeState.from_prefill(q[:, :, :30], k[:, :, :30], cfg, 2, kv_tokens=10)
+    right = torch.ones(1, 30, dtype=torch.bool)
+    right[:, -3:] = False
+    with pytest.raises(NotImplementedError, match="right padding"):
+        DecodeState.from_prefill(q[:, :, :30], k[:, :, :30], cfg, 2, key_valid=right)
+
+
+def test_no_recompiles_over_64_decode_steps_after_warmup():
+    cfg = SketchWalkConfig(block_size=16, density=0.2)
+    q, k, v = _qkv(1, 6, 2, 200, 16, seed=11)
+
+    def run(n, steps):
+        state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 2)
+        row = None
+        for t in range(n, n + steps):
+            out, row = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], state, row)
+        return out
+
+    run(60, 2)  # warm-up: one compile for this capacity
+    before = dynamo_counters["stats"]["unique_graphs"]
+    assert torch.isfinite(run(70, 64)).all()
+    assert torch.isfinite(run(101, 64)).all()  # another prompt length, the same capacity bucket
+    assert dynamo_counters["stats"]["unique_graphs"] == before, "a decode step or prompt length recompiled flex"
+
+
+def test_compiled_step_core_matches_eager(monkeypatch):
+    """The step core compiled (as on CUDA) gives the eager selection, state and output."""
+    import flexwalk.decode as dec
+
+    cfg = SketchWalkConfig(block_size=16, density=0.3)
+    q, k, v = _qkv(2, 6, 2, 120, 16, seed=12)
+    key_valid = left_padding(2, 120, [0, 13])
+    eager = DecodeState.from_prefill(q[:, :, :100], k[:, :, :100], cfg, 2, key_valid=key_valid[:, :100])
+    compiled = DecodeState.from_prefill(q[:, :, :100], k[:, :, :100], cfg, 2, key_valid=key_valid[:, :100])
+    for t in range(100, 120):
+        monkeypatch.setattr(dec, "COMPILE_STEP_ON_CPU", False)
+        out_e, row_e = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], eager)
+        monkeypatch.setattr(dec, "COMPILE_STEP_ON_CPU", True)
+        out_c, row_c = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], compiled)
+        torch.testing.assert_close(row_c, row_e, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out_c, out_e, rtol=0, atol=1e-5)
+    assert_state_equal(compiled, eager, cfg, "compiled vs eager")
