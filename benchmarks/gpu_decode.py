@@ -1,0 +1,352 @@
+"""GPU decode benchmark and checks (issue 3): one script, one device call.
+
+    python benchmarks/gpu_decode.py --out DIR [--quick]
+
+1. Correctness on the GPU: tiny Llama, generate() with DynamicCache and StaticCache (which
+   transformers compiles by itself on CUDA) at full budget == sdpa tokens; compiled step core
+   == eager; recompiles over 64 tokens after warm-up.
+2. Decode-step attention, Llama-3.1-8B attention shape (32 query / 8 KV heads, head dim 128),
+   bf16, KV 32K / 128K, batch 1 / 8, density 10% / 20%: SDPA (enable_gqa) vs flex with a
+   one-row BlockMask in two layouts (G query heads as rows with a 1-head mask, or GQA), and
+   the whole sparse step (state update + selection + mask + flex).
+3. End to end: Llama-3.1-8B-shaped random-weight model, 32K context, batch 1: decode
+   tokens/s with sketchwalk_flex (sparse decode) vs sdpa, static and dynamic caches.
+Writes DIR/gpu_decode.json and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import flexwalk  # noqa: E402
+from flexwalk import DecodeState, SketchWalkConfig, sketchwalk_decode  # noqa: E402
+from flexwalk.attention import _compiled_flex  # noqa: E402
+from flexwalk.decode import decode_block_mask  # noqa: E402
+
+RESULTS: dict = {}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def cuda_time(fn, iters=50, warmup=5) -> float:
+    """Mean milliseconds per call, CUDA events around `iters` back-to-back calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def gpu_kernel_ms(fn, iters=10) -> float:
+    """Milliseconds of GPU kernel time per call (profiler sum), without the host's launch cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return total_us / 1e3 / iters
+
+
+def section(name):
+    def wrap(fn):
+        def run(*a, **kw):
+            log(f"\n=== {name} ===")
+            t = time.time()
+            try:
+                RESULTS[name] = fn(*a, **kw)
+            except Exception as e:  # keep going: one broken section must not hide the others
+                traceback.print_exc()
+                RESULTS[name] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"({name}: {time.time() - t:.1f} s)")
+
+        return run
+
+    return wrap
+
+
+@section("correctness")
+def correctness():
+    from tiny_models import build_model, random_ids
+
+    out = {}
+    cfg = SketchWalkConfig(block_size=16, density=1.0, dense_below=0, dense_layers=1, skip_decode=False)
+    ids = random_ids(2, 100, seed=1).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    gen = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = build_model("llama", "sdpa", dtype).cuda()
+        m = flexwalk.configure(build_model("llama", "sketchwalk_flex", dtype).cuda(), cfg)
+        for cache in (None, "static"):
+            flexwalk.reset_counters()
+            with torch.no_grad():
+                a = ref.generate(ids, attention_mask=mask, cache_implementation=cache, **gen)
+                b = m.generate(ids, attention_mask=mask, cache_implementation=cache, **gen)
+            key = f"{dtype}/{cache or 'dynamic'}"
+            out[key] = {"equal_tokens": bool(torch.equal(a, b)), "counters": flexwalk.counters()}
+            log(key, out[key])
+    # compiled step core vs eager
+    import flexwalk.decode as dec
+
+    q, k, v = (torch.randn(2, h, 600, 128, device="cuda") for h in (32, 8, 8))
+    c = SketchWalkConfig(block_size=64, density=0.2)
+    st_a = DecodeState.from_prefill(q[:, :, :500], k[:, :, :500], c, 3)
+    st_b = DecodeState.from_prefill(q[:, :, :500], k[:, :, :500], c, 3)
+    worst = 0.0
+    orig = dec._step_fn
+    for t in range(500, 520):
+        ra = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], st_a)  # compiled on CUDA
+        dec._step_fn = lambda device: dec._step_core  # eager reference
+        try:
+            rb = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], st_b)
+        finally:
+            dec._step_fn = orig
+        worst = max(worst, (ra[0] - rb[0]).abs().max().item())
+    out["compiled_vs_eager_max_err"] = worst
+    log("compiled step core vs eager, max |out| diff:", worst)
+    # recompiles over 64 tokens after warm-up (dynamic cache, sparse budget)
+    from torch._dynamo.utils import counters as dc
+
+    m = flexwalk.configure(build_model("llama", "sketchwalk_flex", torch.bfloat16).cuda(),
+                           cfg.replace(density=0.2, dense_layers=0))
+    g = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        m.generate(random_ids(1, 70, seed=2).cuda(), **g)
+        before = dc["stats"]["unique_graphs"]
+        m.generate(random_ids(1, 70, seed=3).cuda(), **g)
+        m.generate(random_ids(1, 90, seed=4).cuda(), **g)
+    out["new_graphs_after_warmup"] = dc["stats"]["unique_graphs"] - before
+    log("new compiled graphs after warm-up (2 x 64 tokens):", out["new_graphs_after_warmup"])
+    return out
+
+
+def _one_row_mask(bsz, nb, kept, bs, kv_tokens, rows, heads=1):
+    """A random selection of `kept` blocks per row (sink and last block included)."""
+    idx = torch.stack([torch.randperm(nb - 2, device="cuda")[: kept - 2] + 1 for _ in range(bsz)])
+    idx = torch.cat([torch.zeros(bsz, 1, dtype=idx.dtype, device="cuda"), idx,
+                     torch.full((bsz, 1), nb - 1, device="cuda")], 1)
+    full = torch.arange(nb, device="cuda").expand(bsz, nb).clone()
+    full[:, :kept] = idx
+    num = torch.full((bsz,), kept, dtype=torch.int32, device="cuda")
+    start = torch.zeros(bsz, dtype=torch.int32, device="cuda")
+    end = torch.tensor(kv_tokens, dtype=torch.int32, device="cuda")
+    bm = decode_block_mask(num, full.to(torch.int32), start, end, rows=rows, kv_tokens=kv_tokens, block_size=bs)
+    if heads != 1:
+        from torch.nn.attention.flex_attention import BlockMask
+
+        bm = BlockMask.from_kv_blocks(
+            bm.kv_num_blocks.expand(-1, heads, -1).contiguous(), bm.kv_indices.expand(-1, heads, -1, -1).contiguous(),
+            bm.full_kv_num_blocks.expand(-1, heads, -1).contiguous(),
+            bm.full_kv_indices.expand(-1, heads, -1, -1).contiguous(),
+            BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=bm.mask_mod, seq_lengths=bm.seq_lengths,
+        )
+    return bm
+
+
+@section("decode_attention")
+def decode_attention(quick: bool):
+    rows = []
+    hq, hkv, d = 32, 8, 128
+    g = hq // hkv
+    lengths = [32768, 131072]
+    blocks = (128,) if quick else (128, 64)
+    for n in lengths:
+        for bsz in (1, 8):
+            k = torch.randn(bsz, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            q = torch.randn(bsz, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+            sdpa = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            for bs in blocks:
+                nb = n // bs
+                for density in (0.1, 0.2):
+                    kept = max(3, int(density * nb))
+                    bm_rows = _one_row_mask(bsz, nb, kept, bs, n, rows=g)
+                    bm_rows_h = _one_row_mask(bsz, nb, kept, bs, n, rows=g, heads=hkv)
+                    bm_gqa = _one_row_mask(bsz, nb, kept, bs, n, rows=1)
+                    qv = q.reshape(bsz, hkv, g, d)
+                    t_rows = cuda_time(lambda: _compiled_flex(qv, k, v, block_mask=bm_rows))
+                    t_rows_h = cuda_time(lambda: _compiled_flex(qv, k, v, block_mask=bm_rows_h))
+                    t_gqa = cuda_time(lambda: _compiled_flex(q, k, v, block_mask=bm_gqa, enable_gqa=True))
+                    # the whole step: state update + selection + mask + flex (static layout)
+                    cfg = SketchWalkConfig(block_size=bs, density=density)
+                    pre = n - 200
+                    state = DecodeState.from_prefill(k[:, :, :pre].float(), k[:, :, :pre], cfg, 3, kv_tokens=n,
+                                                     growable=False)
+                    row0 = torch.full((bsz, state.capacity), 1.0 / state.capacity, device="cuda")
+
+                    def step():
+                        return sketchwalk_decode(q, k, v, state, row0)
+
+                    from torch._dynamo.utils import counters as dc
+
+                    step()
+                    graphs = dc["stats"]["unique_graphs"]
+                    t_step = cuda_time(step, iters=40, warmup=5)  # 1 + 45 + 11 + 11 steps < 200 free slots
+                    new_graphs = dc["stats"]["unique_graphs"] - graphs
+                    g_sdpa = gpu_kernel_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+                    g_rows = gpu_kernel_ms(lambda: _compiled_flex(qv, k, v, block_mask=bm_rows))
+                    g_step = gpu_kernel_ms(step)
+                    r = dict(kv=n, batch=bsz, block=bs, density=density, kept_blocks=kept, sdpa_ms=sdpa,
+                             flex_rows_1head_ms=t_rows, flex_rows_hkv_ms=t_rows_h, flex_gqa_ms=t_gqa,
+                             sparse_step_ms=t_step, speedup_attention=sdpa / t_rows, speedup_step=sdpa / t_step,
+                             gpu_sdpa_ms=g_sdpa, gpu_flex_ms=g_rows, gpu_step_ms=g_step,
+                             gpu_speedup_attention=g_sdpa / g_rows, gpu_speedup_step=g_sdpa / g_step,
+                             new_graphs_during_steps=new_graphs)
+                    rows.append(r)
+                    log(f"KV {n:>6} B {bsz} bs {bs:>3} d {density:.1f}: wall sdpa {sdpa:.3f} flex rows/1h {t_rows:.3f} "
+                        f"rows/Hkv {t_rows_h:.3f} gqa {t_gqa:.3f} step {t_step:.3f} | GPU sdpa {g_sdpa:.3f} "
+                        f"flex {g_rows:.3f} step {g_step:.3f} ms (x{g_sdpa / g_rows:.2f} / x{g_sdpa / g_step:.2f}) "
+                        f"graphs+{new_graphs}")
+                    del state
+            del k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
+@section("step_profile")
+def step_profile():
+    """Where the host time of one sparse decode step goes (CPU + CUDA profiler table)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n, bsz = 32768, 1
+    k = torch.randn(bsz, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(bsz, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    state = DecodeState.from_prefill(k[:, :, : n - 100].float(), k[:, :, : n - 100], SketchWalkConfig(block_size=128),
+                                     3, kv_tokens=n, growable=False)
+    for _ in range(5):
+        sketchwalk_decode(q, k, v, state)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            sketchwalk_decode(q, k, v, state)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    log(table)
+    return {"table": table}
+
+
+def _llama8b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )
+
+
+@section("end_to_end")
+def end_to_end(quick: bool):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(_llama8b_config(), torch_dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").eval()
+    steps = 32
+    cfg = SketchWalkConfig(block_size=128, density=0.2, skip_decode=False, dense_below=8192)
+    runs = [(32768, "static"), (131072, "static")] if quick else [(32768, "static"), (32768, "dynamic"),
+                                                                  (131072, "static")]
+    for ctx, cache_kind in runs:
+        ids = torch.randint(0, 128000, (1, ctx), device="cuda")
+        for impl in ("sdpa", "sketchwalk_flex"):
+            if impl == "sketchwalk_flex":
+                flexwalk.configure(model, cfg)
+            else:
+                model.set_attn_implementation("sdpa")
+            flexwalk.reset_counters()
+            with torch.no_grad():
+                if cache_kind == "static":
+                    cache = transformers.StaticCache(config=model.config, max_cache_len=ctx + steps + 16)
+                else:
+                    cache = transformers.DynamicCache(config=model.config)
+                if impl == "sketchwalk_flex":  # warm-up: compile this length's kernels outside the timing
+                    warm = transformers.StaticCache(config=model.config, max_cache_len=ctx + 8)
+                    model(ids, past_key_values=warm, use_cache=True, logits_to_keep=1)
+                    del warm
+                torch.cuda.synchronize()
+                t0 = time.time()
+                logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                torch.cuda.synchronize()
+                ttft = time.time() - t0
+                tok = logits[:, -1:].argmax(-1)
+                pos = ctx
+                times = []
+                for i in range(steps):
+                    torch.cuda.synchronize()
+                    t0 = time.time()
+                    logits = model(tok, past_key_values=cache, use_cache=True,
+                                   position_ids=torch.tensor([[pos]], device="cuda")).logits
+                    tok = logits[:, -1:].argmax(-1)
+                    torch.cuda.synchronize()
+                    times.append(time.time() - t0)
+                    pos += 1
+            steady = sorted(times[4:])[len(times[4:]) // 2]
+            r = dict(ttft_s=ttft, decode_ms_median=steady * 1e3, tokens_per_s=1.0 / steady,
+                     counters=flexwalk.counters(), peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            out[f"{ctx}/{cache_kind}/{impl}"] = r
+            log(f"{ctx} {cache_kind:>7} {impl:>15}: TTFT {ttft:.2f} s, decode {steady * 1e3:.2f} ms/token "
+                f"({1 / steady:.1f} tok/s), counters {r['counters']}")
+            del cache
+            torch.cuda.empty_cache()
+        a, b = out.get(f"{ctx}/{cache_kind}/sdpa"), out.get(f"{ctx}/{cache_kind}/sketchwalk_flex")
+        if a and b:
+            sp = a["decode_ms_median"] / b["decode_ms_median"]
+            out[f"{ctx}/{cache_kind}/decode_speedup"] = sp
+            log(f"{ctx} {cache_kind}: decode speedup sketchwalk/sdpa x{sp:.2f}, TTFT x{a['ttft_s'] / b['ttft_s']:.2f}")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip")
+    args = ap.parse_args()
+    import transformers
+    import triton
+
+    RESULTS["env"] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                          transformers=transformers.__version__, python=platform.python_version())
+    log(RESULTS["env"])
+    skip = set(filter(None, args.skip.split(",")))
+    if "correctness" not in skip:
+        correctness()
+    if "attention" not in skip:
+        decode_attention(args.quick)
+    if "profile" not in skip:
+        step_profile()
+    if "e2e" not in skip:
+        end_to_end(args.quick)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_decode.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
