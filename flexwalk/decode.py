@@ -26,7 +26,8 @@ from . import stats
 from .block_mask import _HAS_COMPUTE_Q_BLOCKS, bucket_length, key_bounds
 from .config import SketchWalkConfig
 from .selection import LayerSketch, head_reduce, layer_sketch, sketch_matrix, transition_rows
-from .sketch import effective_sketch_dim, num_blocks
+from .sketch import block_causal_mask, effective_sketch_dim, num_blocks
+from .walk import rank_blocks, walk_combine
 
 _INT = torch.int32
 
@@ -36,8 +37,16 @@ def _packed(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    return x / x.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+class RightPaddingError(NotImplementedError):
+    """A prompt padded on the right: decode would append after the padding."""
+
+
+def _check_walk_row(walk_row: torch.Tensor | None, batch: int, capacity: int) -> None:
+    if walk_row is not None and walk_row.shape != (batch, capacity):
+        raise ValueError(
+            f"walk_row has shape {tuple(walk_row.shape)}, this layer's state needs {(batch, capacity)}: "
+            "pass the row returned by the previous sparse layer of the same step"
+        )
 
 
 class DecodeState:
@@ -167,7 +176,7 @@ class DecodeState:
         if kv_tokens < n:
             raise ValueError(f"kv_tokens={kv_tokens} is invalid: must be >= the prefill length {n}")
         if key_valid is not None and not bool(key_valid[:, -1].all()):
-            raise NotImplementedError(
+            raise RightPaddingError(
                 "sparse decode after right padding is not supported: the prompt's last token must be real in "
                 "every row (generate() pads on the left)"
             )
@@ -207,8 +216,8 @@ class DecodeState:
             )
         if self.length + L > self.kv_tokens:
             self.grow(bucket_length(self.length + L + 1))
-        qm = head_reduce(q_new, self.config)
-        km = head_reduce(k_new, self.config)
+        qm = head_reduce(q_new, self.config.head_scoring)
+        km = head_reduce(k_new, self.config.head_scoring)
         vf = torch.ones(bsz, L, device=self.device) if valid is None else valid.to(self.device, torch.float32)
         q_sum, q_count = _absorb(
             self.k_sum, self.k_count, self.k_sketch, self.transition, self.q_sum, self.q_count, self.pos,
@@ -250,11 +259,7 @@ def _absorb(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, qm, km, vf, p,
     qcnt[:, 0] += carry * q_count
     q_mean = qloc / qcnt.clamp_min(1.0)[:, None, :, None]
     # Rows of W for the touched query blocks: causal, real key blocks only (empty -> diagonal).
-    idx = torch.arange(c, device=dev)
-    block_valid = k_count > 0
-    allowed = (idx[None, None, :] <= tb[None, :, None]) & block_valid[:, None, :]
-    empty = ~allowed.any(-1, keepdim=True)
-    allowed = allowed | (empty & (idx[None, :] == tb[:, None])[None])
+    allowed = block_causal_mask(k_count > 0, tb)
     rows = transition_rows(q_mean @ p, k_sketch, allowed, scale, exponent)  # [B, nt, C]
     trans.index_add_(1, tb, (rows - trans.index_select(1, tb)) * keep[None, :, None])
     lr = (last - b0).reshape(1)
@@ -266,32 +271,15 @@ def _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, *, bs,
     """Tensor core of the decode selection (compiled on CUDA together with the state update)."""
     c = k_count.shape[1]
     idx = torch.arange(c, device=k_count.device)
-    bt = p_tok // bs
+    bt = (p_tok // bs).reshape(1)
     block_valid = k_count > 0
-    allowed = (idx <= bt)[None, :] & block_valid
-    empty = ~allowed.any(-1, keepdim=True)
-    allowed = allowed | (empty & (idx == bt)[None, :])
-    w = transition_rows(qm @ p, k_sketch, allowed[:, None, :], scale, exponent)[:, 0]  # [B, C]
-    if walk_row is None or walk_mode == "one_hop":
-        row = w
-    else:
-        walked = _normalise(torch.bmm(walk_row[:, None, :], trans)[:, 0])
-        row = walked if walk_mode == "walk" else (1.0 - damping) * w + damping * walked
-    causal_valid = allowed & block_valid
-    valid_rank = torch.cumsum(block_valid.to(_INT), -1) - 1
-    sink = valid_rank < sink_blocks
-    local = idx > bt - local_blocks
-    forced = causal_valid & (sink | local[None, :])
-    n_causal = causal_valid.sum(-1)
-    n_forced = forced.sum(-1)
-    if top_k is not None:
-        budget = torch.full_like(n_causal, top_k)
-    else:
-        budget = torch.ceil(n_causal.to(torch.float64) * density - 1e-9).to(n_causal.dtype)
-    kept = torch.minimum(n_causal, torch.maximum(n_forced, budget))
-    kept = torch.where(n_causal == 0, torch.ones_like(kept), kept)
-    score = row.masked_fill(~allowed, float("-inf")).masked_fill(forced, float("inf"))
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices.to(_INT)
+    allowed = block_causal_mask(block_valid, bt)  # [B, 1, C]
+    w = transition_rows(qm @ p, k_sketch, allowed, scale, exponent)  # [B, 1, C]
+    prev = None if walk_row is None else walk_row[:, None, :]
+    row = walk_combine(w, prev, trans, walk_mode, damping)
+    kept, order, n_causal = rank_blocks(row, allowed, block_valid, bt, sink_blocks=sink_blocks,
+                                        local_blocks=local_blocks, top_k=top_k, density=density)
+    row, kept, order, n_causal = row[:, 0], kept[:, 0], order[:, 0].to(_INT), n_causal[:, 0]
     if dense is not None:
         kept = torch.where(dense, (bt + 1).to(kept.dtype).expand_as(kept), kept)
         order = torch.where(dense, idx.to(_INT)[None, :].expand_as(order), order)
@@ -322,21 +310,17 @@ def decode_select(
     dense decode through the same kernel).  position: the token's position when it may
     differ from the state's (a static cache): blocks up to it are allowed.
     """
-    if walk_row is not None and walk_row.shape != (state.batch, state.capacity):
-        raise ValueError(
-            f"walk_row has shape {tuple(walk_row.shape)}, this layer's state needs {(state.batch, state.capacity)}: "
-            "pass the row returned by the previous sparse layer of the same step"
-        )
+    _check_walk_row(walk_row, state.batch, state.capacity)
     p_tok = state.pos - 1 if position is None else position.reshape(()).to(torch.int64)
     dense_t = None if isinstance(dense, bool) and not dense else torch.as_tensor(dense, device=state.device)
     return _select_core(
-        state.k_sketch, state.k_count, state.transition, state.sketch, head_reduce(q_t, state.config), walk_row,
+        state.k_sketch, state.k_count, state.transition, state.sketch, head_reduce(q_t, state.config.head_scoring), walk_row,
         p_tok, dense_t, **_consts(state),
     )
 
 
 def _step_core(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, last_key, stale, stale_steps, all_stale_steps, q,
-               k_rows, valid, walk_row, position, p, *, force_dense, mean_heads, **consts):
+               k_rows, valid, walk_row, position, p, *, force_dense, head_scoring, **consts):
     """One decode step's state update and selection, tensors only (no host sync).
 
     k_rows: [B, Hkv, 2, D], the cache's keys at positions pos - 1 and pos (the last absorbed
@@ -353,9 +337,7 @@ def _step_core(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, last_key, s
     all_stale_steps += stale.to(stale_steps.dtype)
     bsz = q.shape[0]
     valid_f = torch.ones(bsz, 1, device=q.device) if valid is None else valid.to(torch.float32)
-    qf, kf = q.float(), k_new.float()
-    qm = qf.mean(1, keepdim=True) if mean_heads else qf
-    km = kf.mean(1, keepdim=True) if mean_heads else kf
+    qm, km = head_reduce(q, head_scoring), head_reduce(k_new, head_scoring)
     q_sum, q_count = _absorb(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, qm, km, valid_f, p,
                              consts["bs"], consts["scale"], consts["exponent"])
     new_pos = pos + 1
@@ -447,11 +429,7 @@ def sketchwalk_decode(
         raise ValueError(
             f"k has {s} positions but the state has absorbed {state.length} tokens: the new token must be in the cache"
         )
-    if walk_row is not None and walk_row.shape != (bsz, state.capacity):
-        raise ValueError(
-            f"walk_row has shape {tuple(walk_row.shape)}, this layer's state needs {(bsz, state.capacity)}: "
-            "pass the row returned by the previous sparse layer of the same step"
-        )
+    _check_walk_row(walk_row, bsz, state.capacity)
     pos_t = None if position is None else position.reshape(()).to(torch.int64)
     (state.q_sum, state.q_count, state.pos, state.last_key, state.stale, row, kv_num, kv_idx, kept, causal,
      end) = _step_fn(q.device)(
@@ -459,7 +437,7 @@ def sketchwalk_decode(
         state.last_key, state.stale, state.stale_steps, stats.device_counter(stats.DECODE_STALE_STEPS, q.device), q,
         k.index_select(2, state.pos - state._prev_and_new),
         valid, walk_row, pos_t, state.sketch,
-        force_dense=bool(dense), mean_heads=state.config.head_scoring == "mean", **_consts(state),
+        force_dense=bool(dense), head_scoring=state.config.head_scoring, **_consts(state),
     )
     state.length += 1
     if s < state.kv_tokens:  # growing cache: pad to the capacity so shapes stay fixed

@@ -48,9 +48,9 @@ def sketch_matrix(config: SketchWalkConfig, layer_idx: int, head_dim: int, devic
     return srht_matrix(head_dim, r, sketch_seed(config.seed, layer_idx), device)
 
 
-def head_reduce(x: torch.Tensor, config: SketchWalkConfig) -> torch.Tensor:
-    """[B, H, n, D] -> fp32 [B, 1, n, D] (head mean) or [B, H, n, D] (per-head scoring)."""
-    return x.float().mean(1, keepdim=True) if config.head_scoring == "mean" else x.float()
+def head_reduce(x: torch.Tensor, head_scoring: str) -> torch.Tensor:
+    """[B, H, n, D] -> fp32 [B, 1, n, D] ("mean") or [B, H, n, D] ("per_head" scoring)."""
+    return x.float().mean(1, keepdim=True) if head_scoring == "mean" else x.float()
 
 
 def transition_rows(
@@ -82,8 +82,8 @@ def layer_sketch(
     bsz, hq, n, d = q.shape
     scale = d**-0.5 if scale is None else float(scale)
     p = sketch_matrix(config, layer_idx, d, q.device)
-    qb, counts = block_means(head_reduce(q, config), config.block_size, key_valid)  # [B, Hq', nb, D]
-    kb, _ = block_means(head_reduce(k, config), config.block_size, key_valid)  # [B, Hk', nb, D]
+    qb, counts = block_means(head_reduce(q, config.head_scoring), config.block_size, key_valid)  # [B, Hq', nb, D]
+    kb, _ = block_means(head_reduce(k, config.head_scoring), config.block_size, key_valid)  # [B, Hk', nb, D]
     if counts.shape[0] != bsz:
         counts = counts.expand(bsz, -1)
     block_valid = counts > 0  # [B, nb]

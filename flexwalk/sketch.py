@@ -93,18 +93,19 @@ def sketch_seed(seed: int, layer_idx: int) -> int:
     return (seed * 1_000_003 + layer_idx * 7919 + 17) % (2**31 - 1)
 
 
-def block_causal_mask(block_valid: torch.Tensor) -> torch.Tensor:
-    """[B, nb, nb] bool: key block j is allowed for query block i (j <= i, j has valid tokens).
+def block_causal_mask(block_valid: torch.Tensor, q_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, m, nb] bool: key block j is allowed for query block i (j <= i, j has valid tokens).
 
-    A query block with no valid key at all (a fully padded block) keeps its diagonal so
-    every row has at least one entry and softmax stays finite.
+    q_blocks: [m] indices of the query blocks (default: all nb blocks, giving [B, nb, nb]);
+    decode passes the few blocks it updates.  A query block with no valid key at all (a fully
+    padded block) keeps its diagonal so every row has at least one entry and softmax stays finite.
     """
     nb = block_valid.shape[-1]
-    tri = torch.ones(nb, nb, dtype=torch.bool, device=block_valid.device).tril()
-    allowed = tri & block_valid[:, None, :]
+    kidx = torch.arange(nb, device=block_valid.device)
+    qidx = kidx if q_blocks is None else q_blocks
+    allowed = (kidx[None, :] <= qidx[:, None])[None] & block_valid[:, None, :]
     empty = ~allowed.any(-1, keepdim=True)
-    eye = torch.eye(nb, dtype=torch.bool, device=block_valid.device)
-    return allowed | (empty & eye)
+    return allowed | (empty & (kidx[None, :] == qidx[:, None])[None])
 
 
 def block_scores(q_sketch: torch.Tensor, k_sketch: torch.Tensor, scale: float, allowed: torch.Tensor) -> torch.Tensor:

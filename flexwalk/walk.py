@@ -80,15 +80,71 @@ def _normalise_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
+def walk_combine(w: torch.Tensor, prev: torch.Tensor | None, transition: torch.Tensor, mode: str,
+                 damping: float) -> torch.Tensor:
+    """The walk rule on rows: w (one_hop, or no previous layer), normalise(prev @ transition)
+    (walk), or (1 - beta) w + beta normalise(prev @ transition) (damped).
+
+    Prefill: w = W_l, prev = R_{l-1}, transition = W_l.  Decode: w = the token's row,
+    prev = the previous layer's row, transition = this layer's W_l.  All [B, m, nb].
+    """
+    if prev is None or mode == "one_hop":
+        return w
+    walked = _normalise_rows(torch.bmm(prev, transition))
+    if mode == "walk":
+        return walked
+    return (1.0 - damping) * w + damping * walked
+
+
 def walk_step(w: torch.Tensor, state: WalkState | None, config: SketchWalkConfig) -> torch.Tensor:
     """R_l from this layer's transition W_l and the previous sparse layer's R_{l-1}."""
-    if state is None or config.walk == "one_hop":
-        return w
-    walked = _normalise_rows(torch.bmm(state.transition, w))
-    if config.walk == "walk":
-        return walked
-    beta = config.damping
-    return (1.0 - beta) * w + beta * walked
+    prev = None if state is None else state.transition
+    return walk_combine(w, prev, w, config.walk, config.damping)
+
+
+def rank_blocks(
+    walk: torch.Tensor,
+    allowed: torch.Tensor,
+    block_valid: torch.Tensor,
+    q_blocks: torch.Tensor,
+    *,
+    sink_blocks: int,
+    local_blocks: int,
+    top_k: int | None,
+    density: float | None,
+    dense_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The budget rule shared by prefill and decode, for m query blocks.
+
+    walk: [B, m, nb] scores; allowed: [B, m, nb]; block_valid: [B, nb]; q_blocks: [m] index of
+    each query block.  Sink blocks are the first `sink_blocks` valid blocks of each row, local
+    blocks the diagonal and `local_blocks - 1` before it; both are forced.  dense_rows: [m]
+    bool, rows that keep every causal block.  Returns (kept [B, m], order [B, m, nb] with the
+    kept blocks first, ties towards the lower index, n_causal [B, m]).  No host sync.
+    """
+    nb = walk.shape[-1]
+    idx = torch.arange(nb, device=walk.device)
+    causal_valid = allowed & block_valid[:, None, :]
+    # rank of each valid block among the valid blocks of its row (0 = first real block)
+    valid_rank = torch.cumsum(block_valid.to(torch.int32), -1) - 1  # [B, nb]
+    sink = valid_rank[:, None, :] < sink_blocks
+    local = idx[None, :] > q_blocks[:, None] - local_blocks  # j > i - local  (j <= i via allowed)
+    forced = causal_valid & (sink | local[None])
+    n_causal = causal_valid.sum(-1)  # [B, m]
+    n_forced = forced.sum(-1)
+    if top_k is not None:
+        budget = torch.full_like(n_causal, top_k)
+    else:
+        budget = torch.ceil(n_causal.to(torch.float64) * density - 1e-9).to(n_causal.dtype)
+    kept = torch.minimum(n_causal, torch.maximum(n_forced, budget))
+    if dense_rows is not None:
+        kept = torch.where(dense_rows[None], n_causal, kept)
+    # Rows without any valid key (fully padded query blocks) keep their diagonal only.
+    kept = torch.where(n_causal == 0, torch.ones_like(kept), kept)
+    score = walk.float().masked_fill(~allowed, float("-inf"))
+    score = score.masked_fill(forced, float("inf"))
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    return kept, order, n_causal
 
 
 def select_blocks(
@@ -105,33 +161,16 @@ def select_blocks(
     first `sink_blocks` valid blocks of each row, so they count from its first real token.
     Ties break towards the lower block index.  No host synchronisation.
     """
-    bsz, nb, _ = walk.shape
-    dev = walk.device
-    idx = torch.arange(nb, device=dev)
-    causal_valid = allowed & block_valid[:, None, :]
-    # rank of each valid block among the valid blocks of its row (0 = first real block)
-    valid_rank = torch.cumsum(block_valid.to(torch.int32), -1) - 1  # [B, nb]
-    sink = valid_rank[:, None, :] < config.sink_blocks
-    local = (idx[:, None] - idx[None, :]) < config.local_blocks  # j > i - local  (j <= i via allowed)
-    forced = causal_valid & (sink | local[None])
-    n_causal = causal_valid.sum(-1)  # [B, nb]
-    n_forced = forced.sum(-1)
-    if config.top_k_blocks is not None:
-        budget = torch.full_like(n_causal, config.top_k_blocks)
-    else:
-        budget = torch.ceil(n_causal.to(torch.float64) * config.density - 1e-9).to(n_causal.dtype)
-    kept = torch.minimum(n_causal, torch.maximum(n_forced, budget))
-    if config.dense_tail_blocks:
-        tail = idx >= nb - config.dense_tail_blocks
-        kept = torch.where(tail[None], n_causal, kept)
-    # Rows without any valid key (fully padded query blocks) keep their diagonal only.
-    kept = torch.where(n_causal == 0, torch.ones_like(kept), kept)
-    score = walk.float().masked_fill(~allowed, float("-inf"))
-    score = score.masked_fill(forced, float("inf"))
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    nb = walk.shape[-1]
+    idx = torch.arange(nb, device=walk.device)
+    tail = (idx >= nb - config.dense_tail_blocks) if config.dense_tail_blocks else None
+    kept, order, n_causal = rank_blocks(
+        walk, allowed, block_valid, idx, sink_blocks=config.sink_blocks, local_blocks=config.local_blocks,
+        top_k=config.top_k_blocks, density=config.density, dense_rows=tail,
+    )
     take = idx[None, None, :] < kept[..., None]
     mask = torch.zeros_like(allowed).scatter_(-1, order, take)
     mask = mask & allowed
-    kept_total = (mask & causal_valid).sum((-1, -2)).float()
+    kept_total = (mask & block_valid[:, None, :]).sum((-1, -2)).float()
     causal_total = n_causal.sum(-1).float()
     return BlockSelection(mask=mask, block_size=config.block_size, seq_len=seq_len, kept=kept_total, causal=causal_total)

@@ -24,11 +24,11 @@ from flexwalk import PRESETS, SketchWalkConfig
 from flexwalk.integrations import transformers as fw_tf
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import FP32_FLOOR, floor_tol  # noqa: E402
 from tiny_models import ARCHS, VOCAB, build_model, random_ids  # noqa: E402
 
 SEQ = 100  # spans 7 blocks of 16 / 4 blocks of 32, a multiple of neither; > SMALL_QUERY
 BATCH = 2
-FP32_FLOOR = 2e-5  # absolute floor on logits of magnitude ~1
 NEW_TOKENS = 5
 
 # (dense_layers, block_size) per architecture for the full-budget checks: both block sizes
@@ -108,11 +108,6 @@ def reference_logits(models, name: str, ids: torch.Tensor, **kw) -> tuple[torch.
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
-
-
-def floor_tol(ref: torch.Tensor) -> float:
-    """fp32 floor for two fp32 computations of the same function (logits of magnitude ~1)."""
-    return FP32_FLOOR * max(1.0, ref.abs().max().item())
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:

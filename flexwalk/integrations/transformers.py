@@ -24,7 +24,7 @@ from .. import stats
 from ..attention import dense_attention, masked_attention, sketchwalk_attention
 from ..block_mask import check_contiguous_padding
 from ..config import PRESETS, SketchWalkConfig
-from ..decode import DecodeState, sketchwalk_decode
+from ..decode import DecodeState, RightPaddingError, sketchwalk_decode
 from ..selection import layer_sketch
 from ..walk import WalkState
 
@@ -56,7 +56,6 @@ class SketchWalkMask:
         self.device = device
         self.walk_state: WalkState | None = None
         self.decode_row: torch.Tensor | None = None
-        self.right_padded = False
         self._small_mask: torch.Tensor | None = None
         self._checked_windows: set = set()
         if isinstance(q_offset, torch.Tensor):
@@ -68,14 +67,11 @@ class SketchWalkMask:
             self.q_offset = int(q_offset)
             key_valid = None
             if attention_mask is not None:
-                am = attention_mask.to(device=device, dtype=torch.bool)[:, kv_offset : kv_offset + kv_length]
-                if am.shape[-1] < kv_length:
-                    am = torch.nn.functional.pad(am, (0, kv_length - am.shape[-1]), value=False)
+                am = self._key_mask()
                 live = am[:, : self.q_offset + q_length]  # keys written so far
                 if not bool(live.all()):
                     check_contiguous_padding(live)
                     key_valid = am
-                    self.right_padded = not bool(live[:, -1].all())
             self.key_valid = key_valid
         else:
             self.q_offset = q_offset
@@ -89,16 +85,20 @@ class SketchWalkMask:
             self.q_offset = int(self.q_offset)  # a short prefill: one host sync
         return self.q_offset
 
-    def new_valid(self) -> torch.Tensor | None:
-        """[B, L] bool: which of this forward's tokens are real (None: all of them)."""
-        am = self.attention_mask
-        if am is None or am.dim() != 2:
-            return None
-        am = am.to(device=self.device, dtype=torch.bool)[:, self.kv_offset :]
+    def _key_mask(self) -> torch.Tensor:
+        """The 2D padding mask over this forward's kv_length keys, [B, S] bool (unwritten: False)."""
+        am = self.attention_mask.to(device=self.device, dtype=torch.bool)
+        am = am[:, self.kv_offset : self.kv_offset + self.kv_length]
         if am.shape[-1] < self.kv_length:
             am = torch.nn.functional.pad(am, (0, self.kv_length - am.shape[-1]), value=False)
+        return am
+
+    def new_valid(self) -> torch.Tensor | None:
+        """[B, L] bool: which of this forward's tokens are real (None: all of them)."""
+        if self.attention_mask is None or self.attention_mask.dim() != 2:
+            return None
         cols = torch.arange(self.q_length, device=self.device) + self.q_offset - self.kv_offset
-        return am.index_select(1, cols)
+        return self._key_mask().index_select(1, cols)
 
     # generate() with a static cache builds the mask itself, calls .contiguous() on it and
     # hands it to the model, whose mask function then passes it through (see below).
@@ -274,7 +274,7 @@ def sketchwalk_flex_attention(
         key_valid = None if key_valid is None else key_valid[:, :L]
         S = L
     if ctx.q_offset != 0 or ctx.kv_offset != 0 or L != S:
-        if track and (state := _matching_state(module, ctx, query, key, L)) is not None:
+        if track and (state := _matching_state(module, query, key, L, ctx.q_offset)) is not None:
             state.absorb(query, key[:, :, ctx.q_offset : ctx.q_offset + L], ctx.new_valid())
         stats.count(stats.DENSE_CACHED_PREFILL)
         out = dense_attention(
@@ -286,9 +286,7 @@ def sketchwalk_flex_attention(
         raise NotImplementedError(
             f"sketchwalk_flex: attention module {type(module).__name__} has no layer_idx; the walk needs layer order"
         )
-    sketch = None
-    if track and not ctx.right_padded:
-        sketch = layer_sketch(query, key, cfg, layer_idx, key_valid=key_valid, scale=scaling)
+    sketch = layer_sketch(query, key, cfg, layer_idx, key_valid=key_valid, scale=scaling) if track else None
     out, state = sketchwalk_attention(
         query, key, value, cfg, layer_idx, None if window is not None else ctx.walk_state,
         key_valid=key_valid, scale=scaling, softcap=softcap, window=window, check_padding=False, sketch=sketch,
@@ -296,14 +294,18 @@ def sketchwalk_flex_attention(
     if window is None:
         ctx.walk_state = state
     if track:
-        _new_state(module, cfg, query, key, key_valid, scaling, sketch, kv_tokens=ctx.kv_length if static else None,
-                   right_padded=ctx.right_padded)
+        _new_state(module, cfg, query, key, key_valid, scaling, sketch, kv_tokens=ctx.kv_length if static else None)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _new_state(module, cfg, query, key, key_valid, scaling, sketch, *, kv_tokens, right_padded) -> None:
+def _new_state(module, cfg, query, key, key_valid, scaling, sketch, *, kv_tokens) -> None:
     """Build the layer's decode state from this prefill (a new sequence starts here)."""
-    if right_padded:
+    try:
+        state = DecodeState.from_prefill(
+            query, key, cfg, module.layer_idx, key_valid=key_valid, scale=scaling, kv_tokens=kv_tokens,
+            growable=kv_tokens is None, sketch=sketch,
+        )
+    except RightPaddingError:
         _drop_state(module)
         stats.log_once(
             "decode-right-padding",
@@ -311,10 +313,6 @@ def _new_state(module, cfg, query, key, key_valid, scaling, sketch, *, kv_tokens
             "the right, so its decode steps run dense",
         )
         return
-    state = DecodeState.from_prefill(
-        query, key, cfg, module.layer_idx, key_valid=key_valid, scale=scaling, kv_tokens=kv_tokens,
-        growable=kv_tokens is None, sketch=sketch,
-    )
     setattr(module, _STATE_ATTR, state)
 
 
@@ -337,18 +335,21 @@ def _small_query_path(cfg, ctx, layer_idx, window, L, S) -> str:
     return stats.DENSE_LAYER
 
 
-def _matching_state(module, ctx, query, key, L) -> DecodeState | None:
-    """The layer's state if it continues this sequence at a host-known offset; else drop it."""
+def _matching_state(module, query, key, L, offset: int | None) -> DecodeState | None:
+    """The layer's state if it continues this sequence; else drop it (counted).
+
+    offset: this forward's first position, or None when it stays on the device (a static
+    cache's one-token step: the position is then checked on the device by the decode step).
+    """
     state = getattr(module, _STATE_ATTR, None)
     if state is None:
         return None
-    offset = ctx.known_offset()
     fits = state.batch == query.shape[0] and state.head_dim == query.shape[-1]
     if state.growable:
-        fits = fits and key.shape[2] == offset + L
+        fits = fits and offset is not None and key.shape[2] == offset + L
     else:
         fits = fits and key.shape[2] == state.kv_tokens
-    if not fits or offset != state.length:
+    if not fits or (offset is not None and offset != state.length):
         _drop_state(module, counted=True)
         return None
     return state
@@ -363,21 +364,11 @@ def _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap) 
     L, S = query.shape[2], key.shape[2]
     offset = ctx.known_offset()
     if offset == 0:  # a short prompt starts a new sequence
-        valid = ctx.new_valid()
-        right = valid is not None and not bool(valid[:, -1].all())
-        _new_state(module, cfg, query, key[:, :, :L], valid, scaling, None,
-                   kv_tokens=S if S > L else None, right_padded=right)
+        _new_state(module, cfg, query, key[:, :, :L], ctx.new_valid(), scaling, None,
+                   kv_tokens=S if S > L else None)
         stats.count(stats.DENSE_SHORT)
         return None
-    if offset is not None:
-        state = _matching_state(module, ctx, query, key, L)
-        position = None
-    else:  # a static cache's one-token step: the position stays on the device
-        state = getattr(module, _STATE_ATTR, None)
-        if state is not None and (state.growable or state.batch != query.shape[0] or state.kv_tokens != S):
-            _drop_state(module, counted=True)
-            state = None
-        position = ctx.q_offset
+    state = _matching_state(module, query, key, L, offset)
     if state is None:
         stats.count(stats.DENSE_DECODE_NO_STATE)
         return None
@@ -390,7 +381,7 @@ def _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap) 
         return None
     out, row = sketchwalk_decode(
         query, key, value, state, ctx.decode_row, scale=scaling, softcap=softcap, valid=ctx.new_valid(),
-        position=position,
+        position=None if offset is not None else ctx.q_offset,
     )
     ctx.decode_row = row
     stats.count(stats.SPARSE_DECODE)
