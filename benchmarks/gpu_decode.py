@@ -32,7 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import flexwalk  # noqa: E402
 from flexwalk import DecodeState, SketchWalkConfig, sketchwalk_decode  # noqa: E402
 from flexwalk.attention import _compiled_flex  # noqa: E402
+import flexwalk.decode  # noqa: E402
 from flexwalk.decode import decode_block_mask  # noqa: E402
+from flexwalk.triton_decode import sparse_decode_attention  # noqa: E402
 
 RESULTS: dict = {}
 
@@ -107,6 +109,20 @@ def correctness():
             key = f"{dtype}/{cache or 'dynamic'}"
             out[key] = {"equal_tokens": bool(torch.equal(a, b)), "counters": flexwalk.counters()}
             log(key, out[key])
+    # the tiny model again with the flex decode kernel (the default above is the Triton kernel)
+    flexwalk.decode.DECODE_KERNEL = "flex"
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            ref = build_model("llama", "sdpa", dtype).cuda()
+            m = flexwalk.configure(build_model("llama", "sketchwalk_flex", dtype).cuda(), cfg)
+            with torch.no_grad():
+                a = ref.generate(ids, attention_mask=mask, cache_implementation="static", **gen)
+                b = m.generate(ids, attention_mask=mask, cache_implementation="static", **gen)
+            out[f"flex_kernel/{dtype}/static"] = bool(torch.equal(a, b))
+            log(f"flex kernel {dtype} static equal tokens:", out[f"flex_kernel/{dtype}/static"])
+    finally:
+        flexwalk.decode.DECODE_KERNEL = "auto"
+    out["triton_kernel_vs_oracle"] = triton_vs_oracle()
     # compiled step core vs eager
     import flexwalk.decode as dec
 
@@ -140,6 +156,75 @@ def correctness():
     out["new_graphs_after_warmup"] = dc["stats"]["unique_graphs"] - before
     log("new compiled graphs after warm-up (2 x 64 tokens):", out["new_graphs_after_warmup"])
     return out
+
+
+def triton_vs_oracle():
+    """The split-KV Triton kernel against the oracle (SDPA under the selection as a token mask),
+    in every dtype, over head dims, GQA groups, block sizes, splits and softcap."""
+    from conftest import reference_error_budget
+    from test_triton_decode import random_selection, token_mask
+
+    rows, worst_ratio = [], 0.0
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d, grp, bs, s, softcap, splits in [(128, 4, 128, 5000, None, None), (64, 8, 64, 3001, 30.0, 3),
+                                               (256, 2, 128, 777, None, 1), (128, 1, 64, 4096, 50.0, None),
+                                               (128, 7, 128, 20000, None, 5)]:
+            bsz, hkv = 3, 2
+            q = torch.randn(bsz, hkv * grp, 1, d, generator=g).to(dtype)
+            k = torch.randn(bsz, hkv, s, d, generator=g).to(dtype)
+            v = torch.randn(bsz, hkv, s, d, generator=g).to(dtype)
+            kv_num, kv_idx, start, end = random_selection(g, bsz, s, bs, 0.3)
+            mask = token_mask(kv_num, kv_idx, start, end, s, bs)
+            keep = mask.any(-1).reshape(bsz)
+            dev = [t.cuda() for t in (q, k, v, kv_num, kv_idx, start, end)]
+            try:
+                out = sparse_decode_attention(*dev, block_size=bs, softcap=softcap, splits=splits).cpu()
+            except Exception as e:  # record and go on: one shape must not hide the others
+                rows.append(dict(dtype=str(dtype), d=d, g=grp, bs=bs, s=s, error=f"{type(e).__name__}: {e}", ok=False))
+                log(f"triton vs oracle {dtype} d{d} g{grp} bs{bs}: {type(e).__name__}: {e}")
+                continue
+            err, allowed = reference_error_budget(q[keep], k[keep], v[keep], mask[keep], out[keep], softcap=softcap)
+            rows.append(dict(dtype=str(dtype), d=d, g=grp, bs=bs, s=s, softcap=softcap, err=err, allowed=allowed,
+                             ok=err <= allowed))
+            worst_ratio = max(worst_ratio, err / allowed)
+            log(f"triton vs oracle {dtype} d{d} g{grp} bs{bs} S{s} cap {softcap}: err {err:.2e} budget {allowed:.2e}")
+    return {"cases": rows, "all_ok": all(r["ok"] for r in rows), "worst_err_over_budget": worst_ratio}
+
+
+@section("triton_tune")
+def triton_tune():
+    """Launch parameters of the Triton decode kernel at 128K, 20% of blocks: GPU kernel time."""
+    from flexwalk.triton_decode import num_splits
+
+    hq, hkv, d, n, bs = 32, 8, 128, 131072, 128
+    nb = n // bs
+    rows = []
+    for bsz in (1, 8):
+        k = torch.randn(bsz, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        q = torch.randn(bsz, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+        bm = _one_row_mask(bsz, nb, int(0.2 * nb), bs, n, rows=hq // hkv)
+        sel = (bm.kv_num_blocks.reshape(bsz), bm.kv_indices.reshape(bsz, -1),
+               torch.zeros(bsz, dtype=torch.int32, device="cuda"), torch.tensor(n, dtype=torch.int32, device="cuda"))
+        base = num_splits(bsz, hkv, nb, q.device)
+        g_sdpa = gpu_kernel_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        for splits in sorted({max(1, base // 2), base, base * 2}):
+            for warps in (4, 8):
+                for stages in (1, 2, 3, 4):
+                    try:
+                        t = gpu_kernel_ms(lambda: sparse_decode_attention(q, k, v, *sel, block_size=bs, splits=splits,
+                                                                          num_warps=warps, num_stages=stages))
+                    except Exception as e:  # e.g. out of shared memory
+                        log(f"B{bsz} splits {splits} warps {warps} stages {stages}: {type(e).__name__}")
+                        continue
+                    rows.append(dict(batch=bsz, splits=splits, default_splits=base, warps=warps, stages=stages,
+                                     gpu_ms=t, sdpa_ms=g_sdpa, speedup=g_sdpa / t))
+                    log(f"B{bsz} splits {splits:>3} warps {warps} stages {stages}: {t:.4f} ms (sdpa {g_sdpa:.4f}, "
+                        f"x{g_sdpa / t:.2f})")
+        del k, v
+        torch.cuda.empty_cache()
+    return rows
 
 
 def _one_row_mask(bsz, nb, kept, bs, kv_tokens, rows, heads=1):
@@ -189,6 +274,14 @@ def decode_attention(quick: bool):
                     t_rows = cuda_time(lambda: _compiled_flex(qv, k, v, block_mask=bm_rows))
                     t_rows_h = cuda_time(lambda: _compiled_flex(qv, k, v, block_mask=bm_rows_h))
                     t_gqa = cuda_time(lambda: _compiled_flex(q, k, v, block_mask=bm_gqa, enable_gqa=True))
+                    sel = (bm_rows.kv_num_blocks.reshape(bsz), bm_rows.kv_indices.reshape(bsz, -1),
+                           torch.zeros(bsz, dtype=torch.int32, device="cuda"),
+                           torch.tensor(n, dtype=torch.int32, device="cuda"))
+
+                    def tri():
+                        return sparse_decode_attention(q, k, v, *sel, block_size=bs)
+
+                    t_tri = cuda_time(tri)
                     # the whole step: state update + selection + mask + flex (static layout)
                     cfg = SketchWalkConfig(block_size=bs, density=density)
                     pre = n - 200
@@ -203,22 +296,32 @@ def decode_attention(quick: bool):
 
                     step()
                     graphs = dc["stats"]["unique_graphs"]
-                    t_step = cuda_time(step, iters=40, warmup=5)  # 1 + 45 + 11 + 11 steps < 200 free slots
+                    t_step = cuda_time(step, iters=30, warmup=5)  # steps: 1 + 35 + 11 (+ 46 flex) < 200 slots
                     new_graphs = dc["stats"]["unique_graphs"] - graphs
                     g_sdpa = gpu_kernel_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
                     g_rows = gpu_kernel_ms(lambda: _compiled_flex(qv, k, v, block_mask=bm_rows))
+                    g_tri = gpu_kernel_ms(tri)
                     g_step = gpu_kernel_ms(step)
+                    flexwalk.decode.DECODE_KERNEL = "flex"  # the whole step with flex, for comparison
+                    try:
+                        t_step_flex = cuda_time(step, iters=30, warmup=5)
+                        g_step_flex = gpu_kernel_ms(step)
+                    finally:
+                        flexwalk.decode.DECODE_KERNEL = "auto"
                     r = dict(kv=n, batch=bsz, block=bs, density=density, kept_blocks=kept, sdpa_ms=sdpa,
                              flex_rows_1head_ms=t_rows, flex_rows_hkv_ms=t_rows_h, flex_gqa_ms=t_gqa,
                              sparse_step_ms=t_step, speedup_attention=sdpa / t_rows, speedup_step=sdpa / t_step,
                              gpu_sdpa_ms=g_sdpa, gpu_flex_ms=g_rows, gpu_step_ms=g_step,
                              gpu_speedup_attention=g_sdpa / g_rows, gpu_speedup_step=g_sdpa / g_step,
-                             new_graphs_during_steps=new_graphs)
+                             new_graphs_during_steps=new_graphs, triton_ms=t_tri, gpu_triton_ms=g_tri,
+                             gpu_speedup_triton=g_sdpa / g_tri, speedup_triton=sdpa / t_tri,
+                             sparse_step_flex_ms=t_step_flex, gpu_step_flex_ms=g_step_flex)
                     rows.append(r)
                     log(f"KV {n:>6} B {bsz} bs {bs:>3} d {density:.1f}: wall sdpa {sdpa:.3f} flex rows/1h {t_rows:.3f} "
                         f"rows/Hkv {t_rows_h:.3f} gqa {t_gqa:.3f} step {t_step:.3f} | GPU sdpa {g_sdpa:.3f} "
                         f"flex {g_rows:.3f} step {g_step:.3f} ms (x{g_sdpa / g_rows:.2f} / x{g_sdpa / g_step:.2f}) "
-                        f"graphs+{new_graphs}")
+                        f"graphs+{new_graphs} | TRITON wall {t_tri:.3f} GPU {g_tri:.3f} (x{g_sdpa / g_tri:.2f}) | "
+                        f"flex step wall {t_step_flex:.3f} GPU {g_step_flex:.3f}")
                     del state
             del k, v
             torch.cuda.empty_cache()
@@ -270,8 +373,9 @@ def end_to_end(quick: bool):
                                                  attn_implementation="sdpa").eval()
     steps = 32
     cfg = SketchWalkConfig(block_size=128, density=0.2, skip_decode=False, dense_below=8192)
-    runs = [(32768, "static"), (131072, "static")] if quick else [(32768, "static"), (32768, "dynamic"),
-                                                                  (131072, "static")]
+    runs = [(32768, "static"), (32768, "dynamic"), (131072, "static")]
+    if not quick:
+        runs.append((131072, "dynamic"))
     for ctx, cache_kind in runs:
         ids = torch.randint(0, 128000, (1, ctx), device="cuda")
         for impl in ("sdpa", "sketchwalk_flex"):
@@ -337,6 +441,8 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     if "correctness" not in skip:
         correctness()
+    if "tune" not in skip:
+        triton_tune()
     if "attention" not in skip:
         decode_attention(args.quick)
     if "profile" not in skip:

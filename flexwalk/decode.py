@@ -355,6 +355,24 @@ _compiled_step_core = torch.compile(_step_core, dynamic=False)
 COMPILE_STEP_ON_CPU = False
 
 
+# Decode attention kernel: "auto" runs the split-KV Triton kernel (triton_decode.py) on CUDA
+# where it supports the shapes and compiled flex with a one-row BlockMask elsewhere; "flex" and
+# "triton" force one (tests run "triton" on CPU through triton's interpreter).
+DECODE_KERNEL = "auto"
+_KERNELS = ("auto", "flex", "triton")
+
+
+def decode_kernel(q: torch.Tensor, block_size: int) -> str:
+    """The kernel a decode step with this query runs: "triton" or "flex"."""
+    from . import triton_decode
+
+    if DECODE_KERNEL not in _KERNELS:
+        raise ValueError(f"flexwalk.decode.DECODE_KERNEL={DECODE_KERNEL!r}; allowed: {', '.join(_KERNELS)}")
+    if DECODE_KERNEL == "auto":
+        return "triton" if q.device.type == "cuda" and triton_decode.supported(q, block_size) else "flex"
+    return DECODE_KERNEL
+
+
 def _step_fn(device: torch.device):
     return _compiled_step_core if device.type == "cuda" or COMPILE_STEP_ON_CPU else _step_core
 
@@ -440,13 +458,21 @@ def sketchwalk_decode(
         force_dense=bool(dense), head_scoring=state.config.head_scoring, **_consts(state),
     )
     state.length += 1
-    if s < state.kv_tokens:  # growing cache: pad to the capacity so shapes stay fixed
-        k = F.pad(k, (0, 0, 0, state.kv_tokens - s))
-        v = F.pad(v, (0, 0, 0, state.kv_tokens - s))
-    g = hq // hkv
-    bm = decode_block_mask(kv_num, kv_idx, state.key_start, end, rows=g, kv_tokens=state.kv_tokens,
-                           block_size=state.block_size, zeros=state._zero_blocks(kv_idx))
-    qv = q.reshape(bsz, hkv, g, d)  # the G query heads of each KV head as G query rows
-    out = flex(qv, k, v, bm, scale=scale, softcap=softcap, block_size=state.block_size, decode=True)
+    if decode_kernel(q, state.block_size) == "triton":
+        from .triton_decode import sparse_decode_attention
+
+        # the kernel reads only the selected blocks of the cache as it is: no padding, no BlockMask
+        out = sparse_decode_attention(q, k, v, kv_num, kv_idx, state.key_start, end, block_size=state.block_size,
+                                      scale=scale, softcap=softcap)
+    else:
+        if s < state.kv_tokens:  # growing cache: pad to the capacity so shapes stay fixed
+            k = F.pad(k, (0, 0, 0, state.kv_tokens - s))
+            v = F.pad(v, (0, 0, 0, state.kv_tokens - s))
+        g = hq // hkv
+        bm = decode_block_mask(kv_num, kv_idx, state.key_start, end, rows=g, kv_tokens=state.kv_tokens,
+                               block_size=state.block_size, zeros=state._zero_blocks(kv_idx))
+        qv = q.reshape(bsz, hkv, g, d)  # the G query heads of each KV head as G query rows
+        out = flex(qv, k, v, bm, scale=scale, softcap=softcap, block_size=state.block_size, decode=True)
+        out = out.reshape(bsz, hq, 1, d)
     stats.record_density(state.layer_idx, kept, causal, phase="decode")
-    return out.reshape(bsz, hq, 1, d), row
+    return out, row

@@ -13,12 +13,39 @@ import pathlib
 # Compiled flex kernels are cached on disk between runs (first compile ~5-10 s on a CPU).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "inductor"))
 
+# Without a GPU, Triton kernels (flexwalk.triton_decode) run in triton's interpreter on CPU
+# tensors; it is chosen when triton is imported, so before torch.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import flexwalk  # noqa: E402
 from flexwalk.oracle import reference_attention  # noqa: E402
+
+
+
+def _interpreter_numpy2_shim() -> None:
+    """triton's interpreter turns a loaded scalar (a size-1 array) into a loop bound with int(),
+    which NumPy >= 2.3 refuses for arrays of ndim 1; .item() is what it means."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton.runtime.interpreter as interp
+    except ImportError:
+        return
+    original = interp._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interp._patch_lang_tensor = patch
+
+
+_interpreter_numpy2_shim()
 
 settings.register_profile(
     "ci",
@@ -77,3 +104,13 @@ def left_padding(batch, n, pads):
     for b, p in enumerate(pads):
         kv[b, :p] = False
     return kv
+
+
+@pytest.fixture(params=["flex", "triton"])
+def decode_kernel(request, monkeypatch):
+    """Run a decode test through both attention kernels: compiled flex with a one-row BlockMask,
+    and the split-KV Triton kernel (through triton's interpreter on CPU)."""
+    import flexwalk.decode
+
+    monkeypatch.setattr(flexwalk.decode, "DECODE_KERNEL", request.param)
+    return request.param

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters as dynamo_counters
 
 import flexwalk
+import flexwalk.decode
 from conftest import assert_matches_reference, left_padding
 from flexwalk import DecodeState, SketchWalkConfig, sketchwalk_decode
 from flexwalk.config import block_budget
@@ -108,7 +109,7 @@ def test_incremental_state_equals_rebuilt_and_selection_is_valid(case):
 
 @pytest.mark.parametrize("softcap", [None, 20.0])
 @pytest.mark.parametrize("walk", ["damped", "one_hop"])
-def test_decode_steps_match_the_oracle(walk, softcap):
+def test_decode_steps_match_the_oracle(walk, softcap, decode_kernel):
     """Three sparse layers, 24 steps across block boundaries, GQA 3, left padding: each step's
     flex output equals SDPA under the step's own selection expanded to a token mask, and the
     walk row handed from layer to layer equals the one computed from rebuilt states."""
@@ -135,8 +136,11 @@ def test_decode_steps_match_the_oracle(walk, softcap):
     assert flexwalk.density_report("decode")[2] < 0.6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_full_budget_decode_equals_dense(dtype):
+# triton's interpreter (the Triton kernel on CPU) has no bfloat16: fp16 stands in for it here
+@pytest.mark.parametrize("kernel, dtype", [("flex", torch.float32), ("flex", torch.bfloat16),
+                                           ("triton", torch.float32), ("triton", torch.float16)])
+def test_full_budget_decode_equals_dense(kernel, dtype, monkeypatch):
+    monkeypatch.setattr(flexwalk.decode, "DECODE_KERNEL", kernel)
     cfg = SketchWalkConfig(block_size=32, density=1.0)
     n, total = 100, 140
     q, k, v = (x.to(dtype) for x in _qkv(2, 4, 4, total, 16, seed=5))
@@ -148,7 +152,7 @@ def test_full_budget_decode_equals_dense(dtype):
         assert_matches_reference(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], dense, out)
 
 
-def test_static_cache_layout_and_device_position():
+def test_static_cache_layout_and_device_position(decode_kernel):
     """A fixed-size cache (static): K/V longer than the sequence, the position passed as a tensor."""
     cfg = SketchWalkConfig(block_size=16, density=0.3)
     cap, n = 200, 90
@@ -166,7 +170,7 @@ def test_static_cache_layout_and_device_position():
         state.grow(400)
 
 
-def test_stale_state_decodes_densely_and_is_counted():
+def test_stale_state_decodes_densely_and_is_counted(decode_kernel):
     """A state continued at the wrong position, or on another sequence's cache, never selects:
     the step is exact dense attention and the stale steps are counted on the device."""
     cfg = SketchWalkConfig(block_size=16, density=0.2)

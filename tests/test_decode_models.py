@@ -111,6 +111,23 @@ def test_full_budget_static_cache(name):
     assert "decode_stale_steps" not in counts and "decode_state_reset" not in counts
 
 
+@pytest.mark.parametrize("name, cache", [("llama", "dynamic"), ("gemma2", "dynamic"), ("llama", "static")])
+def test_full_budget_triton_kernel_equals_dense(name, cache, monkeypatch):
+    """The split-KV Triton decode kernel (CUDA's default; here through triton's interpreter)
+    inside generate(): the sdpa tokens and logits, softcap (gemma2) and static cache included."""
+    import flexwalk.decode
+
+    monkeypatch.setattr(flexwalk.decode, "DECODE_KERNEL", "triton")
+    kw = {} if cache == "dynamic" else {"cache_implementation": "static"}
+    cfg = decode_cfg()
+    ids, mask = left_padded_batch(seed=3)
+    ref = generate(reference(name), ids, mask, **kw)
+    flexwalk.reset_counters()
+    out = generate(model(name, cfg), ids, mask, **kw)
+    assert_same_generation(out, ref, f"{name} {cache} triton")
+    assert flexwalk.counters()["sparse_decode"] == (NEW - 1) * len(sparse_layers(name, cfg))
+
+
 def test_static_cache_dense_decode_logits_match_sdpa():
     """Regression: a static cache advances its position counter in place during the forward;
     the decode mask must use the position of this step, not the advanced one."""
