@@ -299,6 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=_positive_int, default=10, help="greedy tokens per answer (default: %(default)s)")
     demo.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the haystacks and the sketches (default: %(default)s)")
+    niah = sub.add_parser("niah", help="RULER needle-in-a-haystack accuracy harness: generate data, run, compare",
+                          description="RULER-format NIAH tasks (docs/niah-data.md), evaluation of attention methods "
+                          "(dense sdpa / flex, sketchwalk, one-hop, oracle top-k) and comparison reports "
+                          "(docs/niah-report.md).")
+    niah_sub = niah.add_subparsers(dest="niah_command", required=True)
+    from .niah.data import add_generate_arguments
+    from .niah.fidelity_cli import add_fidelity_arguments
+    from .niah.report import add_compare_arguments
+    from .niah.run import add_run_arguments
+
+    add_generate_arguments(niah_sub.add_parser("generate", help="write RULER NIAH JSONL data for a model's tokenizer"))
+    add_run_arguments(niah_sub.add_parser("run", help="evaluate methods on generated data (one result dir per method)"))
+    add_compare_arguments(niah_sub.add_parser("compare", help="Markdown/JSON/PNG report across result directories"))
+    add_fidelity_arguments(niah_sub.add_parser(
+        "fidelity", help="answer-free fidelity of configurations vs dense: per-layer output error, mass recall, KL"))
     return parser
 
 
@@ -342,4 +357,10 @@ def demo_main(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `flexwalk` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "niah":
+        from .niah import data, fidelity_cli, report, run
+
+        handlers = {"generate": data.generate_main, "run": run.run_main, "compare": report.compare_main,
+                    "fidelity": fidelity_cli.fidelity_main}
+        return handlers[args.niah_command](args)
     return demo_main(args)

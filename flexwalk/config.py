@@ -13,10 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-WalkMode = Literal["walk", "damped", "one_hop"]
+WalkMode = Literal["walk", "damped", "one_hop", "oracle"]
 HeadScoring = Literal["mean", "per_head"]
 
-_WALK_MODES = ("walk", "damped", "one_hop")
+_WALK_MODES = ("walk", "damped", "one_hop", "oracle")
 DEFAULT_DENSITY = 0.2
 _HEAD_SCORINGS = ("mean", "per_head")
 
@@ -60,7 +60,9 @@ class SketchWalkConfig:
     dense_layers: int = 2
     """Layers with layer_idx < dense_layers run dense attention."""
     walk: WalkMode = "damped"
-    """'walk': R_l = R_{l-1} W_l; 'damped': (1-beta) W_l + beta R_{l-1} W_l; 'one_hop': R_l = W_l."""
+    """'walk': R_l = R_{l-1} W_l; 'damped': (1-beta) W_l + beta R_{l-1} W_l; 'one_hop': R_l = W_l;
+    'oracle': each layer ranks key blocks by their exact attention mass (an evaluation upper
+    bound: O(n^2) work per layer, prefill only)."""
     damping: float = 0.25
     """beta of the damped walk, in [0, 1]."""
     head_scoring: HeadScoring = "mean"
@@ -112,6 +114,8 @@ class SketchWalkConfig:
             _fail("skip_decode", self.skip_decode, "must be a bool")
         if not isinstance(self.skip_prefill, bool):
             _fail("skip_prefill", self.skip_prefill, "must be a bool")
+        if self.walk == "oracle" and not self.skip_decode:
+            _fail("walk", self.walk, "'oracle' is a prefill-only evaluation bound: it needs skip_decode=True")
         if self.skip_prefill and self.skip_decode:
             raise ValueError(
                 "SketchWalkConfig: skip_prefill=True and skip_decode=True leave nothing sparse; "

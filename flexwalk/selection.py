@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .config import SketchWalkConfig
 from .sketch import (
@@ -17,6 +18,7 @@ from .sketch import (
     block_means,
     block_scores,
     effective_sketch_dim,
+    num_blocks,
     sketch_seed,
     srht_matrix,
 )
@@ -93,6 +95,45 @@ def layer_sketch(
     return LayerSketch(qb, kb, counts, ks, w, allowed, block_valid)
 
 
+def oracle_block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Exact block attention mass, the 'oracle' selection's score (an evaluation upper bound).
+
+    Entry [b, i, j]: the causal softmax attention of the real queries of block i on the keys of
+    block j, summed over those queries, averaged over query heads, rows normalised to 1.
+    O(n^2) work, computed in chunks of `chunk` query rows: memory is B x Hq x chunk x n, never
+    n x n.  Returns [B, nb, nb] fp32.
+    """
+    bsz, hq, n, d = q.shape
+    hkv = k.shape[1]
+    scale = d**-0.5 if scale is None else float(scale)
+    nb = num_blocks(n, block_size)
+    chunk = max(block_size, chunk // block_size * block_size)
+    valid = torch.ones(bsz, n, dtype=torch.bool, device=q.device) if key_valid is None else key_valid.bool()
+    kf = k.float().repeat_interleave(hq // hkv, dim=1)  # [B, Hq, n, D]
+    keys = torch.arange(n, device=q.device)
+    mass = torch.zeros(bsz, nb, nb, device=q.device)
+    for s0 in range(0, n, chunk):
+        s1 = min(n, s0 + chunk)
+        scores = torch.matmul(q[:, :, s0:s1].float(), kf.transpose(-1, -2)) * scale  # [B, Hq, c, n]
+        rows = torch.arange(s0, s1, device=q.device)
+        allowed = (keys[None, :] <= rows[:, None])[None] & valid[:, None, :] & valid[:, s0:s1, None]  # [B, c, n]
+        probs = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
+        per_key_block = F.pad(probs.mean(1), (0, nb * block_size - n)).reshape(bsz, s1 - s0, nb, block_size).sum(-1)
+        qb0 = s0 // block_size
+        rows_pad = -(-(s1 - s0) // block_size) * block_size
+        summed = F.pad(per_key_block, (0, 0, 0, rows_pad - (s1 - s0))).reshape(bsz, -1, block_size, nb).sum(2)
+        mass[:, qb0 : qb0 + summed.shape[1]] += summed
+    return mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
 def sketchwalk_selection(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -118,6 +159,9 @@ def sketchwalk_selection(
         state.check_compatible(bsz, n, bs)
     if sketch is None:
         sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale)
-    walk = walk_step(sketch.transition, state, config)
+    if config.walk == "oracle":
+        walk = oracle_block_mass(q, k, bs, key_valid=key_valid, scale=scale).masked_fill(~sketch.allowed, 0.0)
+    else:
+        walk = walk_step(sketch.transition, state, config)
     selection = select_blocks(walk, sketch.allowed, sketch.block_valid, config, n)
     return selection, WalkState(transition=walk, layer_idx=layer_idx, block_size=bs, seq_len=n)

@@ -1,0 +1,265 @@
+"""`flexwalk niah run`: evaluate attention methods on RULER NIAH data with one model.
+
+One run directory per method (the format flexwalk.niah.report reads, docs/niah-report.md):
+
+    OUT/<method>/run.json       model, method, SketchWalk config, device, versions, data
+    OUT/<method>/samples.jsonl  one line per sample, appended as it finishes (resumable)
+    OUT/<method>/summary.json   per (task, length) cells, overall, density per layer
+    OUT/<method>/summary.csv
+
+Methods (all share one loaded model; the attention implementation is switched per method):
+  sdpa        dense, attn_implementation="sdpa" (the baseline)
+  flex        dense through sketchwalk_flex at full budget (every causal block kept)
+  sketchwalk  the SketchWalk configuration (preset + flags)
+  one_hop     the same with walk="one_hop" (no walk across layers)
+  oracle      the same budget, blocks ranked by exact block attention mass (upper bound;
+              prefill only, O(n^2) per layer)
+Decoding is greedy; with --sparse-decode, sketchwalk and one_hop decode sparsely too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..config import PRESETS, SketchWalkConfig
+from ..cli import _positive_int
+from .data import TASKS, _lengths_arg, _tasks_arg, dataset_path, read_jsonl
+from .metrics import score_prediction
+
+METHODS = ("sdpa", "flex", "sketchwalk", "one_hop", "oracle")
+DENSE_METHODS = ("sdpa", "flex")
+
+
+def method_config(method: str, base: SketchWalkConfig, sparse_decode: bool = False) -> SketchWalkConfig | None:
+    """The SketchWalk configuration a method runs with (None: sdpa)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not known: allowed {', '.join(METHODS)}")
+    if method == "sdpa":
+        return None
+    if method == "flex":
+        return base.replace(density=1.0, top_k_blocks=None, skip_decode=True, skip_prefill=False)
+    decode = sparse_decode and method != "oracle"
+    walk = {"sketchwalk": base.walk, "one_hop": "one_hop", "oracle": "oracle"}[method]
+    return base.replace(walk=walk, skip_decode=not decode, skip_prefill=False)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _samples(data: Path, tasks: Sequence[str], lengths: Sequence[int], limit: int | None) -> list[dict[str, Any]]:
+    out = []
+    for length in lengths:
+        for task in tasks:
+            path = dataset_path(data, length, task)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"--data {str(data)!r}: no {task} data at length {length} ({path}); "
+                    f"make it with: flexwalk niah generate --tasks {task} --lengths {length} --out {data}"
+                )
+            records = read_jsonl(path)[:limit]
+            for r in records:
+                out.append({**r, "task": r.get("task", task), "target_length": length})
+    return out
+
+
+def _done(path: Path) -> set[tuple[str, int, int]]:
+    if not path.is_file():
+        return set()
+    seen = set()
+    with path.open() as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                r = json.loads(line)
+                seen.add((r["task"], int(r["length"]), int(r["index"])))
+    return seen
+
+
+def _mean(xs: Sequence[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarise(run_dir: Path) -> dict[str, Any]:
+    """Write summary.json and summary.csv of a run directory from its samples.jsonl."""
+    run = json.loads((run_dir / "run.json").read_text())
+    samples = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines() if x.strip()]
+    cells: dict[tuple[str, int], list[dict]] = {}
+    for s in samples:
+        cells.setdefault((s["task"], s["length"]), []).append(s)
+    rows = []
+    for (task, length), group in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        rows.append({
+            "task": task, "length": length, "n": len(group),
+            "string_match_all": _mean([g["score_all"] for g in group]),
+            "string_match_part": _mean([g["score_part"] for g in group]),
+            "prefill_s": _mean([g["prefill_s"] for g in group]), "decode_s": _mean([g["decode_s"] for g in group]),
+            "density": _mean([g["density"] for g in group]),
+        })
+    per_layer: dict[str, dict[str, list[float]]] = {"prefill": {}, "decode": {}}
+    for s in samples:
+        for phase in per_layer:
+            for layer, d in (s.get("density_per_layer") or {}).get(phase, {}).items():
+                per_layer[phase].setdefault(str(layer), []).append(d)
+    summary = {
+        "run": run, "cells": rows,
+        "overall": {"n": len(samples), "string_match_all": _mean([s["score_all"] for s in samples]),
+                    "string_match_part": _mean([s["score_part"] for s in samples]),
+                    "density": _mean([s["density"] for s in samples])},
+        "density_per_layer": {ph: {k: sum(v) / len(v) for k, v in sorted(d.items(), key=lambda kv: int(kv[0]))}
+                              for ph, d in per_layer.items()},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    with (run_dir / "summary.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["task", "length", "n"])
+        w.writeheader()
+        w.writerows(rows)
+    return summary
+
+
+def run_method(model, tokenizer, method: str, config: SketchWalkConfig | None, samples: list[dict], out: Path, *,
+               model_name: str, data: Path, max_new_tokens: int, progress: bool = True) -> Path:
+    """Evaluate one method on `samples`, appending to OUT/<method>/samples.jsonl (skips samples already there)."""
+    import flexwalk
+    from tqdm.auto import tqdm
+
+    from ..cli import _eos_ids, greedy
+
+    run_dir = out / method
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {
+        "model": model_name, "method": method, "method_spec": {"sparse_decode": bool(config and not config.skip_decode)},
+        "config": None if config is None or method == "flex" else config.to_dict(),
+        "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""), "versions": _versions(),
+        "data": str(data), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    run_json = run_dir / "run.json"
+    if run_json.is_file():
+        old = json.loads(run_json.read_text())
+        if (old.get("model"), old.get("config")) != (info["model"], info["config"]):
+            raise ValueError(f"{run_dir} holds a run of another model or configuration ({old.get('model')}, "
+                             f"{old.get('config')}); pass another --out or delete it")
+    else:
+        run_json.write_text(json.dumps(info, indent=1))
+    sample_file = run_dir / "samples.jsonl"
+    done = _done(sample_file)
+    todo = [s for s in samples if (s["task"], s["target_length"], int(s["index"])) not in done]
+    if config is None:
+        model.set_attn_implementation("sdpa")
+    else:
+        flexwalk.configure(model, config)
+    eos = _eos_ids(model, tokenizer)
+    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=method, disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    with sample_file.open("a") as f:
+        for s in todo:
+            text = s["input"] + s.get("answer_prefix", "")
+            ids = tokenizer(text).input_ids
+            flexwalk.reset_counters()
+            flexwalk.reset_decode_state(model)
+            new, prefill, total, finite = greedy(model, ids, max_new_tokens, eos)
+            pred = tokenizer.decode(new, skip_special_tokens=True)
+            score_all, score_part = score_prediction(pred, s["outputs"])
+            layers = {ph: {str(k): v for k, v in flexwalk.density_report(ph).items()} for ph in ("prefill", "decode")}
+            dens = layers["prefill"]
+            rec = {
+                "index": int(s["index"]), "task": s["task"], "length": s["target_length"], "input_tokens": len(ids),
+                "depth": s.get("depth"), "pred": pred, "outputs": s["outputs"], "score_all": score_all,
+                "score_part": score_part, "prefill_s": prefill, "decode_s": total - prefill, "new_tokens": len(new),
+                "finite": finite, "density": (sum(dens.values()) / len(dens)) if dens and method != "flex" else None,
+                "density_per_layer": layers if method != "flex" else None, "counters": flexwalk.counters(),
+            }
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            bar.update()
+            bar.set_postfix_str(f"{s['task']} {s['target_length']}")
+    bar.close()
+    model.set_attn_implementation("sdpa")
+    summarise(run_dir)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _methods_arg(text: str) -> list[str]:
+    items = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in items if m not in METHODS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"--methods {text!r}: allowed {', '.join(METHODS)} (comma-separated)")
+    return items
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", default="smollm2-135m", help="packaged name or local model directory (default: %(default)s)")
+    parser.add_argument("--data", type=Path, required=True, help="root written by `flexwalk niah generate`")
+    parser.add_argument("--out", type=Path, required=True, help="results root; one directory per method")
+    parser.add_argument("--methods", type=_methods_arg, default=list(METHODS),
+                        help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--tasks", type=_tasks_arg, default=list(TASKS), help="comma-separated tasks or 'all'")
+    parser.add_argument("--lengths", type=_lengths_arg, default=[4096], help="lengths to evaluate (default: 4k)")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="at most this many samples per task and length")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="SketchWalk preset (default: %(default)s)")
+    parser.add_argument("--config", default=None,
+                        help="SketchWalk fields overriding the preset, as JSON, e.g. '{\"density\": 0.1, \"block_size\": 128}'")
+    parser.add_argument("--sparse-decode", action="store_true", help="sketchwalk and one_hop decode sparsely too")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=32, help="greedy tokens per answer (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    return parser
+
+
+def run_main(args: argparse.Namespace) -> int:
+    from ..models import load_model
+
+    prog = "flexwalk niah run"
+    try:
+        overrides = json.loads(args.config) if args.config else {}
+        if not isinstance(overrides, dict):
+            raise ValueError("must be a JSON object")
+        base = SketchWalkConfig.preset(args.preset, **overrides)
+    except (ValueError, TypeError) as exc:
+        print(f"{prog}: error: --config {args.config!r}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        samples = _samples(args.data, args.tasks, args.lengths, args.limit)
+    except FileNotFoundError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer = load_model(args.model, attn_implementation="sdpa", device=args.device, dtype=args.dtype)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as exc:
+        print(f"{prog}: error: --model {args.model!r}: {exc}", file=sys.stderr)
+        return 2
+    for method in args.methods:
+        cfg = method_config(method, base, args.sparse_decode)
+        t0 = time.perf_counter()
+        try:
+            run_dir = run_method(model, tokenizer, method, cfg, samples, args.out, model_name=args.model, data=args.data,
+                                 max_new_tokens=args.max_new_tokens)
+        except ValueError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
+        s = json.loads((run_dir / "summary.json").read_text())["overall"]
+        dens = "" if s["density"] is None else f", density {s['density']:.3f}"
+        print(f"{method}: {s['n']} samples, string_match_all {s['string_match_all']:.1f}{dens} "
+              f"({time.perf_counter() - t0:.0f} s) -> {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    p = add_run_arguments(argparse.ArgumentParser(prog="flexwalk niah run"))
+    sys.exit(run_main(p.parse_args()))
