@@ -123,6 +123,7 @@ def correctness():
     finally:
         flexwalk.decode.DECODE_KERNEL = "auto"
     out["triton_kernel_vs_oracle"] = triton_vs_oracle()
+    out["cuda_graph_vs_eager"] = graph_vs_eager(ids, mask, cfg, gen)
     # compiled step core vs eager
     import flexwalk.decode as dec
 
@@ -156,6 +157,60 @@ def correctness():
     out["new_graphs_after_warmup"] = dc["stats"]["unique_graphs"] - before
     log("new compiled graphs after warm-up (2 x 64 tokens):", out["new_graphs_after_warmup"])
     return out
+
+
+def graph_vs_eager(ids, mask, cfg, gen):
+    """The decode step replayed from CUDA graphs vs run eagerly: functional API over 40 steps
+    of a static layout (outputs, rows and final state), and generate() on a tiny Llama."""
+    res = {}
+    q, k, v = (torch.randn(2, h, 3000, 128, device="cuda", dtype=torch.bfloat16) for h in (32, 8, 8))
+    c = SketchWalkConfig(block_size=128, density=0.2)
+    states = {g: DecodeState.from_prefill(q[:, :, :2900], k[:, :, :2900], c, 3, kv_tokens=3000, growable=False)
+              for g in (True, False)}
+    worst = 0.0
+    for t in range(2900, 2940):
+        outs = {}
+        for g, st in states.items():
+            flexwalk.decode.DECODE_GRAPHS = g
+            try:
+                outs[g] = sketchwalk_decode(q[:, :, t : t + 1].clone(), k, v, st, position=torch.tensor(t, device="cuda"))
+                outs[g] = tuple(x.clone() for x in outs[g])
+            finally:
+                flexwalk.decode.DECODE_GRAPHS = True
+        worst = max(worst, (outs[True][0].float() - outs[False][0].float()).abs().max().item(),
+                    (outs[True][1] - outs[False][1]).abs().max().item())
+    state_diff = max((getattr(states[True], f) - getattr(states[False], f)).abs().max().item()
+                     for f in ("k_sum", "k_count", "k_sketch", "q_sum", "q_count", "transition"))
+    res["functional_max_diff"] = worst
+    res["state_max_diff"] = state_diff
+    res["graph_captured"] = states[True]._graph is not None
+    log("CUDA graph vs eager step (functional, 40 steps): max out/row diff", worst, "state diff", state_diff,
+        "captured", res["graph_captured"])
+    for dtype in (torch.float32, torch.bfloat16):
+        m = flexwalk.configure(build_model_cuda("llama", dtype), cfg)
+        toks = {}
+        for g in (True, False):
+            flexwalk.decode.DECODE_GRAPHS = g
+            flexwalk.reset_counters()
+            try:
+                with torch.no_grad():
+                    toks[g] = m.generate(ids, attention_mask=mask, cache_implementation="static",
+                                         output_scores=True, return_dict_in_generate=True, **gen)
+            finally:
+                flexwalk.decode.DECODE_GRAPHS = True
+            res[f"{dtype}/graphs={g}/counters"] = flexwalk.counters()
+        same = bool(torch.equal(toks[True].sequences, toks[False].sequences))
+        diff = max((a - b).abs().max().item() for a, b in zip(toks[True].scores, toks[False].scores))
+        res[f"{dtype}/same_tokens"], res[f"{dtype}/max_logit_diff"] = same, diff
+        log(f"generate static {dtype}: graphs vs eager same tokens {same}, max logit diff {diff:.3g}, counters "
+            f"{res[f'{dtype}/graphs=True/counters']}")
+    return res
+
+
+def build_model_cuda(name, dtype):
+    from tiny_models import build_model
+
+    return build_model(name, "sketchwalk_flex", dtype).cuda()
 
 
 def triton_vs_oracle():

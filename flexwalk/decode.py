@@ -103,6 +103,7 @@ class DecodeState:
         self.stale = torch.zeros((), dtype=torch.bool, device=device)
         self.stale_steps = torch.zeros((), dtype=torch.int64, device=device)
         self._prev_and_new = torch.tensor([1, 0], device=device)  # offsets from pos: last absorbed, new
+        self._graph: _StepGraph | None = None  # the captured step (CUDA, fixed-size cache)
 
     def _zero_blocks(self, kv_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero full-block tensors shaped for this capacity, allocated once."""
@@ -132,6 +133,7 @@ class DecodeState:
         """Enlarge the capacity to `kv_tokens` (host decision, no sync; new shapes compile once)."""
         if kv_tokens <= self.kv_tokens:
             return
+        self._graph = None
         if not self.growable:
             raise ValueError(
                 f"kv_tokens={kv_tokens} is invalid: this DecodeState was built for a fixed cache of "
@@ -216,6 +218,7 @@ class DecodeState:
             )
         if self.length + L > self.kv_tokens:
             self.grow(bucket_length(self.length + L + 1))
+        self._graph = None  # the tensors below are replaced: a captured step would read the old ones
         qm = head_reduce(q_new, self.config.head_scoring)
         km = head_reduce(k_new, self.config.head_scoring)
         vf = torch.ones(bsz, L, device=self.device) if valid is None else valid.to(self.device, torch.float32)
@@ -377,6 +380,84 @@ def _step_fn(device: torch.device):
     return _compiled_step_core if device.type == "cuda" or COMPILE_STEP_ON_CPU else _step_core
 
 
+def _step_inplace(state: DecodeState, q, k, v, walk_row, valid, pos_t, *, scale, softcap, force_dense, kernel):
+    """One step writing the new state into the state's own tensors (fixed addresses, so a CUDA
+    graph can replay it).  Returns (out [B, Hq, 1, D], walk row, kept, causal)."""
+    from .attention import flex  # late import: attention imports this module's users
+
+    bsz, hq, _, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    (q_sum, q_count, pos, last_key, stale, row, kv_num, kv_idx, kept, causal, end) = _step_fn(q.device)(
+        state.k_sum, state.k_count, state.k_sketch, state.transition, state.q_sum, state.q_count, state.pos,
+        state.last_key, state.stale, state.stale_steps, stats.device_counter(stats.DECODE_STALE_STEPS, q.device), q,
+        k.index_select(2, state.pos - state._prev_and_new),
+        valid, walk_row, pos_t, state.sketch,
+        force_dense=force_dense, head_scoring=state.config.head_scoring, **_consts(state),
+    )
+    for dst, src in ((state.q_sum, q_sum), (state.q_count, q_count), (state.pos, pos), (state.last_key, last_key),
+                     (state.stale, stale)):
+        dst.copy_(src)
+    if kernel == "triton":
+        from .triton_decode import sparse_decode_attention
+
+        # the kernel reads only the selected blocks of the cache as it is: no padding, no BlockMask
+        out = sparse_decode_attention(q, k, v, kv_num, kv_idx, state.key_start, end, block_size=state.block_size,
+                                      scale=scale, softcap=softcap)
+    else:
+        if s < state.kv_tokens:  # growing cache: pad to the capacity so shapes stay fixed
+            k = F.pad(k, (0, 0, 0, state.kv_tokens - s))
+            v = F.pad(v, (0, 0, 0, state.kv_tokens - s))
+        g = hq // hkv
+        bm = decode_block_mask(kv_num, kv_idx, state.key_start, end, rows=g, kv_tokens=state.kv_tokens,
+                               block_size=state.block_size, zeros=state._zero_blocks(kv_idx))
+        qv = q.reshape(bsz, hkv, g, d)  # the G query heads of each KV head as G query rows
+        out = flex(qv, k, v, bm, scale=scale, softcap=softcap, block_size=state.block_size, decode=True)
+        out = out.reshape(bsz, hq, 1, d)
+    return out, row, kept, causal
+
+
+# CUDA graphs: with a fixed-size (static) cache on CUDA and the Triton kernel, a state captures
+# its whole step (state update, selection, attention) after its first step and replays it for
+# every later one: one graph launch plus four small input copies instead of ~20 kernel
+# launches and the Python around them.  False: never capture.
+DECODE_GRAPHS = True
+
+
+def _graphable(state: DecodeState, q: torch.Tensor, kw: dict) -> bool:
+    return (DECODE_GRAPHS and q.device.type == "cuda" and not state.growable and kw["kernel"] == "triton"
+            and state.last_key is not None and not torch.cuda.is_current_stream_capturing())
+
+
+def _graph_key(k, v, walk_row, valid, pos_t, kw) -> tuple:
+    """What a captured step is specialised to: the cache tensors themselves, which optional
+    inputs are present (and their shapes), and the step's options."""
+    shape = lambda t: None if t is None else (tuple(t.shape), t.dtype)  # noqa: E731
+    return (k.data_ptr(), v.data_ptr(), shape(k), shape(v), shape(walk_row), shape(valid), shape(pos_t),
+            tuple(sorted(kw.items())))
+
+
+class _StepGraph:
+    """One layer's decode step captured in a CUDA graph, replayed with fresh inputs."""
+
+    def __init__(self, state: DecodeState, q, k, v, walk_row, valid, pos_t, kw):
+        self.key = _graph_key(k, v, walk_row, valid, pos_t, kw)
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        self.q, self.walk_row, self.valid, self.pos = clone(q), clone(walk_row), clone(valid), clone(pos_t)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = _step_inplace(state, self.q, k, v, self.walk_row, self.valid, self.pos, **kw)
+
+    def fits(self, k, v, walk_row, valid, pos_t, kw) -> bool:
+        return _graph_key(k, v, walk_row, valid, pos_t, kw) == self.key
+
+    def replay(self, q, walk_row, valid, pos_t):
+        for dst, src in ((self.q, q), (self.walk_row, walk_row), (self.valid, valid), (self.pos, pos_t)):
+            if dst is not None:
+                dst.copy_(src)
+        self.graph.replay()
+        return self.outputs
+
+
 def _decode_mask_mod(start: torch.Tensor, end: torch.Tensor):
     """Keys in [start[b], end): left padding and unwritten cache slots are out."""
 
@@ -434,11 +515,11 @@ def sketchwalk_decode(
     densely (exact), `state.stale_steps` and flexwalk.counters()["decode_stale_steps"] count
     them.  All of this stays on the device.
     dense: attend every causal block (still updates the state and the walk row).
+    On CUDA with a fixed-size cache the step is captured in a CUDA graph after its first run
+    and replayed (DECODE_GRAPHS; counted in flexwalk.counters()["decode_graph_steps"]).
     """
-    from .attention import flex  # late import: attention imports this module's users
-
-    bsz, hq, L, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
+    bsz, _, L, _ = q.shape
+    s = k.shape[2]
     if L != 1:
         raise ValueError(f"sketchwalk_decode takes one new token per row; q has {L} (use absorb + dense attention)")
     if s > state.kv_tokens:
@@ -449,30 +530,15 @@ def sketchwalk_decode(
         )
     _check_walk_row(walk_row, bsz, state.capacity)
     pos_t = None if position is None else position.reshape(()).to(torch.int64)
-    (state.q_sum, state.q_count, state.pos, state.last_key, state.stale, row, kv_num, kv_idx, kept, causal,
-     end) = _step_fn(q.device)(
-        state.k_sum, state.k_count, state.k_sketch, state.transition, state.q_sum, state.q_count, state.pos,
-        state.last_key, state.stale, state.stale_steps, stats.device_counter(stats.DECODE_STALE_STEPS, q.device), q,
-        k.index_select(2, state.pos - state._prev_and_new),
-        valid, walk_row, pos_t, state.sketch,
-        force_dense=bool(dense), head_scoring=state.config.head_scoring, **_consts(state),
-    )
-    state.length += 1
-    if decode_kernel(q, state.block_size) == "triton":
-        from .triton_decode import sparse_decode_attention
-
-        # the kernel reads only the selected blocks of the cache as it is: no padding, no BlockMask
-        out = sparse_decode_attention(q, k, v, kv_num, kv_idx, state.key_start, end, block_size=state.block_size,
-                                      scale=scale, softcap=softcap)
+    kw = dict(scale=scale, softcap=softcap, force_dense=bool(dense), kernel=decode_kernel(q, state.block_size))
+    graph = state._graph
+    if graph is not None and graph.fits(k, v, walk_row, valid, pos_t, kw):
+        out, row, kept, causal = graph.replay(q, walk_row, valid, pos_t)
+        stats.count(stats.DECODE_GRAPH_STEPS)
     else:
-        if s < state.kv_tokens:  # growing cache: pad to the capacity so shapes stay fixed
-            k = F.pad(k, (0, 0, 0, state.kv_tokens - s))
-            v = F.pad(v, (0, 0, 0, state.kv_tokens - s))
-        g = hq // hkv
-        bm = decode_block_mask(kv_num, kv_idx, state.key_start, end, rows=g, kv_tokens=state.kv_tokens,
-                               block_size=state.block_size, zeros=state._zero_blocks(kv_idx))
-        qv = q.reshape(bsz, hkv, g, d)  # the G query heads of each KV head as G query rows
-        out = flex(qv, k, v, bm, scale=scale, softcap=softcap, block_size=state.block_size, decode=True)
-        out = out.reshape(bsz, hq, 1, d)
+        out, row, kept, causal = _step_inplace(state, q, k, v, walk_row, valid, pos_t, **kw)
+        if _graphable(state, q, kw):  # warm now: capture this step for the next ones (records, runs nothing)
+            state._graph = _StepGraph(state, q, k, v, walk_row, valid, pos_t, kw)
+    state.length += 1
     stats.record_density(state.layer_idx, kept, causal, phase="decode")
     return out, row

@@ -32,6 +32,7 @@ SPARSE_DECODE = "sparse_decode"  # decode step with the incremental SketchWalk s
 DENSE_DECODE_SHORT = "dense_decode_short"  # decode step while the sequence is shorter than dense_below
 DENSE_DECODE_NO_STATE = "dense_decode_no_state"  # decode step without a usable state (see _REASONS)
 DECODE_STATE_RESET = "decode_state_reset"  # a state was found stale (not continuing this sequence) and dropped
+DECODE_GRAPH_STEPS = "decode_graph_steps"  # sparse decode steps replayed from a CUDA graph (static cache)
 DECODE_STALE_STEPS = "decode_stale_steps"  # static-cache steps whose position disagreed with the state: dense
 
 _REASONS = {

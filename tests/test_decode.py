@@ -261,3 +261,29 @@ def test_compiled_step_core_matches_eager(monkeypatch):
         torch.testing.assert_close(row_c, row_e, rtol=0, atol=1e-5)
         torch.testing.assert_close(out_c, out_e, rtol=0, atol=1e-5)
     assert_state_equal(compiled, eager, cfg, "compiled vs eager")
+
+
+def test_cuda_graph_key_and_invalidation():
+    """The captured step is specialised to the cache tensors, the optional inputs and options:
+    (CPU) logic of the key, and absorb/grow dropping a capture (they replace state tensors)."""
+    from flexwalk.decode import _graph_key, _graphable
+
+    k, v = torch.zeros(1, 2, 64, 16), torch.zeros(1, 2, 64, 16)
+    kw = dict(scale=None, softcap=None, force_dense=False, kernel="triton")
+    base = _graph_key(k, v, None, None, torch.tensor(3), kw)
+    assert base == _graph_key(k, v, None, None, torch.tensor(9), kw)  # a new position value: same graph
+    assert base != _graph_key(k.clone(), v, None, None, torch.tensor(3), kw)  # another cache
+    assert base != _graph_key(k, v, torch.ones(1, 4), None, torch.tensor(3), kw)  # a walk row now
+    assert base != _graph_key(k, v, None, None, None, kw)
+    assert base != _graph_key(k, v, None, None, torch.tensor(3), {**kw, "force_dense": True})
+    cfg = SketchWalkConfig(block_size=16)
+    q, kk, _ = _qkv(1, 2, 2, 40, 16, seed=1)
+    state = DecodeState.from_prefill(q[:, :, :30], kk[:, :, :30], cfg, 2, kv_tokens=64, growable=False)
+    assert not _graphable(state, q, kw)  # CPU: never captured
+    state._graph = object()
+    state.absorb(q[:, :, 30:31], kk[:, :, 30:31])
+    assert state._graph is None
+    state2 = DecodeState.from_prefill(q[:, :, :30], kk[:, :, :30], cfg, 2)
+    state2._graph = object()
+    state2.grow(1024)
+    assert state2._graph is None
