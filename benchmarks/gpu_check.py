@@ -59,7 +59,8 @@ def correctness(results):
                 mask = token_mask(n, selection=sel, key_valid=kv)
                 rows = kv[1]
                 e, allowed = err_budget(q[..., rows, :], k, v, mask[..., rows, :], out[..., rows, :])
-                same_sel = torch.equal(st_f.transition, st_o.transition)
+                # compiled (CUDA) and eager reductions differ in order: walks agree to fp32 rounding
+                same_sel = torch.allclose(st_f.transition, st_o.transition, rtol=0, atol=1e-6)
                 ok = e <= allowed and same_sel and bool(torch.isfinite(out).all())
                 results.append(dict(check="oracle", dtype=str(dtype), bs=bs, layer=layer, err=e, budget=allowed, ok=ok,
                                     density=sel.density()))

@@ -11,13 +11,23 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import stats
-from .block_mask import check_contiguous_padding, dense_block_mask, selection_block_mask
+from .block_mask import (
+    _HAS_COMPUTE_Q_BLOCKS,
+    _bounds,
+    _pad_table,
+    bucket_length,
+    check_contiguous_padding,
+    dense_block_mask,
+    make_mask_mod,
+    selection_block_mask,
+    structural_tables,
+)
 from .config import SketchWalkConfig
-from .selection import LayerSketch, sketchwalk_selection
-from .walk import WalkState
+from .selection import LayerSketch, layer_sketch, oracle_block_mass, sketch_matrix, sketchwalk_selection
+from .walk import WalkState, select_blocks, table_to_indices, walk_combine
 
 # Static shapes, one compile per length bucket (block_mask.bucket_length): automatic dynamic
 # shapes miscompile torch 2.13's CPU flex kernel (undeclared cur_kvSplitSize in the C++).
@@ -155,6 +165,69 @@ def masked_attention(
     return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
+def _selection_tables(q, k, p, prev_walk, key_valid, config: SketchWalkConfig, layer_idx: int, scale, n_pad: int):
+    """Selection (steps 1-7) and the BlockMask's block tables in one tensor function: on CUDA it
+    is compiled with a dynamic length (one graph for every prompt length of a length bucket, one
+    more once the bucket changes), fusing ~60 small kernels into a few.  Returns (partial counts/indices, full counts/indices, padded block table, start, end,
+    walk, kept, causal)."""
+    n = q.shape[2]
+    sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale, p=p)
+    if config.walk == "oracle":
+        walk = oracle_block_mass(q, k, config.block_size, key_valid=key_valid, scale=scale).masked_fill(
+            ~sketch.allowed, 0.0)
+    else:
+        walk = walk_combine(sketch.transition, prev_walk, sketch.transition, config.walk, config.damping)
+    sel = select_blocks(walk, sketch.allowed, sketch.block_valid, config, n)
+    start, end = _bounds(q.shape[0], n, key_valid, q.device)
+    maybe, full = structural_tables(n, n, config.block_size, start, end, q_pad=n_pad, kv_pad=n_pad)
+    table = _pad_table(sel.mask, maybe.shape[1], maybe.shape[2])
+    chosen = table & maybe
+    full = chosen & full
+    p_cnt, p_idx = table_to_indices(chosen & ~full)
+    f_cnt, f_idx = table_to_indices(full)
+    return p_cnt, p_idx, f_cnt, f_idx, table, start, end, walk, sel.kept, sel.causal
+
+
+# The length is dynamic (marked per call) and the configuration static: dynamic=True would make
+# the block size symbolic too, which inductor cannot tile (CantSplit on n // block_size).
+_compiled_selection_tables = torch.compile(_selection_tables, dynamic=None)
+
+
+def _mark_length_dynamic(q, k, prev, key_valid) -> None:
+    for t, dims in ((q, (2,)), (k, (2,)), (prev, (1, 2)), (key_valid, (1,))):
+        if t is not None:
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+# CPU runs the eager function (cheap there, and CPU inductor with dynamic shapes is fragile);
+# tests set this to compile on CPU too.
+COMPILE_SELECTION_ON_CPU = False
+
+
+def fused_selection_mask(q, k, config: SketchWalkConfig, layer_idx: int, state: WalkState | None, *,
+                         key_valid=None, scale=None) -> tuple[BlockMask, WalkState, torch.Tensor, torch.Tensor]:
+    """The selection's BlockMask for one prefill layer: (mask, walk state, kept, causal)."""
+    bsz, _, n, d = q.shape
+    if state is not None:
+        state.check_compatible(bsz, n, config.block_size)
+    compiled = q.device.type == "cuda" or COMPILE_SELECTION_ON_CPU
+    fn = _compiled_selection_tables if compiled else _selection_tables
+    n_pad = bucket_length(n)
+    p = sketch_matrix(config, layer_idx, d, q.device)
+    prev = None if state is None else state.transition
+    if compiled:
+        _mark_length_dynamic(q, k, prev, key_valid)
+    p_cnt, p_idx, f_cnt, f_idx, table, start, end, walk, kept, causal = fn(
+        q, k, p, prev, key_valid, config, layer_idx, None if scale is None else float(scale), n_pad)
+    bs = config.block_size
+    # fresh standard-layout copies: the compiled flex kernel specialises on these tensors
+    start, end, table = (t.clone(memory_format=torch.contiguous_format) for t in (start, end, table))
+    mask_mod = make_mask_mod(block_size=bs, start=start, end=end, block_table=table)
+    kwargs = {"compute_q_blocks": False} if _HAS_COMPUTE_Q_BLOCKS else {}
+    bm = BlockMask.from_kv_blocks(p_cnt[:, None], p_idx[:, None], f_cnt[:, None], f_idx[:, None], BLOCK_SIZE=bs,
+                                  mask_mod=mask_mod, seq_lengths=(n_pad, n_pad), **kwargs)
+    return bm, WalkState(transition=walk, layer_idx=layer_idx, block_size=bs, seq_len=n), kept, causal
+
+
 def sparse_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -169,13 +242,18 @@ def sparse_prefill(
     sketch: LayerSketch | None = None,
 ) -> tuple[torch.Tensor, WalkState]:
     """SketchWalk selection + compiled block-sparse flex for one prefill layer."""
-    selection, new_state = sketchwalk_selection(
-        q, k, config, layer_idx, state, key_valid=key_valid, scale=scale, sketch=sketch
-    )
-    bm = selection_block_mask(selection, key_valid=key_valid)
+    if sketch is None:  # the fused (compiled on CUDA) selection-to-mask path
+        bm, new_state, kept, causal = fused_selection_mask(q, k, config, layer_idx, state, key_valid=key_valid,
+                                                           scale=scale)
+    else:  # a decode state is built from this layer's sketch: keep it
+        selection, new_state = sketchwalk_selection(
+            q, k, config, layer_idx, state, key_valid=key_valid, scale=scale, sketch=sketch
+        )
+        bm = selection_block_mask(selection, key_valid=key_valid)
+        kept, causal = selection.kept, selection.causal
     out = flex(q, k, v, bm, scale=scale, softcap=softcap, block_size=config.block_size)
     stats.count(stats.SPARSE_PREFILL)
-    stats.record_density(layer_idx, selection.kept, selection.causal)
+    stats.record_density(layer_idx, kept, causal)
     return out, new_state
 
 

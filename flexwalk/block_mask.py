@@ -37,10 +37,12 @@ def key_bounds(key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     A row without any valid token gets start = end = S.
     """
     s = key_valid.shape[-1]
-    kv = key_valid.to(torch.int8)
-    any_valid = key_valid.any(-1)
-    start = torch.where(any_valid, kv.argmax(-1), s)
-    end = torch.where(any_valid, s - kv.flip(-1).argmax(-1), s)
+    pos = torch.arange(s, device=key_valid.device)  # int64 throughout: inductor rejects mixed int widths here
+    # min / max of the valid positions (not argmax of an int8 cast: compiled on CUDA, inductor
+    # returned that argmax in int8, so a start past 127 wrapped around, found by the GPU check)
+    start = torch.where(key_valid, pos, s).amin(-1)
+    end = torch.where(key_valid, pos + 1, 0).amax(-1)
+    end = torch.where(key_valid.any(-1), end, s)
     return start.to(torch.int32), end.to(torch.int32)
 
 

@@ -79,11 +79,15 @@ def layer_sketch(
     *,
     key_valid: torch.Tensor | None = None,
     scale: float | None = None,
+    p: torch.Tensor | None = None,
 ) -> LayerSketch:
-    """Steps 1-5 for one prefill layer (q [B, Hq, n, D], k [B, Hkv, n, D]); no host sync."""
+    """Steps 1-5 for one prefill layer (q [B, Hq, n, D], k [B, Hkv, n, D]); no host sync.
+
+    p: the layer's SRHT matrix (sketch_matrix), when the caller holds it already."""
     bsz, hq, n, d = q.shape
     scale = d**-0.5 if scale is None else float(scale)
-    p = sketch_matrix(config, layer_idx, d, q.device)
+    if p is None:
+        p = sketch_matrix(config, layer_idx, d, q.device)
     qb, counts = block_means(head_reduce(q, config.head_scoring), config.block_size, key_valid)  # [B, Hq', nb, D]
     kb, _ = block_means(head_reduce(k, config.head_scoring), config.block_size, key_valid)  # [B, Hk', nb, D]
     if counts.shape[0] != bsz:

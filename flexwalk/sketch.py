@@ -26,7 +26,6 @@ def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = N
     """
     n, d = x.shape[-2], x.shape[-1]
     nb = num_blocks(n, block_size)
-    pad = nb * block_size - n
     x = x.float()
     if valid is None:
         valid_f = torch.ones(1, n, device=x.device, dtype=torch.float32)
@@ -35,11 +34,14 @@ def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = N
     # Broadcast the [B, n] validity over any head dimension sitting between B and n.
     vshape = (valid_f.shape[0],) + (1,) * (x.dim() - 3) + (n, 1)
     xw = x * valid_f.reshape(vshape)
-    if pad:
-        xw = torch.nn.functional.pad(xw, (0, 0, 0, pad))
-        valid_f = torch.nn.functional.pad(valid_f, (0, pad))
-    sums = xw.reshape(*xw.shape[:-2], nb, block_size, d).sum(-2)
-    counts = valid_f.reshape(valid_f.shape[0], nb, block_size).sum(-1)
+    # Copy into a block-multiple buffer rather than pad: no branch on whether the length is a
+    # block multiple, so one compiled graph serves every length (and the sum stays deterministic).
+    buf = xw.new_zeros(*xw.shape[:-2], nb * block_size, d)
+    buf[..., :n, :] = xw
+    sums = buf.reshape(*xw.shape[:-2], nb, block_size, d).sum(-2)
+    vbuf = valid_f.new_zeros(valid_f.shape[0], nb * block_size)
+    vbuf[:, :n] = valid_f
+    counts = vbuf.reshape(valid_f.shape[0], nb, block_size).sum(-1)
     cshape = (counts.shape[0],) + (1,) * (x.dim() - 3) + (nb, 1)
     means = sums / counts.clamp_min(1.0).reshape(cshape)
     return means, counts

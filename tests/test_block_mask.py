@@ -85,3 +85,19 @@ def test_no_recompiles_across_prompt_lengths_after_warmup():
     for n in lengths:
         assert torch.isfinite(run(n)).all()
     assert dynamo_counters["stats"]["unique_graphs"] == before, "a prompt length recompiled flex"
+
+
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 300)), min_size=1, max_size=4))
+def test_key_bounds_recovers_each_rows_interval(intervals):
+    """Left, right and two-sided padding, rows with no real key, bounds past 127 (an int8
+    argmax once wrapped there when compiled on CUDA)."""
+    from flexwalk.block_mask import key_bounds
+
+    s = 300
+    kv = torch.zeros(len(intervals), s, dtype=torch.bool)
+    for b, (a, e) in enumerate(intervals):
+        kv[b, min(a, e):max(a, e)] = True
+    start, end = key_bounds(kv)
+    for b, (a, e) in enumerate(intervals):
+        lo, hi = min(a, e), max(a, e)
+        assert (int(start[b]), int(end[b])) == ((lo, hi) if hi > lo else (s, s))

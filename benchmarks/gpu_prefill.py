@@ -1,0 +1,200 @@
+"""GPU prefill benchmark (issue 5): one script, one device call.
+
+    PYTHONPATH=. python benchmarks/gpu_prefill.py --out DIR [--lengths 4096,...] [--skip grid,ttft]
+
+1. grid: one attention layer, Llama-3.1-8B attention shape (32 query / 8 KV heads, head dim
+   128), bf16, lengths x density 10/20/30% x batch 1/4: SDPA flash and cuDNN, dense flex
+   (causal BlockMask), the fused selection + mask, the sparse flex attention with that mask,
+   the total (`sketchwalk_attention`), peak memory of the total vs SDPA's; block 128.
+2. ttft: time to first token of a Llama-3.1-8B-shaped random-weight model, sketchwalk_flex vs
+   sdpa (logits of the last position only), after a warm-up of each length.
+3. recompiles: ten prompt lengths after warm-up, new compiled graphs (dynamo counter).
+Writes DIR/gpu_prefill.json and prints tables.  Medians of triton.testing.do_bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flexwalk
+from flexwalk import SketchWalkConfig, sketchwalk_attention
+from flexwalk.attention import _compiled_flex, fused_selection_mask
+from flexwalk.block_mask import dense_block_mask
+
+RESULTS: dict = {}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def bench(fn, long: bool = False) -> float:
+    import triton.testing as tt
+
+    return tt.do_bench(fn, warmup=25 if not long else 5, rep=100 if not long else 30, return_mode="median")
+
+
+def peak_gib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def grid(lengths, batches, densities, budget_s):
+    rows = []
+    t_end = time.time() + budget_s
+    for bsz in batches:
+        for n in lengths:
+            if time.time() > t_end:
+                log(f"skip B{bsz} n={n}: time budget")
+                continue
+            long = n * bsz >= 65536
+            g = torch.Generator(device="cuda").manual_seed(n)
+            q = torch.randn(bsz, 32, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+            k = torch.randn(bsz, 8, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+            v = torch.randn(bsz, 8, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+
+            def sdpa():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                t_flash = bench(sdpa, long)
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                t_cudnn = bench(sdpa, long)
+                mem_sdpa = peak_gib(sdpa)
+            best = min(t_flash, t_cudnn)
+            dbm = dense_block_mask(bsz, n, n, 128, q.device)
+            qp, kp, vp = (F.pad(x, (0, 0, 0, dbm.seq_lengths[0] - n)) for x in (q, k, v))
+            t_dense_flex = bench(lambda: _compiled_flex(qp, kp, vp, block_mask=dbm, enable_gqa=True), long)
+            for density in densities:
+                cfg = SketchWalkConfig(block_size=128, density=density, dense_layers=0, dense_below=0)
+                sketchwalk_attention(q, k, v, cfg, 0)  # compile / warm
+                t_sel = bench(lambda: fused_selection_mask(q, k, cfg, 0, None), long)
+                bm, _, kept, causal = fused_selection_mask(q, k, cfg, 0, None)
+                t_attn = bench(lambda: _compiled_flex(qp, kp, vp, block_mask=bm, enable_gqa=True), long)
+                t_total = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)
+                mem = peak_gib(lambda: sketchwalk_attention(q, k, v, cfg, 0))
+                r = dict(batch=bsz, n=n, density=density, achieved=float(kept.sum() / causal.sum()),
+                         sdpa_flash_ms=t_flash, sdpa_cudnn_ms=t_cudnn, dense_flex_ms=t_dense_flex,
+                         select_mask_ms=t_sel, sparse_attention_ms=t_attn, total_ms=t_total,
+                         speedup_vs_best_sdpa=best / t_total, select_share=t_sel / t_total,
+                         peak_gib=mem, sdpa_peak_gib=mem_sdpa, peak_ratio=mem / max(mem_sdpa, 1e-9))
+                rows.append(r)
+                log(f"B{bsz} {n:>6} d{density:.1f} (got {r['achieved']:.3f}): flash {t_flash:.3f} cudnn {t_cudnn:.3f} "
+                    f"flexdense {t_dense_flex:.3f} | sel+mask {t_sel:.3f} attn {t_attn:.3f} total {t_total:.3f} ms "
+                    f"-> x{best / t_total:.2f} (sel {100 * t_sel / t_total:.0f}%) | peak {mem:.2f} vs {mem_sdpa:.2f} GiB")
+            del q, k, v, qp, kp, vp
+            torch.cuda.empty_cache()
+    return rows
+
+
+def recompiles():
+    from torch._dynamo.utils import counters
+
+    cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0)
+
+    def run(n):
+        q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)  # not k itself: flex guards on key/value aliasing
+        with torch.no_grad():
+            sketchwalk_attention(q, k, v, cfg, 0)
+
+    for n in (4097, 4500, 4224):
+        run(n)
+    before = counters["stats"]["unique_graphs"]
+    lengths = [4100, 4300, 4352, 4500, 4700, 4900, 5000, 5100, 5120, 4600]  # one flex bucket (5120)
+    for n in lengths:
+        run(n)
+    torch.cuda.synchronize()
+    new = counters["stats"]["unique_graphs"] - before
+    log(f"ten lengths in one bucket after warm-up: {new} new compiled graphs")
+    return {"lengths": lengths, "new_graphs": new}
+
+
+def ttft(lengths):
+    from gpu_decode import _llama8b_config  # the same 8B-shaped model as the decode benchmark
+    from transformers import AutoModelForCausalLM
+
+    cfg8b = _llama8b_config()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg8b, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    sw = SketchWalkConfig(block_size=128, density=0.2, dense_below=8192)
+    out = {}
+    for n in lengths:
+        ids = torch.randint(0, 128000, (1, n), device="cuda")
+        for impl in ("sdpa", "sketchwalk_flex"):
+            if impl == "sdpa":
+                model.set_attn_implementation("sdpa")
+            else:
+                flexwalk.configure(model, sw)
+            with torch.no_grad():
+                model(ids, use_cache=False, logits_to_keep=1)  # warm-up (compiles this length's kernels)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                times = []
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    model(ids, use_cache=False, logits_to_keep=1)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+            out[f"{n}/{impl}"] = dict(ttft_s=min(times), peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            log(f"TTFT {n:>6} {impl:>15}: {min(times):.3f} s, peak {out[f'{n}/{impl}']['peak_gib']:.1f} GiB")
+        a, b = out[f"{n}/sdpa"], out[f"{n}/sketchwalk_flex"]
+        out[f"{n}/speedup"] = a["ttft_s"] / b["ttft_s"]
+        log(f"TTFT {n}: x{a['ttft_s'] / b['ttft_s']:.2f}, peak x{b['peak_gib'] / a['peak_gib']:.3f}")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--densities", default="0.1,0.2,0.3")
+    ap.add_argument("--ttft-lengths", default="8192,32768,65536,131072")
+    ap.add_argument("--grid-budget-s", type=float, default=300)
+    ap.add_argument("--skip", default="")
+    args = ap.parse_args()
+    import transformers
+    import triton
+
+    RESULTS["env"] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                          transformers=transformers.__version__, python=platform.python_version())
+    log(RESULTS["env"])
+    skip = set(filter(None, args.skip.split(",")))
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    sections = [("recompiles", recompiles, ()),
+                ("grid", grid, (ints(args.lengths), ints(args.batches), [float(x) for x in args.densities.split(",")],
+                                args.grid_budget_s)),
+                ("ttft", ttft, (ints(args.ttft_lengths),))]
+    for name, fn, a in sections:
+        if name in skip:
+            continue
+        t = time.time()
+        try:
+            RESULTS[name] = fn(*a)
+        except Exception as e:  # one broken section must not hide the others
+            traceback.print_exc()
+            RESULTS[name] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"({name}: {time.time() - t:.0f} s)")
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gpu_prefill.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
