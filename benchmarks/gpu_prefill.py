@@ -124,7 +124,7 @@ def recompiles():
     return {"lengths": lengths, "new_graphs": new}
 
 
-def ttft(lengths):
+def ttft(lengths, dense_below=8192):
     from gpu_decode import _llama8b_config  # the same 8B-shaped model as the decode benchmark
     from transformers import AutoModelForCausalLM
 
@@ -132,7 +132,7 @@ def ttft(lengths):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg8b, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
-    sw = SketchWalkConfig(block_size=128, density=0.2, dense_below=8192)
+    sw = SketchWalkConfig(block_size=128, density=0.2, dense_below=dense_below)
     out = {}
     for n in lengths:
         ids = torch.randint(0, 128000, (1, n), device="cuda")
@@ -167,6 +167,7 @@ def main():
     ap.add_argument("--densities", default="0.1,0.2,0.3")
     ap.add_argument("--ttft-lengths", default="8192,32768,65536,131072")
     ap.add_argument("--grid-budget-s", type=float, default=300)
+    ap.add_argument("--ttft-dense-below", type=int, default=8192, help="sketchwalk_flex dense_below in the TTFT runs")
     ap.add_argument("--skip", default="")
     args = ap.parse_args()
     import transformers
@@ -180,7 +181,7 @@ def main():
     sections = [("recompiles", recompiles, ()),
                 ("grid", grid, (ints(args.lengths), ints(args.batches), [float(x) for x in args.densities.split(",")],
                                 args.grid_budget_s)),
-                ("ttft", ttft, (ints(args.ttft_lengths),))]
+                ("ttft", ttft, (ints(args.ttft_lengths), args.ttft_dense_below))]
     for name, fn, a in sections:
         if name in skip:
             continue
