@@ -240,14 +240,16 @@ def sparse_prefill(
     scale: float | None = None,
     softcap: float | None = None,
     sketch: LayerSketch | None = None,
+    process_group=None,
 ) -> tuple[torch.Tensor, WalkState]:
     """SketchWalk selection + compiled block-sparse flex for one prefill layer."""
-    if sketch is None:  # the fused (compiled on CUDA) selection-to-mask path
+    if sketch is None and process_group is None:  # the fused (compiled on CUDA) selection-to-mask path
         bm, new_state, kept, causal = fused_selection_mask(q, k, config, layer_idx, state, key_valid=key_valid,
                                                            scale=scale)
     else:  # a decode state is built from this layer's sketch: keep it
         selection, new_state = sketchwalk_selection(
-            q, k, config, layer_idx, state, key_valid=key_valid, scale=scale, sketch=sketch
+            q, k, config, layer_idx, state, key_valid=key_valid, scale=scale, sketch=sketch,
+            process_group=process_group,
         )
         bm = selection_block_mask(selection, key_valid=key_valid)
         kept, causal = selection.kept, selection.causal
@@ -271,6 +273,7 @@ def sketchwalk_attention(
     window: int | None = None,
     check_padding: bool = True,
     sketch: LayerSketch | None = None,
+    process_group=None,
 ) -> tuple[torch.Tensor, WalkState | None]:
     """SketchWalk causal attention of one layer's prefill, no transformers needed.
 
@@ -280,7 +283,10 @@ def sketchwalk_attention(
     layer's window (it keeps its window, dense inside it).  check_padding: verify (one host
     sync) that key_valid is left/right padding without holes; callers that checked once per
     forward pass False.  sketch: this layer's `layer_sketch(...)` if the caller needs it too
-    (a decode state is built from it).  Returns (out [B, Hq, n, D],
+    (a decode state is built from it).  process_group: tensor parallelism, this rank holding
+    an equal share of the heads (q, k, v are its heads): one all-reduce of the block means
+    per layer makes every rank select the blocks a single process with all heads would.
+    Returns (out [B, Hq, n, D],
     state for the next layer).  Layers below config.dense_layers and lengths below
     config.dense_below run dense; flexwalk.counters() shows which path ran.
     """
@@ -319,5 +325,6 @@ def sketchwalk_attention(
                               block_size=config.block_size)
         return out, state
     return sparse_prefill(
-        q, k, v, config, layer_idx, state, key_valid=key_valid, scale=scale, softcap=softcap, sketch=sketch
+        q, k, v, config, layer_idx, state, key_valid=key_valid, scale=scale, softcap=softcap, sketch=sketch,
+        process_group=process_group,
     )

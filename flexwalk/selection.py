@@ -80,10 +80,15 @@ def layer_sketch(
     key_valid: torch.Tensor | None = None,
     scale: float | None = None,
     p: torch.Tensor | None = None,
+    process_group=None,
 ) -> LayerSketch:
     """Steps 1-5 for one prefill layer (q [B, Hq, n, D], k [B, Hkv, n, D]); no host sync.
 
-    p: the layer's SRHT matrix (sketch_matrix), when the caller holds it already."""
+    p: the layer's SRHT matrix (sketch_matrix), when the caller holds it already.
+    process_group: tensor parallelism, each rank holding an equal share of the heads: the
+    head-mean block means (head_scoring="mean") or the head-mean transition ("per_head") are
+    averaged over the group with one all-reduce of [B, nb, D] or [B, nb, nb] per layer, so
+    every rank selects exactly what one process holding every head would."""
     bsz, hq, n, d = q.shape
     scale = d**-0.5 if scale is None else float(scale)
     if p is None:
@@ -92,11 +97,24 @@ def layer_sketch(
     kb, _ = block_means(head_reduce(k, config.head_scoring), config.block_size, key_valid)  # [B, Hk', nb, D]
     if counts.shape[0] != bsz:
         counts = counts.expand(bsz, -1)
+    if process_group is not None and config.head_scoring == "mean":
+        qb, kb = _group_mean(qb, process_group), _group_mean(kb, process_group)
     block_valid = counts > 0  # [B, nb]
     allowed = block_causal_mask(block_valid)
     ks = kb @ p
     w = transition_rows(qb @ p, ks, allowed, scale, config.sparsity_exponent)
+    if process_group is not None and config.head_scoring == "per_head":
+        w = _group_mean(w, process_group)
     return LayerSketch(qb, kb, counts, ks, w, allowed, block_valid)
+
+
+def _group_mean(x: torch.Tensor, group) -> torch.Tensor:
+    """Mean of x over the ranks of a process group (one all-reduce; equal head shares per rank)."""
+    import torch.distributed as dist
+
+    x = x.contiguous()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x / dist.get_world_size(group)
 
 
 def oracle_block_mass(
@@ -148,13 +166,15 @@ def sketchwalk_selection(
     key_valid: torch.Tensor | None = None,
     scale: float | None = None,
     sketch: LayerSketch | None = None,
+    process_group=None,
 ) -> tuple[BlockSelection, WalkState]:
     """Select key blocks for one prefill layer.
 
     q: [B, Hq, n, D], k: [B, Hkv, n, D] (post-RoPE, any float dtype; the math runs in fp32).
     key_valid: [B, n] bool, False at padding tokens (they never enter a block mean and are
     never selected on their own).  scale: the layer's softmax scale (default 1/sqrt(D)).
-    sketch: this layer's `layer_sketch(...)` when the caller already has it.
+    sketch: this layer's `layer_sketch(...)` when the caller already has it.  process_group:
+    tensor parallelism (see layer_sketch): every rank of the group gets the same selection.
     Returns the selection and the walk state for the next sparse layer.
     """
     bsz, _, n, _ = q.shape
@@ -162,8 +182,10 @@ def sketchwalk_selection(
     if state is not None:
         state.check_compatible(bsz, n, bs)
     if sketch is None:
-        sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale)
+        sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale, process_group=process_group)
     if config.walk == "oracle":
+        if process_group is not None:
+            raise NotImplementedError("walk='oracle' under tensor parallelism (it needs every head's exact scores)")
         walk = oracle_block_mass(q, k, bs, key_valid=key_valid, scale=scale).masked_fill(~sketch.allowed, 0.0)
     else:
         walk = walk_step(sketch.transition, state, config)

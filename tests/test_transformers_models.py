@@ -677,3 +677,17 @@ def test_dict_config_is_validated_once_and_errors_still_raise():
         fw_tf.coerce_config({"blocksize": 64})
     with pytest.raises(ValueError, match="config=3"):
         fw_tf.coerce_config(3)
+
+
+def test_head_sharded_attention_refused():
+    """Under tensor parallelism a rank sees a share of the heads: refused, never silently a
+    per-rank selection (the functional API's process_group handles it; tests/test_tensor_parallel.py)."""
+    from flexwalk.integrations.transformers import sketchwalk_flex_attention
+
+    model = build_model("llama", "sketchwalk_flex")
+    attn = model.model.layers[0].self_attn
+    heads = model.config.num_attention_heads
+    q = torch.randn(1, heads // 2, SEQ, 16)
+    k = v = torch.randn(1, max(1, model.config.num_key_value_heads // 2), SEQ, 16)
+    with pytest.raises(NotImplementedError, match=f"tensor parallelism.*{heads // 2} of {heads}"):
+        sketchwalk_flex_attention(attn, q, k, v, None)

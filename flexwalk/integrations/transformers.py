@@ -214,6 +214,18 @@ def _config_from_items(items: tuple) -> SketchWalkConfig:
     return SketchWalkConfig.from_dict(dict(items))
 
 
+def _check_not_sharded(module, query: torch.Tensor) -> None:
+    """Tensor parallelism (tp_plan) hands each rank a share of the heads; a selection from that
+    share would differ between ranks, so refuse it rather than be silently wrong."""
+    heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+    if isinstance(heads, int) and query.shape[1] < heads:
+        raise NotImplementedError(
+            f"sketchwalk_flex under tensor parallelism (tp_plan): this rank holds {query.shape[1]} of {heads} query "
+            "heads; the transformers integration does not all-reduce the selection yet. The functional API "
+            "(flexwalk.sketchwalk_attention(..., process_group=...)) does; see docs/multi-gpu.md"
+        )
+
+
 def _check_supported(module, kwargs, dropout) -> None:
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise NotImplementedError("sketchwalk_flex: attention sinks (s_aux) are not supported")
@@ -240,6 +252,7 @@ def sketchwalk_flex_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: q [B,Hq,L,D], k/v [B,Hkv,S,D] -> ([B,L,Hq,D], None)."""
     _check_supported(module, kwargs, dropout)
+    _check_not_sharded(module, query)
     cfg = resolve_config(module)
     softcap = kwargs.get("softcap", None)
     window = kwargs.get("sliding_window")
