@@ -15,19 +15,18 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import stats
 from .block_mask import (
-    _HAS_COMPUTE_Q_BLOCKS,
-    _bounds,
-    _pad_table,
+    block_mask_from_indices,
     bucket_length,
     check_contiguous_padding,
     dense_block_mask,
     make_mask_mod,
+    packed,
     selection_block_mask,
-    structural_tables,
+    selection_tables,
 )
 from .config import SketchWalkConfig
-from .selection import LayerSketch, layer_sketch, oracle_block_mass, sketch_matrix, sketchwalk_selection
-from .walk import WalkState, select_blocks, table_to_indices, walk_combine
+from .selection import LayerSketch, select, sketch_matrix, sketchwalk_selection
+from .walk import WalkState, table_to_indices
 
 # Static shapes, one compile per length bucket (block_mask.bucket_length): automatic dynamic
 # shapes miscompile torch 2.13's CPU flex kernel (undeclared cur_kvSplitSize in the C++).
@@ -166,26 +165,14 @@ def masked_attention(
 
 
 def _selection_tables(q, k, p, prev_walk, key_valid, config: SketchWalkConfig, layer_idx: int, scale, n_pad: int):
-    """Selection (steps 1-7) and the BlockMask's block tables in one tensor function: on CUDA it
-    is compiled with a dynamic length (one graph for every prompt length of a length bucket, one
-    more once the bucket changes), fusing ~60 small kernels into a few.  Returns (partial counts/indices, full counts/indices, padded block table, start, end,
-    walk, kept, causal)."""
-    n = q.shape[2]
-    sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale, p=p)
-    if config.walk == "oracle":
-        walk = oracle_block_mass(q, k, config.block_size, key_valid=key_valid, scale=scale).masked_fill(
-            ~sketch.allowed, 0.0)
-    else:
-        walk = walk_combine(sketch.transition, prev_walk, sketch.transition, config.walk, config.damping)
-    sel = select_blocks(walk, sketch.allowed, sketch.block_valid, config, n)
-    start, end = _bounds(q.shape[0], n, key_valid, q.device)
-    maybe, full = structural_tables(n, n, config.block_size, start, end, q_pad=n_pad, kv_pad=n_pad)
-    table = _pad_table(sel.mask, maybe.shape[1], maybe.shape[2])
-    chosen = table & maybe
-    full = chosen & full
-    p_cnt, p_idx = table_to_indices(chosen & ~full)
-    f_cnt, f_idx = table_to_indices(full)
-    return p_cnt, p_idx, f_cnt, f_idx, table, start, end, walk, sel.kept, sel.causal
+    """Selection (steps 1-7, selection.select) and the BlockMask's block indices in one tensor
+    function: on CUDA it is compiled with a dynamic length (one graph for every prompt length
+    of a length bucket, one more once the bucket changes), fusing ~60 small kernels into a few.
+    Returns (partial counts/indices, full counts/indices, padded block table, start, end, walk,
+    kept, causal)."""
+    sel, walk = select(q, k, config, layer_idx, prev_walk, key_valid=key_valid, scale=scale, p=p)
+    partial, full, table, start, end = selection_tables(sel, n_pad, key_valid=key_valid)
+    return (*table_to_indices(partial), *table_to_indices(full), table, start, end, walk, sel.kept, sel.causal)
 
 
 # The length is dynamic (marked per call) and the configuration static: dynamic=True would make
@@ -220,11 +207,9 @@ def fused_selection_mask(q, k, config: SketchWalkConfig, layer_idx: int, state: 
         q, k, p, prev, key_valid, config, layer_idx, None if scale is None else float(scale), n_pad)
     bs = config.block_size
     # fresh standard-layout copies: the compiled flex kernel specialises on these tensors
-    start, end, table = (t.clone(memory_format=torch.contiguous_format) for t in (start, end, table))
+    start, end, table = (packed(t) for t in (start, end, table))
     mask_mod = make_mask_mod(block_size=bs, start=start, end=end, block_table=table)
-    kwargs = {"compute_q_blocks": False} if _HAS_COMPUTE_Q_BLOCKS else {}
-    bm = BlockMask.from_kv_blocks(p_cnt[:, None], p_idx[:, None], f_cnt[:, None], f_idx[:, None], BLOCK_SIZE=bs,
-                                  mask_mod=mask_mod, seq_lengths=(n_pad, n_pad), **kwargs)
+    bm = block_mask_from_indices(p_cnt, p_idx, f_cnt, f_idx, mask_mod, bs, n_pad, n_pad)
     return bm, WalkState(transition=walk, layer_idx=layer_idx, block_size=bs, seq_len=n), kept, causal
 
 

@@ -25,6 +25,11 @@ _HAS_COMPUTE_Q_BLOCKS = "compute_q_blocks" in inspect.signature(BlockMask.from_k
 BUCKET_GRANULE = 256
 
 
+def packed(t: torch.Tensor) -> torch.Tensor:
+    """A copy with standard strides, size-1 dims included (compiled kernels guard on strides)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def bucket_length(n: int) -> int:
     """Length a mask of n tokens is built for: n rounded up to <= 4 buckets per octave."""
     step = max(BUCKET_GRANULE, (1 << max(0, n.bit_length() - 1)) // 4)
@@ -94,15 +99,20 @@ def make_mask_mod(
     return mask_mod
 
 
-def block_mask_from_tables(partial, full, mask_mod, block_size: int, q_len: int, kv_len: int) -> BlockMask:
-    """[B, nq, nk] bool partial/full tables -> BlockMask with one mask head."""
-    p_cnt, p_idx = table_to_indices(partial)
-    f_cnt, f_idx = table_to_indices(full)
+def block_mask_from_indices(p_cnt, p_idx, f_cnt, f_idx, mask_mod, block_size: int, q_len: int,
+                            kv_len: int) -> BlockMask:
+    """Counts [B, nq] / indices [B, nq, nk] of partial and full blocks -> BlockMask, one mask head."""
     kwargs = {"compute_q_blocks": False} if _HAS_COMPUTE_Q_BLOCKS else {}
     return BlockMask.from_kv_blocks(
         p_cnt[:, None], p_idx[:, None], f_cnt[:, None], f_idx[:, None],
         BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(q_len, kv_len), **kwargs,
     )
+
+
+def block_mask_from_tables(partial, full, mask_mod, block_size: int, q_len: int, kv_len: int) -> BlockMask:
+    """[B, nq, nk] bool partial/full tables -> BlockMask with one mask head."""
+    return block_mask_from_indices(*table_to_indices(partial), *table_to_indices(full), mask_mod, block_size,
+                                   q_len, kv_len)
 
 
 def structural_tables(
@@ -163,17 +173,25 @@ def selection_block_mask(
     With bucket=True the mask covers bucket_length(n) tokens: pad q, k, v to
     `block_mask.seq_lengths` (attention.flex does this) and drop the extra rows.
     """
-    table = selection.mask
-    bsz = table.shape[0]
     n, bs = selection.seq_len, selection.block_size
     n_pad = bucket_length(n) if bucket else n
-    start, end = _bounds(bsz, n, key_valid, table.device)
+    partial, full, table, start, end = selection_tables(selection, n_pad, key_valid=key_valid, window=window)
+    mask_mod = make_mask_mod(block_size=bs, start=start, end=end, block_table=table, window=window)
+    return block_mask_from_tables(partial, full, mask_mod, bs, n_pad, n_pad)
+
+
+def selection_tables(selection: BlockSelection, n_pad: int, *, key_valid: torch.Tensor | None = None,
+                     window: int | None = None):
+    """A prefill selection's (partial, full) block tables over n_pad tokens, the selection table
+    padded to them, and each row's real-key bounds (start, end): tensors only, no host sync."""
+    table = selection.mask
+    n, bs = selection.seq_len, selection.block_size
+    start, end = _bounds(table.shape[0], n, key_valid, table.device)
     maybe, full = structural_tables(n, n, bs, start, end, window=window, q_pad=n_pad, kv_pad=n_pad)
     table = _pad_table(table, maybe.shape[1], maybe.shape[2])
-    sel = table & maybe
-    full = sel & full
-    mask_mod = make_mask_mod(block_size=bs, start=start, end=end, block_table=table, window=window)
-    return block_mask_from_tables(sel & ~full, full, mask_mod, bs, n_pad, n_pad)
+    chosen = table & maybe
+    full = chosen & full
+    return chosen & ~full, full, table, start, end
 
 
 def dense_block_mask(

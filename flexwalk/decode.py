@@ -23,18 +23,13 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from . import stats
-from .block_mask import _HAS_COMPUTE_Q_BLOCKS, bucket_length, key_bounds
+from .block_mask import _HAS_COMPUTE_Q_BLOCKS, bucket_length, key_bounds, packed
 from .config import SketchWalkConfig
 from .selection import LayerSketch, head_reduce, layer_sketch, sketch_matrix, transition_rows
 from .sketch import block_causal_mask, effective_sketch_dim, num_blocks
 from .walk import rank_blocks, walk_combine
 
 _INT = torch.int32
-
-
-def _packed(t: torch.Tensor) -> torch.Tensor:
-    """A copy with standard strides, size-1 dims included: the compiled step guards on strides."""
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 class RightPaddingError(NotImplementedError):
@@ -195,13 +190,13 @@ class DecodeState:
         st.k_count[:, :nb] = counts
         st.k_sketch[:, :, :nb] = sketch.k_sketch
         st.transition[:, :nb, :nb] = sketch.transition
-        st.q_sum = _packed(sketch.q_means[:, :, nb - 1] * counts[:, nb - 1, None, None])
-        st.q_count = _packed(counts[:, nb - 1])
+        st.q_sum = packed(sketch.q_means[:, :, nb - 1] * counts[:, nb - 1, None, None])
+        st.q_count = packed(counts[:, nb - 1])
         if key_valid is not None:
             st.key_start = key_bounds(key_valid)[0]
         st.pos.fill_(n)
         st.length = n
-        st.last_key = _packed(k[:, :, n - 1])
+        st.last_key = packed(k[:, :, n - 1])
         return st
 
     # ------------------------------------------------------------------ update
@@ -226,10 +221,10 @@ class DecodeState:
             self.k_sum, self.k_count, self.k_sketch, self.transition, self.q_sum, self.q_count, self.pos,
             qm, km, vf, self.sketch, self.block_size, self.scale, float(self.config.sparsity_exponent),
         )
-        self.q_sum, self.q_count = _packed(q_sum), _packed(q_count)
+        self.q_sum, self.q_count = packed(q_sum), packed(q_count)
         self.pos += L
         self.length += L
-        self.last_key = _packed(k_new[:, :, -1])
+        self.last_key = packed(k_new[:, :, -1])
 
 
 def _absorb(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, qm, km, vf, p, bs, scale, exponent):

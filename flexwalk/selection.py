@@ -22,7 +22,7 @@ from .sketch import (
     sketch_seed,
     srht_matrix,
 )
-from .walk import BlockSelection, WalkState, select_blocks, transition_matrix, walk_step
+from .walk import BlockSelection, WalkState, select_blocks, transition_matrix, walk_combine
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,37 @@ def oracle_block_mass(
     return mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
+def select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SketchWalkConfig,
+    layer_idx: int,
+    prev_walk: torch.Tensor | None,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    sketch: LayerSketch | None = None,
+    p: torch.Tensor | None = None,
+    process_group=None,
+) -> tuple[BlockSelection, torch.Tensor]:
+    """Steps 1-7 on tensors only: (selection, walk matrix R_l).  prev_walk: R_{l-1} or None.
+
+    The one selection rule of the eager path (sketchwalk_selection) and of the fused,
+    compiled prefill path (attention._selection_tables)."""
+    n = q.shape[2]
+    if sketch is None:
+        sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale, p=p,
+                              process_group=process_group)
+    if config.walk == "oracle":
+        if process_group is not None:
+            raise NotImplementedError("walk='oracle' under tensor parallelism (it needs every head's exact scores)")
+        walk = oracle_block_mass(q, k, config.block_size, key_valid=key_valid, scale=scale).masked_fill(
+            ~sketch.allowed, 0.0)
+    else:
+        walk = walk_combine(sketch.transition, prev_walk, sketch.transition, config.walk, config.damping)
+    return select_blocks(walk, sketch.allowed, sketch.block_valid, config, n), walk
+
+
 def sketchwalk_selection(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -181,13 +212,6 @@ def sketchwalk_selection(
     bs = config.block_size
     if state is not None:
         state.check_compatible(bsz, n, bs)
-    if sketch is None:
-        sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale, process_group=process_group)
-    if config.walk == "oracle":
-        if process_group is not None:
-            raise NotImplementedError("walk='oracle' under tensor parallelism (it needs every head's exact scores)")
-        walk = oracle_block_mass(q, k, bs, key_valid=key_valid, scale=scale).masked_fill(~sketch.allowed, 0.0)
-    else:
-        walk = walk_step(sketch.transition, state, config)
-    selection = select_blocks(walk, sketch.allowed, sketch.block_valid, config, n)
+    selection, walk = select(q, k, config, layer_idx, None if state is None else state.transition,
+                             key_valid=key_valid, scale=scale, sketch=sketch, process_group=process_group)
     return selection, WalkState(transition=walk, layer_idx=layer_idx, block_size=bs, seq_len=n)

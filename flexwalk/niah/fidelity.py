@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..config import SketchWalkConfig
-from ..oracle import eager_sketchwalk_attention
+from ..oracle import eager_sketchwalk_attention, reference_attention, token_mask
 from ..selection import oracle_block_mass
 from ..sketch import num_blocks
 
@@ -92,15 +92,9 @@ def layer_fidelity(model, inputs: dict[int, LayerInputs], config: SketchWalkConf
             rows.append({"layer": idx, "sparse": False, "rel_error": 0.0, "recall": 1.0, "density": 1.0})
             continue
         n = x.q.shape[2]
-        dense = torch.nn.functional.scaled_dot_product_attention(
-            x.q, x.k.repeat_interleave(x.q.shape[1] // x.k.shape[1], 1),
-            x.v.repeat_interleave(x.q.shape[1] // x.v.shape[1], 1), is_causal=True, scale=x.scale,
-        ) if x.softcap is None else None
+        dense = reference_attention(x.q, x.k, x.v, token_mask(n, device=x.q.device), scale=x.scale,
+                                    softcap=x.softcap)
         out, state, sel = eager_sketchwalk_attention(x.q, x.k, x.v, config, idx, state, scale=x.scale,
-                                                     softcap=x.softcap)
-        if dense is None:  # soft-capped scores: the dense reference through the same oracle
-            full = config.replace(density=1.0, top_k_blocks=None, walk="one_hop", skip_decode=True)
-            dense, _, _ = eager_sketchwalk_attention(x.q, x.k, x.v, full, idx, None, scale=x.scale,
                                                      softcap=x.softcap)
         mass = oracle_block_mass(x.q, x.k, config.block_size, scale=x.scale)  # [1, nb, nb]
         recall = (mass * sel.mask.float()).sum(-1).mean().item()

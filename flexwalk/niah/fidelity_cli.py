@@ -35,15 +35,8 @@ ABLATIONS: dict[str, list[dict[str, Any]]] = {
 
 
 def grid(base: SketchWalkConfig, groups: list[str]) -> list[tuple[str, dict[str, Any], SketchWalkConfig]]:
-    out, seen = [], set()
-    for g in groups:
-        for change in ABLATIONS[g]:
-            cfg = base.replace(**change)
-            key = json.dumps(cfg.to_dict(), sort_keys=True)
-            name = ",".join(f"{k}={v}" for k, v in change.items())
-            out.append((g, change, cfg))
-            seen.add(key)
-    return out
+    """(group, change, config) for every change of every group, applied to `base`."""
+    return [(g, change, base.replace(**change)) for g in groups for change in ABLATIONS[g]]
 
 
 def add_fidelity_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

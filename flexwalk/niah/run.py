@@ -35,6 +35,7 @@ from ..config import PRESETS, SketchWalkConfig
 from ..cli import _positive_int
 from .data import TASKS, _lengths_arg, _tasks_arg, dataset_path, read_jsonl
 from .metrics import score_prediction
+from .report import _mean  # mean of the non-None values, as the report computes it
 
 METHODS = ("sdpa", "flex", "sketchwalk", "one_hop", "oracle")
 DENSE_METHODS = ("sdpa", "flex")
@@ -86,11 +87,6 @@ def _done(path: Path) -> set[tuple[str, int, int]]:
                 r = json.loads(line)
                 seen.add((r["task"], int(r["length"]), int(r["index"])))
     return seen
-
-
-def _mean(xs: Sequence[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return sum(vals) / len(vals) if vals else None
 
 
 def summarise(run_dir: Path) -> dict[str, Any]:
