@@ -8,6 +8,7 @@ prompt length.  Dense fallbacks are explicit, counted in `flexwalk.counters()` a
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 import torch.nn.functional as F
@@ -164,20 +165,39 @@ def masked_attention(
     return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
-def _selection_tables(q, k, p, prev_walk, key_valid, config: SketchWalkConfig, layer_idx: int, scale, n_pad: int):
+def _selection_tables(q, k, p, prev_walk, key_valid, config: SketchWalkConfig, layer_idx: int, scale, n_pad: int,
+                      seq_len: torch.Tensor | None = None):
     """Selection (steps 1-7, selection.select) and the BlockMask's block indices in one tensor
     function: on CUDA it is compiled with a dynamic length (one graph for every prompt length
     of a length bucket, one more once the bucket changes), fusing ~60 small kernels into a few.
     Returns (partial counts/indices, full counts/indices, padded block table, start, end, walk,
     kept, causal)."""
-    sel, walk = select(q, k, config, layer_idx, prev_walk, key_valid=key_valid, scale=scale, p=p)
+    sel, walk = select(q, k, config, layer_idx, prev_walk, key_valid=key_valid, scale=scale, p=p, seq_len=seq_len)
     partial, full, table, start, end = selection_tables(sel, n_pad, key_valid=key_valid)
     return (*table_to_indices(partial), *table_to_indices(full), table, start, end, walk, sel.kept, sel.causal)
 
 
-# The length is dynamic (marked per call) and the configuration static: dynamic=True would make
-# the block size symbolic too, which inductor cannot tile (CantSplit on n // block_size).
-_compiled_selection_tables = torch.compile(_selection_tables, dynamic=None)
+@functools.lru_cache(maxsize=64)
+def _compiled_selection_tables(config: SketchWalkConfig):
+    """`_selection_tables` compiled for one configuration.  The length is dynamic (marked per
+    call); the configuration is a closure constant, so its ints (block size, budgets) stay static.
+    Passed as an argument, automatic dynamic shapes made the block size symbolic as soon as a
+    second configuration ran, which inductor cannot tile (CantSplit on n // block_size)."""
+
+    def selection_tables(q, k, p, prev_walk, key_valid, layer_idx, scale, n_pad):
+        return _selection_tables(q, k, p, prev_walk, key_valid, config, layer_idx, scale, n_pad)
+
+    # A code object of its own per configuration: dynamo keeps compiled graphs and its
+    # automatic-dynamic history per code object, and a shared one would see the closure's
+    # block size change between configurations and make it symbolic all the same.
+    name = f"selection_tables_{len(_COMPILED_CODES)}"
+    code = selection_tables.__code__.replace(co_name=name, co_qualname=name)
+    _COMPILED_CODES.append(code)
+    fn = types.FunctionType(code, selection_tables.__globals__, name, None, selection_tables.__closure__)
+    return torch.compile(fn, dynamic=None)
+
+
+_COMPILED_CODES: list = []
 
 
 def _mark_length_dynamic(q, k, prev, key_valid) -> None:
@@ -190,21 +210,110 @@ def _mark_length_dynamic(q, k, prev, key_valid) -> None:
 COMPILE_SELECTION_ON_CPU = False
 
 
+# CUDA graphs of the selection (one per length bucket, batch, head dim, configuration and
+# walk input), replayed with one launch: the compiled selection alone costs ~1 ms of host time
+# per layer, more than the sparse attention it selects for below ~16K tokens.  Buckets above
+# GRAPH_SELECTION_MAX_TOKENS keep the compiled path, where that host time is a few percent and
+# a graph's private intermediates ([B, nb, nb] several times) would cost memory for good.
+GRAPH_SELECTION = True
+GRAPH_SELECTION_MAX_TOKENS = 65536
+_GRAPH_POOL = None
+_SELECTION_GRAPHS: dict[tuple, "_SelectionGraph"] = {}
+
+
+class _SelectionGraph:
+    """`_selection_tables` captured for one static key, on bucket-padded head-mean inputs.
+
+    Static inputs: head-mean q and k [B, 1, n_pad, D] fp32, key validity [B, n_pad] (False past
+    the real length), the real length n (0-d), the layer's SRHT matrix and the previous walk.
+    Outputs are the graph's own buffers, overwritten by the next replay: callers consume them
+    in stream order (the BlockMask) or clone them (walk, density counts).
+    """
+
+    def __init__(self, bsz: int, n_pad: int, d: int, r: int, config: SketchWalkConfig, has_prev: bool,
+                 scale: float | None, device: torch.device):
+        global _GRAPH_POOL
+        nb = n_pad // config.block_size
+        f32 = dict(device=device, dtype=torch.float32)
+        self.qm = torch.zeros(bsz, 1, n_pad, d, **f32)
+        self.km = torch.zeros(bsz, 1, n_pad, d, **f32)
+        self.valid = torch.ones(bsz, n_pad, dtype=torch.bool, device=device)
+        self.n = torch.full((), n_pad, dtype=torch.int64, device=device)
+        self.p = torch.zeros(d, r, **f32)
+        self.prev = torch.eye(nb, **f32).expand(bsz, nb, nb).contiguous() if has_prev else None
+        self.args = (config, 0, scale, n_pad)
+        if _GRAPH_POOL is None:
+            _GRAPH_POOL = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the capture (allocator, lazy inits)
+            self._run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=_GRAPH_POOL):
+            self.out = self._run()
+
+    def _run(self):
+        config, layer_idx, scale, n_pad = self.args
+        return _selection_tables(self.qm, self.km, self.p, self.prev, self.valid, config, layer_idx, scale, n_pad,
+                                 seq_len=self.n)
+
+    def __call__(self, q, k, p, prev, key_valid):
+        n = q.shape[2]
+        torch.mean(q, 1, keepdim=True, dtype=torch.float32, out=self.qm[:, :, :n])
+        torch.mean(k, 1, keepdim=True, dtype=torch.float32, out=self.km[:, :, :n])
+        self.qm[:, :, n:].zero_()
+        self.km[:, :, n:].zero_()
+        if key_valid is None:
+            self.valid[:, :n].fill_(True)
+        else:
+            self.valid[:, :n].copy_(key_valid)
+        self.valid[:, n:].fill_(False)
+        self.n.fill_(n)
+        self.p.copy_(p)
+        if prev is not None:
+            self.prev.copy_(prev)
+        self.graph.replay()
+        return self.out
+
+
+def _graphable(q, config: SketchWalkConfig, n_pad: int) -> bool:
+    return (GRAPH_SELECTION and q.device.type == "cuda" and n_pad <= GRAPH_SELECTION_MAX_TOKENS
+            and config.head_scoring == "mean" and config.walk != "oracle" and n_pad % config.block_size == 0
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _selection_graph(q, p, config: SketchWalkConfig, has_prev: bool, scale, n_pad: int) -> _SelectionGraph:
+    key = (q.device, q.shape[0], n_pad, q.shape[3], p.shape[1], config, has_prev, scale)
+    g = _SELECTION_GRAPHS.get(key)
+    if g is None:
+        g = _SELECTION_GRAPHS[key] = _SelectionGraph(q.shape[0], n_pad, q.shape[3], p.shape[1], config, has_prev,
+                                                     scale, q.device)
+        stats.count(stats.SELECTION_GRAPH_CAPTURE)
+    return g
+
+
 def fused_selection_mask(q, k, config: SketchWalkConfig, layer_idx: int, state: WalkState | None, *,
                          key_valid=None, scale=None) -> tuple[BlockMask, WalkState, torch.Tensor, torch.Tensor]:
     """The selection's BlockMask for one prefill layer: (mask, walk state, kept, causal)."""
     bsz, _, n, d = q.shape
     if state is not None:
         state.check_compatible(bsz, n, config.block_size)
-    compiled = q.device.type == "cuda" or COMPILE_SELECTION_ON_CPU
-    fn = _compiled_selection_tables if compiled else _selection_tables
     n_pad = bucket_length(n)
     p = sketch_matrix(config, layer_idx, d, q.device)
     prev = None if state is None else state.transition
-    if compiled:
-        _mark_length_dynamic(q, k, prev, key_valid)
-    p_cnt, p_idx, f_cnt, f_idx, table, start, end, walk, kept, causal = fn(
-        q, k, p, prev, key_valid, config, layer_idx, None if scale is None else float(scale), n_pad)
+    scale = None if scale is None else float(scale)
+    if _graphable(q, config, n_pad):
+        out = _selection_graph(q, p, config, prev is not None, scale, n_pad)(q, k, p, prev, key_valid)
+        p_cnt, p_idx, f_cnt, f_idx, table, start, end, walk, kept, causal = out
+        walk, kept, causal = walk.clone(), kept.clone(), causal.clone()  # outlive the next replay
+    else:
+        if q.device.type == "cuda" or COMPILE_SELECTION_ON_CPU:
+            _mark_length_dynamic(q, k, prev, key_valid)
+            out = _compiled_selection_tables(config)(q, k, p, prev, key_valid, layer_idx, scale, n_pad)
+        else:
+            out = _selection_tables(q, k, p, prev, key_valid, config, layer_idx, scale, n_pad)
+        p_cnt, p_idx, f_cnt, f_idx, table, start, end, walk, kept, causal = out
     bs = config.block_size
     # fresh standard-layout copies: the compiled flex kernel specialises on these tensors
     start, end, table = (packed(t) for t in (start, end, table))

@@ -61,7 +61,12 @@ def check_contiguous_padding(key_valid: torch.Tensor) -> None:
         )
 
 
-def _bounds(batch: int, kv_len: int, key_valid: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _bounds(batch: int, kv_len: int | torch.Tensor, key_valid: torch.Tensor | None,
+            device) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(kv_len, torch.Tensor):  # a padded bucket: key_valid is False past the real length
+        if key_valid is None:
+            raise ValueError("a tensor kv_len needs key_valid covering the padded length")
+        return key_bounds(key_valid)
     if key_valid is None:
         return (torch.zeros(batch, dtype=torch.int32, device=device),
                 torch.full((batch,), kv_len, dtype=torch.int32, device=device))
@@ -116,8 +121,8 @@ def block_mask_from_tables(partial, full, mask_mod, block_size: int, q_len: int,
 
 
 def structural_tables(
-    q_len: int,
-    kv_len: int,
+    q_len: int | torch.Tensor,
+    kv_len: int | torch.Tensor,
     block_size: int,
     start: torch.Tensor,
     end: torch.Tensor,
@@ -131,7 +136,7 @@ def structural_tables(
 
     maybe: the block may hold an allowed element (over-approximates); full: every element of
     the block is allowed, so mask_mod is skipped there.  q_pad / kv_pad: bucket lengths; their
-    extra blocks are empty.
+    extra blocks are empty.  q_len / kv_len may be 0-d tensors (then q_pad / kv_pad are needed).
     """
     dev = start.device
     nq = -(-(q_pad or q_len) // block_size)

@@ -168,12 +168,14 @@ def select(
     sketch: LayerSketch | None = None,
     p: torch.Tensor | None = None,
     process_group=None,
+    seq_len: torch.Tensor | None = None,
 ) -> tuple[BlockSelection, torch.Tensor]:
     """Steps 1-7 on tensors only: (selection, walk matrix R_l).  prev_walk: R_{l-1} or None.
 
     The one selection rule of the eager path (sketchwalk_selection) and of the fused,
-    compiled prefill path (attention._selection_tables)."""
-    n = q.shape[2]
+    compiled or CUDA-graphed prefill path (attention._selection_tables).  seq_len: a 0-d
+    tensor of real tokens when q, k are padded to a bucket (key_valid False past it)."""
+    n = q.shape[2] if seq_len is None else seq_len
     if sketch is None:
         sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale, p=p,
                               process_group=process_group)

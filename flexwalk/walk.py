@@ -152,18 +152,23 @@ def select_blocks(
     allowed: torch.Tensor,
     block_valid: torch.Tensor,
     config: SketchWalkConfig,
-    seq_len: int,
+    seq_len: int | torch.Tensor,
 ) -> BlockSelection:
     """Top-k key blocks per query block from the walk matrix, plus sink, local and tail blocks.
 
     walk: [B, nb, nb] scores (higher = keep); allowed: [B, nb, nb] bool causal/valid blocks;
     block_valid: [B, nb] bool blocks holding at least one real token.  Sink blocks are the
     first `sink_blocks` valid blocks of each row, so they count from its first real token.
-    Ties break towards the lower block index.  No host synchronisation.
+    seq_len: real tokens (an int, or a 0-d tensor when the blocks cover a padded bucket whose
+    extra blocks are invalid).  Ties break towards the lower block index.  No host synchronisation.
     """
     nb = walk.shape[-1]
     idx = torch.arange(nb, device=walk.device)
-    tail = (idx >= nb - config.dense_tail_blocks) if config.dense_tail_blocks else None
+    # the real last block: seq_len may be a 0-d tensor when walk covers a padded bucket (graphs)
+    last = -(-seq_len // config.block_size)
+    if isinstance(seq_len, torch.Tensor):  # query blocks past the real ones select nothing
+        allowed = allowed & (idx < last)[None, :, None]
+    tail = (idx >= last - config.dense_tail_blocks) if config.dense_tail_blocks else None
     kept, order, n_causal = rank_blocks(
         walk, allowed, block_valid, idx, sink_blocks=config.sink_blocks, local_blocks=config.local_blocks,
         top_k=config.top_k_blocks, density=config.density, dense_rows=tail,

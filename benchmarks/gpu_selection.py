@@ -1,0 +1,184 @@
+"""GPU check and benchmark of the CUDA-graphed prefill selection (issue 5): one device call.
+
+    PYTHONPATH=. python benchmarks/gpu_selection.py --out DIR [--sections check,speed,cold]
+
+1. check: graph path == compiled path (flexwalk.attention.GRAPH_SELECTION on / off): the same
+   BlockMask tables, walk and attention output, over three layers with the walk carried, batch
+   2 with left padding, lengths off the bucket grid, head dims 64 and 128, bf16.
+2. speed: one layer of the Llama-3.1-8B attention shape (32 / 8 heads, head dim 128, bf16,
+   block 128, 20% density, batch 1): selection + mask and total (`sketchwalk_attention`) with
+   the graph and with the compiled selection, against SDPA (best of flash and cuDNN).
+3. cold: first and second forward of a SmolLM2-135M-shaped random-weight model (30 layers,
+   9 / 3 heads, head dim 64) at 8K tokens in fresh processes with an empty inductor cache,
+   graph selection on and off: what a user waits for before the first prompt returns.
+Writes DIR/gpu_selection.json.  Medians of triton.testing.do_bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flexwalk
+import flexwalk.attention as attention
+from flexwalk import SketchWalkConfig, sketchwalk_attention
+from flexwalk.attention import fused_selection_mask
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def bench(fn, long=False) -> float:
+    import triton.testing as tt
+
+    return tt.do_bench(fn, warmup=25 if not long else 5, rep=100 if not long else 30, return_mode="median")
+
+
+def check():
+    rows = []
+    for d, hq, hkv, bs in ((128, 32, 8, 128), (64, 9, 3, 64)):
+        for n in (3000, 8000, 20000):
+            cfg = SketchWalkConfig(block_size=bs, density=0.2, dense_layers=0, dense_below=0, dense_tail_blocks=2)
+            g = torch.Generator(device="cuda").manual_seed(n)
+            q = torch.randn(2, hq, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
+            k = torch.randn(2, hkv, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
+            v = torch.randn(2, hkv, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
+            kv = torch.ones(2, n, dtype=torch.bool, device="cuda")
+            kv[1, : n // 7] = False
+            res = {}
+            for mode in (True, False):
+                attention.GRAPH_SELECTION = mode
+                st, outs, walks, tables = None, [], [], []
+                for layer in range(3):
+                    bm, _, _, _ = fused_selection_mask(q, k, cfg, layer, st, key_valid=kv)
+                    tables.append((bm.kv_num_blocks.clone(), bm.full_kv_num_blocks.clone()))
+                    out, st = sketchwalk_attention(q, k, v, cfg, layer, st, key_valid=kv)
+                    outs.append(out)
+                    walks.append(st.transition)
+                res[mode] = (outs, walks, tables)
+            attention.GRAPH_SELECTION = True
+            real = kv[:, None, :, None]
+            out_err = max(float(((a - b) * real).abs().max()) for a, b in zip(res[True][0], res[False][0]))
+            nb = -(-n // bs)
+            walk_err = max(float((a[:, :nb, :nb] - b).abs().max()) for a, b in zip(res[True][1], res[False][1]))
+            tables_equal = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                               for a, b in zip(res[True][2], res[False][2]))
+            r = dict(d=d, n=n, out_max_abs_diff=out_err, walk_max_abs_diff=walk_err, tables_equal=tables_equal)
+            rows.append(r)
+            log(f"check d{d} n={n}: tables equal {tables_equal}, out diff {out_err:.2e}, walk diff {walk_err:.2e}")
+    return rows
+
+
+def speed(lengths):
+    rows = []
+    cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0)
+    for n in lengths:
+        long = n >= 65536
+        g = torch.Generator(device="cuda").manual_seed(n)
+        q = torch.randn(1, 32, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+        k = torch.randn(1, 8, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+        v = torch.randn(1, 8, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            t_flash = bench(sdpa, long)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            t_cudnn = bench(sdpa, long)
+        best = min(t_flash, t_cudnn)
+        r = dict(n=n, sdpa_flash_ms=t_flash, sdpa_cudnn_ms=t_cudnn)
+        for mode in (True, False):
+            attention.GRAPH_SELECTION = mode
+            sketchwalk_attention(q, k, v, cfg, 0)
+            t_sel = bench(lambda: fused_selection_mask(q, k, cfg, 0, None), long)
+            t_total = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)
+            tag = "graph" if mode else "compiled"
+            r.update({f"{tag}_select_mask_ms": t_sel, f"{tag}_total_ms": t_total,
+                      f"{tag}_speedup_vs_best_sdpa": best / t_total, f"{tag}_select_share": t_sel / t_total})
+            log(f"{n:>6} {tag:>8}: sel+mask {t_sel:.3f} total {t_total:.3f} ms | flash {t_flash:.3f} cudnn "
+                f"{t_cudnn:.3f} -> x{best / t_total:.2f} (sel {100 * t_sel / t_total:.0f}%)")
+        attention.GRAPH_SELECTION = True
+        rows.append(r)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+COLD = r"""
+import sys, time, torch, flexwalk, flexwalk.attention as A
+from transformers import LlamaConfig, LlamaForCausalLM
+A.GRAPH_SELECTION = sys.argv[1] == "on"
+cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True)
+torch.manual_seed(0)
+with torch.device("cuda"):
+    m = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+m.set_attn_implementation("sketchwalk_flex")
+ids = torch.randint(0, 49152, (1, 8064), device="cuda")
+times = []
+for i, n in enumerate((8064, 8064, 8000)):
+    torch.cuda.synchronize(); t = time.perf_counter()
+    with torch.no_grad():
+        m(ids[:, :n], logits_to_keep=1)
+    torch.cuda.synchronize(); times.append(time.perf_counter() - t)
+print("RESULT", times, flexwalk.counters())
+"""
+
+
+def cold(modes=("on", "off")):
+    out = {}
+    for mode in modes:
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+            t = time.time()
+            p = subprocess.run([sys.executable, "-c", COLD, mode], env=env, capture_output=True, text=True, timeout=900)
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
+            if p.returncode or not line:
+                log(f"cold {mode}: failed\n{p.stderr[-3000:]}")
+                out[mode] = dict(error=p.stderr[-3000:])
+                continue
+            times = json.loads(line[0].split(" ", 1)[1].split("] ")[0] + "]")
+            out[mode] = dict(first_s=times[0], second_s=times[1], other_length_s=times[2], wall_s=time.time() - t)
+            log(f"cold graph={mode}: first forward {times[0]:.1f} s, second {times[1]:.3f} s, "
+                f"another length {times[2]:.3f} s ({line[0]})")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--sections", default="check,speed,cold")
+    ap.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--cold-modes", default="on,off", help="graph selection on / off in the cold runs")
+    args = ap.parse_args()
+    sections = args.sections.split(",")
+    import transformers
+    import triton
+
+    res = {"env": dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                       transformers=transformers.__version__)}
+    log(res["env"])
+    if "check" in sections:
+        res["check"] = check()
+    if "speed" in sections:
+        res["speed"] = speed([int(x) for x in args.lengths.split(",")])
+    if "cold" in sections:
+        res["cold"] = cold(args.cold_modes.split(","))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_selection.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
