@@ -127,3 +127,16 @@ def test_run_errors_name_the_argument(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["niah", "run", "--data", str(tmp_path), "--out", str(tmp_path), "--methods", "dense"])
     assert "--methods 'dense'" in capsys.readouterr().err
+
+
+def test_resume_drops_a_partial_last_line_only(tmp_path):
+    from flexwalk.niah.run import _done
+
+    f = tmp_path / "samples.jsonl"
+    good = json.dumps({"task": "niah_single_1", "length": 4096, "index": 3})
+    f.write_text(good + "\n" + '{"task": "niah_sin')
+    assert _done(f) == {("niah_single_1", 4096, 3)}
+    assert f.read_text() == good + "\n"  # the partial record is gone; the sample runs again
+    f.write_text('{"broken\n' + good + "\n")
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        _done(f)

@@ -30,7 +30,10 @@ ABLATIONS: dict[str, list[dict[str, Any]]] = {
     "block_size": [{"block_size": b} for b in (64, 128)],
     "dense_layers": [{"dense_layers": n} for n in (0, 1, 2)],
     "damping": [{"damping": b} for b in (0.0, 0.25, 0.5, 0.75)],
-    "dense_tail": [{"dense_tail_blocks": t} for t in (0, 1)],
+    "dense_tail": [{"dense_tail_blocks": t} for t in (0, 1, 2, 4)],
+    "sink": [{"sink_blocks": n} for n in (1, 2, 4)],
+    "local": [{"local_blocks": n} for n in (1, 2, 4)],
+    "head_scoring": [{"head_scoring": h} for h in ("mean", "per_head")],
 }
 
 

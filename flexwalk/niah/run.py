@@ -80,12 +80,19 @@ def _done(path: Path) -> set[tuple[str, int, int]]:
     if not path.is_file():
         return set()
     seen = set()
-    with path.open() as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                r = json.loads(line)
-                seen.add((r["task"], int(r["length"]), int(r["index"])))
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+            # a run killed mid-write leaves a partial last line: drop it, the sample runs again
+            path.write_text("".join(x + "\n" for x in lines[:i]))
+            break
+        seen.add((r["task"], int(r["length"]), int(r["index"])))
     return seen
 
 
