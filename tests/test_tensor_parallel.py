@@ -68,3 +68,90 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
             err = ((out - ref_outs[i]) * real).abs().max().item()
             assert err <= 1e-5, f"{name} layer {i}: TP output differs by {err:.3g}"
         assert any(not t.all() for t in ref_tables), "the budget must be sparse for the test to mean anything"
+
+
+# ----------------------------------------------------------------------------- transformers tp_plan
+
+
+def _tp_worker(rank: int, world: int, store: str, model_dir: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from transformers import AutoModelForCausalLM
+
+        from flexwalk.integrations.transformers import _GROUP_ATTR
+
+        cfg = SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=1)
+        try:  # transformers >= 5.17 takes the plan in a DistributedConfig
+            from transformers import DistributedConfig
+
+            kwargs = {"distributed_config": DistributedConfig(tp_plan="auto")}
+        except ImportError:
+            kwargs = {"tp_plan": "auto"}
+        tp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
+        assert getattr(tp, "tp_size", None) == world
+        flexwalk.configure(tp, cfg)  # finds the model's device mesh group
+        ids = torch.randint(0, tp.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(2, 300, dtype=torch.long)
+        mask[1, :37] = 0  # left padding
+        with torch.no_grad():
+            flexwalk.reset_counters()
+            mesh_logits = tp(ids, attention_mask=mask).logits
+            counts = flexwalk.counters()
+            for mod in tp.modules():  # no recorded group: the default world of tp_plan="auto"
+                setattr(mod, _GROUP_ATTR, None)
+            world_logits = tp(ids, attention_mask=mask).logits
+        torch.save({"mesh": mesh_logits, "world": world_logits, "counts": counts},
+                   os.path.join(out_dir, f"tp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_transformers_tp_plan_matches_one_process(tmp_path):
+    """A tiny Llama under transformers' tp_plan="auto" on two gloo ranks (each with half of the
+    heads) gives the single-process sketchwalk_flex logits, and differs from dense by far more."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    conf = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
+    LlamaForCausalLM(conf).save_pretrained(tmp_path / "tiny")
+    mp.spawn(_tp_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "tiny"), str(tmp_path)), nprocs=2,
+             join=True)
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", dtype=torch.float32)
+    flexwalk.configure(one, SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=1))
+    ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 300, dtype=torch.long)
+    mask[1, :37] = 0
+    with torch.no_grad():
+        sparse = one(ids, attention_mask=mask).logits
+        one.set_attn_implementation("sdpa")
+        dense = one(ids, attention_mask=mask).logits
+    real = mask.bool()[..., None]
+    gap = ((sparse - dense) * real).abs().max().item()
+    assert gap > 1e-2  # the budget is sparse enough to matter
+    for rank in range(2):
+        got = torch.load(tmp_path / f"tp{rank}.pt")
+        assert got["counts"] == {"dense_layer": 1, "sparse_prefill": 3}
+        for key in ("mesh", "world"):
+            err = ((got[key] - sparse) * real).abs().max().item()
+            # fp32; the TP all-reduces only change summation order (~1e-7 relative)
+            assert err < 1e-4, (rank, key, err, gap)
+
+
+def test_sharded_heads_without_a_group_raise():
+    """A rank holding a share of the heads with no process group to reduce over must not select
+    on its own heads: NotImplementedError naming the feature and what to do."""
+    import types
+
+    import pytest
+
+    from flexwalk.integrations.transformers import _tensor_parallel_group
+
+    module = types.SimpleNamespace(config=types.SimpleNamespace(num_attention_heads=8))
+    cfg = SketchWalkConfig()
+    assert _tensor_parallel_group(module, torch.zeros(1, 8, 4, 16), cfg) is None  # every head: no TP
+    with pytest.raises(NotImplementedError, match="tensor parallelism: this rank holds 4 of 8 query heads"):
+        _tensor_parallel_group(module, torch.zeros(1, 4, 4, 16), cfg)
+    with pytest.raises(NotImplementedError, match="unequal head shares"):
+        _tensor_parallel_group(module, torch.zeros(1, 3, 4, 16), cfg)

@@ -31,6 +31,7 @@ from ..walk import WalkState
 ATTN_IMPLEMENTATION = "sketchwalk_flex"
 CONFIG_ATTR = "sketchwalk_config"
 _MODULE_ATTR = "_flexwalk_config"
+_GROUP_ATTR = "_sketchwalk_process_group"  # tensor-parallel group of the model (configure)
 _STATE_ATTR = "_flexwalk_decode_state"
 # Queries of at most this many tokens (decode, short continuations) use transformers' own
 # mask, built for those rows only ([B, 1, L, S]): exact for every cache layout.
@@ -214,16 +215,46 @@ def _config_from_items(items: tuple) -> SketchWalkConfig:
     return SketchWalkConfig.from_dict(dict(items))
 
 
-def _check_not_sharded(module, query: torch.Tensor) -> None:
-    """Tensor parallelism (tp_plan) hands each rank a share of the heads; a selection from that
-    share would differ between ranks, so refuse it rather than be silently wrong."""
+def _tensor_parallel_group(module, query: torch.Tensor, cfg: SketchWalkConfig):
+    """The process group of a tensor-parallel attention layer (tp_plan), or None when this rank
+    holds every query head.  Each rank holds an equal share of the heads; the selection's block
+    means are all-reduced over this group so that every rank selects what one GPU would."""
     heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
-    if isinstance(heads, int) and query.shape[1] < heads:
+    local = query.shape[1]
+    if not isinstance(heads, int) or local >= heads:
+        return None
+    if heads % local:
         raise NotImplementedError(
-            f"sketchwalk_flex under tensor parallelism (tp_plan): this rank holds {query.shape[1]} of {heads} query "
-            "heads; the transformers integration does not all-reduce the selection yet. The functional API "
-            "(flexwalk.sketchwalk_attention(..., process_group=...)) does; see docs/multi-gpu.md"
-        )
+            f"sketchwalk_flex under tensor parallelism with unequal head shares ({local} of {heads} query heads)")
+    degree = heads // local
+    import torch.distributed as dist
+
+    group = getattr(module, _GROUP_ATTR, None)
+    if group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() == degree:
+        group = dist.group.WORLD  # tp_plan="auto" shards over the whole world by default
+    if group is None or dist.get_world_size(group) != degree:
+        raise NotImplementedError(
+            f"sketchwalk_flex under tensor parallelism: this rank holds {local} of {heads} query heads and no "
+            f"process group of {degree} ranks was found (the default world has "
+            f"{dist.get_world_size() if dist.is_available() and dist.is_initialized() else 'no'} ranks); call "
+            "flexwalk.configure(model) after from_pretrained(..., tp_plan=...) so the model's device mesh is used")
+    if not cfg.skip_decode:
+        raise NotImplementedError(
+            "sketchwalk_flex: sparse decode (skip_decode=False) under tensor parallelism; prefill sparsity works")
+    return group
+
+
+def _mesh_group(model: torch.nn.Module):
+    """The tensor-parallel process group of a model loaded with tp_plan (its device mesh), or None."""
+    mesh = getattr(model, "_device_mesh", None) or getattr(model, "device_mesh", None)
+    if mesh is None:
+        return None
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    if "tp" in names:
+        return mesh.get_group("tp")
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    raise NotImplementedError(f"sketchwalk_flex: a {mesh.ndim}-D device mesh without a 'tp' dimension ({names})")
 
 
 def _check_supported(module, kwargs, dropout) -> None:
@@ -252,8 +283,8 @@ def sketchwalk_flex_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: q [B,Hq,L,D], k/v [B,Hkv,S,D] -> ([B,L,Hq,D], None)."""
     _check_supported(module, kwargs, dropout)
-    _check_not_sharded(module, query)
     cfg = resolve_config(module)
+    group = _tensor_parallel_group(module, query, cfg)
     softcap = kwargs.get("softcap", None)
     window = kwargs.get("sliding_window")
     window = None if window is None else int(window)
@@ -303,6 +334,7 @@ def sketchwalk_flex_attention(
     out, state = sketchwalk_attention(
         query, key, value, cfg, layer_idx, None if window is not None else ctx.walk_state,
         key_valid=key_valid, scale=scaling, softcap=softcap, window=window, check_padding=False, sketch=sketch,
+        process_group=group,
     )
     if window is None:
         ctx.walk_state = state
@@ -484,8 +516,10 @@ def configure(model: torch.nn.Module, config: SketchWalkConfig | dict | str | No
     mconf = getattr(model, "config", None)
     if getattr(mconf, "is_encoder_decoder", False):
         raise NotImplementedError("sketchwalk_flex: encoder-decoder models are not supported")
+    group = _mesh_group(model)
     for m in model.modules():
         setattr(m, _MODULE_ATTR, cfg)
+        setattr(m, _GROUP_ATTR, group)
     if enable and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
