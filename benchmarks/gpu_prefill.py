@@ -43,6 +43,15 @@ def bench(fn, long: bool = False) -> float:
     return tt.do_bench(fn, warmup=25 if not long else 5, rep=100 if not long else 30, return_mode="median")
 
 
+def env_info() -> dict:
+    """Device and versions, recorded beside every GPU measurement."""
+    import transformers
+    import triton
+
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                transformers=transformers.__version__, python=platform.python_version())
+
+
 def peak_gib(fn) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -170,11 +179,7 @@ def main():
     ap.add_argument("--ttft-dense-below", type=int, default=8192, help="sketchwalk_flex dense_below in the TTFT runs")
     ap.add_argument("--skip", default="")
     args = ap.parse_args()
-    import transformers
-    import triton
-
-    RESULTS["env"] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                          transformers=transformers.__version__, python=platform.python_version())
+    RESULTS["env"] = env_info()
     log(RESULTS["env"])
     skip = set(filter(None, args.skip.split(",")))
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731

@@ -28,20 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import flexwalk
 import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig, sketchwalk_attention
 from flexwalk.attention import fused_selection_mask
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def bench(fn, long=False) -> float:
-    import triton.testing as tt
-
-    return tt.do_bench(fn, warmup=25 if not long else 5, rep=100 if not long else 30, return_mode="median")
+from gpu_prefill import bench, env_info, log  # this folder is on sys.path when run as a script
 
 
 def check():
@@ -116,7 +106,8 @@ def speed(lengths):
 
 
 COLD = r"""
-import sys, time, torch, flexwalk, flexwalk.attention as A
+import json, sys, time, torch, flexwalk, flexwalk.attention as A
+from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 A.GRAPH_SELECTION = sys.argv[1] == "on"
 cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -126,13 +117,14 @@ with torch.device("cuda"):
     m = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
 m.set_attn_implementation("sketchwalk_flex")
 ids = torch.randint(0, 49152, (1, 8064), device="cuda")
-times = []
+times, graphs = [], []
 for i, n in enumerate((8064, 8064, 8000)):
     torch.cuda.synchronize(); t = time.perf_counter()
     with torch.no_grad():
         m(ids[:, :n], logits_to_keep=1)
     torch.cuda.synchronize(); times.append(time.perf_counter() - t)
-print("RESULT", times, flexwalk.counters())
+    graphs.append(counters["stats"]["unique_graphs"])  # compiled graphs so far
+print("RESULT", json.dumps({"times": times, "compiled_graphs": graphs, "counters": flexwalk.counters()}))
 """
 
 
@@ -148,10 +140,12 @@ def cold(modes=("on", "off")):
                 log(f"cold {mode}: failed\n{p.stderr[-3000:]}")
                 out[mode] = dict(error=p.stderr[-3000:])
                 continue
-            times = json.loads(line[0].split(" ", 1)[1].split("] ")[0] + "]")
-            out[mode] = dict(first_s=times[0], second_s=times[1], other_length_s=times[2], wall_s=time.time() - t)
+            r = json.loads(line[0].split(" ", 1)[1])
+            times = r["times"]
+            out[mode] = dict(first_s=times[0], second_s=times[1], other_length_s=times[2], wall_s=time.time() - t,
+                             compiled_graphs=r["compiled_graphs"], counters=r["counters"])
             log(f"cold graph={mode}: first forward {times[0]:.1f} s, second {times[1]:.3f} s, "
-                f"another length {times[2]:.3f} s ({line[0]})")
+                f"another length {times[2]:.3f} s; compiled graphs after each {r['compiled_graphs']}")
     return out
 
 
@@ -163,11 +157,7 @@ def main():
     ap.add_argument("--cold-modes", default="on,off", help="graph selection on / off in the cold runs")
     args = ap.parse_args()
     sections = args.sections.split(",")
-    import transformers
-    import triton
-
-    res = {"env": dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                       transformers=transformers.__version__)}
+    res = {"env": env_info()}
     log(res["env"])
     if "check" in sections:
         res["check"] = check()

@@ -51,8 +51,11 @@ def sketch_matrix(config: SketchWalkConfig, layer_idx: int, head_dim: int, devic
 
 
 def head_reduce(x: torch.Tensor, head_scoring: str) -> torch.Tensor:
-    """[B, H, n, D] -> fp32 [B, 1, n, D] ("mean") or [B, H, n, D] ("per_head" scoring)."""
-    return x.float().mean(1, keepdim=True) if head_scoring == "mean" else x.float()
+    """[B, H, n, D] -> fp32 [B, 1, n, D] ("mean") or [B, H, n, D] ("per_head" scoring).
+
+    One head is its own mean: returned as is (fp32), no copy (the CUDA-graph selection passes
+    head means it computed already)."""
+    return x.float().mean(1, keepdim=True) if head_scoring == "mean" and x.shape[1] > 1 else x.float()
 
 
 def transition_rows(
