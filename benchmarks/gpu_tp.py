@@ -1,0 +1,195 @@
+"""Time to first token under transformers tensor parallelism (issue 6), sdpa vs sketchwalk_flex.
+
+One device call on a machine with two GPUs:
+
+    PYTHONPATH=. python benchmarks/gpu_tp.py single --ckpt /tmp/l8b --out OUT
+    PYTHONPATH=. torchrun --nproc_per_node 2 benchmarks/gpu_tp.py tp --ckpt /tmp/l8b --out OUT
+
+`single` builds the Llama-3.1-8B-shaped random-weight model on one GPU, times its TTFT at each
+length (sdpa, then sketchwalk_flex), saves the last-position logits of the shortest length and
+writes the checkpoint that `tp` loads with `DistributedConfig(tp_plan="auto")` on every rank.
+`tp` times the same prompts on all ranks (rank 0 reports), checks that every rank kept the same
+blocks (density per layer gathered from all ranks) and compares its logits with the single GPU's.
+`--tiny` swaps in a 4-layer model for a CPU trial run (gloo, fp32).
+Writes OUT/gpu_tp_single.json and OUT/gpu_tp_tp.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import flexwalk  # noqa: E402
+from flexwalk import SketchWalkConfig  # noqa: E402
+
+
+def _config(tiny: bool):
+    from transformers import LlamaConfig
+
+    if not tiny:
+        from gpu_decode import _llama8b_config
+
+        return _llama8b_config()
+    return LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                       num_key_value_heads=4, vocab_size=1000, max_position_embeddings=8192,
+                       tie_word_embeddings=False)
+
+
+def _prompt(n: int, vocab: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(0, min(vocab, 128000), (1, n), generator=g).to(device)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def time_prompts(model, lengths, sw: SketchWalkConfig, reps: int, rank0: bool = True, group=None):
+    """TTFT per length and method: `reps` forwards each (the first compiles what is new), min."""
+    device = model.device
+    out, logits = {}, {}
+    for n in lengths:
+        ids = _prompt(n, model.config.vocab_size, device)
+        for impl in ("sdpa", "sketchwalk_flex"):
+            if impl == "sdpa":
+                model.set_attn_implementation("sdpa")
+            else:
+                flexwalk.configure(model, sw)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            with torch.no_grad():
+                for _ in range(reps):
+                    flexwalk.reset_counters()
+                    if group is not None:
+                        dist.barrier()
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    lg = model(ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
+            rec = dict(ttft_s=min(times), times_s=times, peak_gib=_peak_gib(device))
+            if impl == "sketchwalk_flex":
+                dens = flexwalk.density_report("prefill")
+                rec["density_per_layer"] = {str(k): v for k, v in dens.items()}
+                rec["sparse_prefill_calls"] = flexwalk.counters().get("sparse_prefill", 0)
+                if group is not None:  # every rank must have kept exactly the same blocks
+                    every = [None] * dist.get_world_size()
+                    dist.all_gather_object(every, rec["density_per_layer"])
+                    rec["ranks_agree"] = all(e == every[0] for e in every)
+            out[f"{n}/{impl}"] = rec
+            logits[f"{n}/{impl}"] = lg.cpu()
+            if rank0:
+                extra = f", ranks agree: {rec['ranks_agree']}" if "ranks_agree" in rec else ""
+                print(f"TTFT {n:>6} {impl:>15}: {min(times):.3f} s (runs {', '.join(f'{t:.3f}' for t in times)}), "
+                      f"peak {rec['peak_gib']:.1f} GiB{extra}", flush=True)
+        out[f"{n}/speedup"] = out[f"{n}/sdpa"]["ttft_s"] / out[f"{n}/sketchwalk_flex"]["ttft_s"]
+        if rank0:
+            print(f"TTFT {n}: x{out[f'{n}/speedup']:.2f}", flush=True)
+    model.set_attn_implementation("sdpa")
+    return out, logits
+
+
+def _env() -> dict:
+    import platform
+
+    import transformers
+
+    env = dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version())
+    if torch.cuda.is_available():
+        import triton
+
+        env.update(device=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(), triton=triton.__version__)
+    return env
+
+
+def single(args, sw, lengths) -> None:
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    t = time.time()
+    with device:
+        model = AutoModelForCausalLM.from_config(_config(args.tiny), dtype=dtype, attn_implementation="sdpa").eval()
+    print(f"built the model in {time.time() - t:.0f} s", flush=True)
+    t = time.time()
+    model.save_pretrained(args.ckpt)
+    print(f"saved the checkpoint in {time.time() - t:.0f} s", flush=True)
+    res, logits = time_prompts(model, lengths, sw, args.reps)
+    torch.save({k: v for k, v in logits.items() if k.startswith(f"{lengths[0]}/")}, os.path.join(args.out, "single_logits.pt"))
+    with open(os.path.join(args.out, "gpu_tp_single.json"), "w") as f:
+        json.dump({"env": _env(), "config": sw.to_dict(), "lengths": lengths, "ttft": res}, f, indent=1)
+
+
+def tp(args, sw, lengths) -> None:
+    from transformers import AutoModelForCausalLM
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cuda = torch.cuda.is_available() and not args.tiny
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        try:  # transformers >= 5.17 takes the plan in a DistributedConfig
+            from transformers import DistributedConfig
+
+            kwargs = {"distributed_config": DistributedConfig(tp_plan="auto")}
+        except ImportError:
+            kwargs = {"tp_plan": "auto"}
+        t = time.time()
+        model = AutoModelForCausalLM.from_pretrained(args.ckpt, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                     **kwargs).eval()
+        if rank == 0:
+            print(f"loaded under tp_plan='auto' on {world} ranks in {time.time() - t:.0f} s (tp_size "
+                  f"{getattr(model, 'tp_size', None)})", flush=True)
+        res, logits = time_prompts(model, lengths, sw, args.reps, rank0=rank == 0, group=dist.group.WORLD)
+        if rank == 0:
+            ref = torch.load(os.path.join(args.out, "single_logits.pt"))
+            cmp = {}
+            for key, one in ref.items():
+                d = (logits[key] - one).abs().max().item()
+                cmp[key] = dict(max_abs_diff_vs_single=d, argmax_equal=bool(logits[key].argmax() == one.argmax()))
+            n0 = lengths[0]
+            sparse_vs_dense = (ref[f"{n0}/sketchwalk_flex"] - ref[f"{n0}/sdpa"]).abs().max().item()
+            cmp["single_sparse_vs_dense_max_abs"] = sparse_vs_dense
+            print(f"logits at {n0}, TP vs one GPU: {json.dumps(cmp)}", flush=True)
+            with open(os.path.join(args.out, "gpu_tp_tp.json"), "w") as f:
+                json.dump({"env": _env(), "world": world, "config": sw.to_dict(), "lengths": lengths, "ttft": res,
+                           "logits_vs_single": cmp}, f, indent=1)
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=("single", "tp"))
+    ap.add_argument("--ckpt", required=True, help="where `single` writes the random-weight checkpoint `tp` loads")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--lengths", default="32768,65536,131072")
+    ap.add_argument("--reps", type=int, default=2, help="forwards per length and method; the minimum is reported")
+    ap.add_argument("--dense-below", type=int, default=8192)
+    ap.add_argument("--tiny", action="store_true", help="a 4-layer model for a CPU trial (gloo, fp32)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    block = 16 if args.tiny else 128
+    sw = SketchWalkConfig(block_size=block, density=0.2, dense_below=args.dense_below)
+    (single if args.stage == "single" else tp)(args, sw, lengths)
+
+
+if __name__ == "__main__":
+    main()
