@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from . import stats
 from .block_mask import _HAS_COMPUTE_Q_BLOCKS, bucket_length, key_bounds, packed
 from .config import SketchWalkConfig
-from .selection import LayerSketch, head_reduce, layer_sketch, sketch_matrix, transition_rows
+from .selection import LayerSketch, _group_mean, head_reduce, layer_sketch, sketch_matrix, transition_rows
 from .sketch import block_causal_mask, effective_sketch_dim, num_blocks
 from .walk import rank_blocks, walk_combine
 
@@ -58,6 +58,11 @@ class DecodeState:
         this state belongs to;  stale: 0-dim bool, set once a step finds the cache or the
         position disagreeing with the state (that sequence then decodes densely, exactly).
     C = ceil(kv_tokens / block_size) is the capacity in blocks.
+    process_group: tensor parallelism, this rank holding an equal share of the heads: the
+      state holds the group's head means (identical on every rank) and each step all-reduces
+      its new query and key head means and its staleness flag, so every rank selects the same
+      blocks as one process holding every head.  head_scoring="mean" only; such a state's
+      steps are not captured in CUDA graphs.
     """
 
     def __init__(
@@ -73,8 +78,14 @@ class DecodeState:
         kv_tokens: int,
         device: torch.device | str,
         growable: bool = True,
+        process_group=None,
     ):
+        if process_group is not None and config.head_scoring != "mean":
+            raise NotImplementedError(
+                f"sparse decode under tensor parallelism with head_scoring={config.head_scoring!r}: only 'mean' "
+                "(one all-reduce of the head means per step) is supported")
         self.config = config
+        self.process_group = process_group
         self.layer_idx = layer_idx
         self.block_size = config.block_size
         self.scale = float(scale)
@@ -157,13 +168,15 @@ class DecodeState:
         kv_tokens: int | None = None,
         growable: bool | None = None,
         sketch: LayerSketch | None = None,
+        process_group=None,
     ) -> "DecodeState":
         """The state after a prefill of n tokens (q [B, Hq, n, D], k [B, Hkv, n, D]).
 
         kv_tokens: capacity in tokens (default: the length bucket above n, grown as needed).
         Pass the static cache's length with growable=False for a fixed-size cache.
         key_valid: [B, n] bool, left padding only (decode appends real tokens on the right).
-        sketch: this layer's `layer_sketch(...)` when the prefill already computed it.
+        sketch: this layer's `layer_sketch(...)` when the prefill already computed it (with the
+        same process_group).  process_group: tensor parallelism (see the class docstring).
         """
         bsz, hq, n, d = q.shape
         scale = d**-0.5 if scale is None else float(scale)
@@ -178,11 +191,11 @@ class DecodeState:
                 "every row (generate() pads on the left)"
             )
         if sketch is None:
-            sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale)
+            sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale, process_group=process_group)
         st = cls(
             config, layer_idx, batch=bsz, q_heads=sketch.q_means.shape[1], k_heads=sketch.k_means.shape[1],
             head_dim=d, scale=scale, kv_tokens=kv_tokens, device=q.device,
-            growable=True if growable is None else growable,
+            growable=True if growable is None else growable, process_group=process_group,
         )
         nb = sketch.counts.shape[1]
         counts = sketch.counts
@@ -216,6 +229,8 @@ class DecodeState:
         self._graph = None  # the tensors below are replaced: a captured step would read the old ones
         qm = head_reduce(q_new, self.config.head_scoring)
         km = head_reduce(k_new, self.config.head_scoring)
+        if self.process_group is not None:
+            qm, km = _group_mean(qm, self.process_group), _group_mean(km, self.process_group)
         vf = torch.ones(bsz, L, device=self.device) if valid is None else valid.to(self.device, torch.float32)
         q_sum, q_count = _absorb(
             self.k_sum, self.k_count, self.k_sketch, self.transition, self.q_sum, self.q_count, self.pos,
@@ -317,25 +332,34 @@ def decode_select(
     )
 
 
+def _cache_mismatch(k_rows, last_key, position, pos):
+    """0-d bool: the cache's key at pos - 1 is not the one the state absorbed, or the step's
+    position is not the state's."""
+    bad = ~torch.eq(k_rows[:, :, 0], last_key).all()
+    return bad if position is None else bad | (position != pos)
+
+
 def _step_core(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, last_key, stale, stale_steps, all_stale_steps, q,
-               k_rows, valid, walk_row, position, p, *, force_dense, head_scoring, **consts):
+               k_rows, valid, walk_row, position, p, *, force_dense, head_scoring, reduced=None, **consts):
     """One decode step's state update and selection, tensors only (no host sync).
 
     k_rows: [B, Hkv, 2, D], the cache's keys at positions pos - 1 and pos (the last absorbed
     token and the new one).  Checks the cache against the state (key fingerprint, position),
     absorbs the new token in place and selects its blocks.  Returns the values that replace the state's small
-    tensors and the selection.
+    tensors and the selection.  reduced: (query head mean, key head mean, mismatch flag)
+    already reduced over a tensor-parallel group (then used instead of this rank's own).
     """
-    seen, k_new = k_rows[:, :, 0], k_rows[:, :, 1:]  # the cache's keys at pos - 1 and pos
-    bad = ~torch.eq(seen, last_key).all()
-    if position is not None:
-        bad = bad | (position != pos)
+    k_new = k_rows[:, :, 1:]  # the cache's key at pos
+    if reduced is None:
+        bad = _cache_mismatch(k_rows, last_key, position, pos)
+        qm, km = head_reduce(q, head_scoring), head_reduce(k_new, head_scoring)
+    else:
+        qm, km, bad = reduced
     stale = stale | bad
     stale_steps += stale.to(stale_steps.dtype)
     all_stale_steps += stale.to(stale_steps.dtype)
     bsz = q.shape[0]
     valid_f = torch.ones(bsz, 1, device=q.device) if valid is None else valid.to(torch.float32)
-    qm, km = head_reduce(q, head_scoring), head_reduce(k_new, head_scoring)
     q_sum, q_count = _absorb(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, qm, km, valid_f, p,
                              consts["bs"], consts["scale"], consts["exponent"])
     new_pos = pos + 1
@@ -382,12 +406,22 @@ def _step_inplace(state: DecodeState, q, k, v, walk_row, valid, pos_t, *, scale,
 
     bsz, hq, _, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
+    k_rows = k.index_select(2, state.pos - state._prev_and_new)
+    reduced = None
+    if state.process_group is not None:  # tensor parallelism: the group's head means, one staleness verdict
+        import torch.distributed as dist
+
+        group, head_scoring = state.process_group, state.config.head_scoring
+        qm = _group_mean(head_reduce(q, head_scoring), group)
+        km = _group_mean(head_reduce(k_rows[:, :, 1:], head_scoring), group)
+        bad = _cache_mismatch(k_rows, state.last_key, pos_t, state.pos).to(torch.int32).reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+        reduced = (qm, km, bad.reshape(()).bool())
     (q_sum, q_count, pos, last_key, stale, row, kv_num, kv_idx, kept, causal, end) = _step_fn(q.device)(
         state.k_sum, state.k_count, state.k_sketch, state.transition, state.q_sum, state.q_count, state.pos,
         state.last_key, state.stale, state.stale_steps, stats.device_counter(stats.DECODE_STALE_STEPS, q.device), q,
-        k.index_select(2, state.pos - state._prev_and_new),
-        valid, walk_row, pos_t, state.sketch,
-        force_dense=force_dense, head_scoring=state.config.head_scoring, **_consts(state),
+        k_rows, valid, walk_row, pos_t, state.sketch,
+        force_dense=force_dense, head_scoring=state.config.head_scoring, reduced=reduced, **_consts(state),
     )
     for dst, src in ((state.q_sum, q_sum), (state.q_count, q_count), (state.pos, pos), (state.last_key, last_key),
                      (state.stale, stale)):
@@ -420,7 +454,7 @@ DECODE_GRAPHS = True
 
 def _graphable(state: DecodeState, q: torch.Tensor, kw: dict) -> bool:
     return (DECODE_GRAPHS and q.device.type == "cuda" and not state.growable and kw["kernel"] == "triton"
-            and state.last_key is not None and not torch.cuda.is_current_stream_capturing())
+            and state.last_key is not None and state.process_group is None and not torch.cuda.is_current_stream_capturing())
 
 
 def _graph_key(k, v, walk_row, valid, pos_t, kw) -> tuple:

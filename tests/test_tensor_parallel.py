@@ -72,6 +72,25 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 
 # ----------------------------------------------------------------------------- transformers tp_plan
 
+DECODE_CFG = SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=1, skip_decode=False)
+STEPS = 6
+
+
+def _decode_steps(model, ids, mask):
+    """Prefill, then STEPS one-token steps with a growing cache on fixed (teacher-forced) tokens:
+    the last-position logits of every step and the layer counters."""
+    forced = torch.randint(0, model.config.vocab_size, (ids.shape[0], STEPS), generator=torch.Generator().manual_seed(1))
+    flexwalk.reset_counters()
+    flexwalk.reset_decode_state(model)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        logits = [out.logits[:, -1]]
+        for t in range(STEPS):
+            mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
+            out = model(forced[:, t : t + 1], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1), flexwalk.counters()
+
 
 def _tp_worker(rank: int, world: int, store: str, model_dir: str, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
@@ -101,15 +120,19 @@ def _tp_worker(rank: int, world: int, store: str, model_dir: str, out_dir: str) 
             for mod in tp.modules():  # no recorded group: the default world of tp_plan="auto"
                 setattr(mod, _GROUP_ATTR, None)
             world_logits = tp(ids, attention_mask=mask).logits
-        torch.save({"mesh": mesh_logits, "world": world_logits, "counts": counts},
-                   os.path.join(out_dir, f"tp{rank}.pt"))
+        flexwalk.configure(tp, DECODE_CFG)
+        decode_logits, decode_counts = _decode_steps(tp, ids, mask)
+        torch.save({"mesh": mesh_logits, "world": world_logits, "counts": counts, "decode": decode_logits,
+                    "decode_counts": decode_counts}, os.path.join(out_dir, f"tp{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_transformers_tp_plan_matches_one_process(tmp_path):
     """A tiny Llama under transformers' tp_plan="auto" on two gloo ranks (each with half of the
-    heads) gives the single-process sketchwalk_flex logits, and differs from dense by far more."""
+    heads) gives the single-process sketchwalk_flex logits, and differs from dense by far more;
+    in prefill and in sparse decode steps (the decode state's head means all-reduced per step:
+    without that all-reduce the step logits differ by ~0.1)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -130,6 +153,14 @@ def test_transformers_tp_plan_matches_one_process(tmp_path):
     real = mask.bool()[..., None]
     gap = ((sparse - dense) * real).abs().max().item()
     assert gap > 1e-2  # the budget is sparse enough to matter
+    # Sparse decode: the same prefill and steps in one process, and with dense decode steps.
+    flexwalk.configure(one, DECODE_CFG)
+    dec_one, counts_one = _decode_steps(one, ids, mask)
+    flexwalk.configure(one, DECODE_CFG.replace(skip_decode=True))
+    dec_dense_steps, _ = _decode_steps(one, ids, mask)
+    assert counts_one["sparse_decode"] == 3 * STEPS  # 3 sparse layers x STEPS steps
+    decode_gap = (dec_one[:, 1:] - dec_dense_steps[:, 1:]).abs().max().item()
+    assert decode_gap > 1e-2, "the decode steps must be sparse enough to matter"
     for rank in range(2):
         got = torch.load(tmp_path / f"tp{rank}.pt")
         assert got["counts"] == {"dense_layer": 1, "sparse_prefill": 3}
@@ -137,6 +168,9 @@ def test_transformers_tp_plan_matches_one_process(tmp_path):
             err = ((got[key] - sparse) * real).abs().max().item()
             # fp32; the TP all-reduces only change summation order (~1e-7 relative)
             assert err < 1e-4, (rank, key, err, gap)
+        assert got["decode_counts"] == counts_one, (rank, got["decode_counts"], counts_one)
+        err = (got["decode"] - dec_one).abs().max().item()
+        assert err < 1e-4, (rank, "decode", err, decode_gap)
 
 
 def test_sharded_heads_without_a_group_raise():
@@ -155,3 +189,7 @@ def test_sharded_heads_without_a_group_raise():
         _tensor_parallel_group(module, torch.zeros(1, 4, 4, 16), cfg)
     with pytest.raises(NotImplementedError, match="unequal head shares"):
         _tensor_parallel_group(module, torch.zeros(1, 3, 4, 16), cfg)
+    per_head = SketchWalkConfig(skip_decode=False, head_scoring="per_head")
+    with pytest.raises(NotImplementedError, match="sparse decode.* under tensor parallelism with head_scoring='per_head'"):
+        flexwalk.DecodeState(per_head, 0, batch=1, q_heads=4, k_heads=2, head_dim=16, scale=0.25, kv_tokens=64,
+                             device="cpu", process_group=object())

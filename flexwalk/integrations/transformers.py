@@ -238,9 +238,10 @@ def _tensor_parallel_group(module, query: torch.Tensor, cfg: SketchWalkConfig):
             f"process group of {degree} ranks was found (the default world has "
             f"{dist.get_world_size() if dist.is_available() and dist.is_initialized() else 'no'} ranks); call "
             "flexwalk.configure(model) after from_pretrained(..., tp_plan=...) so the model's device mesh is used")
-    if not cfg.skip_decode:
+    if not cfg.skip_decode and cfg.head_scoring != "mean":
         raise NotImplementedError(
-            "sketchwalk_flex: sparse decode (skip_decode=False) under tensor parallelism; prefill sparsity works")
+            f"sketchwalk_flex: sparse decode (skip_decode=False) under tensor parallelism with head_scoring="
+            f"{cfg.head_scoring!r}; use head_scoring='mean' or skip_decode=True")
     return group
 
 
@@ -303,7 +304,7 @@ def sketchwalk_flex_attention(
     track = not cfg.skip_decode and window is None and layer_idx is not None and layer_idx >= cfg.dense_layers
     if L <= SMALL_QUERY:
         if track:
-            out = _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap)
+            out = _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap, group)
             if out is not None:
                 return out.transpose(1, 2).contiguous(), None
         else:
@@ -330,7 +331,8 @@ def sketchwalk_flex_attention(
         raise NotImplementedError(
             f"sketchwalk_flex: attention module {type(module).__name__} has no layer_idx; the walk needs layer order"
         )
-    sketch = layer_sketch(query, key, cfg, layer_idx, key_valid=key_valid, scale=scaling) if track else None
+    sketch = layer_sketch(query, key, cfg, layer_idx, key_valid=key_valid, scale=scaling,
+                          process_group=group) if track else None
     out, state = sketchwalk_attention(
         query, key, value, cfg, layer_idx, None if window is not None else ctx.walk_state,
         key_valid=key_valid, scale=scaling, softcap=softcap, window=window, check_padding=False, sketch=sketch,
@@ -339,16 +341,17 @@ def sketchwalk_flex_attention(
     if window is None:
         ctx.walk_state = state
     if track:
-        _new_state(module, cfg, query, key, key_valid, scaling, sketch, kv_tokens=ctx.kv_length if static else None)
+        _new_state(module, cfg, query, key, key_valid, scaling, sketch, kv_tokens=ctx.kv_length if static else None,
+                   process_group=group)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _new_state(module, cfg, query, key, key_valid, scaling, sketch, *, kv_tokens) -> None:
+def _new_state(module, cfg, query, key, key_valid, scaling, sketch, *, kv_tokens, process_group=None) -> None:
     """Build the layer's decode state from this prefill (a new sequence starts here)."""
     try:
         state = DecodeState.from_prefill(
             query, key, cfg, module.layer_idx, key_valid=key_valid, scale=scaling, kv_tokens=kv_tokens,
-            growable=kv_tokens is None, sketch=sketch,
+            growable=kv_tokens is None, sketch=sketch, process_group=process_group,
         )
     except RightPaddingError:
         _drop_state(module)
@@ -400,7 +403,7 @@ def _matching_state(module, query, key, L, offset: int | None) -> DecodeState | 
     return state
 
 
-def _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap) -> torch.Tensor | None:
+def _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap, group=None) -> torch.Tensor | None:
     """Queries of <= SMALL_QUERY tokens on a layer that keeps a decode state.
 
     Returns the sparse decode output [B, Hq, 1, D], or None after updating the state and
@@ -410,7 +413,7 @@ def _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap) 
     offset = ctx.known_offset()
     if offset == 0:  # a short prompt starts a new sequence
         _new_state(module, cfg, query, key[:, :, :L], ctx.new_valid(), scaling, None,
-                   kv_tokens=S if S > L else None)
+                   kv_tokens=S if S > L else None, process_group=group)
         stats.count(stats.DENSE_SHORT)
         return None
     state = _matching_state(module, query, key, L, offset)
