@@ -13,12 +13,14 @@ from hypothesis import strategies as st
 
 import flexwalk
 from flexwalk import SketchWalkConfig
+from flexwalk.cli import greedy, greedy_batch
 from flexwalk.cli import main as cli_main
 from flexwalk.niah.fidelity import capture_attention_inputs, layer_fidelity, next_token_kl
-from flexwalk.niah.run import METHODS, method_config
+from flexwalk.niah.run import METHODS, _batches, method_config
 from flexwalk.selection import oracle_block_mass, sketchwalk_selection
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import floor_tol  # noqa: E402
 from tiny_models import build_model, random_ids  # noqa: E402
 
 
@@ -84,6 +86,117 @@ def test_fidelity_at_full_budget_is_exact_and_sparse_is_not():
     assert next_token_kl(model, ids, low, last=16, dense_logits=logits) > 1e-6
 
 
+# --------------------------------------------------------------------------- batched greedy decoding
+NEW = 12
+
+
+def _prompts(lengths: list[int]) -> list[list[int]]:
+    return [random_ids(1, n, seed=40 + i)[0].tolist() for i, n in enumerate(lengths)]
+
+
+def _alone(model, rows: list[list[int]], eos: set[int]) -> list[list[int]]:
+    out = []
+    for r in rows:
+        flexwalk.reset_decode_state(model)
+        new, _, _, finite = greedy(model, r, NEW, eos)
+        assert finite
+        out.append(new)
+    return out
+
+
+def _batched(model, rows: list[list[int]], eos: set[int]) -> list[list[int]]:
+    flexwalk.reset_decode_state(model)
+    got, prefill, total = greedy_batch(model, rows, NEW, eos, pad_id=0)
+    assert len(got) == len(rows) and 0 < prefill <= total and all(finite for _, finite in got)
+    return [new for new, _ in got]
+
+
+@torch.no_grad()
+def _first_logits(model, row: list[int], pad: int) -> torch.Tensor:
+    """Next-token logits after `row` left-padded by `pad` tokens (positions from the mask)."""
+    mask = torch.tensor([[0] * pad + [1] * len(row)])
+    ids = torch.tensor([[0] * pad + row])
+    return model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits[0, -1]
+
+
+def _stopping_eos(model, row: list[int]) -> set[int]:
+    """An EOS set under which this prompt stops early (at its 5th token): rows of a batch then
+    stop at different steps, and the stopped ones are fed padding."""
+    flexwalk.reset_decode_state(model)
+    return {greedy(model, row, NEW, set())[0][4]}
+
+
+def test_greedy_batch_of_one_is_greedy():
+    """A batch of one row runs exactly what greedy runs: the same tokens, to max_new_tokens or
+    up to and including the first EOS."""
+    model = build_model("llama", "sdpa")
+    (row,) = _prompts([150])
+    for eos in (set(), _stopping_eos(model, row), {2}):
+        assert _batched(model, [row], eos) == _alone(model, [row], eos)
+    assert len(_alone(model, [row], _stopping_eos(model, row))[0]) == 5
+
+
+@pytest.mark.parametrize("attn, density, sparse_decode", [
+    ("sdpa", None, False), ("sketchwalk_flex", 0.3, False), ("sketchwalk_flex", 0.3, True),
+    ("sketchwalk_flex", 1.0, False),
+])
+def test_greedy_batch_left_padding_matches_each_prompt_alone(attn, density, sparse_decode):
+    """Three prompts of different lengths, left-padded into one batch: each row generates
+    token for token what its prompt generates alone through greedy (fp32, exact equality).
+
+    sketchwalk_flex at a sparse budget (block 16, dense_below=0, so every layer selects): the
+    key block grid starts at the first padded position, and the selection counts its sink and
+    local blocks from the first real token, so padding by whole blocks (lengths 150, 134, 118)
+    selects exactly what the prompt selects alone.  Padding by a part of a block shifts the
+    grid against the prompt: that is another valid selection (not a numerical difference, not
+    leakage across rows or from padding), so a ragged row equals itself padded by one more
+    whole block but not the prompt alone.  This is why `flexwalk niah run` batches only prompts
+    of one token count for the sparse methods.  At full budget and under sdpa any padding
+    gives the prompt's own tokens."""
+    model = build_model("llama", "sdpa")
+    if attn == "sketchwalk_flex":
+        flexwalk.configure(model, SketchWalkConfig(block_size=16, density=density, dense_below=0, dense_layers=0,
+                                                   skip_decode=not sparse_decode))
+    sparse = attn == "sketchwalk_flex" and density < 1
+    rows = _prompts([150, 134, 118] if sparse else [150, 110, 133])
+    eos = _stopping_eos(model, rows[1])
+    flexwalk.reset_counters()
+    assert _batched(model, rows, eos) == _alone(model, rows, eos)
+    counts = flexwalk.counters()
+    if attn == "sketchwalk_flex":
+        assert counts.get("sparse_prefill", 0) > 0
+        assert (counts.get("sparse_decode", 0) > 0) == sparse_decode
+    if sparse:  # ragged padding (5 and 21 tokens): depends only on the padding modulo the block size
+        short = _prompts([150, 134, 118, 145])[3]
+        by5 = _batched(model, [rows[0], short], eos)[1]
+        by21 = _batched(model, [random_ids(1, 166, seed=9)[0].tolist(), short], eos)[1]
+        assert by5 == by21
+        # the first step's logits: whole blocks of padding change nothing, a part of a block
+        # changes the selection (far beyond fp32 rounding), the same way for 5 and 21 tokens
+        first = {pad: _first_logits(model, short, pad) for pad in (0, 5, 16, 21)}
+        tol = floor_tol(first[0])
+        assert (first[16] - first[0]).abs().max() <= tol and (first[21] - first[5]).abs().max() <= tol
+        assert (first[5] - first[0]).abs().max() > 100 * tol
+
+
+def test_batches_keep_cells_and_token_counts():
+    samples = [{"task": t, "target_length": n, "index": i, "k": k}
+               for (t, n, i, k) in [("a", 1, 0, 3), ("a", 1, 1, 2), ("a", 1, 2, 3), ("b", 1, 0, 3), ("a", 2, 0, 3),
+                                    ("a", 1, 3, 3), ("a", 1, 4, 3)]]
+
+    def tokenize(s):
+        return [0] * s["k"]
+
+    def shape(batches):
+        return [[(s["task"], s["target_length"], s["index"]) for s, _ in b] for b in batches]
+
+    assert shape(_batches(samples, tokenize, 2, same_tokens=False)) == [
+        [("a", 1, 0), ("a", 1, 1)], [("a", 1, 2), ("a", 1, 3)], [("a", 1, 4)], [("b", 1, 0)], [("a", 2, 0)]]
+    assert shape(_batches(samples, tokenize, 2, same_tokens=True)) == [
+        [("a", 1, 0), ("a", 1, 2)], [("a", 1, 3), ("a", 1, 4)], [("a", 1, 1)], [("b", 1, 0)], [("a", 2, 0)]]
+    assert all(len(b) == 1 for b in _batches(samples, tokenize, 1, same_tokens=True))
+
+
 # --------------------------------------------------------------------------- runner, end to end
 def test_method_configs():
     base = SketchWalkConfig(density=0.2)
@@ -118,6 +231,58 @@ def test_generate_run_compare_on_smollm2(tmp_path, capsys):
     assert len((out / "sdpa" / "samples.jsonl").read_text().splitlines()) == 2
     assert cli_main(["niah", "compare", *(str(out / m) for m in METHODS), "--out", str(rep)]) == 0
     assert "sketchwalk" in (rep / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_batched_run_on_smollm2_matches_batch_one_and_resumes(tmp_path, capsys):
+    """`flexwalk niah run --batch-size 2` on the packaged model: the same predictions as batch 1
+    (one prompt is made shorter so the dense batch is left-padded), records carry their batch,
+    the sparse method batches only prompts of one token count, and a run killed mid-batch
+    resumes with the missing samples only."""
+    from flexwalk.niah.data import dataset_path, read_jsonl
+
+    data = tmp_path / "data"
+    assert cli_main(["niah", "generate", "--tasks", "niah_single_1", "--lengths", "640", "--samples", "3",
+                     "--tokens-to-generate", "16", "--out", str(data)]) == 0
+    path = dataset_path(data, 640, "niah_single_1")
+    recs = read_jsonl(path)
+    sentence = "The sky is blue. "
+    assert sentence in recs[1]["input"]
+    recs[1]["input"] = recs[1]["input"].replace(sentence, "", 1)  # a few tokens shorter: ragged padding
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    run = ["niah", "run", "--data", str(data), "--lengths", "640", "--tasks", "niah_single_1", "--methods",
+           "sdpa,sketchwalk", "--max-new-tokens", "6", "--config", '{"dense_below": 256, "block_size": 64}']
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli_main([*run, "--out", str(one)]) == 0
+    assert cli_main([*run, "--out", str(two), "--batch-size", "2"]) == 0
+
+    def records(root, method):
+        return {r["index"]: r for r in map(json.loads, (root / method / "samples.jsonl").read_text().splitlines())}
+
+    for method, batches in (("sdpa", {0: 2, 1: 2, 2: 1}), ("sketchwalk", {0: 2, 1: 1, 2: 2})):
+        single, batched = records(one, method), records(two, method)
+        assert {i: r["pred"] for i, r in batched.items()} == {i: r["pred"] for i, r in single.items()}, method
+        assert {i: r["batch"] for i, r in batched.items()} == batches, method
+        assert all(r["batch"] == 1 and r["density_scope"] == "sample" for r in single.values())
+        assert all(r["density_scope"] == ("batch" if r["batch"] > 1 else "sample") for r in batched.values())
+        assert json.loads((two / method / "run.json").read_text())["batch_size"] == 2
+    assert records(two, "sdpa")[1]["input_tokens"] < records(two, "sdpa")[0]["input_tokens"]
+    pair = records(two, "sketchwalk")
+    assert pair[0]["counters"] == pair[2]["counters"] and pair[0]["counters"].get("sparse_prefill", 0) > 0
+
+    # killed while writing: the first record and part of the second are on disk
+    sample_file = two / "sdpa" / "samples.jsonl"
+    lines = sample_file.read_text().splitlines()
+    kept = [json.loads(x)["index"] for x in lines[:1]]
+    sample_file.write_text(lines[0] + "\n" + lines[1][:20])
+    assert cli_main([*run, "--out", str(two), "--batch-size", "2", "--methods", "sdpa"]) == 0
+    resumed = [json.loads(x) for x in sample_file.read_text().splitlines()]
+    assert sorted(r["index"] for r in resumed) == [0, 1, 2]
+    assert [r["batch"] for r in resumed if r["index"] not in kept] == [2, 2]  # the two missing ones, together
+    assert json.loads((two / "sdpa" / "summary.json").read_text())["overall"]["n"] == 3
+    with pytest.raises(SystemExit):
+        cli_main([*run, "--out", str(two), "--batch-size", "0"])
+    assert "--batch-size" in capsys.readouterr().err
 
 
 def test_run_errors_name_the_argument(tmp_path, capsys):

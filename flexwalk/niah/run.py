@@ -14,7 +14,9 @@ Methods (all share one loaded model; the attention implementation is switched pe
   one_hop     the same with walk="one_hop" (no walk across layers)
   oracle      the same budget, blocks ranked by exact block attention mass (upper bound;
               prefill only, O(n^2) per layer)
-Decoding is greedy; with --sparse-decode, sketchwalk and one_hop decode sparsely too.
+Decoding is greedy; with --sparse-decode, sketchwalk and one_hop decode sparsely too.  With
+--batch-size N, up to N samples of one task and length are decoded together (left-padded;
+sparse methods batch only prompts of one token count), see docs/niah.md.
 """
 
 from __future__ import annotations
@@ -133,14 +135,54 @@ def summarise(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def _pad_id(tokenizer, eos: set[int]) -> int:
+    """The token that left-pads a batch: the tokenizer's pad token, else EOS, else 0."""
+    for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(i, int):
+            return i
+    return min(eos) if eos else 0
+
+
+def _batches(todo: list[dict], tokenize, batch_size: int, same_tokens: bool):
+    """Yield batches [(sample, ids)] of up to batch_size samples of one (task, length) cell.
+
+    Cells keep their order in `todo`; inside a cell samples keep theirs.  same_tokens: only
+    prompts of the same token count share a batch (a sparse selection with left padding that
+    is not a whole number of blocks is another selection than the prompt's alone, see
+    docs/niah.md); a cell's leftovers of each count run as smaller batches at its end.
+    Tokenizes one sample at a time, so at most a few batches of token ids are held.
+    """
+    cells: dict[tuple[int, str], list[dict]] = {}
+    for s in todo:
+        cells.setdefault((s["target_length"], s["task"]), []).append(s)
+    for group in cells.values():
+        pending: dict[int | None, list] = {}
+        for s in group:
+            ids = tokenize(s)
+            key = len(ids) if same_tokens else None
+            bucket = pending.setdefault(key, [])
+            bucket.append((s, ids))
+            if len(bucket) == batch_size:
+                yield pending.pop(key)
+        yield from pending.values()
+
+
 def run_method(model, tokenizer, method: str, config: SketchWalkConfig | None, samples: list[dict], out: Path, *,
-               model_name: str, data: Path, max_new_tokens: int, progress: bool = True) -> Path:
-    """Evaluate one method on `samples`, appending to OUT/<method>/samples.jsonl (skips samples already there)."""
+               model_name: str, data: Path, max_new_tokens: int, progress: bool = True, batch_size: int = 1) -> Path:
+    """Evaluate one method on `samples`, appending to OUT/<method>/samples.jsonl (skips samples already there).
+
+    batch_size: samples decoded together (left-padded, one prefill and one greedy loop per
+    batch; batches never mix tasks or lengths, and sparse methods batch only prompts of one
+    token count).  A record's prefill_s / decode_s are then its batch's times divided by the
+    batch size, and its density and counters are the batch's (density_scope "batch").
+    """
     import flexwalk
     from tqdm.auto import tqdm
 
-    from ..cli import _eos_ids, greedy
+    from ..cli import _eos_ids, greedy_batch
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: must be an int >= 1")
     run_dir = out / method
     run_dir.mkdir(parents=True, exist_ok=True)
     info = {
@@ -148,6 +190,7 @@ def run_method(model, tokenizer, method: str, config: SketchWalkConfig | None, s
         "config": None if config is None or method == "flex" else config.to_dict(),
         "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""), "versions": _versions(),
         "data": str(data), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "batch_size": batch_size,
     }
     run_json = run_dir / "run.json"
     if run_json.is_file():
@@ -165,30 +208,40 @@ def run_method(model, tokenizer, method: str, config: SketchWalkConfig | None, s
     else:
         flexwalk.configure(model, config)
     eos = _eos_ids(model, tokenizer)
+    pad = _pad_id(tokenizer, eos)
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=method, disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
+
+    def tokenize(s: dict) -> list[int]:
+        return tokenizer(s["input"] + s.get("answer_prefix", "")).input_ids
+
+    # Full-budget flex keeps every block whatever the padding; the sparse methods' selection does not.
+    batches = _batches(todo, tokenize, batch_size, same_tokens=config is not None and method != "flex")
     with sample_file.open("a") as f:
-        for s in todo:
-            text = s["input"] + s.get("answer_prefix", "")
-            ids = tokenizer(text).input_ids
+        for batch in batches:
             flexwalk.reset_counters()
             flexwalk.reset_decode_state(model)
-            new, prefill, total, finite = greedy(model, ids, max_new_tokens, eos)
-            pred = tokenizer.decode(new, skip_special_tokens=True)
-            score_all, score_part = score_prediction(pred, s["outputs"])
+            rows, prefill, total = greedy_batch(model, [ids for _, ids in batch], max_new_tokens, eos, pad)
             layers = {ph: {str(k): v for k, v in flexwalk.density_report(ph).items()} for ph in ("prefill", "decode")}
             dens = layers["prefill"]
-            rec = {
-                "index": int(s["index"]), "task": s["task"], "length": s["target_length"], "input_tokens": len(ids),
-                "depth": s.get("depth"), "pred": pred, "outputs": s["outputs"], "score_all": score_all,
-                "score_part": score_part, "prefill_s": prefill, "decode_s": total - prefill, "new_tokens": len(new),
-                "finite": finite, "density": (sum(dens.values()) / len(dens)) if dens and method != "flex" else None,
-                "density_per_layer": layers if method != "flex" else None, "counters": flexwalk.counters(),
-            }
-            f.write(json.dumps(rec) + "\n")
+            counters = flexwalk.counters()
+            n = len(batch)
+            for (s, ids), (new, finite) in zip(batch, rows):
+                pred = tokenizer.decode(new, skip_special_tokens=True)
+                score_all, score_part = score_prediction(pred, s["outputs"])
+                rec = {
+                    "index": int(s["index"]), "task": s["task"], "length": s["target_length"], "input_tokens": len(ids),
+                    "depth": s.get("depth"), "pred": pred, "outputs": s["outputs"], "score_all": score_all,
+                    "score_part": score_part, "prefill_s": prefill / n, "decode_s": (total - prefill) / n,
+                    "new_tokens": len(new), "finite": finite,
+                    "density": (sum(dens.values()) / len(dens)) if dens and method != "flex" else None,
+                    "density_per_layer": layers if method != "flex" else None, "counters": counters,
+                    "batch": n, "density_scope": "batch" if n > 1 else "sample",
+                }
+                f.write(json.dumps(rec) + "\n")
             f.flush()
-            bar.update()
-            bar.set_postfix_str(f"{s['task']} {s['target_length']}")
+            bar.update(n)
+            bar.set_postfix_str(f"{batch[0][0]['task']} {batch[0][0]['target_length']}")
     bar.close()
     model.set_attn_implementation("sdpa")
     summarise(run_dir)
@@ -220,6 +273,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help="SketchWalk fields overriding the preset, as JSON, e.g. '{\"density\": 0.1, \"block_size\": 128}'")
     parser.add_argument("--sparse-decode", action="store_true", help="sketchwalk and one_hop decode sparsely too")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=32, help="greedy tokens per answer (default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive_int, default=1,
+                        help="samples decoded together, left-padded (default: %(default)s); per-sample times are then "
+                        "batch means and density/counters the batch's")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     return parser
@@ -252,7 +308,7 @@ def run_main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         try:
             run_dir = run_method(model, tokenizer, method, cfg, samples, args.out, model_name=args.model, data=args.data,
-                                 max_new_tokens=args.max_new_tokens)
+                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         except ValueError as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             return 2
