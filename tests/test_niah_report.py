@@ -363,8 +363,28 @@ def test_compare_argument_errors(results, tmp_path):
         compare([root / "sdpa_run", root / "sw_run"], tmp_path / "o", labels=["a"])
     with pytest.raises(ValueError, match=r"min_samples=0 must be an int >= 1"):
         compare([root / "sdpa_run"], tmp_path / "o", min_samples=0)
-    with pytest.raises(ValueError, match=r"'sdpa'.*give distinct labels"):
+    with pytest.raises(ValueError, match=r"'sdpa'.*niah_single_1 at length 4096 in both.*give distinct labels"):
         compare([root / "sdpa_run", root / "sdpa_run"], tmp_path / "o")
+
+
+def test_one_method_split_over_runs_per_length_merges(tmp_path):
+    """A method run once per length (one directory each) is one method of the report, with the
+    cells of both runs; the same cell from two runs is still refused."""
+    rng = random.Random(1)
+    runs = {}
+    for L in LENGTHS:
+        runs[("sdpa", L)] = _write_run(tmp_path / f"sdpa_{L}", "sdpa", None,
+                                       {(t, L): _random_cell(rng, 5, dense=True) for t in TASKS})
+        runs[("sw", L)] = _write_run(tmp_path / f"sw_{L}", "sketchwalk", {"density": 0.2},
+                                     {(t, L): _random_cell(rng, 5, dense=False) for t in TASKS},
+                                     {"prefill": {"0": 1.0, "1": 0.2}, "decode": {}})
+    rep = compare(list(runs.values()), tmp_path / "o", min_samples=5)
+    mr = rep["models"][MODEL]
+    assert mr["methods"] == ["sdpa", "sketchwalk"]
+    cells = {(c["method"], c["task"], c["length"]) for c in mr["cells"]}
+    assert cells == {(m, t, L) for m in ("sdpa", "sketchwalk") for t in TASKS for L in LENGTHS}
+    with pytest.raises(ValueError, match=r"'sketchwalk'.*in both"):
+        compare([runs[("sw", LENGTHS[0])], runs[("sw", LENGTHS[0])]], tmp_path / "o2")
 
 
 def test_default_baseline_is_first_dense_run(results, tmp_path):

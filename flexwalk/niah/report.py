@@ -517,6 +517,8 @@ def _plots(report: dict[str, Any], runs: list[RunResults], out_dir: Path) -> lis
                 layers = sorted(per)
                 m, model = r.groups[0]
                 name = m if len(report["models"]) == 1 else f"{m} [{model}]"
+                if sum((m, model) in o.groups for o in runs) > 1:  # one run per length: say which
+                    name += " @ " + ",".join(str(n) for n in sorted({s.length for s in r.samples}))
                 ax.plot(layers, [per[k] for k in layers], marker=".", label=name)
                 drawn = True
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -552,15 +554,17 @@ def compare(paths: Sequence[str | Path], out_dir: str | Path, labels: Sequence[s
     if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
         raise ValueError(f"min_samples={min_samples!r} must be an int >= 1")
     runs = [load_run(p, labels[i] if labels else None) for i, p in enumerate(paths)]
-    owner: dict[tuple[str, str], Path] = {}
+    # One method of one model may come from several paths (e.g. one run per length), as long
+    # as no (task, length) cell comes from two of them.
+    owner: dict[tuple[str, str, str, int], Path] = {}
     for r in runs:
-        for g in r.groups:
-            if g in owner:
+        for cell in dict.fromkeys((s.method, s.model, s.task, s.length) for s in r.samples):
+            if cell in owner:
                 raise ValueError(
-                    f"method label {g[0]!r} of model {g[1]!r} comes from both {str(owner[g])!r} and "
-                    f"{str(r.path)!r}: give distinct labels (--labels)"
+                    f"method label {cell[0]!r} of model {cell[1]!r} has {cell[2]} at length {cell[3]} in both "
+                    f"{str(owner[cell])!r} and {str(r.path)!r}: give distinct labels (--labels)"
                 )
-            owner[g] = r.path
+            owner[cell] = r.path
     methods = list(dict.fromkeys(g[0] for r in runs for g in r.groups))
     if baseline is None:
         dense = [g[0] for r in runs if r.dense for g in r.groups]
