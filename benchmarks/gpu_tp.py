@@ -103,6 +103,42 @@ def time_prompts(model, lengths, sw: SketchWalkConfig, reps: int, rank0: bool = 
     return out, logits
 
 
+def decode_run(model, n: int, steps: int, sw: SketchWalkConfig, rank0: bool = True, group=None):
+    """Prefill n tokens, then `steps` one-token steps on fixed tokens with a growing cache,
+    with dense decode steps (skip_decode=True) and with sparse ones: ms per step, the decode
+    density per layer (gathered from every rank under TP) and the last step's logits."""
+    device = model.device
+    ids = _prompt(n, model.config.vocab_size, device)
+    forced = _prompt(steps + 1, model.config.vocab_size, device)[:, 1:]
+    out, logits = {}, {}
+    for name, cfg in (("dense_decode", sw.replace(skip_decode=True)), ("sparse_decode", sw.replace(skip_decode=False))):
+        flexwalk.configure(model, cfg)
+        flexwalk.reset_counters()
+        flexwalk.reset_decode_state(model)
+        with torch.no_grad():
+            o = model(ids, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            t0 = time.perf_counter()
+            for t in range(steps):
+                o = model(forced[:, t : t + 1], past_key_values=o.past_key_values, use_cache=True)
+            _sync(device)
+        rec = dict(ms_per_step=1e3 * (time.perf_counter() - t0) / steps, counters=flexwalk.counters())
+        dens = {str(k): v for k, v in flexwalk.density_report("decode").items()}
+        rec["decode_density_mean"] = sum(dens.values()) / len(dens) if dens else None
+        if group is not None:
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, dens)
+            rec["ranks_agree"] = all(e == every[0] for e in every)
+        rec["density_per_layer"] = dens
+        out[name] = rec
+        logits[name] = o.logits[:, -1].float().cpu()
+        if rank0:
+            print(f"decode after {n}: {name} {rec['ms_per_step']:.1f} ms/step, decode density "
+                  f"{rec['decode_density_mean']}, ranks agree: {rec.get('ranks_agree')}", flush=True)
+    model.set_attn_implementation("sdpa")
+    return out, logits
+
+
 def _env() -> dict:
     import platform
 
@@ -130,9 +166,14 @@ def single(args, sw, lengths) -> None:
     model.save_pretrained(args.ckpt)
     print(f"saved the checkpoint in {time.time() - t:.0f} s", flush=True)
     res, logits = time_prompts(model, lengths, sw, args.reps)
-    torch.save({k: v for k, v in logits.items() if k.startswith(f"{lengths[0]}/")}, os.path.join(args.out, "single_logits.pt"))
+    saved = {k: v for k, v in logits.items() if lengths and k.startswith(f"{lengths[0]}/")}
+    dec = None
+    if args.decode_length:
+        dec, dl = decode_run(model, args.decode_length, args.decode_steps, sw)
+        saved.update({f"decode/{k}": v for k, v in dl.items()})
+    torch.save(saved, os.path.join(args.out, "single_logits.pt"))
     with open(os.path.join(args.out, "gpu_tp_single.json"), "w") as f:
-        json.dump({"env": _env(), "config": sw.to_dict(), "lengths": lengths, "ttft": res}, f, indent=1)
+        json.dump({"env": _env(), "config": sw.to_dict(), "lengths": lengths, "ttft": res, "decode": dec}, f, indent=1)
 
 
 def tp(args, sw, lengths) -> None:
@@ -156,20 +197,30 @@ def tp(args, sw, lengths) -> None:
         if rank == 0:
             print(f"loaded under tp_plan='auto' on {world} ranks in {time.time() - t:.0f} s (tp_size "
                   f"{getattr(model, 'tp_size', None)})", flush=True)
-        res, logits = time_prompts(model, lengths, sw, args.reps, rank0=rank == 0, group=dist.group.WORLD)
+        res, logits = time_prompts(model, lengths, sw, args.reps, rank0=rank == 0, group=dist.group.WORLD) \
+            if lengths else ({}, {})
+        dec = None
+        if args.decode_length:
+            dec, dl = decode_run(model, args.decode_length, args.decode_steps, sw, rank == 0, dist.group.WORLD)
+            logits.update({f"decode/{k}": v for k, v in dl.items()})
         if rank == 0:
             ref = torch.load(os.path.join(args.out, "single_logits.pt"))
             cmp = {}
             for key, one in ref.items():
+                if key not in logits:
+                    continue
                 d = (logits[key] - one).abs().max().item()
                 cmp[key] = dict(max_abs_diff_vs_single=d, argmax_equal=bool(logits[key].argmax() == one.argmax()))
-            n0 = lengths[0]
-            sparse_vs_dense = (ref[f"{n0}/sketchwalk_flex"] - ref[f"{n0}/sdpa"]).abs().max().item()
-            cmp["single_sparse_vs_dense_max_abs"] = sparse_vs_dense
-            print(f"logits at {n0}, TP vs one GPU: {json.dumps(cmp)}", flush=True)
+            if lengths and f"{lengths[0]}/sdpa" in ref:
+                n0 = lengths[0]
+                cmp["single_sparse_vs_dense_max_abs"] = (ref[f"{n0}/sketchwalk_flex"] - ref[f"{n0}/sdpa"]).abs().max().item()
+            if "decode/sparse_decode" in ref:
+                cmp["single_sparse_vs_dense_decode_max_abs"] = (
+                    ref["decode/sparse_decode"] - ref["decode/dense_decode"]).abs().max().item()
+            print(f"logits, TP vs one GPU: {json.dumps(cmp)}", flush=True)
             with open(os.path.join(args.out, "gpu_tp_tp.json"), "w") as f:
                 json.dump({"env": _env(), "world": world, "config": sw.to_dict(), "lengths": lengths, "ttft": res,
-                           "logits_vs_single": cmp}, f, indent=1)
+                           "decode": dec, "logits_vs_single": cmp}, f, indent=1)
     finally:
         dist.destroy_process_group()
 
@@ -182,6 +233,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="32768,65536,131072")
     ap.add_argument("--reps", type=int, default=2, help="forwards per length and method; the minimum is reported")
     ap.add_argument("--dense-below", type=int, default=8192)
+    ap.add_argument("--decode-length", type=int, default=0, help="also time decode steps after a prompt this long (0: no)")
+    ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--tiny", action="store_true", help="a 4-layer model for a CPU trial (gloo, fp32)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
