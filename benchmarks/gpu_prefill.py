@@ -133,18 +133,29 @@ def recompiles():
     return {"lengths": lengths, "new_graphs": new}
 
 
-def ttft(lengths, dense_below=8192):
-    from gpu_decode import _llama8b_config  # the same 8B-shaped model as the decode benchmark
+def ttft(lengths, dense_below=8192, model_name=None, preset=None):
+    """TTFT of the 8B-shaped random model, or of `model_name` (a packaged model or directory,
+    loaded by flexwalk.models.load_model) with the SketchWalk `preset` when given."""
     from transformers import AutoModelForCausalLM
 
-    cfg8b = _llama8b_config()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a trial run of the script only
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg8b, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
-    sw = SketchWalkConfig(block_size=128, density=0.2, dense_below=dense_below)
-    out = {}
+    if model_name is None:
+        from gpu_decode import _llama8b_config  # the same 8B-shaped model as the decode benchmark
+
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(_llama8b_config(), dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa").eval()
+    else:
+        from flexwalk.models import load_model
+
+        model, _ = load_model(model_name, attn_implementation="sdpa", device=dev, dtype="bfloat16" if dev == "cuda" else "float32")
+    sw = (SketchWalkConfig.preset(preset) if preset else SketchWalkConfig(block_size=128, density=0.2)).replace(
+        dense_below=dense_below)
+    out = {"model": model_name or "llama-3.1-8b-shaped (random)", "config": sw.to_dict()}
     for n in lengths:
-        ids = torch.randint(0, 128000, (1, n), device="cuda")
+        ids = torch.randint(0, min(model.config.vocab_size, 128000), (1, n), device=dev)
         for impl in ("sdpa", "sketchwalk_flex"):
             if impl == "sdpa":
                 model.set_attn_implementation("sdpa")
@@ -152,15 +163,16 @@ def ttft(lengths, dense_below=8192):
                 flexwalk.configure(model, sw)
             with torch.no_grad():
                 model(ids, use_cache=False, logits_to_keep=1)  # warm-up (compiles this length's kernels)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                sync()
+                if dev == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
                 times = []
                 for _ in range(2):
                     t0 = time.perf_counter()
                     model(ids, use_cache=False, logits_to_keep=1)
-                    torch.cuda.synchronize()
+                    sync()
                     times.append(time.perf_counter() - t0)
-            out[f"{n}/{impl}"] = dict(ttft_s=min(times), peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            out[f"{n}/{impl}"] = dict(ttft_s=min(times), peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan"))
             log(f"TTFT {n:>6} {impl:>15}: {min(times):.3f} s, peak {out[f'{n}/{impl}']['peak_gib']:.1f} GiB")
         a, b = out[f"{n}/sdpa"], out[f"{n}/sketchwalk_flex"]
         out[f"{n}/speedup"] = a["ttft_s"] / b["ttft_s"]
@@ -177,6 +189,8 @@ def main():
     ap.add_argument("--ttft-lengths", default="8192,32768,65536,131072")
     ap.add_argument("--grid-budget-s", type=float, default=300)
     ap.add_argument("--ttft-dense-below", type=int, default=8192, help="sketchwalk_flex dense_below in the TTFT runs")
+    ap.add_argument("--ttft-model", default=None, help="packaged model name or directory (default: the 8B-shaped random model)")
+    ap.add_argument("--ttft-preset", default=None, help="SketchWalk preset of the TTFT runs (default: block 128, density 0.2)")
     ap.add_argument("--skip", default="")
     args = ap.parse_args()
     RESULTS["env"] = env_info()
@@ -186,7 +200,7 @@ def main():
     sections = [("recompiles", recompiles, ()),
                 ("grid", grid, (ints(args.lengths), ints(args.batches), [float(x) for x in args.densities.split(",")],
                                 args.grid_budget_s)),
-                ("ttft", ttft, (ints(args.ttft_lengths), args.ttft_dense_below))]
+                ("ttft", ttft, (ints(args.ttft_lengths), args.ttft_dense_below, args.ttft_model, args.ttft_preset))]
     for name, fn, a in sections:
         if name in skip:
             continue
