@@ -305,3 +305,36 @@ def test_resume_drops_a_partial_last_line_only(tmp_path):
     f.write_text('{"broken\n' + good + "\n")
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         _done(f)
+
+
+def test_fidelity_cli_writes_after_every_configuration(tmp_path, monkeypatch, capsys):
+    """`flexwalk niah fidelity` on the packaged model: a run stopped part-way (the GPU call's
+    time limit) keeps every configuration it measured, marked incomplete; a finished run is
+    marked complete and its density rises with the density it was given."""
+    import flexwalk.niah.fidelity_cli as fc
+
+    data, out = tmp_path / "data", tmp_path / "fid"
+    assert cli_main(["niah", "generate", "--tasks", "niah_single_2", "--lengths", "384", "--samples", "1",
+                     "--tokens-to-generate", "16", "--out", str(data)]) == 0
+    args = ["niah", "fidelity", "--data", str(data), "--lengths", "384", "--limit", "1", "--groups", "density",
+            "--no-kl", "--config", '{"block_size": 32}', "--out", str(out)]
+    real, calls = fc.layer_fidelity, []
+
+    def stop_at_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a killed call looks like to the files: nothing after this
+        return real(*a, **k)
+
+    monkeypatch.setattr(fc, "layer_fidelity", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(args)
+    partial = json.loads(out.with_suffix(".json").read_text())
+    assert partial["meta"]["complete"] is False and len(partial["results"]) == 2
+    assert "Incomplete:** 2 of 4" in out.with_suffix(".md").read_text()
+    monkeypatch.setattr(fc, "layer_fidelity", real)
+    assert cli_main(args) == 0
+    full = json.loads(out.with_suffix(".json").read_text())
+    assert full["meta"]["complete"] is True and len(full["results"]) == 4
+    dens = [r["density"] for r in full["results"]]
+    assert dens == sorted(dens) and dens[0] < dens[-1]

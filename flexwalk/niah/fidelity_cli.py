@@ -89,6 +89,16 @@ def fidelity_main(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, attn_implementation="sdpa", device=args.device)
     configs = grid(base, groups)
     results: list[dict[str, Any]] = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "prompts": len(prompts), "tasks": tasks, "lengths": lengths,
+            "base": base.to_dict(), "versions": {"torch": torch.__version__}}
+
+    def write(complete: bool) -> None:
+        # after every configuration: a run stopped early (a time limit) keeps what it measured
+        done = {**meta, "complete": complete, "measured": len(results), "planned": len(prompts) * len(configs)}
+        Path(f"{args.out}.json").write_text(json.dumps({"meta": done, "results": results}, indent=1))
+        Path(f"{args.out}.md").write_text(markdown(results, done))
+
     t0 = time.perf_counter()
     for p_i, (task, length, rec) in enumerate(prompts):
         ids = torch.tensor([tokenizer(rec["input"] + rec.get("answer_prefix", "")).input_ids])
@@ -108,12 +118,9 @@ def fidelity_main(args: argparse.Namespace) -> int:
                   f"{group} {change}: err {results[-1]['rel_error']:.3f} recall {results[-1]['recall']:.3f} "
                   f"density {results[-1]['density']:.3f} kl {kl if kl is None else round(kl, 4)}",
                   file=sys.stderr, flush=True)
+            write(complete=False)
         del inputs
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "prompts": len(prompts), "tasks": tasks, "lengths": lengths,
-            "base": base.to_dict(), "versions": {"torch": torch.__version__}}
-    Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    Path(f"{args.out}.md").write_text(markdown(results, meta))
+    write(complete=True)
     print(f"wrote {args.out}.json and {args.out}.md")
     return 0
 
@@ -124,7 +131,9 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in results:
         rows.setdefault((r["group"], json.dumps(r["change"])), []).append(r)
     lines = [f"model {meta['model']}, {meta['prompts']} prompts ({', '.join(meta['tasks'])} at "
-             f"{', '.join(map(str, meta['lengths']))} tokens); base: every other field as in the base config.", "",
+             f"{', '.join(map(str, meta['lengths']))} tokens); base: every other field as in the base config."
+             + ("" if meta.get("complete", True) else
+                f" **Incomplete:** {meta['measured']} of {meta['planned']} measurements (the run stopped early)."), "",
              "| group | change | density | attention output rel. error | dense-mass recall | next-token KL (nats) |",
              "|---|---|---|---|---|---|"]
     for (group, change), rs in rows.items():
