@@ -487,11 +487,14 @@ class _StepGraph:
         return self.outputs
 
 
-def _decode_mask_mod(start: torch.Tensor, end: torch.Tensor):
-    """Keys in [start[b], end): left padding and unwritten cache slots are out."""
+def _decode_mask_mod(start: torch.Tensor, end: torch.Tensor, kept: torch.Tensor, block_size: int):
+    """Keys in [start[b], end) of the selected blocks (kept [B, C] bool): left padding and
+    unwritten cache slots are out.  The selection is in the mask_mod too, not only in the
+    block tables: flex_attention run without compile (which dynamo falls back to once its
+    recompile limit is reached) reads only the mask_mod, and would otherwise attend densely."""
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx >= start[b]) & (kv_idx < end)
+        return (kv_idx >= start[b]) & (kv_idx < end) & kept[b, kv_idx // block_size]
 
     return mask_mod
 
@@ -505,6 +508,9 @@ def decode_block_mask(kv_num: torch.Tensor, kv_idx: torch.Tensor, start, end, *,
     bsz, c = kv_idx.shape
     num = kv_num.reshape(bsz, 1, 1)
     ind = kv_idx.reshape(bsz, 1, 1, c)
+    # [B, C] bool of the selected blocks (entries of kv_idx past kv_num are not selected)
+    live = (torch.arange(c, device=kv_idx.device) < kv_num.reshape(bsz, 1)).to(torch.int32)
+    kept = torch.zeros(bsz, c, dtype=torch.int32, device=kv_idx.device).scatter_add_(1, kv_idx.long(), live) > 0
     if zeros is None:
         zeros = (torch.zeros_like(num), torch.zeros_like(ind))
     # Forward-only: skip the q-major transpose (a scatter over all blocks, the costliest part of
@@ -513,7 +519,7 @@ def decode_block_mask(kv_num: torch.Tensor, kv_idx: torch.Tensor, start, end, *,
     return BlockMask.from_kv_blocks(
         num, ind, zeros[0], zeros[1],  # no full blocks (every block checks [start, end))
         BLOCK_SIZE=(block_size, block_size),
-        mask_mod=_decode_mask_mod(start, end),
+        mask_mod=_decode_mask_mod(start, end, kept, block_size),
         seq_lengths=(rows, kv_tokens),
         **extra,
     )

@@ -287,3 +287,34 @@ def test_cuda_graph_key_and_invalidation():
     state2._graph = object()
     state2.grow(1024)
     assert state2._graph is None
+
+
+def test_decode_mask_mod_carries_the_selection():
+    """The decode BlockMask's mask_mod holds the selection itself: flex_attention without
+    compile (what dynamo falls back to past its recompile limit) reads only the mask_mod and
+    ignores the block tables, so a bounds-only mask_mod would attend densely there."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from flexwalk.decode import decode_block_mask
+
+    g = torch.Generator().manual_seed(3)
+    bsz, bs, s, d = 2, 16, 96, 8
+    kv_idx = torch.tensor([[4, 0, 2, 1, 3, 5], [1, 5, 0, 2, 3, 4]], dtype=torch.int32)
+    kv_num = torch.tensor([3, 2], dtype=torch.int32)
+    start, end = torch.tensor([0, 5], dtype=torch.int32), torch.tensor(90, dtype=torch.int32)
+    bm = decode_block_mask(kv_num, kv_idx, start, end, rows=1, kv_tokens=s, block_size=bs)
+    q, k, v = (torch.randn(bsz, 1, n, d, generator=g) for n in (1, s, s))
+    pos = torch.arange(s)
+    allowed = torch.zeros(bsz, s, dtype=torch.bool)
+    for b in range(bsz):
+        for j in kv_idx[b, : kv_num[b]].tolist():
+            allowed[b, j * bs : (j + 1) * bs] = True
+    allowed &= (pos >= start[:, None]) & (pos < end)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :])
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        eager = flex_attention(q, k, v, block_mask=bm)
+    assert (eager - ref).abs().max() <= 1e-5 < (dense - ref).abs().max()
