@@ -407,7 +407,7 @@ def sketchwalk_attention(
         dense_path = stats.SLIDING_WINDOW
     elif layer_idx < config.dense_layers:
         dense_path = stats.DENSE_LAYER
-    elif n < config.dense_below:
+    elif n < config.min_sparse_length(q.device):
         dense_path = stats.DENSE_SHORT
     elif config.skip_prefill:
         dense_path = stats.DENSE_PREFILL

@@ -69,8 +69,11 @@ class SketchWalkConfig:
     """'mean': score head-mean q/k; 'per_head': score each head, average the transitions."""
     seed: int = 0
     """Seed of the SRHT sketches (selection is deterministic under it)."""
-    dense_below: int = 2048
-    """Prefill lengths (tokens) below this run dense attention."""
+    dense_below: int | Literal["auto"] = "auto"
+    """Prefill lengths (tokens) below this run dense attention (and sparse decode starts at this
+    length).  "auto": AUTO_DENSE_BELOW of the device the attention runs on: 8192 on CUDA, where
+    sparse prefill is measured no faster than cuDNN SDPA below 8K (docs/benchmarks.md), 2048
+    elsewhere."""
     skip_decode: bool = True
     """True: decode steps run dense attention (prefill-only sparsity); False: sparse decode too."""
     skip_prefill: bool = False
@@ -109,7 +112,10 @@ class SketchWalkConfig:
         if self.head_scoring not in _HEAD_SCORINGS:
             _fail("head_scoring", self.head_scoring, f"must be one of {_HEAD_SCORINGS}")
         _check_int("seed", self.seed, 0)
-        _check_int("dense_below", self.dense_below, 0)
+        if self.dense_below != "auto":
+            v = self.dense_below
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                _fail("dense_below", v, "must be an int >= 0 or 'auto'")
         if not isinstance(self.skip_decode, bool):
             _fail("skip_decode", self.skip_decode, "must be a bool")
         if not isinstance(self.skip_prefill, bool):
@@ -123,6 +129,13 @@ class SketchWalkConfig:
             )
 
     # ----------------------------------------------------------------- helpers
+
+    def min_sparse_length(self, device: Any = "cpu") -> int:
+        """The dense_below that applies on `device` (a torch.device, its type or name)."""
+        if self.dense_below != "auto":
+            return self.dense_below
+        kind = getattr(device, "type", None) or str(device).split(":")[0]
+        return AUTO_DENSE_BELOW.get(kind, AUTO_DENSE_BELOW["default"])
     def replace(self, **changes: Any) -> "SketchWalkConfig":
         """A copy with some fields changed (validated again).
 
@@ -154,6 +167,11 @@ class SketchWalkConfig:
         return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 
+# dense_below="auto" per device type.  CUDA: one 8B-shaped layer at 20% density was 0.43x of
+# cuDNN SDPA at 4K and 0.99x at 8K on an H100, end to end 1.00x and 1.02x (benchmarks.md,
+# section 4); elsewhere (the CPU) sparse prefill pays from about 2K on.
+AUTO_DENSE_BELOW: dict[str, int] = {"cuda": 8192, "default": 2048}
+
 PRESETS: dict[str, SketchWalkConfig] = {
     # The paper's granularity and 20% density; damped walk as in the authors' code.
     "default": SketchWalkConfig(),
@@ -175,12 +193,13 @@ def block_budget(config: SketchWalkConfig, n_causal: int, forced: int) -> int:
     return min(n_causal, max(forced, budget))
 
 
-def expected_density(config: SketchWalkConfig, seq_len: int, num_layers: int | None = None) -> float:
+def expected_density(config: SketchWalkConfig, seq_len: int, num_layers: int | None = None, device: Any = "cpu") -> float:
     """Fraction of the causal block triangle computed at `seq_len` tokens (no padding).
 
     With ``num_layers`` the dense layers and the dense-below rule are included, giving the
     model-wide fraction; without it, the fraction of one sparse layer.  Counts blocks, as
-    the kernel does (a partly filled last block counts as one).
+    the kernel does (a partly filled last block counts as one).  device: where the model runs
+    (it sets dense_below="auto").
     """
     _check_int_arg("seq_len", seq_len, 1)
     nb = math.ceil(seq_len / config.block_size)
@@ -198,7 +217,7 @@ def expected_density(config: SketchWalkConfig, seq_len: int, num_layers: int | N
     if num_layers is None:
         return sparse
     _check_int_arg("num_layers", num_layers, 1)
-    if seq_len < config.dense_below:
+    if seq_len < config.min_sparse_length(device):
         return 1.0
     n_dense = min(config.dense_layers, num_layers)
     return (n_dense + (num_layers - n_dense) * sparse) / num_layers

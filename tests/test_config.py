@@ -28,6 +28,7 @@ from flexwalk.config import block_budget
         ("head_scoring", "max"),
         ("seed", -3),
         ("dense_below", -1),
+        ("dense_below", "fast"),
         ("skip_decode", "yes"),
         ("skip_prefill", 1),
     ],
@@ -98,3 +99,28 @@ def test_block_budget_keeps_forced_and_clamps():
     assert block_budget(cfg, n_causal=3, forced=2) == 2
     assert block_budget(cfg, n_causal=100, forced=2) == 10
     assert block_budget(SketchWalkConfig(density=None, top_k_blocks=50), n_causal=7, forced=2) == 7
+
+
+def test_dense_below_auto_depends_on_the_device(monkeypatch):
+    """dense_below="auto" (the default) is 8192 on CUDA and 2048 elsewhere; an int is used as
+    given everywhere; and the attention path looks the threshold up for its tensors' device."""
+    import torch
+
+    import flexwalk
+    from flexwalk import config as cmod
+
+    cfg = SketchWalkConfig()
+    assert cfg.dense_below == "auto"
+    assert cfg.min_sparse_length("cuda") == cfg.min_sparse_length(torch.device("cuda", 1)) == 8192
+    assert cfg.min_sparse_length("cpu") == cfg.min_sparse_length(torch.device("cpu")) == 2048
+    assert SketchWalkConfig(dense_below=300).min_sparse_length("cuda") == 300
+    assert SketchWalkConfig.from_dict(cfg.to_dict()) == cfg
+    assert cmod.expected_density(cfg, 4096, 30, device="cuda") == 1.0 > cmod.expected_density(cfg, 4096, 30)
+    q = torch.randn(1, 2, 600, 16)
+    k = torch.randn(1, 2, 600, 16)
+    sparse = SketchWalkConfig(block_size=16, dense_layers=0)
+    for threshold, path in ((500, "sparse_prefill"), (601, "dense_short")):
+        monkeypatch.setitem(cmod.AUTO_DENSE_BELOW, "cpu", threshold)
+        flexwalk.reset_counters()
+        flexwalk.sketchwalk_attention(q, k, k.clone(), sparse, 0)
+        assert flexwalk.counters() == {path: 1}

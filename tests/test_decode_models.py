@@ -293,7 +293,7 @@ def test_decode_stays_dense_below_dense_below():
     flexwalk.reset_counters()
     generate(model("llama", cfg), random_ids(1, PROMPT, seed=15), max_new_tokens=40)
     counts = flexwalk.counters()
-    short = sum(1 for n in range(PROMPT, PROMPT + 39) if n + 1 < cfg.dense_below)
+    short = sum(1 for n in range(PROMPT, PROMPT + 39) if n + 1 < cfg.min_sparse_length("cpu"))
     assert counts["dense_decode_short"] == short * layers
     assert counts["sparse_decode"] == (39 - short) * layers
 

@@ -87,7 +87,7 @@ def expected_counters(name: str, cfg: SketchWalkConfig, seq_len: int = SEQ) -> d
             key = "sliding_window"
         elif i < cfg.dense_layers:
             key = "dense_layer"
-        elif seq_len < cfg.dense_below:
+        elif seq_len < cfg.min_sparse_length("cpu"):
             key = "dense_short"
         else:
             key = "sparse_prefill"

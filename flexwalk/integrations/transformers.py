@@ -420,7 +420,7 @@ def _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap, 
     if state is None:
         stats.count(stats.DENSE_DECODE_NO_STATE)
         return None
-    if L > 1 or state.length + 1 < cfg.dense_below:
+    if L > 1 or state.length + 1 < cfg.min_sparse_length(query.device):
         # Several tokens, or too short for sparse decode to pay: keep the state current, attend densely.
         start = state.pos if offset is None else offset
         cols = torch.arange(L, device=key.device) + start
