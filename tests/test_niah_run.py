@@ -231,6 +231,12 @@ def test_generate_run_compare_on_smollm2(tmp_path, capsys):
     assert len((out / "sdpa" / "samples.jsonl").read_text().splitlines()) == 2
     assert cli_main(["niah", "compare", *(str(out / m) for m in METHODS), "--out", str(rep)]) == 0
     assert "sketchwalk" in (rep / "report.md").read_text()
+    # a sparse method whose prompts are all below dense_below says its results are dense
+    capsys.readouterr()
+    assert cli_main(["niah", "run", "--data", str(data), "--out", str(tmp_path / "dense"), "--lengths", "640",
+                     "--tasks", "niah_single_1", "--max-new-tokens", "2", "--limit", "1", "--methods", "sketchwalk",
+                     "--config", '{"dense_below": 100000}']) == 0
+    assert "sketchwalk ran no sparse layer" in capsys.readouterr().err
 
 
 @pytest.mark.slow
