@@ -10,7 +10,10 @@
    is recorded by wrapping flexwalk.attention.sketchwalk_selection for the duration of one
    forward pass (the library itself is not changed).
 
-Options: --only density|mask, --length N (prompt tokens, default 2048), --depth D (needle).
+3. docs/img/ttft_tp_h200.png: time to first token of the 8B-shaped model on one H200 and
+   under tensor parallelism on two, sdpa vs sketchwalk_flex (from docs/data/tp_h200x2/).
+
+Options: --only density|mask|ttft, --length N (prompt tokens, default 2048), --depth D (needle).
 """
 
 from __future__ import annotations
@@ -173,9 +176,45 @@ def mask_figure(path: Path, length: int, depth: float) -> None:
     print(f"wrote {path}")
 
 
+# ----------------------------------------------------------------------------- TTFT, one vs two GPUs
+
+
+def ttft_figure(path: Path) -> None:
+    import json
+
+    data = Path(__file__).resolve().parent / "data" / "tp_h200x2"
+    runs = {"1 GPU": json.loads((data / "gpu_tp_single.json").read_text()),
+            "2 GPUs (tp_plan)": json.loads((data / "gpu_tp_tp.json").read_text())}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (name, run), style in zip(runs.items(), ("-", "--")):
+        n = run["lengths"]
+        for impl, color in (("sdpa", "tab:gray"), ("sketchwalk_flex", "tab:blue")):
+            axes[0].plot(n, [run["ttft"][f"{x}/{impl}"]["ttft_s"] for x in n], style, color=color, marker="o",
+                         label=f"{impl}, {name}")
+        axes[1].plot(n, [run["ttft"][f"{x}/speedup"] for x in n], style, color="tab:blue", marker="o", label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("time to first token (s)")
+    axes[0].set_title("Llama-3.1-8B-shaped model, bf16, batch 1", fontsize=11)
+    axes[1].set_ylabel("sdpa TTFT / sketchwalk_flex TTFT")
+    axes[1].set_title("speedup at density 0.2 (block 128)", fontsize=11)
+    axes[1].axhline(1.0, color="k", lw=0.5)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([32768, 65536, 131072])
+        ax.set_xticklabels(["32K", "64K", "128K"])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{runs['1 GPU']['env']['device']}, torch {runs['1 GPU']['env']['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("density", "mask"))
+    parser.add_argument("--only", choices=("density", "mask", "ttft"))
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--depth", type=float, default=0.4)
     args = parser.parse_args(argv)
@@ -184,6 +223,8 @@ def main(argv=None) -> int:
         density_figure(IMG / "density_vs_length.png")
     if args.only in (None, "mask"):
         mask_figure(IMG / "block_mask_smollm2.png", args.length, args.depth)
+    if args.only in (None, "ttft"):
+        ttft_figure(IMG / "ttft_tp_h200.png")
     return 0
 
 
