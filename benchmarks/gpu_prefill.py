@@ -22,6 +22,7 @@ import time
 import traceback
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -44,12 +45,15 @@ def bench(fn, long: bool = False) -> float:
 
 
 def env_info() -> dict:
-    """Device and versions, recorded beside every GPU measurement."""
+    """Device and versions, recorded beside every GPU measurement (a CPU trial run records no device)."""
     import transformers
-    import triton
 
-    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                transformers=transformers.__version__, python=platform.python_version())
+    env = dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version())
+    if torch.cuda.is_available():
+        import triton
+
+        env.update(device=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(), triton=triton.__version__)
+    return env
 
 
 def peak_gib(fn) -> float:
@@ -133,13 +137,79 @@ def recompiles():
     return {"lengths": lengths, "new_graphs": new}
 
 
+def _prompt(n: int, vocab: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    return torch.randint(0, min(vocab, 128000), (1, n), generator=g).to(device)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def time_prompts(model, lengths, sw: SketchWalkConfig, reps: int, rank0: bool = True, group=None, warmup: int = 0):
+    """TTFT per length and method, sdpa then sketchwalk_flex: `warmup` untimed forwards, then
+    `reps` timed ones (with no warm-up the first compiles what is new); the minimum counts.
+
+    Returns ({"n/impl": record, "n/speedup": ...}, {"n/impl": last-position logits}).  Under a
+    tensor-parallel `group` every rank runs it (a barrier before each forward) and the records
+    say whether all ranks kept the same density per layer; `rank0` prints."""
+    device = model.device
+    out, logits = {}, {}
+    for n in lengths:
+        ids = _prompt(n, model.config.vocab_size, device)
+        for impl in ("sdpa", "sketchwalk_flex"):
+            if impl == "sdpa":
+                model.set_attn_implementation("sdpa")
+            else:
+                flexwalk.configure(model, sw)
+            times = []
+            with torch.no_grad():
+                for _ in range(warmup):
+                    model(ids, use_cache=False, logits_to_keep=1)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                for _ in range(reps):
+                    flexwalk.reset_counters()
+                    if group is not None:
+                        dist.barrier()
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    lg = model(ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
+            rec = dict(ttft_s=min(times), times_s=times, peak_gib=_peak_gib(device))
+            if impl == "sketchwalk_flex":
+                dens = flexwalk.density_report("prefill")
+                rec["density_per_layer"] = {str(k): v for k, v in dens.items()}
+                rec["sparse_prefill_calls"] = flexwalk.counters().get("sparse_prefill", 0)
+                if group is not None:  # every rank must have kept exactly the same blocks
+                    every = [None] * dist.get_world_size()
+                    dist.all_gather_object(every, rec["density_per_layer"])
+                    rec["ranks_agree"] = all(e == every[0] for e in every)
+            out[f"{n}/{impl}"] = rec
+            logits[f"{n}/{impl}"] = lg.cpu()
+            if rank0:
+                extra = f", ranks agree: {rec['ranks_agree']}" if "ranks_agree" in rec else ""
+                print(f"TTFT {n:>6} {impl:>15}: {min(times):.3f} s (runs {', '.join(f'{t:.3f}' for t in times)}), "
+                      f"peak {rec['peak_gib']:.1f} GiB{extra}", flush=True)
+        out[f"{n}/speedup"] = out[f"{n}/sdpa"]["ttft_s"] / out[f"{n}/sketchwalk_flex"]["ttft_s"]
+        if rank0:
+            print(f"TTFT {n}: x{out[f'{n}/speedup']:.2f}", flush=True)
+    model.set_attn_implementation("sdpa")
+    return out, logits
+
+
 def ttft(lengths, dense_below=8192, model_name=None, preset=None):
     """TTFT of the 8B-shaped random model, or of `model_name` (a packaged model or directory,
     loaded by flexwalk.models.load_model) with the SketchWalk `preset` when given."""
     from transformers import AutoModelForCausalLM
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a trial run of the script only
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     torch.manual_seed(0)
     if model_name is None:
         from gpu_decode import _llama8b_config  # the same 8B-shaped model as the decode benchmark
@@ -154,29 +224,11 @@ def ttft(lengths, dense_below=8192, model_name=None, preset=None):
     sw = (SketchWalkConfig.preset(preset) if preset else SketchWalkConfig(block_size=128, density=0.2)).replace(
         dense_below=dense_below)
     out = {"model": model_name or "llama-3.1-8b-shaped (random)", "config": sw.to_dict()}
+    res, _ = time_prompts(model, lengths, sw, reps=2, warmup=1)  # one warm-up forward per length and method
+    out.update(res)
     for n in lengths:
-        ids = torch.randint(0, min(model.config.vocab_size, 128000), (1, n), device=dev)
-        for impl in ("sdpa", "sketchwalk_flex"):
-            if impl == "sdpa":
-                model.set_attn_implementation("sdpa")
-            else:
-                flexwalk.configure(model, sw)
-            with torch.no_grad():
-                model(ids, use_cache=False, logits_to_keep=1)  # warm-up (compiles this length's kernels)
-                sync()
-                if dev == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                times = []
-                for _ in range(2):
-                    t0 = time.perf_counter()
-                    model(ids, use_cache=False, logits_to_keep=1)
-                    sync()
-                    times.append(time.perf_counter() - t0)
-            out[f"{n}/{impl}"] = dict(ttft_s=min(times), peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan"))
-            log(f"TTFT {n:>6} {impl:>15}: {min(times):.3f} s, peak {out[f'{n}/{impl}']['peak_gib']:.1f} GiB")
         a, b = out[f"{n}/sdpa"], out[f"{n}/sketchwalk_flex"]
-        out[f"{n}/speedup"] = a["ttft_s"] / b["ttft_s"]
-        log(f"TTFT {n}: x{a['ttft_s'] / b['ttft_s']:.2f}, peak x{b['peak_gib'] / a['peak_gib']:.3f}")
+        log(f"TTFT {n}: peak x{b['peak_gib'] / a['peak_gib']:.3f}")
     return out
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flexwalk  # noqa: E402
 from flexwalk import SketchWalkConfig  # noqa: E402
+from gpu_prefill import _prompt, _sync, env_info, time_prompts  # noqa: E402  (shared with the one-GPU TTFT)
 
 
 def _config(tiny: bool):
@@ -41,66 +42,6 @@ def _config(tiny: bool):
     return LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                        num_key_value_heads=4, vocab_size=1000, max_position_embeddings=8192,
                        tie_word_embeddings=False)
-
-
-def _prompt(n: int, vocab: int, device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(n)
-    return torch.randint(0, min(vocab, 128000), (1, n), generator=g).to(device)
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_gib(device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-
-
-def time_prompts(model, lengths, sw: SketchWalkConfig, reps: int, rank0: bool = True, group=None):
-    """TTFT per length and method: `reps` forwards each (the first compiles what is new), min."""
-    device = model.device
-    out, logits = {}, {}
-    for n in lengths:
-        ids = _prompt(n, model.config.vocab_size, device)
-        for impl in ("sdpa", "sketchwalk_flex"):
-            if impl == "sdpa":
-                model.set_attn_implementation("sdpa")
-            else:
-                flexwalk.configure(model, sw)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            with torch.no_grad():
-                for _ in range(reps):
-                    flexwalk.reset_counters()
-                    if group is not None:
-                        dist.barrier()
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    lg = model(ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()
-                    _sync(device)
-                    times.append(time.perf_counter() - t0)
-            rec = dict(ttft_s=min(times), times_s=times, peak_gib=_peak_gib(device))
-            if impl == "sketchwalk_flex":
-                dens = flexwalk.density_report("prefill")
-                rec["density_per_layer"] = {str(k): v for k, v in dens.items()}
-                rec["sparse_prefill_calls"] = flexwalk.counters().get("sparse_prefill", 0)
-                if group is not None:  # every rank must have kept exactly the same blocks
-                    every = [None] * dist.get_world_size()
-                    dist.all_gather_object(every, rec["density_per_layer"])
-                    rec["ranks_agree"] = all(e == every[0] for e in every)
-            out[f"{n}/{impl}"] = rec
-            logits[f"{n}/{impl}"] = lg.cpu()
-            if rank0:
-                extra = f", ranks agree: {rec['ranks_agree']}" if "ranks_agree" in rec else ""
-                print(f"TTFT {n:>6} {impl:>15}: {min(times):.3f} s (runs {', '.join(f'{t:.3f}' for t in times)}), "
-                      f"peak {rec['peak_gib']:.1f} GiB{extra}", flush=True)
-        out[f"{n}/speedup"] = out[f"{n}/sdpa"]["ttft_s"] / out[f"{n}/sketchwalk_flex"]["ttft_s"]
-        if rank0:
-            print(f"TTFT {n}: x{out[f'{n}/speedup']:.2f}", flush=True)
-    model.set_attn_implementation("sdpa")
-    return out, logits
 
 
 def decode_run(model, n: int, steps: int, sw: SketchWalkConfig, rank0: bool = True, group=None):
@@ -139,19 +80,6 @@ def decode_run(model, n: int, steps: int, sw: SketchWalkConfig, rank0: bool = Tr
     return out, logits
 
 
-def _env() -> dict:
-    import platform
-
-    import transformers
-
-    env = dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version())
-    if torch.cuda.is_available():
-        import triton
-
-        env.update(device=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(), triton=triton.__version__)
-    return env
-
-
 def single(args, sw, lengths) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -173,7 +101,7 @@ def single(args, sw, lengths) -> None:
         saved.update({f"decode/{k}": v for k, v in dl.items()})
     torch.save(saved, os.path.join(args.out, "single_logits.pt"))
     with open(os.path.join(args.out, "gpu_tp_single.json"), "w") as f:
-        json.dump({"env": _env(), "config": sw.to_dict(), "lengths": lengths, "ttft": res, "decode": dec}, f, indent=1)
+        json.dump({"env": env_info(), "config": sw.to_dict(), "lengths": lengths, "ttft": res, "decode": dec}, f, indent=1)
 
 
 def tp(args, sw, lengths) -> None:
@@ -219,7 +147,7 @@ def tp(args, sw, lengths) -> None:
                     ref["decode/sparse_decode"] - ref["decode/dense_decode"]).abs().max().item()
             print(f"logits, TP vs one GPU: {json.dumps(cmp)}", flush=True)
             with open(os.path.join(args.out, "gpu_tp_tp.json"), "w") as f:
-                json.dump({"env": _env(), "world": world, "config": sw.to_dict(), "lengths": lengths, "ttft": res,
+                json.dump({"env": env_info(), "world": world, "config": sw.to_dict(), "lengths": lengths, "ttft": res,
                            "decode": dec, "logits_vs_single": cmp}, f, indent=1)
     finally:
         dist.destroy_process_group()
