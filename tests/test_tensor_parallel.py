@@ -183,12 +183,11 @@ def test_sharded_heads_without_a_group_raise():
     from flexwalk.integrations.transformers import _tensor_parallel_group
 
     module = types.SimpleNamespace(config=types.SimpleNamespace(num_attention_heads=8))
-    cfg = SketchWalkConfig()
-    assert _tensor_parallel_group(module, torch.zeros(1, 8, 4, 16), cfg) is None  # every head: no TP
+    assert _tensor_parallel_group(module, torch.zeros(1, 8, 4, 16)) is None  # every head: no TP
     with pytest.raises(NotImplementedError, match="tensor parallelism: this rank holds 4 of 8 query heads"):
-        _tensor_parallel_group(module, torch.zeros(1, 4, 4, 16), cfg)
+        _tensor_parallel_group(module, torch.zeros(1, 4, 4, 16))
     with pytest.raises(NotImplementedError, match="unequal head shares"):
-        _tensor_parallel_group(module, torch.zeros(1, 3, 4, 16), cfg)
+        _tensor_parallel_group(module, torch.zeros(1, 3, 4, 16))
     per_head = SketchWalkConfig(skip_decode=False, head_scoring="per_head")
     with pytest.raises(NotImplementedError, match="sparse decode.* under tensor parallelism with head_scoring='per_head'"):
         flexwalk.DecodeState(per_head, 0, batch=1, q_heads=4, k_heads=2, head_dim=16, scale=0.25, kv_tokens=64,

@@ -215,7 +215,7 @@ def _config_from_items(items: tuple) -> SketchWalkConfig:
     return SketchWalkConfig.from_dict(dict(items))
 
 
-def _tensor_parallel_group(module, query: torch.Tensor, cfg: SketchWalkConfig):
+def _tensor_parallel_group(module, query: torch.Tensor):
     """The process group of a tensor-parallel attention layer (tp_plan), or None when this rank
     holds every query head.  Each rank holds an equal share of the heads; the selection's block
     means are all-reduced over this group so that every rank selects what one GPU would."""
@@ -238,11 +238,7 @@ def _tensor_parallel_group(module, query: torch.Tensor, cfg: SketchWalkConfig):
             f"process group of {degree} ranks was found (the default world has "
             f"{dist.get_world_size() if dist.is_available() and dist.is_initialized() else 'no'} ranks); call "
             "flexwalk.configure(model) after from_pretrained(..., tp_plan=...) so the model's device mesh is used")
-    if not cfg.skip_decode and cfg.head_scoring != "mean":
-        raise NotImplementedError(
-            f"sketchwalk_flex: sparse decode (skip_decode=False) under tensor parallelism with head_scoring="
-            f"{cfg.head_scoring!r}; use head_scoring='mean' or skip_decode=True")
-    return group
+    return group  # sparse decode with per-head scoring is refused by DecodeState itself
 
 
 def _mesh_group(model: torch.nn.Module):
@@ -285,7 +281,7 @@ def sketchwalk_flex_attention(
     """transformers attention function: q [B,Hq,L,D], k/v [B,Hkv,S,D] -> ([B,L,Hq,D], None)."""
     _check_supported(module, kwargs, dropout)
     cfg = resolve_config(module)
-    group = _tensor_parallel_group(module, query, cfg)
+    group = _tensor_parallel_group(module, query)
     softcap = kwargs.get("softcap", None)
     window = kwargs.get("sliding_window")
     window = None if window is None else int(window)
