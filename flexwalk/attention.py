@@ -7,6 +7,7 @@ prompt length.  Dense fallbacks are explicit, counted in `flexwalk.counters()` a
 
 from __future__ import annotations
 
+import copy
 import functools
 import types
 
@@ -20,6 +21,7 @@ from .block_mask import (
     bucket_length,
     check_contiguous_padding,
     dense_block_mask,
+    kernel_mask_mod,
     make_mask_mod,
     packed,
     selection_block_mask,
@@ -77,17 +79,35 @@ def softcap_score_mod(softcap: float):
     return score_mod
 
 
-def _kernel_options(block_size: int, device: torch.device) -> dict | None:
-    # Triton's default tiles are 128 x 64; smaller blocks need matching tiles on CUDA.
-    if device.type == "cuda" and block_size < 128:
-        return {"BLOCK_M": block_size, "BLOCK_N": block_size}
-    return None
+def _kernel_options(block_size: int, device: torch.device, rows_safe: bool = False) -> dict | None:
+    """Triton kernel options of a prefill flex call (CUDA only; None elsewhere).
+
+    Triton's default tiles are 128 x 64; smaller blocks need matching tiles.  rows_safe: every
+    row's first visited tile holds a key it may attend (see `flex`), so the kernel may skip
+    its fully-masked-row guards (ROWS_GUARANTEED_SAFE: 1-3% on an H100, docs/benchmarks.md)."""
+    if device.type != "cuda":
+        return None
+    opts = {}
+    if block_size < 128:
+        opts.update(BLOCK_M=block_size, BLOCK_N=block_size)
+    if rows_safe:
+        opts["ROWS_GUARANTEED_SAFE"] = True
+    return opts or None
 
 
-def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decode=False) -> torch.Tensor:
+def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decode=False,
+         kernel_mask_mod=None) -> torch.Tensor:
     """Compiled flex_attention with GQA and optional soft-capping; [B, Hq, L, D] out.
 
     q, k, v are zero-padded to the mask's (bucket) lengths and the output cut back.
+    kernel_mask_mod: a cheaper mask_mod that agrees with block_mask's own on every partial
+    block of its tables, for a selection without padding (block_mask.kernel_mask_mod).  It is
+    used only where flex surely compiles to its fused kernel (`_kernel_mask_ok`), through a
+    compiled function of its own per shape, so dynamo's recompile limit (past which flex would
+    run its eager path, which evaluates mask_mod everywhere) is never reached; and with it the
+    kernel also skips its guards for fully masked rows, since every row's first visited tile
+    (its diagonal block: flex visits partial blocks first) holds its own key.  Rows of the
+    bucket padding may then come out NaN; they are cut off here.
     """
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise NotImplementedError(
@@ -100,7 +120,12 @@ def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decod
         q = F.pad(q, (0, 0, 0, Lp - L))
     if Sp != S:
         k, v = F.pad(k, (0, 0, 0, Sp - S)), F.pad(v, (0, 0, 0, Sp - S))
-    out = _compiled_flex(
+    fn, rows_safe = _compiled_flex, False
+    if kernel_mask_mod is not None and _kernel_mask_ok():
+        block_mask = copy.copy(block_mask)
+        block_mask.mask_mod = kernel_mask_mod
+        fn, rows_safe = _kernel_flex(q, k, v, block_mask, scale, softcap), True
+    out = fn(
         q,
         k,
         v,
@@ -108,9 +133,38 @@ def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decod
         block_mask=block_mask,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
-        kernel_options=None if decode else _kernel_options(block_size, q.device),
+        kernel_options=None if decode else _kernel_options(block_size, q.device, rows_safe),
     )
     return out[:, :, :L] if Lp != L else out
+
+
+def _kernel_mask_ok() -> bool:
+    """Whether a flex call from here surely runs inductor's fused kernel: not inside another
+    dynamo trace (whose backend may be eager), dynamo not disabled, no forced-eager stance."""
+    if torch.compiler.is_compiling() or torch._dynamo.config.disable:
+        return False
+    stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default")
+    return stance == "default"
+
+
+_KERNEL_FLEX: dict[tuple, object] = {}
+
+
+def _kernel_flex(q, k, v, block_mask, scale, softcap):
+    """flex_attention compiled for one input signature (what its guards check: shapes, strides,
+    dtype, constants, grad mode), with a code object of its own."""
+    key = (q.device, q.dtype, tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), v.stride(), k is v,
+           block_mask.BLOCK_SIZE, tuple(block_mask.kv_indices.shape), scale, softcap, torch.is_grad_enabled(),
+           q.requires_grad or k.requires_grad or v.requires_grad)
+    fn = _KERNEL_FLEX.get(key)
+    if fn is None:
+        def kernel_flex(q, k, v, **kw):
+            return flex_attention(q, k, v, **kw)
+
+        name = f"kernel_flex_{len(_KERNEL_FLEX)}"
+        code = kernel_flex.__code__.replace(co_name=name, co_qualname=name)
+        fn = _KERNEL_FLEX[key] = torch.compile(types.FunctionType(code, kernel_flex.__globals__, name), dynamic=False)
+    return fn
 
 
 def dense_attention(
@@ -183,18 +237,24 @@ def _compiled_selection_tables(config: SketchWalkConfig):
     call); the configuration is a closure constant, so its ints (block size, budgets) stay static.
     Passed as an argument, automatic dynamic shapes made the block size symbolic as soon as a
     second configuration ran, which inductor cannot tile (CantSplit on n // block_size)."""
+    return torch.compile(_own_code(config), dynamic=None)
 
-    def selection_tables(q, k, p, prev_walk, key_valid, layer_idx, scale, n_pad):
-        return _selection_tables(q, k, p, prev_walk, key_valid, config, layer_idx, scale, n_pad)
 
-    # A code object of its own per configuration: dynamo keeps compiled graphs and its
-    # automatic-dynamic history per code object, and a shared one would see the closure's
-    # block size change between configurations and make it symbolic all the same.
+def _own_code(config: SketchWalkConfig):
+    """`_selection_tables` for one configuration, as a function with a code object of its own.
+
+    Dynamo keeps compiled graphs and its automatic-dynamic history per code object: a shared
+    one would see the closure's block size change between configurations and make it symbolic
+    all the same."""
+
+    def selection_tables(q, k, p, prev_walk, key_valid, layer_idx, scale, n_pad, seq_len=None):
+        return _selection_tables(q, k, p, prev_walk, key_valid, config, layer_idx, scale, n_pad, seq_len=seq_len)
+
     name = f"selection_tables_{len(_COMPILED_CODES)}"
     code = selection_tables.__code__.replace(co_name=name, co_qualname=name)
     _COMPILED_CODES.append(code)
-    fn = types.FunctionType(code, selection_tables.__globals__, name, None, selection_tables.__closure__)
-    return torch.compile(fn, dynamic=None)
+    return types.FunctionType(code, selection_tables.__globals__, name, selection_tables.__defaults__,
+                              selection_tables.__closure__)
 
 
 _COMPILED_CODES: list = []
@@ -211,12 +271,20 @@ COMPILE_SELECTION_ON_CPU = False
 
 
 # CUDA graphs of the selection (one per length bucket, batch, head dim, configuration and
-# walk input), replayed with one launch: the compiled selection alone costs ~1 ms of host time
-# per layer, more than the sparse attention it selects for below ~16K tokens.  Buckets above
-# GRAPH_SELECTION_MAX_TOKENS keep the compiled path, where that host time is a few percent and
-# a graph's private intermediates ([B, nb, nb] several times) would cost memory for good.
+# walk input), replayed with one launch: the compiled dynamic-length selection costs ~1 ms of
+# host time per layer, more than the sparse attention it selects for below ~16K tokens, and
+# at 128K its kernels take 2.1 ms against a graph's 0.85-1.34 ms (H100, docs/benchmarks.md).
+# COMPILE_GRAPHED_SELECTION: what is captured is the selection compiled by inductor for the
+# bucket's static shapes (about a dozen fused kernels) instead of the eager one (~140 small
+# kernels, ~0.3 ms of GPU time even inside a graph): selection + mask 0.25 against 0.41 ms
+# at 8K, 0.26 against 0.62 ms at 32K, but every new bucket first compiles for 7-72 s (once per
+# machine: inductor caches on disk).  Off by default for that first-prompt wait; turn it on
+# for long-running servers.  Buckets above GRAPH_SELECTION_MAX_TOKENS keep the compiled
+# dynamic path: a graph's private intermediates ([B, nb, nb] a few times, kept for good) grow
+# with the square of the length (about 20 MB each at 128K with 64-token blocks).
 GRAPH_SELECTION = True
-GRAPH_SELECTION_MAX_TOKENS = 65536
+COMPILE_GRAPHED_SELECTION = False
+GRAPH_SELECTION_MAX_TOKENS = 131072
 _GRAPH_POOL = None
 _SELECTION_GRAPHS: dict[tuple, "_SelectionGraph"] = {}
 
@@ -227,11 +295,13 @@ class _SelectionGraph:
     Static inputs: head-mean q and k [B, 1, n_pad, D] fp32, key validity [B, n_pad] (False past
     the real length), the real length n (0-d), the layer's SRHT matrix and the previous walk.
     Outputs are the graph's own buffers, overwritten by the next replay: callers consume them
-    in stream order (the BlockMask) or clone them (walk, density counts).
+    in stream order (the BlockMask) or clone them (walk, density counts).  compiled: capture
+    the selection compiled for these static shapes, with a code object of its own (it never
+    recompiles: the graph replays it), instead of the eager one.
     """
 
     def __init__(self, bsz: int, n_pad: int, d: int, r: int, config: SketchWalkConfig, has_prev: bool,
-                 scale: float | None, device: torch.device):
+                 scale: float | None, device: torch.device, compiled: bool = False):
         global _GRAPH_POOL
         nb = n_pad // config.block_size
         f32 = dict(device=device, dtype=torch.float32)
@@ -242,11 +312,12 @@ class _SelectionGraph:
         self.p = torch.zeros(d, r, **f32)
         self.prev = torch.eye(nb, **f32).expand(bsz, nb, nb).contiguous() if has_prev else None
         self.args = (config, 0, scale, n_pad)
+        self.fn = torch.compile(_own_code(config), dynamic=False) if compiled else None
         if _GRAPH_POOL is None:
             _GRAPH_POOL = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the capture (allocator, lazy inits)
+        with torch.cuda.stream(side):  # compile and warm up outside the capture (allocator, lazy inits)
             self._run()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
@@ -255,6 +326,8 @@ class _SelectionGraph:
 
     def _run(self):
         config, layer_idx, scale, n_pad = self.args
+        if self.fn is not None:
+            return self.fn(self.qm, self.km, self.p, self.prev, self.valid, layer_idx, scale, n_pad, self.n)
         return _selection_tables(self.qm, self.km, self.p, self.prev, self.valid, config, layer_idx, scale, n_pad,
                                  seq_len=self.n)
 
@@ -284,11 +357,12 @@ def _graphable(q, config: SketchWalkConfig, n_pad: int) -> bool:
 
 
 def _selection_graph(q, p, config: SketchWalkConfig, has_prev: bool, scale, n_pad: int) -> _SelectionGraph:
-    key = (q.device, q.shape[0], n_pad, q.shape[3], p.shape[1], config, has_prev, scale)
+    compiled = COMPILE_GRAPHED_SELECTION
+    key = (q.device, q.shape[0], n_pad, q.shape[3], p.shape[1], config, has_prev, scale, compiled)
     g = _SELECTION_GRAPHS.get(key)
     if g is None:
         g = _SELECTION_GRAPHS[key] = _SelectionGraph(q.shape[0], n_pad, q.shape[3], p.shape[1], config, has_prev,
-                                                     scale, q.device)
+                                                     scale, q.device, compiled)
         stats.count(stats.SELECTION_GRAPH_CAPTURE)
     return g
 
@@ -347,7 +421,8 @@ def sparse_prefill(
         )
         bm = selection_block_mask(selection, key_valid=key_valid)
         kept, causal = selection.kept, selection.causal
-    out = flex(q, k, v, bm, scale=scale, softcap=softcap, block_size=config.block_size)
+    out = flex(q, k, v, bm, scale=scale, softcap=softcap, block_size=config.block_size,
+               kernel_mask_mod=kernel_mask_mod() if key_valid is None else None)
     stats.count(stats.SPARSE_PREFILL)
     stats.record_density(layer_idx, kept, causal)
     return out, new_state

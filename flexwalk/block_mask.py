@@ -104,6 +104,24 @@ def make_mask_mod(
     return mask_mod
 
 
+def kernel_mask_mod(*, window: int | None = None):
+    """The mask_mod the compiled kernel needs for a selection without padding: plain causal
+    (+window).  The kernel visits only the BlockMask's (selected) blocks and runs mask_mod
+    only on their partial ones, the diagonal blocks, which every row keeps; there the
+    selection and the [0, n) bounds of `make_mask_mod` are always true for the rows that are
+    kept, and leaving out their per-element loads makes the kernel 5-14% faster on an H100
+    (docs/benchmarks.md).  Only for compiled flex: uncompiled flex evaluates mask_mod on every
+    element and needs `make_mask_mod`'s selection term (attention.flex swaps this one in)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = kv_idx <= q_idx
+        if window is not None:
+            keep = keep & (kv_idx > q_idx - window)
+        return keep
+
+    return mask_mod
+
+
 def block_mask_from_indices(p_cnt, p_idx, f_cnt, f_idx, mask_mod, block_size: int, q_len: int,
                             kv_len: int) -> BlockMask:
     """Counts [B, nq] / indices [B, nq, nk] of partial and full blocks -> BlockMask, one mask head."""

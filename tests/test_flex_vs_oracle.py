@@ -122,3 +122,61 @@ def test_cpu_backward_is_refused_with_a_clear_error():
         sketchwalk_attention(q, k, v, sparse_cfg(block_size=16), 0)
     with torch.no_grad():
         assert torch.isfinite(sketchwalk_attention(q, k, v, sparse_cfg(block_size=16), 0)[0]).all()
+
+
+@given(n=st.integers(65, 700), bs=st.sampled_from([16, 32, 64]), density=st.floats(0.05, 0.6),
+       window=st.sampled_from([None, 48]), seed=st.integers(0, 10_000))
+def test_kernel_mask_mod_agrees_with_the_full_one_on_every_visited_block(n, bs, density, window, seed):
+    """The compiled kernel's cheap mask_mod (no selection, no bounds) equals the full one on
+    every element of every partial block of a padding-free selection, for the rows kept."""
+    from flexwalk.block_mask import bucket_length, kernel_mask_mod, selection_block_mask
+    from flexwalk.selection import sketchwalk_selection
+
+    q, k, _ = random_qkv(1, 2, 1, n, 16, seed=seed)
+    sel, _ = sketchwalk_selection(q, k, sparse_cfg(block_size=bs, density=density), 0)
+    bm = selection_block_mask(sel, window=window)
+    fast = kernel_mask_mod(window=window)
+    cnt, idx = bm.kv_num_blocks[0, 0], bm.kv_indices[0, 0]
+    zero = torch.zeros((), dtype=torch.int64)
+    visited = 0
+    assert int(cnt[-(-n // bs):].sum()) == 0  # query blocks of the bucket padding visit nothing
+    for i in range(-(-n // bs)):
+        rows = torch.arange(i * bs, min((i + 1) * bs, n))[:, None]
+        for j in idx[i, : int(cnt[i])].tolist():
+            cols = torch.arange(j * bs, (j + 1) * bs)[None, :]
+            assert torch.equal(bm.mask_mod(zero, zero, rows, cols), fast(zero, zero, rows, cols)), (i, j)
+            visited += 1
+    assert visited >= -(-n // bs)  # every real row's diagonal block at least
+
+
+def test_kernel_mask_mod_is_not_used_where_flex_would_run_eagerly():
+    """Forced-eager or disabled dynamo runs flex's unfused path, which evaluates mask_mod on every
+    element: there the full mask_mod (selection included) must be used, or the layer would be dense."""
+    from flexwalk.attention import _kernel_mask_ok
+
+    q, k, v = random_qkv(1, 4, 2, 300, 16, seed=4)
+    cfg = sparse_cfg(block_size=32, density=0.2)
+    ref, _, sel = eager_sketchwalk_attention(q, k, v, cfg, 0)
+    mask = token_mask(300, selection=sel)
+    assert _kernel_mask_ok()
+    with torch.compiler.set_stance("force_eager"):
+        assert not _kernel_mask_ok()
+        out, _ = sketchwalk_attention(q, k, v, cfg, 0)
+    assert_matches_reference(q, k, v, mask, out)
+    with torch._dynamo.config.patch(disable=True):  # (flex itself refuses to run then)
+        assert not _kernel_mask_ok()
+
+
+def test_the_kernel_mask_path_compiles_once_per_shape():
+    """Each padding-free sparse flex signature has a compiled function of its own, compiled once:
+    dynamo's recompile limit (past which flex would run eagerly) is never approached."""
+    from flexwalk.attention import _KERNEL_FLEX
+
+    cfg = sparse_cfg(block_size=32, density=0.3)
+    for n in (300, 310, 600, 300, 700):
+        q, k, v = random_qkv(1, 4, 2, n, 16, seed=n)
+        sketchwalk_attention(q, k, v, cfg, 0)
+    assert _KERNEL_FLEX
+    for fn in _KERNEL_FLEX.values():
+        code = fn._torchdynamo_orig_callable.__code__
+        assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) <= 1
