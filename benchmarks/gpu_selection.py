@@ -4,10 +4,13 @@
 
 1. check: graph path == compiled path (flexwalk.attention.GRAPH_SELECTION on / off): the same
    BlockMask tables, walk and attention output, over three layers with the walk carried, batch
-   2 with left padding, lengths off the bucket grid, head dims 64 and 128, bf16.
+   2 with left padding, lengths off the bucket grid, head dims 64 and 128, bf16; and, without
+   padding, the attention with the kernel's cheap mask_mod (block_mask.kernel_mask_mod, with
+   ROWS_GUARANTEED_SAFE) against the BlockMask's full one.
 2. speed: one layer of the Llama-3.1-8B attention shape (32 / 8 heads, head dim 128, bf16,
    block 128, 20% density, batch 1): selection + mask and total (`sketchwalk_attention`) with
-   the graph and with the compiled selection, against SDPA (best of flash and cuDNN).
+   the graph and with the compiled selection, against SDPA (best of flash and cuDNN); the
+   attention alone with the kernel mask_mod and with the full one.
 3. cold: first and second forward of a SmolLM2-135M-shaped random-weight model (30 layers,
    9 / 3 heads, head dim 64) at 8K tokens in fresh processes with an empty inductor cache,
    graph selection on and off: what a user waits for before the first prompt returns.
@@ -30,7 +33,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig, sketchwalk_attention
-from flexwalk.attention import fused_selection_mask
+from flexwalk.attention import flex, fused_selection_mask
+from flexwalk.block_mask import kernel_mask_mod
 from gpu_prefill import bench, env_info, log  # this folder is on sys.path when run as a script
 
 
@@ -63,9 +67,16 @@ def check():
             walk_err = max(float((a[:, :nb, :nb] - b).abs().max()) for a, b in zip(res[True][1], res[False][1]))
             tables_equal = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                                for a, b in zip(res[True][2], res[False][2]))
-            r = dict(d=d, n=n, out_max_abs_diff=out_err, walk_max_abs_diff=walk_err, tables_equal=tables_equal)
+            # no padding: the kernel mask_mod + ROWS_GUARANTEED_SAFE against the full mask_mod
+            bm, _, _, _ = fused_selection_mask(q, k, cfg, 0, None)
+            a = flex(q, k, v, bm, block_size=bs, kernel_mask_mod=kernel_mask_mod())
+            b = flex(q, k, v, bm, block_size=bs)
+            kernel_mask_err = float((a[:, :, :n].float() - b[:, :, :n].float()).abs().max())
+            r = dict(d=d, n=n, out_max_abs_diff=out_err, walk_max_abs_diff=walk_err, tables_equal=tables_equal,
+                     kernel_mask_max_abs_diff=kernel_mask_err, kernel_mask_finite=bool(torch.isfinite(a[:, :, :n]).all()))
             rows.append(r)
-            log(f"check d{d} n={n}: tables equal {tables_equal}, out diff {out_err:.2e}, walk diff {walk_err:.2e}")
+            log(f"check d{d} n={n}: tables equal {tables_equal}, out diff {out_err:.2e}, walk diff {walk_err:.2e}, "
+                f"kernel mask diff {kernel_mask_err:.2e} finite {r['kernel_mask_finite']}")
     return rows
 
 
@@ -88,16 +99,30 @@ def speed(lengths):
             t_cudnn = bench(sdpa, long)
         best = min(t_flash, t_cudnn)
         r = dict(n=n, sdpa_flash_ms=t_flash, sdpa_cudnn_ms=t_cudnn)
-        for mode in (True, False):
-            attention.GRAPH_SELECTION = mode
-            sketchwalk_attention(q, k, v, cfg, 0)
+        # graph: the eager selection captured in a CUDA graph (the default); graph_compiled: the
+        # inductor-compiled one captured (COMPILE_GRAPHED_SELECTION); compiled: no graph, the
+        # selection compiled with a dynamic length
+        for tag, graph, comp in (("graph", True, False), ("graph_compiled", True, True), ("compiled", False, False)):
+            attention.GRAPH_SELECTION, attention.COMPILE_GRAPHED_SELECTION = graph, comp
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sketchwalk_attention(q, k, v, cfg, 0)  # compiles (capture) what is new for this length
+            torch.cuda.synchronize()
+            r[f"{tag}_first_call_s"] = time.perf_counter() - t0
             t_sel = bench(lambda: fused_selection_mask(q, k, cfg, 0, None), long)
             t_total = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)
-            tag = "graph" if mode else "compiled"
             r.update({f"{tag}_select_mask_ms": t_sel, f"{tag}_total_ms": t_total,
                       f"{tag}_speedup_vs_best_sdpa": best / t_total, f"{tag}_select_share": t_sel / t_total})
-            log(f"{n:>6} {tag:>8}: sel+mask {t_sel:.3f} total {t_total:.3f} ms | flash {t_flash:.3f} cudnn "
+            log(f"{n:>6} {tag:>11}: first call {r[f'{tag}_first_call_s']:.1f} s, sel+mask {t_sel:.3f} total {t_total:.3f} ms | flash {t_flash:.3f} cudnn "
                 f"{t_cudnn:.3f} -> x{best / t_total:.2f} (sel {100 * t_sel / t_total:.0f}%)")
+        # the attention alone: the kernel's cheap mask_mod + ROWS_GUARANTEED_SAFE (what
+        # sketchwalk_attention runs) against the BlockMask's full mask_mod
+        bm, _, _, _ = fused_selection_mask(q, k, cfg, 0, None)
+        fast = kernel_mask_mod()
+        r["attention_kernel_mask_ms"] = bench(lambda: flex(q, k, v, bm, block_size=128, kernel_mask_mod=fast), long)
+        r["attention_full_mask_ms"] = bench(lambda: flex(q, k, v, bm, block_size=128), long)
+        log(f"{n:>6} attention: kernel mask {r['attention_kernel_mask_ms']:.3f} ms, full mask "
+            f"{r['attention_full_mask_ms']:.3f} ms")
         attention.GRAPH_SELECTION = True
         rows.append(r)
         del q, k, v
