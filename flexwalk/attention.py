@@ -161,10 +161,17 @@ def _kernel_flex(q, k, v, block_mask, scale, softcap):
         def kernel_flex(q, k, v, **kw):
             return flex_attention(q, k, v, **kw)
 
-        name = f"kernel_flex_{len(_KERNEL_FLEX)}"
-        code = kernel_flex.__code__.replace(co_name=name, co_qualname=name)
-        fn = _KERNEL_FLEX[key] = torch.compile(types.FunctionType(code, kernel_flex.__globals__, name), dynamic=False)
+        fn = _KERNEL_FLEX[key] = torch.compile(_with_own_code(kernel_flex, f"kernel_flex_{len(_KERNEL_FLEX)}"),
+                                               dynamic=False)
     return fn
+
+
+def _with_own_code(fn, name: str):
+    """fn (closure and defaults kept) under a code object of its own, named `name`: dynamo keeps
+    compiled graphs, recompile counts and automatic-dynamic history per code object."""
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    _COMPILED_CODES.append(code)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 def dense_attention(
@@ -250,11 +257,7 @@ def _own_code(config: SketchWalkConfig):
     def selection_tables(q, k, p, prev_walk, key_valid, layer_idx, scale, n_pad, seq_len=None):
         return _selection_tables(q, k, p, prev_walk, key_valid, config, layer_idx, scale, n_pad, seq_len=seq_len)
 
-    name = f"selection_tables_{len(_COMPILED_CODES)}"
-    code = selection_tables.__code__.replace(co_name=name, co_qualname=name)
-    _COMPILED_CODES.append(code)
-    return types.FunctionType(code, selection_tables.__globals__, name, selection_tables.__defaults__,
-                              selection_tables.__closure__)
+    return _with_own_code(selection_tables, f"selection_tables_{len(_COMPILED_CODES)}")
 
 
 _COMPILED_CODES: list = []
