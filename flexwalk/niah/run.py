@@ -315,8 +315,8 @@ def run_main(args: argparse.Namespace) -> int:
         s = json.loads((run_dir / "summary.json").read_text())["overall"]
         if method not in DENSE_METHODS and s["density"] is None:
             print(f"{prog}: warning: {method} ran no sparse layer: every prompt is shorter than dense_below "
-                  f"({cfg.dense_below!r}; 'auto' is 8192 on CUDA, 2048 elsewhere), so these are dense results; "
-                  "lower it with --config '{\"dense_below\": N}'", file=sys.stderr)
+                  f"({cfg.dense_below!r}: {cfg.min_sparse_length(model.device)} tokens on {model.device.type}), "
+                  "so these are dense results; lower it with --config '{\"dense_below\": N}'", file=sys.stderr)
         dens = "" if s["density"] is None else f", density {s['density']:.3f}"
         print(f"{method}: {s['n']} samples, string_match_all {s['string_match_all']:.1f}{dens} "
               f"({time.perf_counter() - t0:.0f} s) -> {run_dir}")
