@@ -51,12 +51,15 @@ def test_one_compile_across_lengths(compiled_on_cpu):
     assert dynamo_counters["stats"]["unique_graphs"] == before
 
 
-@pytest.mark.parametrize("n,pad_left", [(301, 0), (333, 40), (256, 0), (270, 133)])
-def test_bucket_padded_selection_equals_the_exact_length_one(n, pad_left):
+@pytest.mark.parametrize("n,pad_left,compiled", [(301, 0, False), (333, 40, False), (256, 0, False),
+                                                (270, 133, False), (333, 40, True)])
+def test_bucket_padded_selection_equals_the_exact_length_one(n, pad_left, compiled):
     """The CUDA-graph path (attention._SelectionGraph) runs `_selection_tables` on head-mean
     inputs padded to the bucket, with the real length as a 0-d tensor and key_valid False past
     it, so that one graph serves every length of a bucket.  CPU check of that logic: over three
-    layers (walk carried, dense tail on) every output equals the exact-length selection's."""
+    layers (walk carried, dense tail on) every output equals the exact-length selection's.
+    compiled: the function the graph captures with COMPILE_GRAPHED_SELECTION (inductor, the
+    bucket's static shapes, a code object of its own)."""
     from flexwalk.block_mask import bucket_length
     from flexwalk.selection import sketch_matrix
 
@@ -76,11 +79,15 @@ def test_bucket_padded_selection_equals_the_exact_length_one(n, pad_left):
     valid = torch.zeros(bsz, n_pad, dtype=torch.bool)
     valid[:, :n] = kv
     prev = prev_pad = None
+    graphed = torch.compile(attention._own_code(cfg), dynamic=False) if compiled else None
     for layer in range(3):
         p = sketch_matrix(cfg, layer, d, "cpu")
         ref = attention._selection_tables(q, k, p, prev, kv, cfg, layer, None, n_pad)
-        got = attention._selection_tables(qm, km, p, prev_pad, valid, cfg, layer, None, n_pad,
-                                          seq_len=torch.tensor(n))
+        if compiled:
+            got = graphed(qm, km, p, prev_pad, valid, layer, None, n_pad, torch.tensor(n))
+        else:
+            got = attention._selection_tables(qm, km, p, prev_pad, valid, cfg, layer, None, n_pad,
+                                              seq_len=torch.tensor(n))
         names = ["p_cnt", "p_idx", "f_cnt", "f_idx", "table", "start", "end"]
         for name, a, b in zip(names, ref[:7], got[:7]):
             if name.endswith("idx"):  # indices past each row's count are an unspecified order
