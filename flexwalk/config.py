@@ -78,6 +78,10 @@ class SketchWalkConfig:
     """True: decode steps run dense attention (prefill-only sparsity); False: sparse decode too."""
     skip_prefill: bool = False
     """True: prefill runs dense attention (with skip_decode=False: decode-only sparsity)."""
+    decode_pinned: float = 0.1
+    """Sparse decode: fraction of the prompt's blocks kept in every decode step, forced like sink
+    and local blocks (so counted within the budget): the blocks the prompt's last block_size
+    queries attend most (exact attention mass, head mean, computed once per prefill).  0: none."""
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -116,6 +120,9 @@ class SketchWalkConfig:
             v = self.dense_below
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 _fail("dense_below", v, "must be an int >= 0 or 'auto'")
+        pf = self.decode_pinned
+        if isinstance(pf, bool) or not isinstance(pf, (int, float)) or not (0.0 <= pf <= 1.0):
+            _fail("decode_pinned", pf, "must be a number in [0, 1]")
         if not isinstance(self.skip_decode, bool):
             _fail("skip_decode", self.skip_decode, "must be a bool")
         if not isinstance(self.skip_prefill, bool):

@@ -52,6 +52,7 @@ class DecodeState:
       k_sketch [B, Hk', C, r]: sketched block-mean keys;
       q_sum [B, Hq', D], q_count [B]: running query sum of the block holding the last token;
       transition [B, C, C]: W_l, rows of blocks not reached yet are 0;
+      pinned [B, C] bool: prompt blocks every step keeps (config.decode_pinned, see `pin`);
       key_start [B] int32: first real key of each row (left padding);
       pos: 0-dim int64, tokens absorbed (on the device; `length` is its host mirror);
       last_key [B, Hkv, D] (model dtype): the last absorbed key, a fingerprint of the cache
@@ -102,6 +103,7 @@ class DecodeState:
         self.q_sum = torch.zeros(batch, q_heads, head_dim, **f32)
         self.q_count = torch.zeros(batch, **f32)
         self.transition = torch.zeros(batch, c, c, **f32)
+        self.pinned = torch.zeros(batch, c, dtype=torch.bool, device=device)
         self.key_start = torch.zeros(batch, dtype=_INT, device=device)
         self.pos = torch.zeros((), dtype=torch.int64, device=device)
         self.length = 0
@@ -153,6 +155,7 @@ class DecodeState:
         self.k_count = F.pad(self.k_count, (0, pad))
         self.k_sketch = F.pad(self.k_sketch, (0, 0, 0, pad))
         self.transition = F.pad(self.transition, (0, pad, 0, pad))
+        self.pinned = torch.cat([self.pinned, self.pinned.new_zeros(self.batch, pad)], 1)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -169,6 +172,7 @@ class DecodeState:
         growable: bool | None = None,
         sketch: LayerSketch | None = None,
         process_group=None,
+        softcap: float | None = None,
     ) -> "DecodeState":
         """The state after a prefill of n tokens (q [B, Hq, n, D], k [B, Hkv, n, D]).
 
@@ -177,6 +181,7 @@ class DecodeState:
         key_valid: [B, n] bool, left padding only (decode appends real tokens on the right).
         sketch: this layer's `layer_sketch(...)` when the prefill already computed it (with the
         same process_group).  process_group: tensor parallelism (see the class docstring).
+        softcap: the model's attention logit softcap (used for the pinned blocks' attention mass).
         """
         bsz, hq, n, d = q.shape
         scale = d**-0.5 if scale is None else float(scale)
@@ -210,7 +215,32 @@ class DecodeState:
         st.pos.fill_(n)
         st.length = n
         st.last_key = packed(k[:, :, n - 1])
+        st.pin(q, k, key_valid=key_valid, softcap=softcap)
         return st
+
+    def pin(self, q: torch.Tensor, k: torch.Tensor, *, key_valid: torch.Tensor | None = None,
+            softcap: float | None = None) -> None:
+        """Pin the prompt blocks that its last queries attend most (config.decode_pinned).
+
+        q: [B, Hq, L, D], the prompt's last L queries (L >= 1; the last block_size are used);
+        k: [B, Hkv, n, D], every key of the prompt so far (n = the state's length); key_valid:
+        [B, n] bool.  The ceil(decode_pinned * real blocks) blocks with the largest exact
+        attention mass (mean over heads and queries) are then kept in every decode step, the
+        way sink and local blocks are.  The prompt's last query block attends densely in the
+        prefill (dense_tail_blocks), so these are the blocks the answer's first token read
+        most; a decode query's head-mean estimate against block-mean keys ranks a needle of a
+        few tokens poorly (docs/decode.md).  Exact, chunked over keys: no [n, n] tensor.
+        """
+        n = k.shape[2]
+        if n != self.length:
+            raise ValueError(f"k has {n} positions; pin needs every key the state has absorbed ({self.length})")
+        self.pinned.zero_()
+        if self.config.decode_pinned <= 0:
+            return
+        mass = prompt_block_mass(q, k, block_size=self.block_size, scale=self.scale, softcap=softcap,
+                                 key_valid=key_valid, process_group=self.process_group)
+        nb = mass.shape[1]
+        self.pinned[:, :nb] = top_fraction(mass, self.k_count[:, :nb] > 0, self.config.decode_pinned)
 
     # ------------------------------------------------------------------ update
     def absorb(self, q_new: torch.Tensor, k_new: torch.Tensor, valid: torch.Tensor | None = None) -> None:
@@ -279,7 +309,61 @@ def _absorb(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, qm, km, vf, p,
     return qloc.index_select(2, lr)[:, :, 0], qcnt.index_select(1, lr)[:, 0]
 
 
-def _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, *, bs, scale, exponent, walk_mode,
+def prompt_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float, softcap: float | None = None,
+                      key_valid: torch.Tensor | None = None, queries: int | None = None, process_group=None,
+                      chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """[B, nb] fp32: the exact causal attention mass each key block gets from the last
+    `queries` (default block_size) of q's tokens, averaged over heads and real queries.
+
+    q: [B, Hq, L, D], the last L positions of the sequence; k: [B, Hkv, n, D]; key_valid:
+    [B, n] bool (padded keys get no mass, padded queries no weight).  Exact softmax, computed
+    in key chunks of at most `chunk_bytes` of fp32 logits: the only large tensor is
+    [B, Hq * queries, chunk].  process_group: the mean over the heads of every rank.
+    """
+    bsz, hq, lq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    t = min(lq, queries or block_size, n)
+    g = hq // hkv
+    qg = q[:, :, lq - t:].reshape(bsz, hkv, g * t, d)  # query heads h = kv_head * g + j
+    qpos = (n - t + torch.arange(t, device=q.device)).repeat(g)  # [g * t]
+    nb = -(-n // block_size)
+    chunk = max(block_size, chunk_bytes // (4 * bsz * hq * t) // block_size * block_size)
+    parts = []
+    for s0 in range(0, n, chunk):
+        kc = k[:, :, s0:s0 + chunk]
+        c = kc.shape[2]
+        logits = torch.matmul(qg, kc.transpose(-1, -2)).float() * scale  # [B, Hkv, g*t, c]
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        ok = (s0 + torch.arange(c, device=q.device))[None, :] <= qpos[:, None]  # causal, [g*t, c]
+        ok = ok[None, None] if key_valid is None else ok[None, None] & key_valid[:, None, None, s0:s0 + c]
+        logits = logits.masked_fill(~ok, float("-inf"))
+        pad = -c % block_size
+        if pad:
+            logits = F.pad(logits, (0, pad), value=float("-inf"))
+        parts.append(logits.reshape(bsz, hkv, g * t, -1, block_size).logsumexp(-1))
+    blse = torch.cat(parts, -1)[..., :nb]  # [B, Hkv, g*t, nb] log-mass per block
+    mass = torch.exp(blse - blse.logsumexp(-1, keepdim=True)).nan_to_num(0.0)  # rows with no key: 0
+    w = torch.ones(bsz, t, device=q.device) if key_valid is None else key_valid[:, n - t:].float()
+    w = w.repeat(1, g)  # [B, g*t]
+    mass = (mass * w[:, None, :, None]).sum(2) / w.sum(-1).clamp_min(1.0)[:, None, None]  # [B, Hkv, nb]
+    mass = mass.mean(1)
+    if process_group is not None:
+        mass = _group_mean(mass, process_group)
+    return mass
+
+
+def top_fraction(score: torch.Tensor, valid: torch.Tensor, fraction: float) -> torch.Tensor:
+    """[B, nb] bool: the ceil(fraction * valid blocks) valid blocks of each row with the largest
+    score (ties towards the lower index).  No host sync."""
+    nb = score.shape[-1]
+    count = torch.ceil(valid.sum(-1).to(torch.float64) * fraction - 1e-9).to(torch.int64)  # [B]
+    order = torch.sort(score.float().masked_fill(~valid, float("-inf")), dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nb, device=score.device).expand_as(order))
+    return (rank < count[:, None]) & valid
+
+
+def _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, pinned, *, bs, scale, exponent, walk_mode,
                  damping, sink_blocks, local_blocks, top_k, density):
     """Tensor core of the decode selection (compiled on CUDA together with the state update)."""
     c = k_count.shape[1]
@@ -291,7 +375,7 @@ def _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, *, bs,
     prev = None if walk_row is None else walk_row[:, None, :]
     row = walk_combine(w, prev, trans, walk_mode, damping)
     kept, order, n_causal = rank_blocks(row, allowed, block_valid, bt, sink_blocks=sink_blocks,
-                                        local_blocks=local_blocks, top_k=top_k, density=density)
+                                        local_blocks=local_blocks, top_k=top_k, density=density, pinned=pinned)
     row, kept, order, n_causal = row[:, 0], kept[:, 0], order[:, 0].to(_INT), n_causal[:, 0]
     if dense is not None:
         kept = torch.where(dense, (bt + 1).to(kept.dtype).expand_as(kept), kept)
@@ -328,7 +412,7 @@ def decode_select(
     dense_t = None if isinstance(dense, bool) and not dense else torch.as_tensor(dense, device=state.device)
     return _select_core(
         state.k_sketch, state.k_count, state.transition, state.sketch, head_reduce(q_t, state.config.head_scoring), walk_row,
-        p_tok, dense_t, **_consts(state),
+        p_tok, dense_t, state.pinned, **_consts(state),
     )
 
 
@@ -340,7 +424,7 @@ def _cache_mismatch(k_rows, last_key, position, pos):
 
 
 def _step_core(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, last_key, stale, stale_steps, all_stale_steps, q,
-               k_rows, valid, walk_row, position, p, *, force_dense, head_scoring, reduced=None, **consts):
+               k_rows, valid, walk_row, position, p, pinned, *, force_dense, head_scoring, reduced=None, **consts):
     """One decode step's state update and selection, tensors only (no host sync).
 
     k_rows: [B, Hkv, 2, D], the cache's keys at positions pos - 1 and pos (the last absorbed
@@ -365,7 +449,7 @@ def _step_core(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, last_key, s
     new_pos = pos + 1
     p_tok = new_pos - 1 if position is None else position
     dense = stale | force_dense if not force_dense else torch.ones_like(stale)
-    row, kv_num, kv_idx, kept, causal = _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense,
+    row, kv_num, kv_idx, kept, causal = _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, pinned,
                                                      **consts)
     return (q_sum.contiguous(), q_count.contiguous(), new_pos, k_new[:, :, 0].contiguous(), stale, row, kv_num,
             kv_idx, kept, causal, (p_tok + 1).to(_INT))
@@ -420,7 +504,7 @@ def _step_inplace(state: DecodeState, q, k, v, walk_row, valid, pos_t, *, scale,
     (q_sum, q_count, pos, last_key, stale, row, kv_num, kv_idx, kept, causal, end) = _step_fn(q.device)(
         state.k_sum, state.k_count, state.k_sketch, state.transition, state.q_sum, state.q_count, state.pos,
         state.last_key, state.stale, state.stale_steps, stats.device_counter(stats.DECODE_STALE_STEPS, q.device), q,
-        k_rows, valid, walk_row, pos_t, state.sketch,
+        k_rows, valid, walk_row, pos_t, state.sketch, state.pinned,
         force_dense=force_dense, head_scoring=state.config.head_scoring, reduced=reduced, **_consts(state),
     )
     for dst, src in ((state.q_sum, q_sum), (state.q_count, q_count), (state.pos, pos), (state.last_key, last_key),

@@ -113,13 +113,15 @@ def rank_blocks(
     top_k: int | None,
     density: float | None,
     dense_rows: torch.Tensor | None = None,
+    pinned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The budget rule shared by prefill and decode, for m query blocks.
 
     walk: [B, m, nb] scores; allowed: [B, m, nb]; block_valid: [B, nb]; q_blocks: [m] index of
     each query block.  Sink blocks are the first `sink_blocks` valid blocks of each row, local
     blocks the diagonal and `local_blocks - 1` before it; both are forced.  dense_rows: [m]
-    bool, rows that keep every causal block.  Returns (kept [B, m], order [B, m, nb] with the
+    bool, rows that keep every causal block.  pinned: [B, nb] bool, blocks forced like sink
+    and local ones (sparse decode's pinned prompt blocks).  Returns (kept [B, m], order [B, m, nb] with the
     kept blocks first, ties towards the lower index, n_causal [B, m]).  No host sync.
     """
     nb = walk.shape[-1]
@@ -130,6 +132,8 @@ def rank_blocks(
     sink = valid_rank[:, None, :] < sink_blocks
     local = idx[None, :] > q_blocks[:, None] - local_blocks  # j > i - local  (j <= i via allowed)
     forced = causal_valid & (sink | local[None])
+    if pinned is not None:
+        forced = forced | (causal_valid & pinned[:, None, :])
     n_causal = causal_valid.sum(-1)  # [B, m]
     n_forced = forced.sum(-1)
     if top_k is not None:

@@ -64,6 +64,7 @@ decode_cases = st.fixed_dictionaries(
         "density": st.floats(0.05, 1.0),
         "sink": st.integers(0, 2),
         "local": st.integers(1, 3),
+        "pinned": st.sampled_from([0.0, 0.1, 0.5]),
         "seed": st.integers(0, 3),
     }
 )
@@ -75,7 +76,7 @@ def test_incremental_state_equals_rebuilt_and_selection_is_valid(case):
     sequence so far, and the step's selection keeps sink + current block within budget."""
     cfg = SketchWalkConfig(
         block_size=case["bs"], density=case["density"], head_scoring=case["head_scoring"], walk=case["walk"],
-        sink_blocks=case["sink"], local_blocks=case["local"], seed=case["seed"],
+        sink_blocks=case["sink"], local_blocks=case["local"], seed=case["seed"], decode_pinned=case["pinned"],
     )
     n, steps, bs = case["n"], case["steps"], case["bs"]
     pad = min(case["pad"], n - 1)
@@ -83,6 +84,12 @@ def test_incremental_state_equals_rebuilt_and_selection_is_valid(case):
     q, k, v = _qkv(2, 6, 2, total, 16, seed=case["seed"])
     key_valid = left_padding(2, total, [0, pad])
     state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 3, key_valid=key_valid[:, :n])
+    pins = [torch.nonzero(state.pinned[b]).flatten().tolist() for b in range(2)]
+    for b in range(2):  # the prompt's real blocks, ceil(fraction * count) of them
+        first = (pad // bs if b == 1 else 0)
+        assert set(pins[b]) <= set(range(first, -(-n // bs)))
+        assert len(pins[b]) == block_budget(SketchWalkConfig(density=case["pinned"]), -(-n // bs) - first, 0) \
+            if case["pinned"] else not pins[b]
     for t in range(n, total):
         state.absorb(q[:, :, t : t + 1], k[:, :, t : t + 1])
         rebuilt = DecodeState.from_prefill(
@@ -102,7 +109,8 @@ def test_incremental_state_equals_rebuilt_and_selection_is_valid(case):
             sinks = causal_blocks[: cfg.sink_blocks]
             assert set(sinks) <= set(chosen), "sink block missing"
             local = [j for j in causal_blocks if j > bt - cfg.local_blocks]
-            forced = len(set(sinks) | set(local))
+            assert set(pins[b]) <= set(chosen), "pinned prompt block missing"
+            forced = len(set(sinks) | set(local) | set(pins[b]))
             assert len(chosen) == block_budget(cfg, len(causal_blocks), forced), "budget not respected"
             assert set(local) <= set(chosen), "local block missing"
 
@@ -125,6 +133,7 @@ def test_decode_steps_match_the_oracle(walk, softcap, decode_kernel):
         for i, (q, k, v) in enumerate(data):
             rebuilt = DecodeState.from_prefill(q[:, :, :t], k[:, :, :t], cfg, i, key_valid=key_valid[:, :t],
                                                kv_tokens=states[i].kv_tokens)
+            rebuilt.pinned.copy_(states[i].pinned)  # pins are the prompt's, fixed at its prefill
             rebuilt.absorb(q[:, :, t : t + 1], k[:, :, t : t + 1])
             ref_row, kv_num, kv_idx, _, _ = decode_select(rebuilt, q[:, :, t : t + 1], ref_row)
             out, row = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], states[i], row,
@@ -318,3 +327,68 @@ def test_decode_mask_mod_carries_the_selection():
         warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
         eager = flex_attention(q, k, v, block_mask=bm)
     assert (eager - ref).abs().max() <= 1e-5 < (dense - ref).abs().max()
+
+
+def _block_mass_reference(q, k, bs, t, scale, softcap, key_valid):
+    """prompt_block_mass written densely: full softmax of the last t queries, GQA expanded."""
+    bsz, hq, lq, _ = q.shape
+    n, g = k.shape[2], hq // k.shape[1]
+    kk = k.repeat_interleave(g, 1)
+    s = (q[:, :, lq - t:] @ kk.transpose(-1, -2)) * scale  # [B, Hq, t, n]
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    qpos = torch.arange(n - t, n)
+    ok = torch.arange(n)[None, :] <= qpos[:, None]
+    ok = ok[None, None] & key_valid[:, None, None, :]
+    p = torch.softmax(s.masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
+    nb = -(-n // bs)
+    p = torch.nn.functional.pad(p, (0, nb * bs - n)).reshape(bsz, hq, t, nb, bs).sum(-1)
+    w = key_valid[:, n - t:].to(p.dtype)
+    return ((p * w[:, None, :, None]).sum(2) / w.sum(-1).clamp_min(1)[:, None, None]).mean(1)
+
+
+@given(n=st.integers(1, 150), bs=st.sampled_from([16, 32]), lq=st.integers(1, 40), pad=st.integers(0, 60),
+       softcap=st.sampled_from([None, 5.0]), seed=st.integers(0, 3))
+def test_prompt_block_mass_equals_dense_softmax(n, bs, lq, pad, softcap, seed):
+    """The pinned blocks' score (exact mass from the last queries, chunked over keys, GQA 3,
+    left padding, softcap) equals a dense softmax written out; tolerance: the fp32
+    reference's own error against fp64."""
+    from flexwalk.decode import prompt_block_mass
+
+    lq = min(lq, n)
+    q, k, _ = _qkv(2, 6, 2, n, 8, seed)
+    q = q[:, :, n - lq:] * 2
+    key_valid = left_padding(2, n, [0, min(pad, n - 1)])
+    got = prompt_block_mass(q, k, block_size=bs, scale=8**-0.5, softcap=softcap, key_valid=key_valid,
+                            chunk_bytes=4 * 2 * 6 * bs * 3)  # chunks of a few blocks, the last one partial
+    t = min(lq, bs)
+    ref64 = _block_mass_reference(q.double(), k.double(), bs, t, 8**-0.5, softcap, key_valid)
+    ref32 = _block_mass_reference(q, k, bs, t, 8**-0.5, softcap, key_valid)
+    tol = 4 * (ref32.double() - ref64).abs().max().item() + 8 * EPS
+    assert got.shape == ref64.shape
+    assert (got.double() - ref64).abs().max().item() <= tol
+    torch.testing.assert_close(got.sum(-1).double(), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def test_pinned_blocks_survive_decode_and_growth():
+    """The prompt's pins are its top-mass blocks (a planted needle block among them), stay kept
+    in every step while the walk's own choice moves, and survive a capacity growth."""
+    cfg = SketchWalkConfig(block_size=16, density=0.2, decode_pinned=0.1)
+    n, total = 250, 330
+    q, k, v = _qkv(1, 4, 2, total, 16, seed=5)
+    q[:, :, n - 16 : n] = q[:, :, n - 1 : n]  # the prompt's last queries all ask for ...
+    k[:, :, 100:104] = q[:, :, n - 1 : n].reshape(1, 2, 2, 16).mean(2, keepdim=True) * 4  # ... a needle in block 6
+    state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 3)
+    capacity = state.capacity
+    pins = torch.nonzero(state.pinned[0]).flatten().tolist()
+    assert len(pins) == 2 and 6 in pins  # ceil(0.1 * 16 blocks)
+    chosen_sets = set()
+    for t in range(n, total):
+        sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], state)
+        _, kv_num, kv_idx, _, _ = decode_select(state, q[:, :, t : t + 1], None)  # the step's own selection
+        chosen = kv_idx[0, : int(kv_num[0])].tolist()
+        assert set(pins) <= set(chosen), f"step {t} dropped a pinned block"
+        chosen_sets.add(tuple(sorted(chosen)))
+    assert len(chosen_sets) > 1  # the rest of the selection does move
+    assert state.capacity > capacity, "the test should cross a capacity growth"
+    assert torch.nonzero(state.pinned[0]).flatten().tolist() == pins

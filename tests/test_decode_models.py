@@ -149,7 +149,7 @@ def test_sampling_at_full_budget_matches_sdpa():
 # --------------------------------------------------------------------------- sparse budget
 def test_sparse_decode_is_sparse_and_walks_across_layers():
     name = "llama"
-    cfg = decode_cfg(0.25, dense_layers=0, walk="walk")
+    cfg = decode_cfg(0.25, dense_layers=0, walk="walk", decode_pinned=0.0)  # no pins: leave the walk room to choose
     ids, mask = left_padded_batch(seed=5)
     flexwalk.reset_counters()
     out = generate(model(name, cfg), ids, mask, max_new_tokens=40)
@@ -342,3 +342,26 @@ def test_generate_does_not_auto_compile_sketchwalk_models():
     kwargs = {"past_key_values": transformers.StaticCache(config=m.config, max_cache_len=64)}
     assert m._valid_auto_compile_criteria(kwargs, gc) is False
     assert reference("llama")._valid_auto_compile_criteria(kwargs, gc) is True
+
+
+def test_pins_of_a_prompt_prefilled_in_chunks_equal_a_one_shot_prefill():
+    """A prompt fed in two forward calls re-pins from its new last queries: the pinned blocks
+    then equal those of the same prompt in one call (and differ from the first chunk's)."""
+    cfg = decode_cfg(0.25, decode_pinned=0.3)
+    ids = random_ids(1, PROMPT, seed=8)
+    m = model("llama", cfg)
+    with torch.no_grad():
+        m(ids, use_cache=True)
+        one_shot = {i: s.pinned.clone() for i, s in flexwalk.decode_states(m).items()}
+        m = model("llama", cfg)
+        cache = transformers.DynamicCache(config=m.config)
+        m(ids[:, :60], past_key_values=cache, use_cache=True)
+        first = {i: s.pinned.clone() for i, s in flexwalk.decode_states(m).items()}
+        m(ids[:, 60:], past_key_values=cache, use_cache=True)
+        chunked = {i: s.pinned for i, s in flexwalk.decode_states(m).items()}
+    assert sorted(one_shot) == sorted(chunked) == sparse_layers("llama", cfg)
+    for i in one_shot:
+        n = one_shot[i].shape[1]
+        assert torch.equal(chunked[i][:, :n], one_shot[i]), f"layer {i}"
+        assert int(one_shot[i].sum()) == 3  # ceil(0.3 * 7 blocks)
+    assert any(not torch.equal(first[i][:, :4], one_shot[i][:, :4]) or first[i].sum() != 3 for i in first)

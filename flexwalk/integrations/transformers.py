@@ -317,6 +317,9 @@ def sketchwalk_flex_attention(
     if ctx.q_offset != 0 or ctx.kv_offset != 0 or L != S:
         if track and (state := _matching_state(module, query, key, L, ctx.q_offset)) is not None:
             state.absorb(query, key[:, :, ctx.q_offset : ctx.q_offset + L], ctx.new_valid())
+            end = ctx.q_offset + L  # a prompt continued in chunks: pin from its new last queries
+            state.pin(query, key[:, :, :end], key_valid=None if key_valid is None else key_valid[:, :end],
+                      softcap=softcap)
         stats.count(stats.DENSE_CACHED_PREFILL)
         out = dense_attention(
             query, key, value, key_valid=key_valid, scale=scaling, softcap=softcap, window=window,
@@ -338,16 +341,17 @@ def sketchwalk_flex_attention(
         ctx.walk_state = state
     if track:
         _new_state(module, cfg, query, key, key_valid, scaling, sketch, kv_tokens=ctx.kv_length if static else None,
-                   process_group=group)
+                   process_group=group, softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _new_state(module, cfg, query, key, key_valid, scaling, sketch, *, kv_tokens, process_group=None) -> None:
+def _new_state(module, cfg, query, key, key_valid, scaling, sketch, *, kv_tokens, process_group=None,
+               softcap=None) -> None:
     """Build the layer's decode state from this prefill (a new sequence starts here)."""
     try:
         state = DecodeState.from_prefill(
             query, key, cfg, module.layer_idx, key_valid=key_valid, scale=scaling, kv_tokens=kv_tokens,
-            growable=kv_tokens is None, sketch=sketch, process_group=process_group,
+            growable=kv_tokens is None, sketch=sketch, process_group=process_group, softcap=softcap,
         )
     except RightPaddingError:
         _drop_state(module)
@@ -409,7 +413,7 @@ def _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap, 
     offset = ctx.known_offset()
     if offset == 0:  # a short prompt starts a new sequence
         _new_state(module, cfg, query, key[:, :, :L], ctx.new_valid(), scaling, None,
-                   kv_tokens=S if S > L else None, process_group=group)
+                   kv_tokens=S if S > L else None, process_group=group, softcap=softcap)
         stats.count(stats.DENSE_SHORT)
         return None
     state = _matching_state(module, query, key, L, offset)
