@@ -168,11 +168,13 @@ def rank_blocks(
 def pool_rows(x: torch.Tensor, m: int) -> torch.Tensor:
     """[B, nb, nk] -> [B, ceil(nb / m), nk]: each group of m rows pooled (rows past nb count as
     zero / False): the mean for scores, any() for bool tables."""
+    if x.dtype == torch.bool:
+        # through fp32: CPU inductor miscompiles a bool pad of a fused bool table (dynamic shapes)
+        return pool_rows(x.float(), m) > 0
     nb = x.shape[1]
     nq = -(-nb // m)
     x = torch.nn.functional.pad(x, (0, 0, 0, nq * m - nb))
-    x = x.reshape(x.shape[0], nq, m, x.shape[-1])
-    return x.any(2) if x.dtype == torch.bool else x.mean(2)
+    return x.reshape(x.shape[0], nq, m, x.shape[-1]).mean(2)
 
 
 def select_blocks(
