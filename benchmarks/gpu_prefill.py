@@ -4,8 +4,11 @@
 
 1. grid: one attention layer, Llama-3.1-8B attention shape (32 query / 8 KV heads, head dim
    128), bf16, lengths x density 10/20/30% x batch 1/4: SDPA flash and cuDNN, dense flex
-   (causal BlockMask), the fused selection + mask, the sparse flex attention with that mask,
-   the total (`sketchwalk_attention`), peak memory of the total vs SDPA's; block 128.
+   (causal BlockMask), the fused selection + mask, the sparse flex attention with that mask
+   (full mask_mod; and as `sketchwalk_attention` runs it: kernel mask_mod, tiles, safe rows),
+   the total (`sketchwalk_attention`), peak memory of the total vs SDPA's; block 128, or the
+   blocks of --grid-blocks (block_spec: 128, 64, q128kv64 = 64-token key blocks chosen per
+   128-row kernel query block).
 2. ttft: time to first token of a Llama-3.1-8B-shaped random-weight model, sketchwalk_flex vs
    sdpa (logits of the last position only), after a warm-up of each length.
 3. recompiles: ten prompt lengths after warm-up, new compiled graphs (dynamo counter).
@@ -28,14 +31,34 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexwalk
 from flexwalk import SketchWalkConfig, sketchwalk_attention
-from flexwalk.attention import _compiled_flex, fused_selection_mask
-from flexwalk.block_mask import dense_block_mask
+from flexwalk.attention import _compiled_flex, _kernel_options, flex, fused_selection_mask
+from flexwalk.block_mask import dense_block_mask, kernel_mask_mod
 
 RESULTS: dict = {}
 
 
 def log(*a):
     print(*a, flush=True)
+
+
+def block_spec(spec: str) -> dict:
+    """'128' -> block_size 128; 'q128kv64' -> query_block_size 128 over key blocks of 64."""
+    spec = spec.strip()
+    if spec.startswith("q") and "kv" in spec:
+        q, kv = spec[1:].split("kv")
+        return {"block_size": int(kv), "query_block_size": int(q)}
+    return {"block_size": int(spec)}
+
+
+def block_specs(arg: str) -> list[str]:
+    """A comma-separated --blocks value, each entry checked (a bad one fails before any GPU work)."""
+    specs = [x.strip() for x in arg.split(",") if x.strip()]
+    for spec in specs:
+        try:
+            SketchWalkConfig(**block_spec(spec))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{spec!r}: {e}") from e
+    return specs
 
 
 def bench(fn, long: bool = False) -> float:
@@ -65,7 +88,7 @@ def peak_gib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def grid(lengths, batches, densities, budget_s):
+def grid(lengths, batches, densities, budget_s, blocks=("128",)):
     rows = []
     t_end = time.time() + budget_s
     for bsz in batches:
@@ -91,23 +114,31 @@ def grid(lengths, batches, densities, budget_s):
             dbm = dense_block_mask(bsz, n, n, 128, q.device)
             qp, kp, vp = (F.pad(x, (0, 0, 0, dbm.seq_lengths[0] - n)) for x in (q, k, v))
             t_dense_flex = bench(lambda: _compiled_flex(qp, kp, vp, block_mask=dbm, enable_gqa=True), long)
-            for density in densities:
-                cfg = SketchWalkConfig(block_size=128, density=density, dense_layers=0, dense_below=0)
+            for density, spec in [(d, b) for d in densities for b in blocks]:
+                cfg = SketchWalkConfig(**block_spec(spec), density=density, dense_layers=0, dense_below=0)
                 sketchwalk_attention(q, k, v, cfg, 0)  # compile / warm
                 t_sel = bench(lambda: fused_selection_mask(q, k, cfg, 0, None), long)
                 bm, _, kept, causal = fused_selection_mask(q, k, cfg, 0, None)
-                t_attn = bench(lambda: _compiled_flex(qp, kp, vp, block_mask=bm, enable_gqa=True), long)
+                tiles = _kernel_options(cfg.block_size, q.device, q_block=cfg.q_block)  # None for 128
+                t_attn = bench(lambda: _compiled_flex(qp, kp, vp, block_mask=bm, enable_gqa=True, kernel_options=tiles),
+                               long)
+                fast = kernel_mask_mod()
+                t_kernel = bench(lambda: flex(q, k, v, bm, block_size=cfg.block_size, q_block=cfg.q_block,
+                                              kernel_mask_mod=fast), long)
                 t_total = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)
                 mem = peak_gib(lambda: sketchwalk_attention(q, k, v, cfg, 0))
-                r = dict(batch=bsz, n=n, density=density, achieved=float(kept.sum() / causal.sum()),
+                r = dict(batch=bsz, n=n, density=density, blocks=spec, block_size=cfg.block_size,
+                         query_block_size=cfg.q_block, achieved=float(kept.sum() / causal.sum()),
                          sdpa_flash_ms=t_flash, sdpa_cudnn_ms=t_cudnn, dense_flex_ms=t_dense_flex,
-                         select_mask_ms=t_sel, sparse_attention_ms=t_attn, total_ms=t_total,
-                         speedup_vs_best_sdpa=best / t_total, select_share=t_sel / t_total,
+                         select_mask_ms=t_sel, sparse_attention_ms=t_attn, sparse_attention_kernel_ms=t_kernel,
+                         total_ms=t_total, speedup_vs_best_sdpa=best / t_total,
+                         speedup_vs_cudnn=t_cudnn / t_total, select_share=t_sel / t_total,
                          peak_gib=mem, sdpa_peak_gib=mem_sdpa, peak_ratio=mem / max(mem_sdpa, 1e-9))
                 rows.append(r)
-                log(f"B{bsz} {n:>6} d{density:.1f} (got {r['achieved']:.3f}): flash {t_flash:.3f} cudnn {t_cudnn:.3f} "
-                    f"flexdense {t_dense_flex:.3f} | sel+mask {t_sel:.3f} attn {t_attn:.3f} total {t_total:.3f} ms "
-                    f"-> x{best / t_total:.2f} (sel {100 * t_sel / t_total:.0f}%) | peak {mem:.2f} vs {mem_sdpa:.2f} GiB")
+                log(f"B{bsz} {n:>6} d{density:.1f} {spec:>8} (got {r['achieved']:.3f}): flash {t_flash:.3f} cudnn "
+                    f"{t_cudnn:.3f} flexdense {t_dense_flex:.3f} | sel+mask {t_sel:.3f} attn {t_attn:.3f} (kernel "
+                    f"mask {t_kernel:.3f}) total {t_total:.3f} ms -> x{best / t_total:.2f} (sel "
+                    f"{100 * t_sel / t_total:.0f}%) | peak {mem:.2f} vs {mem_sdpa:.2f} GiB")
             del q, k, v, qp, kp, vp
             torch.cuda.empty_cache()
     return rows
@@ -204,9 +235,10 @@ def time_prompts(model, lengths, sw: SketchWalkConfig, reps: int, rank0: bool = 
     return out, logits
 
 
-def ttft(lengths, dense_below=8192, model_name=None, preset=None):
+def ttft(lengths, dense_below=8192, model_name=None, preset=None, overrides=None):
     """TTFT of the 8B-shaped random model, or of `model_name` (a packaged model or directory,
-    loaded by flexwalk.models.load_model) with the SketchWalk `preset` when given."""
+    loaded by flexwalk.models.load_model) with the SketchWalk `preset` when given, and the
+    fields of `overrides` (a dict) changed."""
     from transformers import AutoModelForCausalLM
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a trial run of the script only
@@ -222,7 +254,7 @@ def ttft(lengths, dense_below=8192, model_name=None, preset=None):
 
         model, _ = load_model(model_name, attn_implementation="sdpa", device=dev, dtype="bfloat16" if dev == "cuda" else "float32")
     sw = (SketchWalkConfig.preset(preset) if preset else SketchWalkConfig(block_size=128, density=0.2)).replace(
-        dense_below=dense_below)
+        dense_below=dense_below, **(overrides or {}))
     out = {"model": model_name or "llama-3.1-8b-shaped (random)", "config": sw.to_dict()}
     res, _ = time_prompts(model, lengths, sw, reps=2, warmup=1)  # one warm-up forward per length and method
     out.update(res)
@@ -243,6 +275,11 @@ def main():
     ap.add_argument("--ttft-dense-below", type=int, default=8192, help="sketchwalk_flex dense_below in the TTFT runs")
     ap.add_argument("--ttft-model", default=None, help="packaged model name or directory (default: the 8B-shaped random model)")
     ap.add_argument("--ttft-preset", default=None, help="SketchWalk preset of the TTFT runs (default: block 128, density 0.2)")
+    ap.add_argument("--ttft-config", type=json.loads, default=None,
+                    help="JSON fields over the TTFT config, e.g. '{\"block_size\": 64, \"query_block_size\": 128}'")
+    ap.add_argument("--grid-blocks", type=block_specs, default="128",
+                    help="block configurations of the grid, comma-separated: 128, 64, q128kv64 (query_block_size "
+                         "128 over 64-token key blocks) (default: %(default)s)")
     ap.add_argument("--skip", default="")
     args = ap.parse_args()
     RESULTS["env"] = env_info()
@@ -251,8 +288,9 @@ def main():
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     sections = [("recompiles", recompiles, ()),
                 ("grid", grid, (ints(args.lengths), ints(args.batches), [float(x) for x in args.densities.split(",")],
-                                args.grid_budget_s)),
-                ("ttft", ttft, (ints(args.ttft_lengths), args.ttft_dense_below, args.ttft_model, args.ttft_preset))]
+                                args.grid_budget_s, args.grid_blocks)),
+                ("ttft", ttft, (ints(args.ttft_lengths), args.ttft_dense_below, args.ttft_model, args.ttft_preset,
+                                args.ttft_config))]
     for name, fn, a in sections:
         if name in skip:
             continue

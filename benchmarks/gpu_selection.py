@@ -1,16 +1,18 @@
 """GPU check and benchmark of the CUDA-graphed prefill selection (issue 5): one device call.
 
-    PYTHONPATH=. python benchmarks/gpu_selection.py --out DIR [--sections check,speed,cold]
+    PYTHONPATH=. python benchmarks/gpu_selection.py --out DIR [--sections check,speed,cold] [--blocks 128,64,q128kv64]
 
 1. check: graph path == compiled path (flexwalk.attention.GRAPH_SELECTION on / off): the same
    BlockMask tables, walk and attention output, over three layers with the walk carried, batch
-   2 with left padding, lengths off the bucket grid, head dims 64 and 128, bf16; and, without
-   padding, the attention with the kernel's cheap mask_mod (block_mask.kernel_mask_mod, with
+   2 with left padding, lengths off the bucket grid, head dims 64 and 128, bf16, blocks 128,
+   64 and q128kv64 (128-row query blocks over 64-token key blocks); and, without padding, the
+   attention with the kernel's cheap mask_mod (block_mask.kernel_mask_mod, with
    ROWS_GUARANTEED_SAFE) against the BlockMask's full one.
 2. speed: one layer of the Llama-3.1-8B attention shape (32 / 8 heads, head dim 128, bf16,
-   block 128, 20% density, batch 1): selection + mask and total (`sketchwalk_attention`) with
-   the graph and with the compiled selection, against SDPA (best of flash and cuDNN); the
-   attention alone with the kernel mask_mod and with the full one.
+   20% density, batch 1), per block configuration of --blocks (default 128; 64; q128kv64 =
+   query_block_size 128 over block_size 64): selection + mask and total
+   (`sketchwalk_attention`) with the graph and with the compiled selection, against SDPA
+   (best of flash and cuDNN); the attention alone with the kernel mask_mod and with the full one.
 3. cold: first and second forward of a SmolLM2-135M-shaped random-weight model (30 layers,
    9 / 3 heads, head dim 64) at 8K tokens in fresh processes with an empty inductor cache,
    graph selection on and off: what a user waits for before the first prompt returns.
@@ -35,14 +37,15 @@ import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig, sketchwalk_attention
 from flexwalk.attention import flex, fused_selection_mask
 from flexwalk.block_mask import kernel_mask_mod
-from gpu_prefill import bench, env_info, log  # this folder is on sys.path when run as a script
+from gpu_prefill import bench, block_spec, block_specs, env_info, log  # this folder is on sys.path as a script
 
 
 def check():
     rows = []
-    for d, hq, hkv, bs in ((128, 32, 8, 128), (64, 9, 3, 64)):
+    for d, hq, hkv, bs, qbs in ((128, 32, 8, 128, None), (64, 9, 3, 64, None), (128, 32, 8, 64, 128)):
         for n in (3000, 8000, 20000):
-            cfg = SketchWalkConfig(block_size=bs, density=0.2, dense_layers=0, dense_below=0, dense_tail_blocks=2)
+            cfg = SketchWalkConfig(block_size=bs, density=0.2, dense_layers=0, dense_below=0, dense_tail_blocks=2,
+                                   query_block_size=qbs)
             g = torch.Generator(device="cuda").manual_seed(n)
             q = torch.randn(2, hq, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
             k = torch.randn(2, hkv, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -69,20 +72,20 @@ def check():
                                for a, b in zip(res[True][2], res[False][2]))
             # no padding: the kernel mask_mod + ROWS_GUARANTEED_SAFE against the full mask_mod
             bm, _, _, _ = fused_selection_mask(q, k, cfg, 0, None)
-            a = flex(q, k, v, bm, block_size=bs, kernel_mask_mod=kernel_mask_mod())
-            b = flex(q, k, v, bm, block_size=bs)
+            a = flex(q, k, v, bm, block_size=bs, q_block=cfg.q_block, kernel_mask_mod=kernel_mask_mod())
+            b = flex(q, k, v, bm, block_size=bs, q_block=cfg.q_block)
             kernel_mask_err = float((a[:, :, :n].float() - b[:, :, :n].float()).abs().max())
-            r = dict(d=d, n=n, out_max_abs_diff=out_err, walk_max_abs_diff=walk_err, tables_equal=tables_equal,
-                     kernel_mask_max_abs_diff=kernel_mask_err, kernel_mask_finite=bool(torch.isfinite(a[:, :, :n]).all()))
+            r = dict(d=d, n=n, block_size=bs, query_block_size=cfg.q_block, out_max_abs_diff=out_err,
+                     walk_max_abs_diff=walk_err, tables_equal=tables_equal, kernel_mask_max_abs_diff=kernel_mask_err,
+                     kernel_mask_finite=bool(torch.isfinite(a[:, :, :n]).all()))
             rows.append(r)
-            log(f"check d{d} n={n}: tables equal {tables_equal}, out diff {out_err:.2e}, walk diff {walk_err:.2e}, "
-                f"kernel mask diff {kernel_mask_err:.2e} finite {r['kernel_mask_finite']}")
+            log(f"check d{d} q{cfg.q_block}kv{bs} n={n}: tables equal {tables_equal}, out diff {out_err:.2e}, walk "
+                f"diff {walk_err:.2e}, kernel mask diff {kernel_mask_err:.2e} finite {r['kernel_mask_finite']}")
     return rows
 
 
-def speed(lengths):
+def speed(lengths, blocks=("128",)):
     rows = []
-    cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0)
     for n in lengths:
         long = n >= 65536
         g = torch.Generator(device="cuda").manual_seed(n)
@@ -97,37 +100,48 @@ def speed(lengths):
             t_flash = bench(sdpa, long)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             t_cudnn = bench(sdpa, long)
-        best = min(t_flash, t_cudnn)
-        r = dict(n=n, sdpa_flash_ms=t_flash, sdpa_cudnn_ms=t_cudnn)
-        # graph: the eager selection captured in a CUDA graph (the default); graph_compiled: the
-        # inductor-compiled one captured (COMPILE_GRAPHED_SELECTION); compiled: no graph, the
-        # selection compiled with a dynamic length
-        for tag, graph, comp in (("graph", True, False), ("graph_compiled", True, True), ("compiled", False, False)):
-            attention.GRAPH_SELECTION, attention.COMPILE_GRAPHED_SELECTION = graph, comp
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            sketchwalk_attention(q, k, v, cfg, 0)  # compiles (capture) what is new for this length
-            torch.cuda.synchronize()
-            r[f"{tag}_first_call_s"] = time.perf_counter() - t0
-            t_sel = bench(lambda: fused_selection_mask(q, k, cfg, 0, None), long)
-            t_total = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)
-            r.update({f"{tag}_select_mask_ms": t_sel, f"{tag}_total_ms": t_total,
-                      f"{tag}_speedup_vs_best_sdpa": best / t_total, f"{tag}_select_share": t_sel / t_total})
-            log(f"{n:>6} {tag:>11}: first call {r[f'{tag}_first_call_s']:.1f} s, sel+mask {t_sel:.3f} total {t_total:.3f} ms | flash {t_flash:.3f} cudnn "
-                f"{t_cudnn:.3f} -> x{best / t_total:.2f} (sel {100 * t_sel / t_total:.0f}%)")
-        # the attention alone: the kernel's cheap mask_mod + ROWS_GUARANTEED_SAFE (what
-        # sketchwalk_attention runs) against the BlockMask's full mask_mod
-        bm, _, _, _ = fused_selection_mask(q, k, cfg, 0, None)
-        fast = kernel_mask_mod()
-        r["attention_kernel_mask_ms"] = bench(lambda: flex(q, k, v, bm, block_size=128, kernel_mask_mod=fast), long)
-        r["attention_full_mask_ms"] = bench(lambda: flex(q, k, v, bm, block_size=128), long)
-        log(f"{n:>6} attention: kernel mask {r['attention_kernel_mask_ms']:.3f} ms, full mask "
-            f"{r['attention_full_mask_ms']:.3f} ms")
-        attention.GRAPH_SELECTION = True
-        rows.append(r)
+        for spec in blocks:
+            rows.append(_speed_row(q, k, v, n, long, spec, t_flash, t_cudnn))
         del q, k, v
         torch.cuda.empty_cache()
     return rows
+
+
+def _speed_row(q, k, v, n, long, spec, t_flash, t_cudnn):
+    """`speed` of one block configuration (block_spec) at one length."""
+    best = min(t_flash, t_cudnn)
+    cfg = SketchWalkConfig(**block_spec(spec), density=0.2, dense_layers=0, dense_below=0)
+    r = dict(n=n, blocks=spec, block_size=cfg.block_size, query_block_size=cfg.q_block, sdpa_flash_ms=t_flash,
+             sdpa_cudnn_ms=t_cudnn)
+    # graph: the eager selection captured in a CUDA graph (the default); graph_compiled: the
+    # inductor-compiled one captured (COMPILE_GRAPHED_SELECTION); compiled: no graph, the
+    # selection compiled with a dynamic length
+    for tag, graph, comp in (("graph", True, False), ("graph_compiled", True, True), ("compiled", False, False)):
+        attention.GRAPH_SELECTION, attention.COMPILE_GRAPHED_SELECTION = graph, comp
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        sketchwalk_attention(q, k, v, cfg, 0)  # compiles (capture) what is new for this length
+        torch.cuda.synchronize()
+        r[f"{tag}_first_call_s"] = time.perf_counter() - t0
+        t_sel = bench(lambda: fused_selection_mask(q, k, cfg, 0, None), long)
+        t_total = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)
+        r.update({f"{tag}_select_mask_ms": t_sel, f"{tag}_total_ms": t_total,
+                  f"{tag}_speedup_vs_best_sdpa": best / t_total, f"{tag}_speedup_vs_cudnn": t_cudnn / t_total,
+                  f"{tag}_select_share": t_sel / t_total})
+        log(f"{n:>6} {spec:>8} {tag:>11}: first call {r[f'{tag}_first_call_s']:.1f} s, sel+mask {t_sel:.3f} total "
+            f"{t_total:.3f} ms | flash {t_flash:.3f} cudnn {t_cudnn:.3f} -> x{best / t_total:.2f} "
+            f"(sel {100 * t_sel / t_total:.0f}%)")
+    # the attention alone: the kernel's cheap mask_mod + ROWS_GUARANTEED_SAFE (what
+    # sketchwalk_attention runs) against the BlockMask's full mask_mod
+    bm, _, _, _ = fused_selection_mask(q, k, cfg, 0, None)
+    fast = kernel_mask_mod()
+    tiles = dict(block_size=cfg.block_size, q_block=cfg.q_block)
+    r["attention_kernel_mask_ms"] = bench(lambda: flex(q, k, v, bm, kernel_mask_mod=fast, **tiles), long)
+    r["attention_full_mask_ms"] = bench(lambda: flex(q, k, v, bm, **tiles), long)
+    log(f"{n:>6} {spec:>8} attention: kernel mask {r['attention_kernel_mask_ms']:.3f} ms, full mask "
+        f"{r['attention_full_mask_ms']:.3f} ms")
+    attention.GRAPH_SELECTION, attention.COMPILE_GRAPHED_SELECTION = True, False
+    return r
 
 
 COLD = r"""
@@ -182,6 +196,9 @@ def main():
     ap.add_argument("--sections", default="check,speed,cold")
     ap.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--cold-modes", default="on,off", help="graph selection on / off in the cold runs")
+    ap.add_argument("--blocks", type=block_specs, default="128",
+                    help="block configurations of the speed section, comma-separated: 128, 64, q128kv64 "
+                         "(query_block_size 128 over 64-token key blocks) (default: %(default)s)")
     args = ap.parse_args()
     sections = args.sections.split(",")
     res = {"env": env_info()}
@@ -189,7 +206,7 @@ def main():
     if "check" in sections:
         res["check"] = check()
     if "speed" in sections:
-        res["speed"] = speed([int(x) for x in args.lengths.split(",")])
+        res["speed"] = speed([int(x) for x in args.lengths.split(",")], args.blocks)
     if "cold" in sections:
         res["cold"] = cold(args.cold_modes.split(","))
     os.makedirs(args.out, exist_ok=True)

@@ -79,35 +79,48 @@ def softcap_score_mod(softcap: float):
     return score_mod
 
 
-def _kernel_options(block_size: int, device: torch.device, rows_safe: bool = False) -> dict | None:
+def _kernel_options(block_size: int, device: torch.device, rows_safe: bool = False,
+                    q_block: int | None = None) -> dict | None:
     """Triton kernel options of a prefill flex call (CUDA only; None elsewhere).
 
-    Triton's default tiles are 128 x 64; smaller blocks need matching tiles.  rows_safe: every
-    row's first visited tile holds a key it may attend (see `flex`), so the kernel may skip
-    its fully-masked-row guards (ROWS_GUARANTEED_SAFE: 1-3% on an H100, docs/benchmarks.md)."""
+    The kernel's tiles (BLOCK_M query rows x BLOCK_N keys) must divide the mask's blocks
+    (q_block x block_size; q_block defaults to block_size).  Triton's default tiles are 128 x 64
+    or 128 x 128 (an H100 at head dim 64), at most 128 x 128, so blocks of 128 tokens and more
+    keep them; smaller key blocks get BLOCK_N = block_size and BLOCK_M = the query block, at most
+    128 (a 256-row query block runs as two 128-row tiles, each visiting the block's key list).
+    rows_safe: every row's first visited tile holds a key it may attend (see `flex`), so the
+    kernel may skip its fully-masked-row guards (ROWS_GUARANTEED_SAFE: 1-3% on an H100,
+    docs/benchmarks.md)."""
     if device.type != "cuda":
         return None
     opts = {}
     if block_size < 128:
-        opts.update(BLOCK_M=block_size, BLOCK_N=block_size)
+        opts.update(BLOCK_M=min(block_size if q_block is None else q_block, 128), BLOCK_N=block_size)
     if rows_safe:
         opts["ROWS_GUARANTEED_SAFE"] = True
     return opts or None
 
 
 def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decode=False,
-         kernel_mask_mod=None) -> torch.Tensor:
+         kernel_mask_mod=None, q_block=None) -> torch.Tensor:
     """Compiled flex_attention with GQA and optional soft-capping; [B, Hq, L, D] out.
 
     q, k, v are zero-padded to the mask's (bucket) lengths and the output cut back.
+    block_size / q_block: the mask's key / query block (q_block None: block_size), for the tiles.
     kernel_mask_mod: a cheaper mask_mod that agrees with block_mask's own on every partial
     block of its tables, for a selection without padding (block_mask.kernel_mask_mod).  It is
     used only where flex surely compiles to its fused kernel (`_kernel_mask_ok`), through a
     compiled function of its own per shape, so dynamo's recompile limit (past which flex would
     run its eager path, which evaluates mask_mod everywhere) is never reached; and with it the
     kernel also skips its guards for fully masked rows, since every row's first visited tile
-    (its diagonal block: flex visits partial blocks first) holds its own key.  Rows of the
-    bucket padding may then come out NaN; they are cut off here.
+    holds a key it may attend: flex visits a query block's partial blocks first, in ascending
+    order (table_to_indices), and without padding the partial blocks of query block I are the
+    key blocks it overlaps, the first of them (key block I * q_block / block_size) forced by
+    the selection (local blocks cover the query block's own keys) and starting at key
+    I * q_block, which every row of block I attends causally; BLOCK_N <= block_size, so the
+    first tile starts there too.  (With q_block 128 and block_size 64: query block I visits
+    key block 2I first, keys 128I..128I+63; with square blocks it is the diagonal block.)  Rows
+    of the bucket padding may then come out NaN; they are cut off here.
     """
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise NotImplementedError(
@@ -133,7 +146,7 @@ def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decod
         block_mask=block_mask,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
-        kernel_options=None if decode else _kernel_options(block_size, q.device, rows_safe),
+        kernel_options=None if decode else _kernel_options(block_size, q.device, rows_safe, q_block),
     )
     return out[:, :, :L] if Lp != L else out
 
@@ -306,7 +319,7 @@ class _SelectionGraph:
     def __init__(self, bsz: int, n_pad: int, d: int, r: int, config: SketchWalkConfig, has_prev: bool,
                  scale: float | None, device: torch.device, compiled: bool = False):
         global _GRAPH_POOL
-        nb = n_pad // config.block_size
+        nb = n_pad // config.block_size  # the walk's blocks (block_size, whatever the query block)
         f32 = dict(device=device, dtype=torch.float32)
         self.qm = torch.zeros(bsz, 1, n_pad, d, **f32)
         self.km = torch.zeros(bsz, 1, n_pad, d, **f32)
@@ -355,7 +368,7 @@ class _SelectionGraph:
 
 def _graphable(q, config: SketchWalkConfig, n_pad: int) -> bool:
     return (GRAPH_SELECTION and q.device.type == "cuda" and n_pad <= GRAPH_SELECTION_MAX_TOKENS
-            and config.head_scoring == "mean" and config.walk != "oracle" and n_pad % config.block_size == 0
+            and config.head_scoring == "mean" and config.walk != "oracle" and n_pad % config.q_block == 0
             and not torch.cuda.is_current_stream_capturing())
 
 
@@ -391,11 +404,11 @@ def fused_selection_mask(q, k, config: SketchWalkConfig, layer_idx: int, state: 
         else:
             out = _selection_tables(q, k, p, prev, key_valid, config, layer_idx, scale, n_pad)
         p_cnt, p_idx, f_cnt, f_idx, table, start, end, walk, kept, causal = out
-    bs = config.block_size
+    bs, qb = config.block_size, config.q_block
     # fresh standard-layout copies: the compiled flex kernel specialises on these tensors
     start, end, table = (packed(t) for t in (start, end, table))
-    mask_mod = make_mask_mod(block_size=bs, start=start, end=end, block_table=table)
-    bm = block_mask_from_indices(p_cnt, p_idx, f_cnt, f_idx, mask_mod, bs, n_pad, n_pad)
+    mask_mod = make_mask_mod(block_size=bs, q_block=qb, start=start, end=end, block_table=table)
+    bm = block_mask_from_indices(p_cnt, p_idx, f_cnt, f_idx, mask_mod, (qb, bs), n_pad, n_pad)
     return bm, WalkState(transition=walk, layer_idx=layer_idx, block_size=bs, seq_len=n), kept, causal
 
 
@@ -424,7 +437,7 @@ def sparse_prefill(
         )
         bm = selection_block_mask(selection, key_valid=key_valid)
         kept, causal = selection.kept, selection.causal
-    out = flex(q, k, v, bm, scale=scale, softcap=softcap, block_size=config.block_size,
+    out = flex(q, k, v, bm, scale=scale, softcap=softcap, block_size=config.block_size, q_block=config.q_block,
                kernel_mask_mod=kernel_mask_mod() if key_valid is None else None)
     stats.count(stats.SPARSE_PREFILL)
     stats.record_density(layer_idx, kept, causal)

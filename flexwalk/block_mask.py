@@ -76,6 +76,7 @@ def _bounds(batch: int, kv_len: int | torch.Tensor, key_valid: torch.Tensor | No
 def make_mask_mod(
     *,
     block_size: int,
+    q_block: int | None = None,
     start: torch.Tensor,
     end: torch.Tensor,
     block_table: torch.Tensor | None = None,
@@ -85,11 +86,13 @@ def make_mask_mod(
     """mask_mod(b, h, q_idx, kv_idx) -> bool for causal (+window) (+selection) within [start, end).
 
     start, end: [B] int32, each row's real keys (padding and bucket padding lie outside).
-    block_table: [B, nq, nk] bool selection.  q_offset: 0-d int tensor, absolute position
-    of query 0 (a tensor, not a Python int, so a new offset never recompiles).  A padding
-    query attends to itself so its row stays finite.
+    block_table: [B, nq, nk] bool selection, query blocks of q_block tokens (default block_size),
+    key blocks of block_size.  q_offset: 0-d int tensor, absolute position of query 0 (a tensor,
+    not a Python int, so a new offset never recompiles).  A padding query attends to itself so
+    its row stays finite.
     """
     bs = block_size
+    qb = block_size if q_block is None else q_block
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_abs = q_idx if q_offset is None else q_idx + q_offset
@@ -98,7 +101,7 @@ def make_mask_mod(
             keep = keep & (kv_idx > q_abs - window)
         keep = keep | (kv_idx == q_abs)
         if block_table is not None:
-            keep = keep & block_table[b, q_idx // bs, kv_idx // bs]
+            keep = keep & block_table[b, q_idx // qb, kv_idx // bs]
         return keep
 
     return mask_mod
@@ -107,9 +110,10 @@ def make_mask_mod(
 def kernel_mask_mod(*, window: int | None = None):
     """The mask_mod the compiled kernel needs for a selection without padding: plain causal
     (+window).  The kernel visits only the BlockMask's (selected) blocks and runs mask_mod
-    only on their partial ones, the diagonal blocks, which every row keeps; there the
-    selection and the [0, n) bounds of `make_mask_mod` are always true for the rows that are
-    kept, and leaving out their per-element loads makes the kernel 5-14% faster on an H100
+    only on their partial ones, the key blocks a query block overlaps (the diagonal block, or
+    with query_block_size its m diagonal key blocks), which every row keeps (local blocks);
+    there the selection and the [0, n) bounds of `make_mask_mod` are always true for the rows
+    that are kept, and leaving out their per-element loads makes the kernel 5-14% faster on an H100
     (docs/benchmarks.md).  Only for compiled flex: uncompiled flex evaluates mask_mod on every
     element and needs `make_mask_mod`'s selection term (attention.flex swaps this one in)."""
 
@@ -122,9 +126,11 @@ def kernel_mask_mod(*, window: int | None = None):
     return mask_mod
 
 
-def block_mask_from_indices(p_cnt, p_idx, f_cnt, f_idx, mask_mod, block_size: int, q_len: int,
+def block_mask_from_indices(p_cnt, p_idx, f_cnt, f_idx, mask_mod, block_size: int | tuple[int, int], q_len: int,
                             kv_len: int) -> BlockMask:
-    """Counts [B, nq] / indices [B, nq, nk] of partial and full blocks -> BlockMask, one mask head."""
+    """Counts [B, nq] / indices [B, nq, nk] of partial and full blocks -> BlockMask, one mask head.
+
+    block_size: tokens per block, or (query block, key block) tokens."""
     kwargs = {"compute_q_blocks": False} if _HAS_COMPUTE_Q_BLOCKS else {}
     return BlockMask.from_kv_blocks(
         p_cnt[:, None], p_idx[:, None], f_cnt[:, None], f_idx[:, None],
@@ -132,7 +138,8 @@ def block_mask_from_indices(p_cnt, p_idx, f_cnt, f_idx, mask_mod, block_size: in
     )
 
 
-def block_mask_from_tables(partial, full, mask_mod, block_size: int, q_len: int, kv_len: int) -> BlockMask:
+def block_mask_from_tables(partial, full, mask_mod, block_size: int | tuple[int, int], q_len: int,
+                           kv_len: int) -> BlockMask:
     """[B, nq, nk] bool partial/full tables -> BlockMask with one mask head."""
     return block_mask_from_indices(*table_to_indices(partial), *table_to_indices(full), mask_mod, block_size,
                                    q_len, kv_len)
@@ -149,20 +156,23 @@ def structural_tables(
     window: int | None = None,
     q_pad: int | None = None,
     kv_pad: int | None = None,
+    q_block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(maybe, full) [B, nq, nk] tables of causal (+window) attention inside [start, end).
 
     maybe: the block may hold an allowed element (over-approximates); full: every element of
     the block is allowed, so mask_mod is skipped there.  q_pad / kv_pad: bucket lengths; their
     extra blocks are empty.  q_len / kv_len may be 0-d tensors (then q_pad / kv_pad are needed).
+    Query blocks of q_block tokens (default block_size), key blocks of block_size.
     """
     dev = start.device
-    nq = -(-(q_pad or q_len) // block_size)
+    qb = block_size if q_block is None else q_block
+    nq = -(-(q_pad or q_len) // qb)
     nk = -(-(kv_pad or kv_len) // block_size)
-    qi = torch.arange(nq, device=dev) * block_size
+    qi = torch.arange(nq, device=dev) * qb
     kj = torch.arange(nk, device=dev) * block_size
     q_lo = (qi + q_offset)[:, None]
-    q_hi = (torch.clamp(qi + block_size, max=q_len) - 1 + q_offset)[:, None]
+    q_hi = (torch.clamp(qi + qb, max=q_len) - 1 + q_offset)[:, None]
     k_lo = kj[None, :]
     k_hi = (torch.clamp(kj + block_size, max=kv_len) - 1)[None, :]
     real = (qi < q_len)[:, None] & (kj < kv_len)[None, :]
@@ -196,21 +206,23 @@ def selection_block_mask(
     With bucket=True the mask covers bucket_length(n) tokens: pad q, k, v to
     `block_mask.seq_lengths` (attention.flex does this) and drop the extra rows.
     """
-    n, bs = selection.seq_len, selection.block_size
+    n, bs, qb = selection.seq_len, selection.block_size, selection.q_block_size
     n_pad = bucket_length(n) if bucket else n
     partial, full, table, start, end = selection_tables(selection, n_pad, key_valid=key_valid, window=window)
-    mask_mod = make_mask_mod(block_size=bs, start=start, end=end, block_table=table, window=window)
-    return block_mask_from_tables(partial, full, mask_mod, bs, n_pad, n_pad)
+    mask_mod = make_mask_mod(block_size=bs, q_block=qb, start=start, end=end, block_table=table, window=window)
+    return block_mask_from_tables(partial, full, mask_mod, (qb, bs), n_pad, n_pad)
 
 
 def selection_tables(selection: BlockSelection, n_pad: int, *, key_valid: torch.Tensor | None = None,
                      window: int | None = None):
-    """A prefill selection's (partial, full) block tables over n_pad tokens, the selection table
-    padded to them, and each row's real-key bounds (start, end): tensors only, no host sync."""
+    """A prefill selection's (partial, full) block tables over n_pad tokens (query blocks of
+    selection.q_block_size tokens, key blocks of block_size), the selection table padded to them,
+    and each row's real-key bounds (start, end): tensors only, no host sync."""
     table = selection.mask
     n, bs = selection.seq_len, selection.block_size
     start, end = _bounds(table.shape[0], n, key_valid, table.device)
-    maybe, full = structural_tables(n, n, bs, start, end, window=window, q_pad=n_pad, kv_pad=n_pad)
+    maybe, full = structural_tables(n, n, bs, start, end, window=window, q_pad=n_pad, kv_pad=n_pad,
+                                    q_block=selection.q_block_size)
     table = _pad_table(table, maybe.shape[1], maybe.shape[2])
     chosen = table & maybe
     full = chosen & full

@@ -42,7 +42,12 @@ class SketchWalkConfig:
     """
 
     block_size: int = 64
-    """Tokens per query and key block (power of two, 16..256)."""
+    """Tokens per key block, and per query block of the walk (power of two, 16..256)."""
+    query_block_size: int | None = None
+    """Query rows per kernel block in prefill; None = block_size.  A multiple of block_size (power
+    of two, <= 256): the walk runs at block_size granularity, each kernel query block pools the
+    walk rows of its block_size sub-blocks and keeps the top key blocks of block_size tokens
+    (128 with block_size 64: the kernel runs 128-row tiles, keys are chosen per 64 tokens)."""
     sketch_dim: int = 64
     """SRHT sketch width r; clipped to the head dim rounded up to a power of two."""
     sparsity_exponent: float = 8.0
@@ -87,6 +92,11 @@ class SketchWalkConfig:
         bs = self.block_size
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 16 or bs > 256 or bs & (bs - 1):
             _fail("block_size", bs, "must be a power of two between 16 and 256")
+        qbs = self.query_block_size
+        if qbs is not None and (isinstance(qbs, bool) or not isinstance(qbs, int) or qbs < bs or qbs > 256
+                                or qbs & (qbs - 1)):
+            _fail("query_block_size", qbs,
+                  f"must be None or a power of two from block_size={bs} to 256 (a multiple of block_size)")
         _check_int("sketch_dim", self.sketch_dim, 1, 4096)
         s = self.sparsity_exponent
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
@@ -136,6 +146,11 @@ class SketchWalkConfig:
             )
 
     # ----------------------------------------------------------------- helpers
+
+    @property
+    def q_block(self) -> int:
+        """Query rows per kernel block in prefill: query_block_size, or block_size."""
+        return self.block_size if self.query_block_size is None else self.query_block_size
 
     def min_sparse_length(self, device: Any = "cpu") -> int:
         """The dense_below that applies on `device` (a torch.device, its type or name)."""
@@ -205,20 +220,23 @@ def expected_density(config: SketchWalkConfig, seq_len: int, num_layers: int | N
 
     With ``num_layers`` the dense layers and the dense-below rule are included, giving the
     model-wide fraction; without it, the fraction of one sparse layer.  Counts blocks, as
-    the kernel does (a partly filled last block counts as one).  device: where the model runs
+    the kernel does (a partly filled last block counts as one): with query_block_size, the
+    (query_block_size x block_size) tiles of the kernel's query blocks.  device: where the model runs
     (it sets dense_below="auto").
     """
     _check_int_arg("seq_len", seq_len, 1)
     nb = math.ceil(seq_len / config.block_size)
+    m = config.q_block // config.block_size  # walk rows pooled per kernel query block
+    nq = -(-nb // m)
     kept = causal = 0
-    for i in range(nb):
-        n_causal = i + 1
+    for i in range(nq):
+        n_causal = min(i * m + m, nb)  # key blocks up to the block's last sub-row
         causal += n_causal
-        if i >= nb - config.dense_tail_blocks:
+        if i >= nq - config.dense_tail_blocks:
             kept += n_causal
             continue
         sink = set(range(min(config.sink_blocks, n_causal)))
-        local = set(range(max(0, i - config.local_blocks + 1), i + 1))
+        local = set(range(max(0, (i - config.local_blocks + 1) * m), n_causal))
         kept += block_budget(config, n_causal, len(sink | local))
     sparse = kept / causal
     if num_layers is None:

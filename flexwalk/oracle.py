@@ -35,8 +35,7 @@ def token_mask(
     if key_valid is not None:
         m = (m & key_valid[:, None, :]) | (kv == q)[None]
     if selection is not None:
-        bs = selection.block_size
-        blk = selection.mask[:, pos // bs][:, :, pos // bs]
+        blk = selection.mask[:, pos // selection.q_block_size][:, :, pos // selection.block_size]
         m = m & blk
     return m[:, None]
 

@@ -40,9 +40,11 @@ class WalkState:
 class BlockSelection:
     """Key blocks each query block attends to, shared by all heads.
 
-    mask: [B, nq, nk] bool block table (True = attend).  block_size tokens per block,
-    seq_len real tokens (the last block may be partial).  kept / causal: [B] fp32 counts of
-    selected and of allowed causal blocks, for density reports without a host sync.
+    mask: [B, nq, nk] bool block table (True = attend).  block_size tokens per key block,
+    q_block_size per query block (default block_size; a multiple of it when the kernel's query
+    blocks pool several walk rows), seq_len real tokens (the last blocks may be partial).
+    kept / causal: [B] fp32 counts of selected and of allowed causal (query block, key block)
+    pairs, for density reports without a host sync.
     """
 
     mask: torch.Tensor
@@ -50,10 +52,22 @@ class BlockSelection:
     seq_len: int
     kept: torch.Tensor
     causal: torch.Tensor
+    q_block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.q_block_size is None:
+            object.__setattr__(self, "q_block_size", self.block_size)
 
     @property
     def num_blocks(self) -> int:
+        """Key blocks (of block_size tokens)."""
         return self.mask.shape[-1]
+
+    def block_rows(self) -> torch.Tensor:
+        """[B, nk, nk] bool: the selection per query block of block_size tokens (each kernel query
+        block's row repeated for its sub-blocks); the mask itself when the two sizes agree."""
+        m = self.q_block_size // self.block_size
+        return self.mask if m == 1 else self.mask.repeat_interleave(m, dim=1)[:, : self.num_blocks]
 
     def density(self) -> float:
         """Achieved fraction of the causal block triangle (host sync: for reports and tests)."""
@@ -151,6 +165,18 @@ def rank_blocks(
     return kept, order, n_causal
 
 
+def pool_rows(x: torch.Tensor, m: int) -> torch.Tensor:
+    """[B, nb, nk] -> [B, ceil(nb / m), nk]: each group of m rows pooled (rows past nb count as
+    zero / False): the mean for scores, any() for bool tables."""
+    if x.dtype == torch.bool:
+        # through fp32: CPU inductor miscompiles a bool pad of a fused bool table (dynamic shapes)
+        return pool_rows(x.float(), m) > 0
+    nb = x.shape[1]
+    nq = -(-nb // m)
+    x = torch.nn.functional.pad(x, (0, 0, 0, nq * m - nb))
+    return x.reshape(x.shape[0], nq, m, x.shape[-1]).mean(2)
+
+
 def select_blocks(
     walk: torch.Tensor,
     allowed: torch.Tensor,
@@ -165,6 +191,13 @@ def select_blocks(
     first `sink_blocks` valid blocks of each row, so they count from its first real token.
     seq_len: real tokens (an int, or a 0-d tensor when the blocks cover a padded bucket whose
     extra blocks are invalid).  Ties break towards the lower block index.  No host synchronisation.
+
+    config.query_block_size (m = q_block / block_size walk rows per kernel query block, m > 1):
+    kernel query block I pools rows I*m .. I*m+m-1: the mean of their walk rows, the union of
+    their allowed blocks; its causal extent is its last sub-row, its local blocks are those of
+    its `local_blocks` last kernel query blocks (local_blocks * m key blocks, its own m
+    diagonal ones first) and the dense tail counts kernel query blocks.  mask: [B, nq, nb] with
+    nq = ceil(nb / m).
     """
     nb = walk.shape[-1]
     idx = torch.arange(nb, device=walk.device)
@@ -172,14 +205,22 @@ def select_blocks(
     last = -(-seq_len // config.block_size)
     if isinstance(seq_len, torch.Tensor):  # query blocks past the real ones select nothing
         allowed = allowed & (idx < last)[None, :, None]
-    tail = (idx >= last - config.dense_tail_blocks) if config.dense_tail_blocks else None
+    m = config.q_block // config.block_size
+    q_idx = q_blocks = idx
+    if m > 1:
+        walk, allowed = pool_rows(walk, m), pool_rows(allowed, m)
+        q_idx = torch.arange(walk.shape[1], device=walk.device)
+        q_blocks = q_idx * m + (m - 1)
+        last = -(-seq_len // config.q_block)
+    tail = (q_idx >= last - config.dense_tail_blocks) if config.dense_tail_blocks else None
     kept, order, n_causal = rank_blocks(
-        walk, allowed, block_valid, idx, sink_blocks=config.sink_blocks, local_blocks=config.local_blocks,
-        top_k=config.top_k_blocks, density=config.density, dense_rows=tail,
+        walk, allowed, block_valid, q_blocks, sink_blocks=config.sink_blocks,
+        local_blocks=config.local_blocks * m, top_k=config.top_k_blocks, density=config.density, dense_rows=tail,
     )
     take = idx[None, None, :] < kept[..., None]
     mask = torch.zeros_like(allowed).scatter_(-1, order, take)
     mask = mask & allowed
     kept_total = (mask & block_valid[:, None, :]).sum((-1, -2)).float()
     causal_total = n_causal.sum(-1).float()
-    return BlockSelection(mask=mask, block_size=config.block_size, seq_len=seq_len, kept=kept_total, causal=causal_total)
+    return BlockSelection(mask=mask, block_size=config.block_size, seq_len=seq_len, kept=kept_total,
+                          causal=causal_total, q_block_size=config.q_block)

@@ -1,5 +1,6 @@
 """BlockMask construction: structure, the mask_mod's own semantics, compile behaviour."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,24 +21,29 @@ def _dense_blocks(bm, kind):
     return torch.zeros(b, nq, nk, dtype=torch.bool).scatter_(-1, idx, take)
 
 
-@given(n=st.integers(20, 600), bs=st.sampled_from([16, 32, 64]), pad=st.integers(0, 100), density=st.floats(0.05, 1))
-def test_full_blocks_are_fully_allowed_and_partials_cover_the_rest(n, bs, pad, density):
+@given(n=st.integers(20, 600), bs=st.sampled_from([16, 32, 64]), m=st.sampled_from([1, 2, 4]), pad=st.integers(0, 100),
+       density=st.floats(0.05, 1))
+def test_full_blocks_are_fully_allowed_and_partials_cover_the_rest(n, bs, m, pad, density):
+    """Query blocks of qb = m * bs rows (query_block_size), key blocks of bs."""
     pad = min(pad, n - 1)
+    qb = bs * m
     q, k, _ = random_qkv(2, 2, 2, n, 8, seed=n)
     kv = left_padding(2, n, [0, pad])
-    sel, _ = sketchwalk_selection(q, k, SketchWalkConfig(block_size=bs, density=density), 0, key_valid=kv)
+    cfg = SketchWalkConfig(block_size=bs, query_block_size=qb, density=density)
+    sel, _ = sketchwalk_selection(q, k, cfg, 0, key_valid=kv)
     bm = selection_block_mask(sel, key_valid=kv)
     n_pad = bucket_length(n)
     assert bm.seq_lengths == (n_pad, n_pad) and n_pad % 256 == 0 and n_pad >= n
+    assert bm.BLOCK_SIZE == (qb, bs)
     full, part = _dense_blocks(bm, "full_kv"), _dense_blocks(bm, "kv")
     assert not (full & part).any()
     # token-level truth of the selection, on the bucket grid
     m = torch.zeros(2, n_pad, n_pad, dtype=torch.bool)
     m[:, :n, :n] = token_mask(n, selection=sel, key_valid=kv)[:, 0]
-    any_ = m.reshape(2, n_pad // bs, bs, n_pad // bs, bs).any(4).any(2)
+    any_ = m.reshape(2, n_pad // qb, qb, n_pad // bs, bs).any(4).any(2)
     m_rows = m.clone()
     m_rows[:, n:] = True  # query rows past the sequence are computed and dropped: any value is fine
-    all_ = m_rows.reshape(2, n_pad // bs, bs, n_pad // bs, bs).all(4).all(2)
+    all_ = m_rows.reshape(2, n_pad // qb, qb, n_pad // bs, bs).all(4).all(2)
     assert (any_ <= (full | part)).all(), "an allowed element lies in a block the kernel skips"
     assert (full <= all_).all(), "a full block holds a masked element"
     # the mask_mod alone encodes the whole selection (flex's eager path relies on it)
@@ -45,12 +51,14 @@ def test_full_blocks_are_fully_allowed_and_partials_cover_the_rest(n, bs, pad, d
     assert torch.equal(dense[:, :n, :n], m[:, :n, :n])
 
 
-def test_uncompiled_flex_with_our_mask_matches_the_oracle():
+@pytest.mark.parametrize("qbs", [None, 64])
+def test_uncompiled_flex_with_our_mask_matches_the_oracle(qbs):
     """If flex ever fell back to its eager path it would still compute the selection."""
     q, k, v = random_qkv(1, 4, 2, 300, 16, seed=2)
-    cfg = SketchWalkConfig(block_size=32, density=0.25)
+    cfg = SketchWalkConfig(block_size=32, density=0.25, query_block_size=qbs)
     sel, _ = sketchwalk_selection(q, k, cfg, 0)
     bm = selection_block_mask(sel, bucket=False)
+    assert bm.kv_num_blocks.shape[-1] == -(-300 // cfg.q_block) and bm.seq_lengths == (300, 300)
     out = flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
     assert_matches_reference(q, k, v, token_mask(300, selection=sel), out)
 

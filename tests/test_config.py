@@ -14,6 +14,12 @@ from flexwalk.config import block_budget
         ("block_size", 8),
         ("block_size", 512),
         ("block_size", True),
+        ("query_block_size", 96),  # not a multiple of block_size 64
+        ("query_block_size", 192),  # a multiple, not a power of two
+        ("query_block_size", 512),  # above 256
+        ("query_block_size", 32),  # smaller than block_size
+        ("query_block_size", True),
+        ("query_block_size", 128.0),
         ("sketch_dim", 0),
         ("sparsity_exponent", 0.0),
         ("sparsity_exponent", float("nan")),
@@ -39,6 +45,18 @@ def test_invalid_field_names_field_value_and_rule(field, value):
     msg = str(e.value)
     assert f"SketchWalkConfig.{field}={value!r}" in msg
     assert "must" in msg
+
+
+def test_query_block_size_is_a_power_of_two_multiple_of_block_size():
+    assert SketchWalkConfig().q_block == 64 and SketchWalkConfig().query_block_size is None
+    for bs, qbs in ((64, 64), (64, 128), (64, 256), (16, 32), (16, 128), (128, 256), (256, 256)):
+        assert SketchWalkConfig(block_size=bs, query_block_size=qbs).q_block == qbs
+    with pytest.raises(ValueError, match=r"query_block_size=64 is invalid: .*block_size=128 to 256"):
+        SketchWalkConfig(block_size=128, query_block_size=64)
+    with pytest.raises(ValueError, match=r"query_block_size=48 is invalid: must be None or a power of two"):
+        SketchWalkConfig(block_size=16, query_block_size=48)
+    cfg = SketchWalkConfig(query_block_size=128)
+    assert SketchWalkConfig.from_dict(cfg.to_dict()) == cfg and cfg != SketchWalkConfig()
 
 
 def test_budget_needs_exactly_one_of_density_and_top_k():
@@ -92,6 +110,13 @@ def test_expected_density_limits_and_monotonicity():
     assert expected_density(cfg, 100, num_layers=10) == 1.0
     with pytest.raises(ValueError, match="seq_len=0"):
         expected_density(cfg, 0)
+    # Pooled query blocks: the same limit at long lengths; at short ones the two forced
+    # diagonal key blocks of each 128-row block weigh more than one of a 64-row block.
+    pooled = SketchWalkConfig(query_block_size=128, dense_tail_blocks=0)
+    assert abs(expected_density(pooled, 65536) - 0.2) < 0.01
+    assert expected_density(pooled, 2048) > expected_density(pooled.replace(query_block_size=None), 2048)
+    assert expected_density(pooled.replace(query_block_size=64), 3000) == expected_density(
+        pooled.replace(query_block_size=None), 3000)
 
 
 def test_block_budget_keeps_forced_and_clamps():

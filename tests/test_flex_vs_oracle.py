@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexwalk
@@ -28,15 +28,22 @@ def sparse_cfg(**kw):
     seed=st.integers(0, 10_000),
 )
 def test_flex_equals_oracle(n, bs, hkv, g, batch, density, walk, pad, seed):
+    cfg = sparse_cfg(block_size=bs, density=density, walk=walk, dense_tail_blocks=seed % 2)
+    _check_flex_against_the_oracle(cfg, n, hkv, g, batch, pad, seed)
+
+
+def _check_flex_against_the_oracle(cfg, n, hkv, g, batch, pad, seed):
+    """Two layers (walk carried) of compiled flex against the oracle's token mask of the same
+    selection, through SDPA; the walk equals the eager one."""
     flexwalk.reset_counters()
     pad = min(pad, n - 1) if batch == 2 else 0
-    cfg = sparse_cfg(block_size=bs, density=density, walk=walk, dense_tail_blocks=seed % 2)
     q, k, v = random_qkv(batch, hkv * g, hkv, n, 16, seed=seed)
     kv = left_padding(batch, n, [0, pad][:batch]) if pad else None
     st_f = st_o = None
     for layer in range(2):
         out, st_f = sketchwalk_attention(q, k, v, cfg, layer, st_f, key_valid=kv)
         ref, st_o, sel = eager_sketchwalk_attention(q, k, v, cfg, layer, st_o, key_valid=kv)
+        assert sel.mask.shape[1:] == (-(-n // cfg.q_block), -(-n // cfg.block_size))
         assert torch.isfinite(out).all()
         mask = token_mask(n, selection=sel, key_valid=kv)
         real = slice(None) if kv is None else kv[-1]
@@ -44,6 +51,39 @@ def test_flex_equals_oracle(n, bs, hkv, g, batch, density, walk, pad, seed):
         assert_matches_reference(q[..., real, :], k, v, mask[..., real, :], out[..., real, :])
         assert torch.equal(st_f.transition, st_o.transition)
     assert flexwalk.counters()["sparse_prefill"] == 2
+
+
+@settings(max_examples=15)
+@given(
+    n=st.integers(33, 300),
+    bs=st.sampled_from([16, 32]),
+    m=st.sampled_from([2, 4]),
+    hkv=st.sampled_from([1, 2]),
+    g=st.sampled_from([1, 3]),
+    batch=st.sampled_from([1, 2]),
+    density=st.floats(0.05, 1.0),
+    pad=st.integers(0, 100),
+    seed=st.integers(0, 10_000),
+)
+def test_pooled_query_blocks_flex_equals_oracle(n, bs, m, hkv, g, batch, density, pad, seed):
+    """query_block_size = m * block_size: the compiled flex kernel (query blocks of m * bs rows, key
+    blocks of bs) computes the oracle's token mask of the same selection; the walk is the eager one."""
+    cfg = sparse_cfg(block_size=bs, query_block_size=bs * m, density=density, dense_tail_blocks=seed % 2)
+    _check_flex_against_the_oracle(cfg, n, hkv, g, batch, pad, seed)
+
+
+@pytest.mark.parametrize("pad", [0, 70])
+def test_query_block_size_equal_to_block_size_gives_the_same_output(pad):
+    """query_block_size=None and == block_size: the same BlockMask and bit-identical outputs."""
+    n = 300
+    q, k, v = random_qkv(2, 4, 2, n, 16, seed=8)
+    kv = left_padding(2, n, [0, pad]) if pad else None
+    cfg = sparse_cfg(block_size=32, density=0.3)
+    sa = sb = None
+    for layer in range(2):
+        a, sa = sketchwalk_attention(q, k, v, cfg, layer, sa, key_valid=kv)
+        b, sb = sketchwalk_attention(q, k, v, cfg.replace(query_block_size=32), layer, sb, key_valid=kv)
+        assert torch.equal(a, b) and torch.equal(sa.transition, sb.transition)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -124,29 +164,36 @@ def test_cpu_backward_is_refused_with_a_clear_error():
         assert torch.isfinite(sketchwalk_attention(q, k, v, sparse_cfg(block_size=16), 0)[0]).all()
 
 
-@given(n=st.integers(65, 700), bs=st.sampled_from([16, 32, 64]), density=st.floats(0.05, 0.6),
-       window=st.sampled_from([None, 48]), seed=st.integers(0, 10_000))
-def test_kernel_mask_mod_agrees_with_the_full_one_on_every_visited_block(n, bs, density, window, seed):
+@given(n=st.integers(65, 700), bs=st.sampled_from([16, 32, 64]), m=st.sampled_from([1, 2, 4]),
+       density=st.floats(0.05, 0.6), window=st.sampled_from([None, 48]), seed=st.integers(0, 10_000))
+def test_kernel_mask_mod_agrees_with_the_full_one_on_every_visited_block(n, bs, m, density, window, seed):
     """The compiled kernel's cheap mask_mod (no selection, no bounds) equals the full one on
-    every element of every partial block of a padding-free selection, for the rows kept."""
+    every element of every partial block of a padding-free selection, for the rows kept; and
+    (ROWS_GUARANTEED_SAFE) each real query block's first partial block holds the block's
+    first key position, which every row of the block attends.  Query blocks of m * bs rows."""
     from flexwalk.block_mask import bucket_length, kernel_mask_mod, selection_block_mask
     from flexwalk.selection import sketchwalk_selection
 
+    qb = min(bs * m, 256)
     q, k, _ = random_qkv(1, 2, 1, n, 16, seed=seed)
-    sel, _ = sketchwalk_selection(q, k, sparse_cfg(block_size=bs, density=density), 0)
+    sel, _ = sketchwalk_selection(q, k, sparse_cfg(block_size=bs, query_block_size=qb, density=density), 0)
     bm = selection_block_mask(sel, window=window)
+    assert bm.BLOCK_SIZE == (qb, bs)
     fast = kernel_mask_mod(window=window)
     cnt, idx = bm.kv_num_blocks[0, 0], bm.kv_indices[0, 0]
     zero = torch.zeros((), dtype=torch.int64)
     visited = 0
-    assert int(cnt[-(-n // bs):].sum()) == 0  # query blocks of the bucket padding visit nothing
-    for i in range(-(-n // bs)):
-        rows = torch.arange(i * bs, min((i + 1) * bs, n))[:, None]
+    nq = -(-n // qb)
+    assert int(cnt[nq:].sum()) == 0  # query blocks of the bucket padding visit nothing
+    for i in range(nq):
+        rows = torch.arange(i * qb, min((i + 1) * qb, n))[:, None]
+        if window is None:  # (sparse prefill has no window) first visited: the block's first keys
+            assert int(cnt[i]) >= 1 and int(idx[i, 0]) * bs == i * qb
         for j in idx[i, : int(cnt[i])].tolist():
             cols = torch.arange(j * bs, (j + 1) * bs)[None, :]
             assert torch.equal(bm.mask_mod(zero, zero, rows, cols), fast(zero, zero, rows, cols)), (i, j)
             visited += 1
-    assert visited >= -(-n // bs)  # every real row's diagonal block at least
+    assert visited >= -(-n // bs)  # every real row's diagonal key blocks at least
 
 
 def test_kernel_mask_mod_is_not_used_where_flex_would_run_eagerly():
@@ -180,3 +227,20 @@ def test_the_kernel_mask_path_compiles_once_per_shape():
     for fn in _KERNEL_FLEX.values():
         code = fn._torchdynamo_orig_callable.__code__
         assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) <= 1
+
+
+def test_kernel_tiles_divide_the_mask_blocks():
+    """CUDA tiles (BLOCK_M x BLOCK_N) for (query block x key block) masks: they must divide them,
+    and 128-row tiles over 64-key blocks are what query_block_size=128 with block_size=64 is for."""
+    from flexwalk.attention import _kernel_options
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _kernel_options(64, cpu, q_block=128) is None
+    assert _kernel_options(64, cuda) == {"BLOCK_M": 64, "BLOCK_N": 64}  # square blocks: as before
+    assert _kernel_options(128, cuda) is None and _kernel_options(256, cuda) is None
+    assert _kernel_options(64, cuda, q_block=128) == {"BLOCK_M": 128, "BLOCK_N": 64}
+    assert _kernel_options(16, cuda, q_block=32) == {"BLOCK_M": 32, "BLOCK_N": 16}
+    assert _kernel_options(64, cuda, q_block=256) == {"BLOCK_M": 128, "BLOCK_N": 64}  # two tiles per block
+    assert _kernel_options(128, cuda, q_block=256) is None  # triton's tiles (<= 128) divide both
+    assert _kernel_options(32, cuda, rows_safe=True, q_block=128) == {"BLOCK_M": 128, "BLOCK_N": 32,
+                                                                      "ROWS_GUARANTEED_SAFE": True}

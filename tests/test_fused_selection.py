@@ -19,10 +19,12 @@ def compiled_on_cpu(monkeypatch):
     monkeypatch.setattr(attention, "COMPILE_SELECTION_ON_CPU", True)
 
 
-@pytest.mark.parametrize("walk", ["damped", "oracle"])
-def test_compiled_fused_selection_matches_the_oracle(compiled_on_cpu, walk):
-    """Three layers (walk state carried), GQA 3, left padding, a length off the block grid."""
-    cfg = SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=0, walk=walk)
+@pytest.mark.parametrize("walk,qbs", [("damped", None), ("oracle", None), ("damped", 32)])
+def test_compiled_fused_selection_matches_the_oracle(compiled_on_cpu, walk, qbs):
+    """Three layers (walk state carried), GQA 3, left padding, a length off the block grid;
+    qbs: query blocks of two key blocks (query_block_size)."""
+    cfg = SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=0, walk=walk,
+                           query_block_size=qbs)
     q, k, v = random_qkv(2, 6, 2, 301, 16, seed=3)
     kv = torch.ones(2, 301, dtype=torch.bool)
     kv[1, :133] = False  # past 127: inductor on CUDA once computed this bound in int8
@@ -36,8 +38,9 @@ def test_compiled_fused_selection_matches_the_oracle(compiled_on_cpu, walk):
         assert err <= 4 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item()) * 16
 
 
-def test_one_compile_across_lengths(compiled_on_cpu):
-    cfg = SketchWalkConfig(block_size=16, density=0.2, dense_below=0, dense_layers=0)
+@pytest.mark.parametrize("qbs", [None, 64])
+def test_one_compile_across_lengths(compiled_on_cpu, qbs):
+    cfg = SketchWalkConfig(block_size=16, density=0.2, dense_below=0, dense_layers=0, query_block_size=qbs)
 
     def run(n):
         q, k, v = random_qkv(1, 4, 2, n, 16, seed=n)
@@ -51,26 +54,30 @@ def test_one_compile_across_lengths(compiled_on_cpu):
     assert dynamo_counters["stats"]["unique_graphs"] == before
 
 
-@pytest.mark.parametrize("n,pad_left,compiled", [(301, 0, False), (333, 40, False), (256, 0, False),
-                                                (270, 133, False), (333, 40, True)])
-def test_bucket_padded_selection_equals_the_exact_length_one(n, pad_left, compiled):
+@pytest.mark.parametrize("n,pad_left,compiled,qbs", [(301, 0, False, None), (333, 40, False, None),
+                                                     (256, 0, False, None), (270, 133, False, None),
+                                                     (333, 40, True, None), (301, 0, False, 32),
+                                                     (270, 133, False, 64), (333, 40, True, 32)])
+def test_bucket_padded_selection_equals_the_exact_length_one(n, pad_left, compiled, qbs):
     """The CUDA-graph path (attention._SelectionGraph) runs `_selection_tables` on head-mean
     inputs padded to the bucket, with the real length as a 0-d tensor and key_valid False past
     it, so that one graph serves every length of a bucket.  CPU check of that logic: over three
     layers (walk carried, dense tail on) every output equals the exact-length selection's.
     compiled: the function the graph captures with COMPILE_GRAPHED_SELECTION (inductor, the
-    bucket's static shapes, a code object of its own)."""
+    bucket's static shapes, a code object of its own).  qbs: query_block_size, the tables then
+    have query blocks of qbs tokens over key blocks of 16."""
     from flexwalk.block_mask import bucket_length
     from flexwalk.selection import sketch_matrix
 
     cfg = SketchWalkConfig(block_size=16, density=0.25, dense_below=0, dense_layers=0, dense_tail_blocks=2,
-                           local_blocks=2)
+                           local_blocks=2, query_block_size=qbs)
     bsz, d = 2, 16
     q, k, _ = random_qkv(bsz, 6, 2, n, d, seed=n)
     kv = torch.ones(bsz, n, dtype=torch.bool)
     kv[1, :pad_left] = False
     n_pad = bucket_length(n)
     nb, nb_pad = -(-n // 16), n_pad // 16
+    nq = -(-n // cfg.q_block)  # real kernel query blocks
     # the graph's static inputs: head means, zero past n, validity False past n
     qm = torch.zeros(bsz, 1, n_pad, d)
     km = torch.zeros(bsz, 1, n_pad, d)
@@ -95,7 +102,8 @@ def test_bucket_padded_selection_equals_the_exact_length_one(n, pad_left, compil
                 live = torch.arange(a.shape[-1]) < cnt[..., None]
                 a, b = a * live, b * live
             if name == "table":  # past the real blocks the padded rows keep their diagonal; never read
-                a, b = a[:, :nb, :nb], b[:, :nb, :nb]
+                assert a.shape == b.shape == (bsz, n_pad // cfg.q_block, nb_pad)
+                a, b = a[:, :nq, :nb], b[:, :nq, :nb]
             torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
         torch.testing.assert_close(got[7][:, :nb, :nb], ref[7], rtol=0, atol=2e-6)  # walk
         torch.testing.assert_close(got[8], ref[8], rtol=0, atol=0)  # kept

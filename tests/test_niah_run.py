@@ -86,6 +86,24 @@ def test_fidelity_at_full_budget_is_exact_and_sparse_is_not():
     assert next_token_kl(model, ids, low, last=16, dense_logits=logits) > 1e-6
 
 
+def test_fidelity_with_pooled_query_blocks_and_its_ablation():
+    """query_block_size: recall is measured per 16-token query block (each kernel block's row
+    repeated), exact at full budget, below 1 when sparse; the block_size ablation group has the
+    64 x 128 entry and it builds a valid configuration."""
+    from flexwalk.niah.fidelity_cli import grid
+
+    model = build_model("llama", "sdpa")
+    inputs, _ = capture_attention_inputs(model, random_ids(1, 120, seed=4))
+    cfg = SketchWalkConfig(block_size=16, query_block_size=32, density=0.2, dense_below=0, dense_layers=1,
+                           dense_tail_blocks=0)
+    rows = [r for r in layer_fidelity(model, inputs, cfg) if r["sparse"]]
+    assert rows and all(0 < r["recall"] < 1 and r["density"] < 0.9 for r in rows)
+    full = [r for r in layer_fidelity(model, inputs, cfg.replace(density=1.0)) if r["sparse"]]
+    assert all(r["recall"] > 1 - 1e-5 and r["rel_error"] < 1e-5 for r in full)
+    configs = [c for _, _, c in grid(SketchWalkConfig(), ["block_size"])]
+    assert [(c.block_size, c.q_block) for c in configs] == [(64, 64), (128, 128), (64, 128)]
+
+
 # --------------------------------------------------------------------------- batched greedy decoding
 NEW = 12
 

@@ -25,13 +25,21 @@ configs = st.builds(
     head_scoring=st.sampled_from(["mean", "per_head"]),
     seed=st.integers(0, 5),
 )
+# kernel query blocks of 2 or 4 selection blocks (query_block_size)
+pooled_configs = st.builds(lambda cfg, m: cfg.replace(query_block_size=cfg.block_size * m), configs,
+                           st.sampled_from([2, 4]))
 
 
 def _check_selection(sel, cfg, key_valid, n):
+    """Every kernel query block I (rows I*m .. I*m+m-1 of the walk, m = q_block / block_size; the
+    block itself when m = 1): causal to its last sub-row, its m diagonal key blocks, sinks and
+    local blocks kept, no pure-padding block, exactly the predicted budget, dense tail rows dense."""
     mask = sel.mask
-    bsz, nb, _ = mask.shape
+    bs, m = cfg.block_size, cfg.q_block // cfg.block_size
+    assert sel.q_block_size == cfg.q_block and sel.block_size == bs
+    bsz, nq, nb = mask.shape
+    assert nb == -(-n // bs) and nq == -(-nb // m)
     idx = torch.arange(nb)
-    bs = cfg.block_size
     if key_valid is None:
         key_valid = torch.ones(bsz, n, dtype=torch.bool)
     padded = torch.nn.functional.pad(key_valid, (0, nb * bs - n))
@@ -39,34 +47,35 @@ def _check_selection(sel, cfg, key_valid, n):
     for b in range(bsz):
         valid_blocks = idx[block_valid[b]]
         first = valid_blocks[0].item()
-        for i in range(nb):
+        for i in range(nq):
             row = mask[b, i]
             chosen = idx[row]
-            assert (chosen <= i).all(), "selection is not causal"
-            assert row[i], "diagonal block missing"
-            if i < first:
-                assert chosen.tolist() == [i]  # fully padded query block: itself only
+            last = min(i * m + m - 1, nb - 1)  # the block's last sub-row: its causal extent
+            assert (chosen <= last).all(), "selection is not causal"
+            if last < first:
+                assert chosen.tolist() == [i * m]  # fully padded query block: its first diagonal only
                 continue
             assert block_valid[b, chosen].all(), "a block of pure padding was selected"
-            causal = valid_blocks[valid_blocks <= i]
+            causal = valid_blocks[valid_blocks <= last]
+            diagonal = causal[causal >= i * m]
+            assert row[diagonal].all() and len(diagonal) >= 1, "diagonal block missing"
             sinks = causal[: cfg.sink_blocks]
             assert row[sinks].all(), "sink block missing"
-            local = causal[causal > i - cfg.local_blocks]
+            local = causal[causal >= (i - cfg.local_blocks + 1) * m]
             assert row[local].all(), "local block missing"
             forced = len(set(sinks.tolist()) | set(local.tolist()))
-            if i >= nb - cfg.dense_tail_blocks:
+            if i >= nq - cfg.dense_tail_blocks:
                 assert row.sum() == len(causal)
             else:
                 assert row.sum() == block_budget(cfg, len(causal), forced), "budget not respected"
     counts, indices = sel.indices()
     for b in range(bsz):
-        for i in range(nb):
+        for i in range(nq):
             ids = indices[b, i, : counts[b, i]].tolist()
             assert len(ids) == len(set(ids)) == mask[b, i].sum()
 
 
-@given(cfg=configs, n=st.integers(40, 300), pad=st.integers(0, 120), hkv=st.sampled_from([1, 2, 3]), g=st.sampled_from([1, 3]))
-def test_selection_invariants(cfg, n, pad, hkv, g):
+def _check_layers(cfg, n, pad, hkv, g):
     pad = min(pad, n - 1)
     q, k, _ = random_qkv(2, hkv * g, hkv, n, 16, seed=n + pad)
     kv = left_padding(2, n, [0, pad])
@@ -75,17 +84,72 @@ def test_selection_invariants(cfg, n, pad, hkv, g):
         sel, state = sketchwalk_selection(q, k, cfg, layer, state, key_valid=kv)
         _check_selection(sel, cfg, kv, n)
         w = state.transition
+        assert w.shape[-1] == w.shape[-2] == -(-n // cfg.block_size)  # the walk keeps block_size rows
         torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
         assert torch.all(w.triu(1) == 0), "walk is not block-causal"
         q, k = q.roll(7, 2), k.roll(3, 2)  # other layers see other activations
 
 
-@given(n=st.integers(17, 400), bs=st.sampled_from([16, 32, 64]), density=st.floats(0.05, 1.0), tail=st.integers(0, 2))
-def test_expected_density_equals_achieved(n, bs, density, tail):
-    cfg = SketchWalkConfig(block_size=bs, density=density, dense_tail_blocks=tail)
+@given(cfg=configs, n=st.integers(40, 300), pad=st.integers(0, 120), hkv=st.sampled_from([1, 2, 3]), g=st.sampled_from([1, 3]))
+def test_selection_invariants(cfg, n, pad, hkv, g):
+    _check_layers(cfg, n, pad, hkv, g)
+
+
+@given(cfg=pooled_configs, n=st.integers(40, 300), pad=st.integers(0, 120), hkv=st.sampled_from([1, 2]),
+       g=st.sampled_from([1, 3]))
+def test_pooled_selection_invariants(cfg, n, pad, hkv, g):
+    """query_block_size = 2 or 4 blocks: the same invariants per kernel query block."""
+    _check_layers(cfg, n, pad, hkv, g)
+
+
+@given(n=st.integers(17, 400), bs=st.sampled_from([16, 32, 64]), density=st.floats(0.05, 1.0), tail=st.integers(0, 2),
+       m=st.sampled_from([1, 2, 4]), local=st.integers(1, 2))
+def test_expected_density_equals_achieved(n, bs, density, tail, m, local):
+    cfg = SketchWalkConfig(block_size=bs, density=density, dense_tail_blocks=tail, query_block_size=bs * m,
+                           local_blocks=local)
     q, k, _ = random_qkv(1, 2, 2, n, 16, seed=n)
     sel, _ = sketchwalk_selection(q, k, cfg, 0)
     assert math.isclose(sel.density(), expected_density(cfg, n), rel_tol=1e-6)
+
+
+def test_pooled_rows_rank_by_the_mean_of_their_walk_rows():
+    """Kernel query block 3 (rows 6 and 7, m = 2) keeps sink 0, its diagonal blocks 6 and 7 and
+    one free block: 3, first in the mean of the two rows though first in neither row alone."""
+    nb = 8
+    allowed = block_causal_mask(torch.ones(1, nb, dtype=torch.bool))
+    walk = torch.zeros(1, nb, nb)
+    walk[0, 6, [2, 3]] = torch.tensor([0.5, 0.4])
+    walk[0, 7, [4, 3]] = torch.tensor([0.5, 0.4])
+    cfg = SketchWalkConfig(block_size=16, query_block_size=32, density=None, top_k_blocks=4, sink_blocks=1,
+                           local_blocks=1, dense_tail_blocks=0)
+    sel = select_blocks(walk, allowed, torch.ones(1, nb, dtype=torch.bool), cfg, nb * 16)
+    assert sel.mask.shape == (1, 4, nb) and sel.q_block_size == 32
+    assert torch.arange(nb)[sel.mask[0, 3]].tolist() == [0, 3, 6, 7]
+    assert torch.arange(nb)[sel.mask[0, 0]].tolist() == [0, 1]  # the first block: its two diagonal blocks
+    # the same walk with 16-token query blocks: two free blocks per row, each row's own first
+    square = select_blocks(walk, allowed, torch.ones(1, nb, dtype=torch.bool), cfg.replace(query_block_size=None),
+                           nb * 16)
+    assert torch.arange(nb)[square.mask[0, 6]].tolist() == [0, 2, 3, 6]
+    assert torch.arange(nb)[square.mask[0, 7]].tolist() == [0, 3, 4, 7]
+    # block_rows: the selection per 16-token query block (rows 6 and 7 both get block 3's row)
+    rows = sel.block_rows()
+    assert rows.shape == (1, nb, nb) and torch.equal(rows[0, 6], sel.mask[0, 3]) and torch.equal(rows[0, 7], rows[0, 6])
+
+
+@given(n=st.integers(40, 300), bs=st.sampled_from([16, 32]), density=st.floats(0.05, 1.0), pad=st.integers(0, 100))
+def test_query_block_size_equal_to_block_size_changes_nothing(n, bs, density, pad):
+    """query_block_size=None and == block_size select exactly the same blocks (m = 1)."""
+    pad = min(pad, n - 1)
+    q, k, _ = random_qkv(2, 4, 2, n, 16, seed=n)
+    kv = left_padding(2, n, [0, pad])
+    cfg = SketchWalkConfig(block_size=bs, density=density, dense_tail_blocks=1)
+    sa = sb = None
+    for layer in range(2):
+        a, sa = sketchwalk_selection(q, k, cfg, layer, sa, key_valid=kv)
+        b, sb = sketchwalk_selection(q, k, cfg.replace(query_block_size=bs), layer, sb, key_valid=kv)
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.kept, b.kept) and torch.equal(a.causal, b.causal)
+        assert a.q_block_size == b.q_block_size == bs
+        assert torch.equal(sa.transition, sb.transition)
 
 
 def test_transition_and_walk_modes():

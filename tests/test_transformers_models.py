@@ -691,3 +691,32 @@ def test_head_sharded_attention_refused():
     k = v = torch.randn(1, max(1, model.config.num_key_value_heads // 2), SEQ, 16)
     with pytest.raises(NotImplementedError, match=f"tensor parallelism.*{heads // 2} of {heads}"):
         sketchwalk_flex_attention(attn, q, k, v, None)
+
+
+def test_pooled_query_blocks_through_the_model(models):
+    """query_block_size=32 over 16-token key blocks through transformers (llama): every sparse
+    layer keeps the predicted (pooled) density, a row left-padded by one whole kernel query
+    block computes what it computes alone, the full budget equals eager, and sparse decode
+    (which keeps block_size) runs after such a prefill."""
+    cfg = SPARSE.replace(query_block_size=32)
+    model = flexwalk.configure(models("llama", "sketchwalk_flex"), cfg)
+    ids = random_ids(1, SEQ, seed=1)
+    flexwalk.reset_counters()
+    out = model(ids).logits
+    want = flexwalk.expected_density(cfg, SEQ)
+    assert want != flexwalk.expected_density(SPARSE, SEQ)  # the pooled budget is another one
+    report = flexwalk.density_report()
+    assert report and all(d == pytest.approx(want, abs=1e-6) for d in report.values()), (report, want)
+    assert torch.isfinite(out).all()
+    row = random_ids(1, SEQ - 32, seed=4)[0]
+    ids2, mask = _left_padded([ids[0], row], SEQ)
+    padded = model(ids2, attention_mask=mask, position_ids=_positions(mask)).logits
+    alone = model(row[None]).logits[0]
+    assert_close(padded[1, 32:], alone, floor_tol(alone), "row padded by one kernel query block vs alone")
+    ref, tol = reference_logits(models, "llama", ids)
+    assert_close(flexwalk.configure(model, cfg.replace(density=1.0))(ids).logits, ref, tol, "full budget vs eager")
+    flexwalk.configure(model, cfg.replace(skip_decode=False))
+    flexwalk.reset_counters()
+    gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert gen.shape == (1, SEQ + NEW_TOKENS) and torch.equal(gen[:, :SEQ], ids)
+    assert flexwalk.counters()["sparse_decode"] == (NEW_TOKENS - 1) * len(sliding_layers("llama"))

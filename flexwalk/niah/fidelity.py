@@ -97,7 +97,7 @@ def layer_fidelity(model, inputs: dict[int, LayerInputs], config: SketchWalkConf
         out, state, sel = eager_sketchwalk_attention(x.q, x.k, x.v, config, idx, state, scale=x.scale,
                                                      softcap=x.softcap)
         mass = oracle_block_mass(x.q, x.k, config.block_size, scale=x.scale)  # [1, nb, nb]
-        recall = (mass * sel.mask.float()).sum(-1).mean().item()
+        recall = (mass * sel.block_rows().float()).sum(-1).mean().item()
         rows.append({
             "layer": idx, "sparse": True,
             "rel_error": ((out - dense).norm() / dense.norm().clamp_min(1e-30)).item(),

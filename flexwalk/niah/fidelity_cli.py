@@ -27,7 +27,8 @@ ABLATIONS: dict[str, list[dict[str, Any]]] = {
     "walk": [{"walk": w} for w in ("walk", "damped", "one_hop", "oracle")],
     "sketch_dim": [{"sketch_dim": r} for r in (16, 32, 64, 128)],
     "exponent": [{"sparsity_exponent": e} for e in (1.0, 4.0, 8.0, 16.0)],
-    "block_size": [{"block_size": b} for b in (64, 128)],
+    # 64 / 128 / 64x128: 64-token key blocks chosen per 128-row kernel query block (query_block_size)
+    "block_size": [{"block_size": 64}, {"block_size": 128}, {"block_size": 64, "query_block_size": 128}],
     "dense_layers": [{"dense_layers": n} for n in (0, 1, 2)],
     "damping": [{"damping": b} for b in (0.0, 0.25, 0.5, 0.75)],
     "dense_tail": [{"dense_tail_blocks": t} for t in (0, 1, 2, 4)],
