@@ -40,9 +40,12 @@ from flexwalk.block_mask import kernel_mask_mod
 from gpu_prefill import bench, block_spec, block_specs, env_info, log  # this folder is on sys.path as a script
 
 
-def check():
+CHECK_CASES = {"128": (128, 32, 8, 128, None), "64": (64, 9, 3, 64, None), "q128kv64": (128, 32, 8, 64, 128)}
+
+
+def check(blocks=tuple(CHECK_CASES)):
     rows = []
-    for d, hq, hkv, bs, qbs in ((128, 32, 8, 128, None), (64, 9, 3, 64, None), (128, 32, 8, 64, 128)):
+    for d, hq, hkv, bs, qbs in (CHECK_CASES[b] for b in blocks):
         for n in (3000, 8000, 20000):
             cfg = SketchWalkConfig(block_size=bs, density=0.2, dense_layers=0, dense_below=0, dense_tail_blocks=2,
                                    query_block_size=qbs)
@@ -84,7 +87,10 @@ def check():
     return rows
 
 
-def speed(lengths, blocks=("128",)):
+MODES = {"graph": (True, False), "graph_compiled": (True, True), "compiled": (False, False)}
+
+
+def speed(lengths, blocks=("128",), modes=tuple(MODES)):
     rows = []
     for n in lengths:
         long = n >= 65536
@@ -101,13 +107,13 @@ def speed(lengths, blocks=("128",)):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             t_cudnn = bench(sdpa, long)
         for spec in blocks:
-            rows.append(_speed_row(q, k, v, n, long, spec, t_flash, t_cudnn))
+            rows.append(_speed_row(q, k, v, n, long, spec, t_flash, t_cudnn, modes))
         del q, k, v
         torch.cuda.empty_cache()
     return rows
 
 
-def _speed_row(q, k, v, n, long, spec, t_flash, t_cudnn):
+def _speed_row(q, k, v, n, long, spec, t_flash, t_cudnn, modes=tuple(MODES)):
     """`speed` of one block configuration (block_spec) at one length."""
     best = min(t_flash, t_cudnn)
     cfg = SketchWalkConfig(**block_spec(spec), density=0.2, dense_layers=0, dense_below=0)
@@ -116,7 +122,8 @@ def _speed_row(q, k, v, n, long, spec, t_flash, t_cudnn):
     # graph: the eager selection captured in a CUDA graph (the default); graph_compiled: the
     # inductor-compiled one captured (COMPILE_GRAPHED_SELECTION); compiled: no graph, the
     # selection compiled with a dynamic length
-    for tag, graph, comp in (("graph", True, False), ("graph_compiled", True, True), ("compiled", False, False)):
+    for tag in modes:
+        graph, comp = MODES[tag]
         attention.GRAPH_SELECTION, attention.COMPILE_GRAPHED_SELECTION = graph, comp
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -199,14 +206,18 @@ def main():
     ap.add_argument("--blocks", type=block_specs, default="128",
                     help="block configurations of the speed section, comma-separated: 128, 64, q128kv64 "
                          "(query_block_size 128 over 64-token key blocks) (default: %(default)s)")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="selection modes of the speed section: graph, graph_compiled, compiled (default: all)")
+    ap.add_argument("--check-blocks", default=",".join(CHECK_CASES),
+                    help="block configurations of the check section (default: all of 128, 64, q128kv64)")
     args = ap.parse_args()
     sections = args.sections.split(",")
     res = {"env": env_info()}
     log(res["env"])
     if "check" in sections:
-        res["check"] = check()
+        res["check"] = check(args.check_blocks.split(","))
     if "speed" in sections:
-        res["speed"] = speed([int(x) for x in args.lengths.split(",")], args.blocks)
+        res["speed"] = speed([int(x) for x in args.lengths.split(",")], args.blocks, args.modes.split(","))
     if "cold" in sections:
         res["cold"] = cold(args.cold_modes.split(","))
     os.makedirs(args.out, exist_ok=True)
