@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 MARKER = "flexwalk-model.json"
 """File written last into a converted cache entry; its content identifies the source."""
-_FORMAT = 1  # bump when the conversion changes, so old cache entries are rebuilt
+_FORMAT = 2  # bump when the conversion changes, so old cache entries are rebuilt
 
 
 @dataclass(frozen=True)
@@ -231,8 +231,54 @@ def _convert_gguf(spec: PackagedModel, out: Path) -> None:
     gguf = spec.gguf_path(out / ".gguf")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kwargs)
+    if model.config.model_type in _GEMMA_SENTENCEPIECE:
+        tokenizer = _gemma_tokenizer_from_gguf(gguf)
     if getattr(model, "hf_quantizer", None) is not None:
         raise RuntimeError(f"{spec.name}: transformers kept the GGUF weights quantized; cannot save a plain copy")
     model.save_pretrained(out)  # safetensors
     tokenizer.save_pretrained(out)
     shutil.rmtree(out / ".gguf", ignore_errors=True)  # an assembled GGUF copy is not needed any more
+
+
+_GEMMA_SENTENCEPIECE = {"gemma", "gemma2", "gemma3", "gemma3_text"}
+"""Model types whose GGUF tokenizer flexwalk rebuilds itself (not gemma4: its BOS rule differs)."""
+
+
+def _gemma_tokenizer_from_gguf(gguf_path):
+    """GemmaTokenizer rebuilt from a Gemma GGUF's vocabulary, as transformers 5.23 does.
+
+    transformers <= 5.17 turns Gemma GGUF vocabularies into a Unigram model scored by the file's
+    scores, which do not follow Gemma's merge order: wrong splits, no <bos>, and once saved and
+    reloaded through GemmaTokenizer, character-level tokens.  Gemma's merges are implied by the
+    order of the tokens in the file, best first.
+    """
+    from gguf import GGUFReader
+    from transformers import AddedToken
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    reader = GGUFReader(str(gguf_path))
+
+    def field(name):
+        f = reader.fields[name]
+        return [f.parts[i] for i in f.data]
+
+    raw = [bytes(p).decode("utf-8") for p in field("tokenizer.ggml.tokens")]
+    types = [int(p[0]) for p in field("tokenizer.ggml.token_type")]
+    # a token of two or more spaces is stored as real spaces; GemmaTokenizer looks it up as "▁▁"
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in raw]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for rank, tok in enumerate(tokens):  # file order is merge order, best first
+        local = [(tok[:k], tok[k:]) for k in range(1, len(tok)) if tok[:k] in vocab and tok[k:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend((rank, len(l), len(r), l, r) for l, r in local)
+    merges.sort(key=lambda m: (m[0], -m[1], -m[2]))
+    add_bos = bool(reader.fields["tokenizer.ggml.add_bos_token"].parts[-1][0]) if "tokenizer.ggml.add_bos_token" in reader.fields else True
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[(l, r) for *_, l, r in merges], add_bos_token=add_bos)
+    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == 3]
+    if control:
+        tokenizer.add_tokens(control, special_tokens=True)
+    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(raw, types) if ty == 4 and t in vocab]
+    if user:
+        tokenizer.add_tokens(user)
+    return tokenizer

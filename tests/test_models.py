@@ -193,3 +193,31 @@ def test_demo_defaults_parse():
 def test_unknown_model_exits_2(capsys):
     assert cli.main(["demo", "--model", "no-such-model"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_gemma_tokenizer_is_rebuilt_from_the_gguf_vocabulary(tmp_path):
+    """A Gemma GGUF's tokenizer is rebuilt as BPE with merges in file order and <bos> (what
+    transformers 5.23 does; 5.17 built a Unigram model without <bos>, and Gemma 3 then
+    answered with repeated digits)."""
+    import gguf
+
+    from flexwalk.models import _gemma_tokenizer_from_gguf
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581", "a", "b", "\u2581a", "ab", "\u2581ab", "  ", "<mark>"]
+    types = [3, 3, 3, 2, 1, 1, 1, 1, 1, 1, 1, 4]
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_add_bos_token(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = _gemma_tokenizer_from_gguf(path)
+    ids = tok("ab ab")["input_ids"]
+    assert ids == [2, 8, 9]  # <bos>, "ab", "▁ab": the merges of the file order, best first
+    assert tok.decode(ids, skip_special_tokens=True) == "ab ab"
+    assert tok("a  b")["input_ids"] == [2, 5, 10, 6]  # a run of spaces is the "▁▁" token
+    assert tok("<mark>a")["input_ids"][1] == 11  # user-defined tokens are kept whole
