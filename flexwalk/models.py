@@ -229,10 +229,11 @@ def _convert_gguf(spec: PackagedModel, out: Path) -> None:
     else:
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     gguf = spec.gguf_path(out / ".gguf")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kwargs)
     if model.config.model_type in _GEMMA_SENTENCEPIECE:
         tokenizer = _gemma_tokenizer_from_gguf(gguf)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if getattr(model, "hf_quantizer", None) is not None:
         raise RuntimeError(f"{spec.name}: transformers kept the GGUF weights quantized; cannot save a plain copy")
     model.save_pretrained(out)  # safetensors
