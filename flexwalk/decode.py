@@ -27,7 +27,7 @@ from .block_mask import _HAS_COMPUTE_Q_BLOCKS, bucket_length, key_bounds, packed
 from .config import SketchWalkConfig
 from .selection import LayerSketch, _group_mean, head_reduce, layer_sketch, sketch_matrix, transition_rows
 from .sketch import block_causal_mask, effective_sketch_dim, num_blocks
-from .walk import rank_blocks, walk_combine
+from .walk import fraction_count, rank_blocks, walk_combine
 
 _INT = torch.int32
 
@@ -357,7 +357,7 @@ def top_fraction(score: torch.Tensor, valid: torch.Tensor, fraction: float) -> t
     """[B, nb] bool: the ceil(fraction * valid blocks) valid blocks of each row with the largest
     score (ties towards the lower index).  No host sync."""
     nb = score.shape[-1]
-    count = torch.ceil(valid.sum(-1).to(torch.float64) * fraction - 1e-9).to(torch.int64)  # [B]
+    count = fraction_count(valid.sum(-1), fraction)  # [B]
     order = torch.sort(score.float().masked_fill(~valid, float("-inf")), dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nb, device=score.device).expand_as(order))
     return (rank < count[:, None]) & valid

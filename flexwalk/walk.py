@@ -116,6 +116,11 @@ def walk_step(w: torch.Tensor, state: WalkState | None, config: SketchWalkConfig
     return walk_combine(w, prev, w, config.walk, config.damping)
 
 
+def fraction_count(count: torch.Tensor, fraction: float) -> torch.Tensor:
+    """ceil(fraction * count) in count's dtype (the budget rule of `config.block_budget`, on tensors)."""
+    return torch.ceil(count.to(torch.float64) * fraction - 1e-9).to(count.dtype)
+
+
 def rank_blocks(
     walk: torch.Tensor,
     allowed: torch.Tensor,
@@ -153,7 +158,7 @@ def rank_blocks(
     if top_k is not None:
         budget = torch.full_like(n_causal, top_k)
     else:
-        budget = torch.ceil(n_causal.to(torch.float64) * density - 1e-9).to(n_causal.dtype)
+        budget = fraction_count(n_causal, density)
     kept = torch.minimum(n_causal, torch.maximum(n_forced, budget))
     if dense_rows is not None:
         kept = torch.where(dense_rows[None], n_causal, kept)
