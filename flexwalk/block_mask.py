@@ -248,6 +248,6 @@ def dense_block_mask(
     maybe, full = structural_tables(
         q_len, kv_len, block_size, start, end, q_offset=q_offset, window=window, q_pad=q_pad, kv_pad=kv_pad
     )
-    off = None if q_offset == 0 else torch.tensor(q_offset, device=device)
+    off = None if q_offset == 0 else torch.full((), q_offset, dtype=torch.int64, device=device)
     mask_mod = make_mask_mod(block_size=block_size, start=start, end=end, q_offset=off, window=window)
     return block_mask_from_tables(maybe & ~full, full, mask_mod, block_size, q_pad, kv_pad)
