@@ -13,7 +13,12 @@
    query_block_size 128 over block_size 64): selection + mask and total
    (`sketchwalk_attention`) with the graph and with the compiled selection, against SDPA
    (best of flash and cuDNN); the attention alone with the kernel mask_mod and with the full one.
-3. cold: first and second forward of a SmolLM2-135M-shaped random-weight model (30 layers,
+3. tail: what the kernel's schedule costs.  At each length, the attention alone (kernel
+   mask_mod) with the selection of dense_tail_blocks 1 (the default: the last query block keeps
+   every key block) and 0, and with random selections of the same per-row block counts (sink
+   and diagonal forced).  flex launches a query block's programs in ascending order, so the last
+   programs to start are the longest rows; a dense last row makes the longest program of all.
+4. cold: first and second forward of a SmolLM2-135M-shaped random-weight model (30 layers,
    9 / 3 heads, head dim 64) at 8K tokens in fresh processes with an empty inductor cache,
    graph selection on and off: what a user waits for before the first prompt returns.
 Writes DIR/gpu_selection.json.  Medians of triton.testing.do_bench.
@@ -87,6 +92,12 @@ def check(blocks=tuple(CHECK_CASES)):
     return rows
 
 
+def _llama8b_qkv(n):
+    """Random q, k, v of one Llama-3.1-8B attention layer (32 / 8 heads, head dim 128), bf16, batch 1."""
+    g = torch.Generator(device="cuda").manual_seed(n)
+    return tuple(torch.randn(1, h, n, 128, device="cuda", generator=g, dtype=torch.bfloat16) for h in (32, 8, 8))
+
+
 MODES = {"graph": (True, False), "graph_compiled": (True, True), "compiled": (False, False)}
 
 
@@ -94,10 +105,7 @@ def speed(lengths, blocks=("128",), modes=tuple(MODES)):
     rows = []
     for n in lengths:
         long = n >= 65536
-        g = torch.Generator(device="cuda").manual_seed(n)
-        q = torch.randn(1, 32, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
-        k = torch.randn(1, 8, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
-        v = torch.randn(1, 8, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+        q, k, v = _llama8b_qkv(n)
 
         def sdpa():
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -149,6 +157,83 @@ def _speed_row(q, k, v, n, long, spec, t_flash, t_cudnn, modes=tuple(MODES)):
         f"{r['attention_full_mask_ms']:.3f} ms")
     attention.GRAPH_SELECTION, attention.COMPILE_GRAPHED_SELECTION = True, False
     return r
+
+
+def _random_like(bm, n, bs, seed):
+    """A BlockMask with the per-row block counts of `bm` (partial + full), blocks drawn at
+    random among each row's causal blocks, sink (block 0) and diagonal forced, ascending order."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nq = n // bs
+    counts = (bm.kv_num_blocks + bm.full_kv_num_blocks)[0, 0, :nq]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    score = torch.rand(nq, nq, device="cuda", generator=g)
+    i = torch.arange(nq, device="cuda")
+    causal = i[None, :] <= i[:, None]
+    score = score.masked_fill(~causal, -1.0)
+    score[:, 0] = 2.0
+    score[i, i] = 3.0
+    order = score.sort(-1, descending=True).indices
+    keep = torch.zeros(nq, nq, dtype=torch.bool, device="cuda")
+    keep.scatter_(1, order, torch.arange(nq, device="cuda")[None, :].expand(nq, nq) < counts[:, None])
+    keep &= causal
+    diag = torch.eye(nq, dtype=torch.bool, device="cuda")
+    full = keep & ~diag
+
+    def tables(t):
+        num = t.sum(-1).to(torch.int32)
+        idx = torch.sort(t.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
+        return num[None, None], idx[None, None]
+
+    kn, ki = tables(diag)
+    fn, fi = tables(full)
+    mb = BlockMask.from_kv_blocks(kn, ki, fn, fi, BLOCK_SIZE=bs, mask_mod=kernel_mask_mod(), seq_lengths=(n, n))
+    return mb, float(keep.sum() / causal.sum())
+
+
+def tail(lengths):
+    rows = []
+    for n in lengths:
+        long = n >= 65536
+        q, k, v = _llama8b_qkv(n)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            t_cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), long)
+        r = dict(n=n, sdpa_cudnn_ms=t_cudnn)
+        fast = kernel_mask_mod()
+        nq = n // 128
+        for tail_blocks in (1, 0):
+            cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0,
+                                   dense_tail_blocks=tail_blocks)
+            bm, _, _, _ = fused_selection_mask(q, k, cfg, 0, None)
+            counts = (bm.kv_num_blocks + bm.full_kv_num_blocks)[0, 0, :nq].float()
+            dens = float(counts.sum() / (nq * (nq + 1) / 2))
+            t = bench(lambda: flex(q, k, v, bm, kernel_mask_mod=fast, block_size=128), long)
+            rm, rdens = _random_like(bm, n, 128, n + tail_blocks)
+            t_rand = bench(lambda: flex(q, k, v, rm, kernel_mask_mod=fast, block_size=128), long)
+            r[f"tail{tail_blocks}"] = dict(density=dens, attention_ms=t, random_density=rdens, random_attention_ms=t_rand,
+                                           longest_row_blocks=int(counts.max()))
+            if tail_blocks:
+                # the whole layer with the dense tail inside the block-sparse kernel (as before) and
+                # apart, on a side stream (attention.SPLIT_DENSE_TAIL, the default), and their outputs
+                for split in (False, True):
+                    attention.SPLIT_DENSE_TAIL = split
+                    sketchwalk_attention(q, k, v, cfg, 0)
+                    r[f"tail1_total_split_{split}_ms"] = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)
+                    r[f"tail1_select_mask_split_{split}_ms"] = bench(
+                        lambda: fused_selection_mask(q, k, cfg, 0, None), long)
+                a = flex(q, k, v, bm, kernel_mask_mod=fast, block_size=128)
+                b = sketchwalk_attention(q, k, v, cfg, 0)[0]
+                r["tail1_split_max_abs_diff"] = float((a.float() - b.float()).abs().max())
+                r["tail1_split_finite"] = bool(torch.isfinite(b).all())
+                log(f"tail {n:>6} whole layer: tail inside {r['tail1_total_split_False_ms']:.3f} ms, apart "
+                    f"{r['tail1_total_split_True_ms']:.3f} ms (x{t_cudnn / r['tail1_total_split_True_ms']:.2f} "
+                    f"cudnn); outputs differ by {r['tail1_split_max_abs_diff']:.2e}, finite {r['tail1_split_finite']}")
+            log(f"tail {n:>6} dense_tail_blocks={tail_blocks}: selection density {dens:.4f} attention {t:.3f} ms; "
+                f"random same counts (density {rdens:.4f}) {t_rand:.3f} ms; cudnn {t_cudnn:.3f}")
+        rows.append(r)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
 
 
 COLD = r"""
@@ -218,6 +303,8 @@ def main():
         res["check"] = check(args.check_blocks.split(","))
     if "speed" in sections:
         res["speed"] = speed([int(x) for x in args.lengths.split(",")], args.blocks, args.modes.split(","))
+    if "tail" in sections:
+        res["tail"] = tail([int(x) for x in args.lengths.split(",")])
     if "cold" in sections:
         res["cold"] = cold(args.cold_modes.split(","))
     os.makedirs(args.out, exist_ok=True)

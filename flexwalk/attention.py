@@ -7,6 +7,7 @@ prompt length.  Dense fallbacks are explicit, counted in `flexwalk.counters()` a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import types
@@ -412,6 +413,91 @@ def fused_selection_mask(q, k, config: SketchWalkConfig, layer_idx: int, state: 
     return bm, WalkState(transition=walk, layer_idx=layer_idx, block_size=bs, seq_len=n), kept, causal
 
 
+# Where prefill computes the dense tail (config.dense_tail_blocks) with a dense kernel of its
+# own, on a side stream, outside the block-sparse one (_with_dense_tail): "cuda" (on CUDA from
+# SPLIT_DENSE_TAIL_MIN_TOKENS up), True (everywhere: tests of the logic on CPU) or False
+# (always inside: benchmarks compare).  H100, 8B attention shape, one layer (docs/benchmarks.md
+# 4e): 1.96 -> 1.76 ms at 16K, 5.48 -> 5.04 ms at 32K, 72.6 -> 69.4 ms at 128K; but at 8K,
+# where the layer is bound by the host's launch rate, the extra launches cost 0.5 ms or more.
+SPLIT_DENSE_TAIL: bool | str = "cuda"
+SPLIT_DENSE_TAIL_MIN_TOKENS = 16384
+
+
+def dense_tail_start(config: SketchWalkConfig, n: int, device: torch.device | str = "cuda") -> int | None:
+    """The first kernel query block of the dense tail (config.dense_tail_blocks last real
+    query blocks, which keep every causal key block) if prefill computes it apart for this
+    length and device (SPLIT_DENSE_TAIL), else None."""
+    on_cuda = torch.device(device).type == "cuda" and n >= SPLIT_DENSE_TAIL_MIN_TOKENS
+    split = SPLIT_DENSE_TAIL is True or (SPLIT_DENSE_TAIL == "cuda" and on_cuda)
+    if not config.dense_tail_blocks or not split:
+        return None
+    return max(-(-n // config.q_block) - config.dense_tail_blocks, 0)
+
+
+def _rows_dropped(bm: BlockMask, r0: int) -> BlockMask:
+    """bm whose query blocks r0 and after visit no key block (their kernel programs return at once)."""
+    rows = torch.arange(bm.kv_num_blocks.shape[-1], device=bm.kv_num_blocks.device) >= r0
+    out = copy.copy(bm)
+    out.kv_num_blocks = bm.kv_num_blocks.masked_fill(rows, 0)
+    if bm.full_kv_num_blocks is not None:
+        out.full_kv_num_blocks = bm.full_kv_num_blocks.masked_fill(rows, 0)
+    return out
+
+
+def _with_dense_tail(q, k, v, bm, r0: int, key_valid, fast_mask_mod, tiles) -> torch.Tensor:
+    """The prefill output with the dense tail (query blocks r0 on, queries t0 = r0 * q_block to
+    n - 1, each against every causal real key) computed by a dense kernel of its own instead
+    of inside the block-sparse one.
+
+    In the sparse kernel the tail's query blocks are its longest programs by far (every key
+    block against a budget of ~20% of them), and flex launches a head's query blocks in
+    ascending order, so the last head's tail starts last and runs alone: 14% of the sparse
+    kernel's time at 32K on an H100 (docs/benchmarks.md, 4e).  On CUDA the tail runs on a side
+    stream, concurrently with the sparse kernel; elsewhere one after the other.  Without
+    padding the tail's mask is the same for every prompt of a length and is built once
+    (_dense_tail_mask).  The result is the same attention (the selection's tail rows are
+    dense): only the time changes.
+    """
+    t0 = r0 * tiles["q_block"]
+    stream = None
+    if q.is_cuda and not torch.compiler.is_compiling():
+        main = torch.cuda.current_stream(q.device)
+        stream = _tail_stream(q.device)
+        stream.wait_stream(main)
+    ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+    with ctx:
+        if key_valid is None:  # the same mask for every prompt of this length: built once
+            bs = tiles["block_size"]
+            tail_mask = _dense_tail_mask(q.shape[0], q.shape[2] - t0, k.shape[2], bs, t0, q.device)
+            tail = flex(q[:, :, t0:], k, v, tail_mask, scale=tiles["scale"], softcap=tiles["softcap"], block_size=bs)
+        else:
+            tail = dense_attention(q[:, :, t0:], k, v, key_valid=key_valid, scale=tiles["scale"],
+                                   softcap=tiles["softcap"], q_offset=t0, block_size=tiles["block_size"])
+    out = flex(q, k, v, _rows_dropped(bm, r0), kernel_mask_mod=fast_mask_mod, **tiles)
+    if stream is not None:
+        main.wait_stream(stream)
+        tail.record_stream(main)
+    if torch.is_grad_enabled() and (out.requires_grad or tail.requires_grad):
+        return torch.cat([out[:, :, :t0], tail], 2)  # flex saves its output for the backward
+    out[:, :, t0:] = tail
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_tail_mask(batch: int, q_len: int, kv_len: int, block_size: int, q_offset: int, device) -> BlockMask:
+    return dense_block_mask(batch, q_len, kv_len, block_size, device, q_offset=q_offset)
+
+
+_TAIL_STREAMS: dict = {}
+
+
+def _tail_stream(device) -> "torch.cuda.Stream":
+    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    if key not in _TAIL_STREAMS:
+        _TAIL_STREAMS[key] = torch.cuda.Stream(device)
+    return _TAIL_STREAMS[key]
+
+
 def sparse_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -437,8 +523,13 @@ def sparse_prefill(
         )
         bm = selection_block_mask(selection, key_valid=key_valid)
         kept, causal = selection.kept, selection.causal
-    out = flex(q, k, v, bm, scale=scale, softcap=softcap, block_size=config.block_size, q_block=config.q_block,
-               kernel_mask_mod=kernel_mask_mod() if key_valid is None else None)
+    tiles = dict(scale=scale, softcap=softcap, block_size=config.block_size, q_block=config.q_block)
+    fast = kernel_mask_mod() if key_valid is None else None
+    r0 = dense_tail_start(config, q.shape[2], q.device)
+    if r0 is None:
+        out = flex(q, k, v, bm, kernel_mask_mod=fast, **tiles)
+    else:
+        out = _with_dense_tail(q, k, v, bm, r0, key_valid, fast, tiles)
     stats.count(stats.SPARSE_PREFILL)
     stats.record_density(layer_idx, kept, causal)
     return out, new_state

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import flexwalk
 from conftest import assert_matches_reference, left_padding, random_qkv
+import flexwalk.attention as A
 from flexwalk import SketchWalkConfig, dense_attention, eager_sketchwalk_attention, sketchwalk_attention, token_mask
 
 
@@ -28,7 +29,7 @@ def sparse_cfg(**kw):
     seed=st.integers(0, 10_000),
 )
 def test_flex_equals_oracle(n, bs, hkv, g, batch, density, walk, pad, seed):
-    cfg = sparse_cfg(block_size=bs, density=density, walk=walk, dense_tail_blocks=seed % 2)
+    cfg = sparse_cfg(block_size=bs, density=density, walk=walk, dense_tail_blocks=seed % 3)
     _check_flex_against_the_oracle(cfg, n, hkv, g, batch, pad, seed)
 
 
@@ -36,6 +37,14 @@ def _check_flex_against_the_oracle(cfg, n, hkv, g, batch, pad, seed):
     """Two layers (walk carried) of compiled flex against the oracle's token mask of the same
     selection, through SDPA; the walk equals the eager one."""
     flexwalk.reset_counters()
+    A.SPLIT_DENSE_TAIL = bool(seed % 2)  # the dense tail inside the block-sparse kernel and apart
+    try:
+        _flex_against_the_oracle(cfg, n, hkv, g, batch, pad, seed)
+    finally:
+        A.SPLIT_DENSE_TAIL = "cuda"
+
+
+def _flex_against_the_oracle(cfg, n, hkv, g, batch, pad, seed):
     pad = min(pad, n - 1) if batch == 2 else 0
     q, k, v = random_qkv(batch, hkv * g, hkv, n, 16, seed=seed)
     kv = left_padding(batch, n, [0, pad][:batch]) if pad else None
@@ -70,6 +79,53 @@ def test_pooled_query_blocks_flex_equals_oracle(n, bs, m, hkv, g, batch, density
     blocks of bs) computes the oracle's token mask of the same selection; the walk is the eager one."""
     cfg = sparse_cfg(block_size=bs, query_block_size=bs * m, density=density, dense_tail_blocks=seed % 2)
     _check_flex_against_the_oracle(cfg, n, hkv, g, batch, pad, seed)
+
+
+@pytest.mark.parametrize("tail, qbs, pad", [(1, None, 0), (2, 64, 0), (1, None, 50), (2, 64, 50)])
+def test_the_dense_tail_runs_outside_the_block_sparse_kernel(monkeypatch, tail, qbs, pad):
+    """The tail's query blocks visit no key block in the block-sparse flex call (its longest
+    programs, computed by a dense call of their own); every other row keeps the selection's
+    blocks; the output is the oracle's."""
+    n = 300
+    monkeypatch.setattr(A, "SPLIT_DENSE_TAIL", True)  # the CUDA default, here on the CPU
+    q, k, v = random_qkv(2, 4, 2, n, 16, seed=11)
+    kv = left_padding(2, n, [0, pad]) if pad else None
+    cfg = sparse_cfg(block_size=32, query_block_size=qbs, density=0.2, dense_tail_blocks=tail)
+    calls = []
+    real_flex = A.flex
+    monkeypatch.setattr(A, "flex", lambda *a, **kw: calls.append(a[3]) or real_flex(*a, **kw))
+    out, _ = sketchwalk_attention(q, k, v, cfg, 0, key_valid=kv)
+    bm, _, _, _ = A.fused_selection_mask(q, k, cfg, 0, None, key_valid=kv)
+    sparse = [m for m in calls if m.seq_lengths[0] == bm.seq_lengths[0]]
+    assert len(sparse) == 1 and len(calls) == 2  # the block-sparse call and the tail's dense one
+    r0 = -(-n // cfg.q_block) - tail
+    assert r0 == A.dense_tail_start(cfg, n, "cpu") == A.dense_tail_start(cfg, n, q.device)
+    visits = sparse[0].kv_num_blocks + sparse[0].full_kv_num_blocks
+    assert (visits[..., r0:] == 0).all()
+    assert torch.equal(visits[..., :r0], (bm.kv_num_blocks + bm.full_kv_num_blocks)[..., :r0])
+    assert ((bm.kv_num_blocks + bm.full_kv_num_blocks)[..., r0:-(-n // cfg.q_block)] > 0).all()
+    ref, _, sel = eager_sketchwalk_attention(q, k, v, cfg, 0, key_valid=kv)
+    real = slice(None) if kv is None else kv[-1]
+    mask = token_mask(n, selection=sel, key_valid=kv)
+    assert_matches_reference(q[..., real, :], k, v, mask[..., real, :], out[..., real, :])
+
+
+def test_the_dense_tail_is_split_where_the_setting_says():
+    cfg = sparse_cfg(block_size=32, dense_tail_blocks=1)
+    assert A.SPLIT_DENSE_TAIL == "cuda"
+    n = A.SPLIT_DENSE_TAIL_MIN_TOKENS
+    assert A.dense_tail_start(cfg, n, "cuda") == n // 32 - 1 and A.dense_tail_start(cfg, n, "cpu") is None
+    assert A.dense_tail_start(cfg, n - 1, "cuda") is None  # short prompts: the launches cost more than the tail
+    assert A.dense_tail_start(cfg.replace(dense_tail_blocks=0), n, "cuda") is None
+
+
+def test_a_dense_tail_longer_than_the_prompt_is_dense_attention(monkeypatch):
+    monkeypatch.setattr(A, "SPLIT_DENSE_TAIL", True)
+    n = 200
+    q, k, v = random_qkv(1, 4, 2, n, 16, seed=12)
+    out, _ = sketchwalk_attention(q, k, v, sparse_cfg(block_size=32, density=0.1, dense_tail_blocks=50), 0)
+    assert A.dense_tail_start(sparse_cfg(block_size=32, dense_tail_blocks=50), n, "cpu") == 0
+    assert_matches_reference(q, k, v, token_mask(n, batch=1), out)
 
 
 @pytest.mark.parametrize("pad", [0, 70])
