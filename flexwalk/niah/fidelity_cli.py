@@ -25,7 +25,7 @@ from .fidelity import capture_attention_inputs, layer_fidelity, next_token_kl
 ABLATIONS: dict[str, list[dict[str, Any]]] = {
     "density": [{"density": d} for d in (0.1, 0.2, 0.3, 0.5)],
     "walk": [{"walk": w} for w in ("walk", "damped", "one_hop", "oracle")],
-    "sketch_dim": [{"sketch_dim": r} for r in (16, 32, 64, 128)],
+    "sketch_dim": [{"sketch_dim": r} for r in (16, 32, 64, 128, 256)],  # capped at the head dim (Gemma 3: 256)
     "exponent": [{"sparsity_exponent": e} for e in (1.0, 4.0, 8.0, 16.0)],
     # 64 / 128 / 64x128: 64-token key blocks chosen per 128-row kernel query block (query_block_size)
     "block_size": [{"block_size": 64}, {"block_size": 128}, {"block_size": 64, "query_block_size": 128}],
