@@ -215,14 +215,17 @@ def tail(lengths):
             if tail_blocks:
                 # the whole layer with the dense tail inside the block-sparse kernel (as before) and
                 # apart, on a side stream (attention.SPLIT_DENSE_TAIL, the default), and their outputs
-                for split in (False, True):
-                    attention.SPLIT_DENSE_TAIL = split
-                    sketchwalk_attention(q, k, v, cfg, 0)
-                    r[f"tail1_total_split_{split}_ms"] = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)
-                    r[f"tail1_select_mask_split_{split}_ms"] = bench(
-                        lambda: fused_selection_mask(q, k, cfg, 0, None), long)
-                a = flex(q, k, v, bm, kernel_mask_mod=fast, block_size=128)
-                b = sketchwalk_attention(q, k, v, cfg, 0)[0]
+                try:
+                    for split in (False, True):  # True: split at every length (8K too)
+                        attention.SPLIT_DENSE_TAIL = split
+                        sketchwalk_attention(q, k, v, cfg, 0)
+                        r[f"tail1_total_split_{split}_ms"] = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)
+                        r[f"tail1_select_mask_split_{split}_ms"] = bench(
+                            lambda: fused_selection_mask(q, k, cfg, 0, None), long)
+                    a = flex(q, k, v, bm, kernel_mask_mod=fast, block_size=128)
+                    b = sketchwalk_attention(q, k, v, cfg, 0)[0]
+                finally:
+                    attention.SPLIT_DENSE_TAIL = "cuda"
                 r["tail1_split_max_abs_diff"] = float((a.float() - b.float()).abs().max())
                 r["tail1_split_finite"] = bool(torch.isfinite(b).all())
                 log(f"tail {n:>6} whole layer: tail inside {r['tail1_total_split_False_ms']:.3f} ms, apart "
