@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexwalk
-from conftest import assert_matches_reference, left_padding, random_qkv
 import flexwalk.attention as A
+from conftest import assert_matches_reference, left_padding, random_qkv
 from flexwalk import SketchWalkConfig, dense_attention, eager_sketchwalk_attention, sketchwalk_attention, token_mask
 
 
