@@ -41,7 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig, sketchwalk_attention
 from flexwalk.attention import flex, fused_selection_mask
-from flexwalk.block_mask import kernel_mask_mod
+from flexwalk.block_mask import block_mask_from_tables, kernel_mask_mod
 from gpu_prefill import bench, block_spec, block_specs, env_info, log  # this folder is on sys.path as a script
 
 
@@ -162,8 +162,6 @@ def _speed_row(q, k, v, n, long, spec, t_flash, t_cudnn, modes=tuple(MODES)):
 def _random_like(bm, n, bs, seed):
     """A BlockMask with the per-row block counts of `bm` (partial + full), blocks drawn at
     random among each row's causal blocks, sink (block 0) and diagonal forced, ascending order."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     nq = n // bs
     counts = (bm.kv_num_blocks + bm.full_kv_num_blocks)[0, 0, :nq]
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -177,17 +175,8 @@ def _random_like(bm, n, bs, seed):
     keep = torch.zeros(nq, nq, dtype=torch.bool, device="cuda")
     keep.scatter_(1, order, torch.arange(nq, device="cuda")[None, :].expand(nq, nq) < counts[:, None])
     keep &= causal
-    diag = torch.eye(nq, dtype=torch.bool, device="cuda")
-    full = keep & ~diag
-
-    def tables(t):
-        num = t.sum(-1).to(torch.int32)
-        idx = torch.sort(t.to(torch.int8), dim=-1, descending=True, stable=True).indices.to(torch.int32)
-        return num[None, None], idx[None, None]
-
-    kn, ki = tables(diag)
-    fn, fi = tables(full)
-    mb = BlockMask.from_kv_blocks(kn, ki, fn, fi, BLOCK_SIZE=bs, mask_mod=kernel_mask_mod(), seq_lengths=(n, n))
+    diag = torch.eye(nq, dtype=torch.bool, device="cuda")[None]
+    mb = block_mask_from_tables(diag, keep[None] & ~diag, kernel_mask_mod(), bs, n, n)
     return mb, float(keep.sum() / causal.sum())
 
 
