@@ -423,7 +423,7 @@ SPLIT_DENSE_TAIL: bool | str = "cuda"
 SPLIT_DENSE_TAIL_MIN_TOKENS = 16384
 
 
-def dense_tail_start(config: SketchWalkConfig, n: int, device: torch.device | str = "cuda") -> int | None:
+def dense_tail_start(config: SketchWalkConfig, n: int, device: torch.device | str) -> int | None:
     """The first kernel query block of the dense tail (config.dense_tail_blocks last real
     query blocks, which keep every causal key block) if prefill computes it apart for this
     length and device (SPLIT_DENSE_TAIL), else None."""

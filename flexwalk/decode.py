@@ -155,7 +155,7 @@ class DecodeState:
         self.k_count = F.pad(self.k_count, (0, pad))
         self.k_sketch = F.pad(self.k_sketch, (0, 0, 0, pad))
         self.transition = F.pad(self.transition, (0, pad, 0, pad))
-        self.pinned = torch.cat([self.pinned, self.pinned.new_zeros(self.batch, pad)], 1)
+        self.pinned = F.pad(self.pinned, (0, pad))
 
     # ------------------------------------------------------------------ build
     @classmethod
