@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from . import stats
+from . import stats, triton_prefill
 from .block_mask import (
+    _bounds,
     block_mask_from_indices,
     bucket_length,
     check_contiguous_padding,
@@ -498,6 +499,29 @@ def _tail_stream(device) -> "torch.cuda.Stream":
     return _TAIL_STREAMS[key]
 
 
+# The kernel of a sparse prefill layer: "triton" (flexwalk.triton_prefill: longest query blocks
+# first, heads fastest; the dense tail needs no split), "flex" (compiled flex_attention on the
+# BlockMask) or "auto": triton on CUDA for the shapes where it was measured faster than flex
+# (TRITON_AUTO_SHAPES: head dim 128 with 128-token query and key blocks, 4-7% at 32K-128K, 21%
+# at 8K on an H100), flex elsewhere (head dim 64 with 64-token blocks: flex 5-14% faster;
+# 128 x 64 blocks: level).  docs/benchmarks.md 4f.  Where triton does not apply (soft-capping,
+# grad, inside a torch.compile trace, no triton) flex runs whatever the setting.
+PREFILL_KERNEL = "auto"
+TRITON_AUTO_SHAPES = {(128, 128, 128)}  # (head dim, query block, key block)
+
+
+def _use_triton_prefill(q, k, v, config: SketchWalkConfig, softcap) -> bool:
+    if PREFILL_KERNEL == "flex":
+        return False
+    if PREFILL_KERNEL == "auto" and (q.device.type != "cuda"
+                                     or (q.shape[-1], config.q_block, config.block_size) not in TRITON_AUTO_SHAPES):
+        return False
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                        or v.requires_grad)):
+        return False
+    return triton_prefill.supported(q, q_block=config.q_block, kv_block=config.block_size, softcap=softcap)
+
+
 def sparse_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -526,7 +550,13 @@ def sparse_prefill(
     tiles = dict(scale=scale, softcap=softcap, block_size=config.block_size, q_block=config.q_block)
     fast = kernel_mask_mod() if key_valid is None else None
     r0 = dense_tail_start(config, q.shape[2], q.device)
-    if r0 is None:
+    if _use_triton_prefill(q, k, v, config, softcap):
+        start, end = _bounds(q.shape[0], q.shape[2], key_valid, q.device)
+        out = triton_prefill.sparse_prefill_attention(
+            q, k, v, bm.full_kv_num_blocks, bm.full_kv_indices, bm.kv_num_blocks, bm.kv_indices, start, end,
+            q_block=config.q_block, kv_block=config.block_size, scale=scale)
+        stats.count(stats.TRITON_PREFILL)
+    elif r0 is None:
         out = flex(q, k, v, bm, kernel_mask_mod=fast, **tiles)
     else:
         out = _with_dense_tail(q, k, v, bm, r0, key_valid, fast, tiles)

@@ -34,6 +34,7 @@ DENSE_DECODE_NO_STATE = "dense_decode_no_state"  # decode step without a usable 
 DECODE_STATE_RESET = "decode_state_reset"  # a state was found stale (not continuing this sequence) and dropped
 DECODE_GRAPH_STEPS = "decode_graph_steps"  # sparse decode steps replayed from a CUDA graph (static cache)
 DECODE_STALE_STEPS = "decode_stale_steps"  # static-cache steps whose position disagreed with the state: dense
+TRITON_PREFILL = "triton_prefill"  # of those sparse_prefill calls, the ones run by flexwalk.triton_prefill's kernel
 SELECTION_GRAPH_CAPTURE = "selection_graph_capture"  # a CUDA graph of the prefill selection was captured (once per key)
 
 _REASONS = {

@@ -1,0 +1,216 @@
+"""Block-sparse prefill kernel (Triton): exact attention of each query block over its selected key blocks.
+
+The same computation as the compiled flex call of `attention.flex` on a selection's BlockMask,
+in a kernel of our own, for three things flex's template does not do:
+
+- **Longest rows first.**  Row I of a causal selection keeps about density * I key blocks and
+  the dense tail keeps all of them; flex launches a head's query blocks in ascending order, so
+  the longest programs start last and the GPU idles while they finish (docs/benchmarks.md 4e).
+  Here program (head, m) computes query block NQ - 1 - m: the tail starts first, and the
+  short rows fill the end.  No side stream, no split of the tail.
+- **Heads fastest.**  The launch grid is (batch * heads, query blocks), so the programs that run
+  together are every head of a few query blocks.  SketchWalk shares one selection across the
+  heads of a layer, and GQA shares each key/value head among G query heads, so these programs
+  read the same key/value blocks at the same time, from L2 rather than memory.
+- **The output in transformers' layout.**  It is written as [B, n, Hq, D] (returned as a
+  [B, Hq, n, D] view), which is what the attention interface returns, so no transposing copy
+  follows.
+
+The block lists are a BlockMask's: full blocks (every element allowed: no mask is evaluated)
+and partial blocks (the blocks a query block overlaps, and edges touched by padding), where
+the mask of `block_mask.make_mask_mod` is applied: causal, keys inside [start[b], end[b]), and
+a query always sees its own key (padding rows stay finite).  The selection table term of that
+mask_mod is implied by the lists themselves.  Query blocks of q_block rows (the mask's query
+block, BLOCK_M rows per program), key blocks of kv_block keys read in tiles of BLOCK_N.
+
+Soft-capping, sliding windows and score_mods are not handled here: `supported` says where this
+kernel applies, and the caller (attention.sparse_prefill) uses flex elsewhere.  On CPU tensors
+the kernel runs through Triton's interpreter (tests; slow, small shapes only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_decode import _LOG2E, HAS_TRITON, interpreted
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    def _prefill_kernel(
+        Q, K, V, O, F_NUM, F_IDX, P_NUM, P_IDX, START, END,
+        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh,
+        sfnb, sfnm, sfib, sfim, spnb, spnm, spib, spim,
+        H, G, N, NQ, qk_scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
+        M_SPLIT: tl.constexpr, REVERSE: tl.constexpr, K_ROWS: tl.constexpr, WS: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        pid_h = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        m_blk = (NQ - 1 - pid_m) if REVERSE else pid_m  # tile of BLOCK_M query rows
+        row = m_blk // M_SPLIT  # the mask's query block (q_block = M_SPLIT * BLOCK_M rows)
+        b = pid_h // H
+        h = pid_h % H
+        hk = h // G
+        SUB: tl.constexpr = KV_BLOCK // BLOCK_N
+
+        offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        q_ok = offs_m < N
+        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm
+                    + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+        k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+
+        # loop-invariant tile offsets: each block then costs one scalar base address
+        if K_ROWS:
+            k_off = offs_n[:, None] * skn + offs_d[None, :]  # K tile [BLOCK_N, D], transposed in the dot
+        else:
+            k_off = offs_n[None, :] * skn + offs_d[:, None]  # K tile read as [D, BLOCK_N]
+        v_off = offs_n[:, None] * svn + offs_d[None, :]
+
+        # full blocks: every (query, key) pair allowed, no mask, no bounds
+        n_full = tl.load(F_NUM + b * sfnb + row * sfnm)
+        f_row = F_IDX + b.to(tl.int64) * sfib + row.to(tl.int64) * sfim
+        for j in tl.range(0, n_full * SUB, warp_specialize=WS):
+            blk = tl.load(f_row + j // SUB)
+            start_n = (blk * KV_BLOCK + (j % SUB) * BLOCK_N).to(tl.int64)
+            k = tl.load(k_base + start_n * skn + k_off)
+            if K_ROWS:
+                k = tl.trans(k)
+            s = tl.dot(q, k, input_precision=PRECISION)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + start_n * svn + v_off)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+
+        # partial blocks: causal, keys inside [start, end), a query always sees itself
+        start = tl.load(START + b)
+        end = tl.load(END + b)
+        n_part = tl.load(P_NUM + b * spnb + row * spnm)
+        p_row = P_IDX + b.to(tl.int64) * spib + row.to(tl.int64) * spim
+        for j in range(0, n_part * SUB):
+            blk = tl.load(p_row + j // SUB)
+            start_n = blk * KV_BLOCK + (j % SUB) * BLOCK_N
+            tok = start_n + offs_n
+            inside = tok < N
+            if K_ROWS:
+                k = tl.trans(tl.load(k_base + start_n.to(tl.int64) * skn + k_off, mask=inside[:, None], other=0.0))
+            else:
+                k = tl.load(k_base + start_n.to(tl.int64) * skn + k_off, mask=inside[None, :], other=0.0)
+            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+            ok = (tok[None, :] <= offs_m[:, None]) & (tok[None, :] >= start) & (tok[None, :] < end)
+            ok = (ok | (tok[None, :] == offs_m[:, None])) & inside[None, :]
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key in this tile yet
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + start_n.to(tl.int64) * svn + v_off, mask=inside[:, None], other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(O + b.to(tl.int64) * sob + offs_m[:, None].to(tl.int64) * som + h.to(tl.int64) * soh
+                 + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_ok[:, None])
+
+    # N (the prompt length) varies by prompt: no specialisation on it, so one compile serves
+    # every length of a configuration
+    _jit = triton.jit(_prefill_kernel, do_not_specialize=["N", "NQ"])
+
+
+# Launch parameters of CUDA runs: (BLOCK_N, num_warps, num_stages) by head dim, from the H100
+# sweep of benchmarks/gpu_triton_prefill.py (docs/benchmarks.md).  A BLOCK_N above the key block
+# is cut to it.
+TILES = {64: (128, 4, 3), 128: (128, 8, 3), 256: (32, 8, 2)}
+
+
+def supported(q: torch.Tensor, *, q_block: int, kv_block: int, softcap=None, window=None) -> bool:
+    """Whether `sparse_prefill_attention` handles this call: triton present, a CUDA tensor (or
+    the interpreter), a power-of-two head dim 16..256, blocks of 16..256 tokens, no
+    soft-capping and no sliding window."""
+    d = q.shape[-1]
+    on = q.device.type == "cuda" or interpreted()
+    return (HAS_TRITON and on and softcap is None and window is None and 16 <= d <= 256 and d & (d - 1) == 0
+            and 16 <= kv_block <= q_block <= 256 and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def sparse_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    full_num: torch.Tensor,
+    full_idx: torch.Tensor,
+    part_num: torch.Tensor,
+    part_idx: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    *,
+    q_block: int,
+    kv_block: int,
+    scale: float | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    reverse: bool = True,
+    k_rows: bool = False,
+    warp_specialize: bool = False,
+) -> torch.Tensor:
+    """Causal attention of q over the listed key blocks.
+
+    q: [B, Hq, n, D]; k, v: [B, Hkv, n, D] (Hq a multiple of Hkv; any strides with the head dim
+    contiguous).  full_num / part_num: [B, nq'] or [B, 1, nq'] (a BlockMask's) int32 block counts per query block of q_block
+    rows (nq' >= ceil(n / q_block): bucket rows past n are ignored); full_idx / part_idx:
+    [B, nq', W] or [B, 1, nq', W] int32 key block indices (kv_block keys each), the first count entries valid and
+    unique.  start, end: [B] int32, each row's real keys (partial blocks only).  Returns
+    [B, Hq, n, D], a view of a [B, n, Hq, D] tensor.  block_n / num_warps / num_stages /
+    reverse override the launch parameters (tuning, tests).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("sparse_prefill_attention needs triton (pip install triton)")
+    if q.device.type != "cuda" and not interpreted():
+        raise RuntimeError(
+            f"sparse_prefill_attention runs on CUDA; got a {q.device.type} tensor (CPU runs only under triton's "
+            "interpreter: set TRITON_INTERPRET=1 before importing triton, as the tests do)"
+        )
+    bsz, hq, n, d = q.shape
+    hkv = k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if not supported(q, q_block=q_block, kv_block=kv_block):
+        raise ValueError(
+            f"head_dim={d}, q_block={q_block}, kv_block={kv_block}, dtype={q.dtype}: need a power-of-two head dim "
+            "16..256, power-of-two blocks with 16 <= kv_block <= q_block <= 256, and a float16/bfloat16/float32 dtype"
+        )
+    d_tiles = TILES.get(d, (64, 4, 2))
+    bn = min(block_n or d_tiles[0], kv_block)
+    block_m = min(q_block, 128 if d <= 128 else 64)
+    nq = -(-n // block_m)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(bsz, n, hq, d, device=q.device, dtype=q.dtype)
+    start = start.reshape(bsz).to(torch.int32)
+    end = end.reshape(bsz).to(torch.int32)
+    scale = d ** -0.5 if scale is None else float(scale)
+    _jit[(bsz * hq, nq)](
+        q, k, v, out, full_num, full_idx, part_num, part_idx, start, end,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        full_num.stride(0), full_num.stride(-1), full_idx.stride(0), full_idx.stride(-2),
+        part_num.stride(0), part_num.stride(-1), part_idx.stride(0), part_idx.stride(-2),
+        hq, hq // hkv, n, nq, scale * _LOG2E,
+        D=d, BLOCK_M=block_m, BLOCK_N=bn, KV_BLOCK=kv_block, M_SPLIT=q_block // block_m, REVERSE=reverse, K_ROWS=k_rows, WS=warp_specialize,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps or d_tiles[1], num_stages=num_stages or d_tiles[2],
+    )
+    return out.transpose(1, 2)
