@@ -64,7 +64,8 @@ def block_specs(arg: str) -> list[str]:
 def bench(fn, long: bool = False) -> float:
     import triton.testing as tt
 
-    return tt.do_bench(fn, warmup=25 if not long else 5, rep=100 if not long else 30, return_mode="median")
+    # long: calls of 50-250 ms; 600 ms of repetitions gives several samples (30 ms gave one)
+    return tt.do_bench(fn, warmup=25 if not long else 5, rep=100 if not long else 600, return_mode="median")
 
 
 def env_info() -> dict:
@@ -102,14 +103,9 @@ def grid(lengths, batches, densities, budget_s, blocks=("128",)):
             k = torch.randn(bsz, 8, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
             v = torch.randn(bsz, 8, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
 
-            def sdpa():
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                t_flash = bench(sdpa, long)
+            t_flash, t_cudnn = sdpa_times(q, k, v, long)
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                t_cudnn = bench(sdpa, long)
-                mem_sdpa = peak_gib(sdpa)
+                mem_sdpa = peak_gib(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
             best = min(t_flash, t_cudnn)
             dbm = dense_block_mask(bsz, n, n, 128, q.device)
             qp, kp, vp = (F.pad(x, (0, 0, 0, dbm.seq_lengths[0] - n)) for x in (q, k, v))
@@ -264,6 +260,35 @@ def ttft(lengths, dense_below=8192, model_name=None, preset=None, overrides=None
     return out
 
 
+def sdpa_times(q, k, v, long: bool = False) -> tuple[float, float]:
+    """(flash, cuDNN) times of causal SDPA with GQA on q, k, v, ms."""
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        t_flash = bench(sdpa, long)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        t_cudnn = bench(sdpa, long)
+    return t_flash, t_cudnn
+
+
+def run_sections(sections, results: dict, path: str) -> None:
+    """Run (name, fn, args) sections in order into results[name], writing results to path (JSON)
+    after each; a section that raises is recorded as {"error": ...} and the next one runs."""
+    for name, fn, a in sections:
+        t = time.time()
+        try:
+            results[name] = fn(*a)
+        except Exception as e:  # one broken section must not hide the others
+            traceback.print_exc()
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"({name}: {time.time() - t:.0f} s)")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -291,20 +316,7 @@ def main():
                                 args.grid_budget_s, args.grid_blocks)),
                 ("ttft", ttft, (ints(args.ttft_lengths), args.ttft_dense_below, args.ttft_model, args.ttft_preset,
                                 args.ttft_config))]
-    for name, fn, a in sections:
-        if name in skip:
-            continue
-        t = time.time()
-        try:
-            RESULTS[name] = fn(*a)
-        except Exception as e:  # one broken section must not hide the others
-            traceback.print_exc()
-            RESULTS[name] = {"error": f"{type(e).__name__}: {e}"}
-        log(f"({name}: {time.time() - t:.0f} s)")
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gpu_prefill.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1, default=str)
-
+    run_sections([x for x in sections if x[0] not in skip], RESULTS, os.path.join(args.out, "gpu_prefill.json"))
 
 if __name__ == "__main__":
     main()

@@ -42,7 +42,7 @@ import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig, sketchwalk_attention
 from flexwalk.attention import flex, fused_selection_mask
 from flexwalk.block_mask import block_mask_from_tables, kernel_mask_mod
-from gpu_prefill import bench, block_spec, block_specs, env_info, log  # this folder is on sys.path as a script
+from gpu_prefill import bench, block_spec, block_specs, env_info, log, sdpa_times  # this folder is on sys.path as a script
 
 
 CHECK_CASES = {"128": (128, 32, 8, 128, None), "64": (64, 9, 3, 64, None), "q128kv64": (128, 32, 8, 64, 128)}
@@ -106,14 +106,7 @@ def speed(lengths, blocks=("128",), modes=tuple(MODES)):
     for n in lengths:
         long = n >= 65536
         q, k, v = _llama8b_qkv(n)
-
-        def sdpa():
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            t_flash = bench(sdpa, long)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            t_cudnn = bench(sdpa, long)
+        t_flash, t_cudnn = sdpa_times(q, k, v, long)
         for spec in blocks:
             rows.append(_speed_row(q, k, v, n, long, spec, t_flash, t_cudnn, modes))
         del q, k, v
