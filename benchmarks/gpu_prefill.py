@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexwalk
-from flexwalk import SketchWalkConfig, sketchwalk_attention
-from flexwalk.attention import _compiled_flex, _kernel_options, flex, fused_selection_mask
+import flexwalk.attention as attention
+from flexwalk import SketchWalkConfig, sketchwalk_attention, triton_prefill
+from flexwalk.attention import _bounds, _compiled_flex, _kernel_options, flex, fused_selection_mask
 from flexwalk.block_mask import dense_block_mask, kernel_mask_mod
 
 RESULTS: dict = {}
@@ -121,19 +122,27 @@ def grid(lengths, batches, densities, budget_s, blocks=("128",)):
                 fast = kernel_mask_mod()
                 t_kernel = bench(lambda: flex(q, k, v, bm, block_size=cfg.block_size, q_block=cfg.q_block,
                                               kernel_mask_mod=fast), long)
+                t_triton = float("nan")  # flexwalk's Triton kernel on the same tables (triton_prefill)
+                if triton_prefill.supported(q, q_block=cfg.q_block, kv_block=cfg.block_size):
+                    se = _bounds(bsz, n, None, q.device)
+                    t_triton = bench(lambda: triton_prefill.sparse_prefill_attention(
+                        q, k, v, bm.full_kv_num_blocks, bm.full_kv_indices, bm.kv_num_blocks, bm.kv_indices, *se,
+                        q_block=cfg.q_block, kv_block=cfg.block_size), long)
                 t_total = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)
                 mem = peak_gib(lambda: sketchwalk_attention(q, k, v, cfg, 0))
                 r = dict(batch=bsz, n=n, density=density, blocks=spec, block_size=cfg.block_size,
                          query_block_size=cfg.q_block, achieved=float(kept.sum() / causal.sum()),
                          sdpa_flash_ms=t_flash, sdpa_cudnn_ms=t_cudnn, dense_flex_ms=t_dense_flex,
                          select_mask_ms=t_sel, sparse_attention_ms=t_attn, sparse_attention_kernel_ms=t_kernel,
+                         sparse_attention_triton_ms=t_triton, triton_prefill_default=attention._use_triton_prefill(
+                             q, k, v, cfg, None),
                          total_ms=t_total, speedup_vs_best_sdpa=best / t_total,
                          speedup_vs_cudnn=t_cudnn / t_total, select_share=t_sel / t_total,
                          peak_gib=mem, sdpa_peak_gib=mem_sdpa, peak_ratio=mem / max(mem_sdpa, 1e-9))
                 rows.append(r)
                 log(f"B{bsz} {n:>6} d{density:.1f} {spec:>8} (got {r['achieved']:.3f}): flash {t_flash:.3f} cudnn "
                     f"{t_cudnn:.3f} flexdense {t_dense_flex:.3f} | sel+mask {t_sel:.3f} attn {t_attn:.3f} (kernel "
-                    f"mask {t_kernel:.3f}) total {t_total:.3f} ms -> x{best / t_total:.2f} (sel "
+                    f"mask {t_kernel:.3f}, triton {t_triton:.3f}) total {t_total:.3f} ms -> x{best / t_total:.2f} (sel "
                     f"{100 * t_sel / t_total:.0f}%) | peak {mem:.2f} vs {mem_sdpa:.2f} GiB")
             del q, k, v, qp, kp, vp
             torch.cuda.empty_cache()
