@@ -11,7 +11,7 @@ in a kernel of our own, for three things flex's template does not do:
 - **Heads fastest.**  The launch grid is (batch * heads, query blocks), so the programs that run
   together are every head of a few query blocks.  SketchWalk shares one selection across the
   heads of a layer, and GQA shares each key/value head among G query heads, so these programs
-  read the same key/value blocks at the same time, from L2 rather than memory.
+  read the same key/value blocks at the same time, where L2 can serve them.
 - **The output in transformers' layout.**  It is written as [B, n, Hq, D] (returned as a
   [B, Hq, n, D] view), which is what the attention interface returns, so no transposing copy
   follows.
@@ -131,7 +131,8 @@ if HAS_TRITON:
 
 
 # Launch parameters of CUDA runs: (BLOCK_N, num_warps, num_stages) by head dim, from the H100
-# sweep of benchmarks/gpu_triton_prefill.py (docs/benchmarks.md).  A BLOCK_N above the key block
+# sweep of benchmarks/gpu_triton_prefill.py (docs/benchmarks.md 4f: 128 x 128 tiles, 8 warps and
+# 3 stages at head dim 128; 4 stages do not fit in shared memory).  A BLOCK_N above the key block
 # is cut to it.
 TILES = {64: (128, 4, 3), 128: (128, 8, 3), 256: (32, 8, 2)}
 
@@ -142,7 +143,8 @@ def supported(q: torch.Tensor, *, q_block: int, kv_block: int, softcap=None, win
     soft-capping and no sliding window."""
     d = q.shape[-1]
     on = q.device.type == "cuda" or interpreted()
-    return (HAS_TRITON and on and softcap is None and window is None and 16 <= d <= 256 and d & (d - 1) == 0
+    pow2 = all(x & (x - 1) == 0 for x in (d, q_block, kv_block))
+    return (HAS_TRITON and on and softcap is None and window is None and pow2 and 16 <= d <= 256
             and 16 <= kv_block <= q_block <= 256 and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
@@ -170,12 +172,13 @@ def sparse_prefill_attention(
     """Causal attention of q over the listed key blocks.
 
     q: [B, Hq, n, D]; k, v: [B, Hkv, n, D] (Hq a multiple of Hkv; any strides with the head dim
-    contiguous).  full_num / part_num: [B, nq'] or [B, 1, nq'] (a BlockMask's) int32 block counts per query block of q_block
-    rows (nq' >= ceil(n / q_block): bucket rows past n are ignored); full_idx / part_idx:
-    [B, nq', W] or [B, 1, nq', W] int32 key block indices (kv_block keys each), the first count entries valid and
-    unique.  start, end: [B] int32, each row's real keys (partial blocks only).  Returns
+    contiguous).  full_num / part_num: [B, nq'] or [B, 1, nq'] (a BlockMask's) int32 block
+    counts per query block of q_block rows (nq' >= ceil(n / q_block): bucket rows past n are
+    ignored); full_idx / part_idx: [B, nq', W] or [B, 1, nq', W] int32 key block indices
+    (kv_block keys each), the first count entries valid and unique.  start, end: [B] int32, each row's real keys (partial blocks only).  Returns
     [B, Hq, n, D], a view of a [B, n, Hq, D] tensor.  block_n / num_warps / num_stages /
-    reverse override the launch parameters (tuning, tests).
+    reverse / k_rows (K tiles read key-major) / warp_specialize override the launch parameters
+    (tuning, tests).
     """
     if not HAS_TRITON:
         raise RuntimeError("sparse_prefill_attention needs triton (pip install triton)")

@@ -177,3 +177,4 @@ def test_unsupported_shapes_raise_with_the_values():
     assert not TP.supported(q, q_block=32, kv_block=32, softcap=5.0)
     assert not TP.supported(q, q_block=32, kv_block=32, window=16)
     assert not TP.supported(q, q_block=16, kv_block=32)
+    assert not TP.supported(q, q_block=48, kv_block=16)
