@@ -502,8 +502,8 @@ def _tail_stream(device) -> "torch.cuda.Stream":
 # The kernel of a sparse prefill layer: "triton" (flexwalk.triton_prefill: longest query blocks
 # first, heads fastest; the dense tail needs no split), "flex" (compiled flex_attention on the
 # BlockMask) or "auto": triton on CUDA for the shapes where it was measured faster than flex
-# (TRITON_AUTO_SHAPES: head dim 128 with 128-token query and key blocks, 4-7% at 32K-128K, 21%
-# at 8K on an H100), flex elsewhere (head dim 64 with 64-token blocks: flex 5-14% faster;
+# (TRITON_AUTO_SHAPES: head dim 128 with 128-token query and key blocks, 3-7% at 32K-128K, 21%
+# at 8K on an H100), flex elsewhere (head dim 64 with 64-token blocks: flex 6-14% faster;
 # 128 x 64 blocks: level).  docs/benchmarks.md 4f.  Where triton does not apply (soft-capping,
 # grad, inside a torch.compile trace, no triton) flex runs whatever the setting.
 PREFILL_KERNEL = "auto"
