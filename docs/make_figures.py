@@ -13,7 +13,11 @@
 3. docs/img/ttft_tp_h200.png: time to first token of the 8B-shaped model on one H200 and
    under tensor parallelism on two, sdpa vs sketchwalk_flex (from docs/data/tp_h200x2/).
 
-Options: --only density|mask|ttft, --length N (prompt tokens, default 2048), --depth D (needle).
+4. docs/img/prefill_speedup_h100.png: one attention layer of the 8B shape, sketchwalk's total
+   (selection + mask + attention) against cuDNN SDPA over prompt length, batch 1 and 4, at
+   10/20/30% density (from docs/data/h100_session15/grid_b{1,4}.json).
+
+Options: --only density|mask|ttft|speed, --length N (prompt tokens, default 2048), --depth D (needle).
 """
 
 from __future__ import annotations
@@ -212,9 +216,41 @@ def ttft_figure(path: Path) -> None:
     print(f"wrote {path}")
 
 
+def speed_figure(path: Path) -> None:
+    import json
+
+    data = Path(__file__).resolve().parent / "data" / "h100_session15"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    env = None
+    for ax, batch in zip(axes, (1, 4)):
+        run = json.loads((data / f"grid_b{batch}.json").read_text())
+        env = run["env"]
+        for density, color in ((0.1, "tab:green"), (0.2, "tab:blue"), (0.3, "tab:orange")):
+            rows = [r for r in run["grid"] if r["density"] == density]
+            n = [r["n"] for r in rows]
+            ax.plot(n, [r["speedup_vs_cudnn"] for r in rows], "-o", color=color, label=f"density {density:.0%}")
+            ax.plot(n, [r["sdpa_cudnn_ms"] / (r["select_mask_ms"] + r["sparse_attention_triton_ms"]) for r in rows],
+                    ":", color=color, alpha=0.6)
+        ax.axhline(1.0, color="k", lw=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([4096, 8192, 16384, 32768, 65536, 131072])
+        ax.set_xticklabels(["4K", "8K", "16K", "32K", "64K", "128K"])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(f"batch {batch}", fontsize=11)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, title="solid: measured total; dotted: selection + kernel, timed apart", title_fontsize=7)
+    axes[0].set_ylabel("cuDNN SDPA time / sketchwalk time")
+    fig.suptitle(f"one Llama-3.1-8B attention layer, bf16, block 128; {env['device']}, torch {env['torch']}, "
+                 f"triton {env['triton']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("density", "mask", "ttft"))
+    parser.add_argument("--only", choices=("density", "mask", "ttft", "speed"))
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--depth", type=float, default=0.4)
     args = parser.parse_args(argv)
@@ -225,6 +261,8 @@ def main(argv=None) -> int:
         mask_figure(IMG / "block_mask_smollm2.png", args.length, args.depth)
     if args.only in (None, "ttft"):
         ttft_figure(IMG / "ttft_tp_h200.png")
+    if args.only in (None, "speed"):
+        speed_figure(IMG / "prefill_speedup_h100.png")
     return 0
 
 
