@@ -13,6 +13,8 @@
    under several tilings (BLOCK_N, warps, stages) and launch orders; and dense causal attention
    (every causal block listed) through both kernels against cuDNN SDPA, to see each kernel's
    efficiency apart from the selection.
+4. rounds: the whole layer with each kernel and cuDNN in interleaved rounds (7), per-round ratios
+   and their median: the 128K ratio moves between runs by more than 5% otherwise.
 3. speed: `sketchwalk_attention` (selection + mask + attention, the issue's "total") with each
    kernel, against SDPA flash and cuDNN measured in the same process, graph selection as
    shipped and with COMPILE_GRAPHED_SELECTION.
@@ -264,6 +266,38 @@ def speed(lengths):
     return rows
 
 
+def rounds(lengths, n_rounds=7):
+    """The whole layer (`sketchwalk_attention`, Triton kernel and flex) and cuDNN SDPA timed in
+    interleaved rounds, so clock drift hits all three alike: per-round ratios and their median."""
+    rows = []
+    cfg = SketchWalkConfig(**block_spec("128"), density=0.2, dense_layers=0, dense_below=0)
+    for n in lengths:
+        long = n >= 65536
+        q, k, v = _llama8b_qkv(n)
+        for kernel in ("triton", "flex"):  # compile and capture outside the rounds
+            attention.PREFILL_KERNEL = kernel
+            sketchwalk_attention(q, k, v, cfg, 0)
+        r = dict(n=n, cudnn_ms=[], triton_ms=[], flex_ms=[])
+        for _ in range(n_rounds):
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                r["cudnn_ms"].append(bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                   enable_gqa=True), long))
+            for kernel in ("triton", "flex"):
+                attention.PREFILL_KERNEL = kernel
+                r[f"{kernel}_ms"].append(bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long))
+        attention.PREFILL_KERNEL = "auto"
+        for kernel in ("triton", "flex"):
+            ratios = sorted(c / t for c, t in zip(r["cudnn_ms"], r[f"{kernel}_ms"]))
+            r[f"{kernel}_speedup_per_round"] = ratios
+            r[f"{kernel}_speedup_median"] = ratios[len(ratios) // 2]
+        log(f"{n}: triton x{r['triton_speedup_median']:.2f} (rounds {', '.join(f'{x:.2f}' for x in r['triton_speedup_per_round'])}); "
+            f"flex x{r['flex_speedup_median']:.2f}; cudnn {', '.join(f'{x:.1f}' for x in r['cudnn_ms'])} ms")
+        rows.append(r)
+        del q, k, v
+        _empty_cache()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -278,7 +312,7 @@ def main():
     log(RESULTS["env"])
     sections = {"check": (check, ()), "tune": (tune, (ints(args.tune_lengths), TILINGS, args.tune_blocks)),
                 "speed": (speed, (ints(args.lengths),)), "tune_small": (tune_small, (ints(args.small_lengths),)),
-                "layout": (layout, (ints(args.tune_lengths),))}
+                "layout": (layout, (ints(args.tune_lengths),)), "rounds": (rounds, (ints(args.lengths),))}
     run_sections([(name, *sections[name]) for name in args.sections.split(",")], RESULTS,
                  os.path.join(args.out, "gpu_triton_prefill.json"))
 
