@@ -547,19 +547,18 @@ def sparse_prefill(
         )
         bm = selection_block_mask(selection, key_valid=key_valid)
         kept, causal = selection.kept, selection.causal
-    tiles = dict(scale=scale, softcap=softcap, block_size=config.block_size, q_block=config.q_block)
-    fast = kernel_mask_mod() if key_valid is None else None
-    r0 = dense_tail_start(config, q.shape[2], q.device)
     if _use_triton_prefill(q, k, v, config, softcap):
         start, end = _bounds(q.shape[0], q.shape[2], key_valid, q.device)
-        out = triton_prefill.sparse_prefill_attention(
-            q, k, v, bm.full_kv_num_blocks, bm.full_kv_indices, bm.kv_num_blocks, bm.kv_indices, start, end,
-            q_block=config.q_block, kv_block=config.block_size, scale=scale)
+        out = triton_prefill.block_mask_attention(q, k, v, bm, start, end, scale=scale)
         stats.count(stats.TRITON_PREFILL)
-    elif r0 is None:
-        out = flex(q, k, v, bm, kernel_mask_mod=fast, **tiles)
     else:
-        out = _with_dense_tail(q, k, v, bm, r0, key_valid, fast, tiles)
+        tiles = dict(scale=scale, softcap=softcap, block_size=config.block_size, q_block=config.q_block)
+        fast = kernel_mask_mod() if key_valid is None else None
+        r0 = dense_tail_start(config, q.shape[2], q.device)
+        if r0 is None:
+            out = flex(q, k, v, bm, kernel_mask_mod=fast, **tiles)
+        else:
+            out = _with_dense_tail(q, k, v, bm, r0, key_valid, fast, tiles)
     stats.count(stats.SPARSE_PREFILL)
     stats.record_density(layer_idx, kept, causal)
     return out, new_state

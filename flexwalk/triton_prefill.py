@@ -44,8 +44,7 @@ if HAS_TRITON:
         sfnb, sfnm, sfib, sfim, spnb, spnm, spib, spim,
         H, G, N, NQ, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
-        M_SPLIT: tl.constexpr, REVERSE: tl.constexpr, K_ROWS: tl.constexpr, WS: tl.constexpr,
-        PRECISION: tl.constexpr,
+        M_SPLIT: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
     ):
         pid_h = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -70,21 +69,16 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, D], tl.float32)
 
         # loop-invariant tile offsets: each block then costs one scalar base address
-        if K_ROWS:
-            k_off = offs_n[:, None] * skn + offs_d[None, :]  # K tile [BLOCK_N, D], transposed in the dot
-        else:
-            k_off = offs_n[None, :] * skn + offs_d[:, None]  # K tile read as [D, BLOCK_N]
+        k_off = offs_n[None, :] * skn + offs_d[:, None]  # K tile read as [D, BLOCK_N]
         v_off = offs_n[:, None] * svn + offs_d[None, :]
 
         # full blocks: every (query, key) pair allowed, no mask, no bounds
         n_full = tl.load(F_NUM + b * sfnb + row * sfnm)
         f_row = F_IDX + b.to(tl.int64) * sfib + row.to(tl.int64) * sfim
-        for j in tl.range(0, n_full * SUB, warp_specialize=WS):
+        for j in range(0, n_full * SUB):
             blk = tl.load(f_row + j // SUB)
             start_n = (blk * KV_BLOCK + (j % SUB) * BLOCK_N).to(tl.int64)
             k = tl.load(k_base + start_n * skn + k_off)
-            if K_ROWS:
-                k = tl.trans(k)
             s = tl.dot(q, k, input_precision=PRECISION)
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             p = tl.math.exp2(s * qk_scale - m_new[:, None])
@@ -104,10 +98,7 @@ if HAS_TRITON:
             start_n = blk * KV_BLOCK + (j % SUB) * BLOCK_N
             tok = start_n + offs_n
             inside = tok < N
-            if K_ROWS:
-                k = tl.trans(tl.load(k_base + start_n.to(tl.int64) * skn + k_off, mask=inside[:, None], other=0.0))
-            else:
-                k = tl.load(k_base + start_n.to(tl.int64) * skn + k_off, mask=inside[None, :], other=0.0)
+            k = tl.load(k_base + start_n.to(tl.int64) * skn + k_off, mask=inside[None, :], other=0.0)
             s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
             ok = (tok[None, :] <= offs_m[:, None]) & (tok[None, :] >= start) & (tok[None, :] < end)
             ok = (ok | (tok[None, :] == offs_m[:, None])) & inside[None, :]
@@ -166,8 +157,6 @@ def sparse_prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     reverse: bool = True,
-    k_rows: bool = False,
-    warp_specialize: bool = False,
 ) -> torch.Tensor:
     """Causal attention of q over the listed key blocks.
 
@@ -177,8 +166,7 @@ def sparse_prefill_attention(
     ignored); full_idx / part_idx: [B, nq', W] or [B, 1, nq', W] int32 key block indices
     (kv_block keys each), the first count entries valid and unique.  start, end: [B] int32, each row's real keys (partial blocks only).  Returns
     [B, Hq, n, D], a view of a [B, n, Hq, D] tensor.  block_n / num_warps / num_stages /
-    reverse / k_rows (K tiles read key-major) / warp_specialize override the launch parameters
-    (tuning, tests).
+    reverse override the launch parameters (tuning, tests).
     """
     if not HAS_TRITON:
         raise RuntimeError("sparse_prefill_attention needs triton (pip install triton)")
@@ -212,8 +200,18 @@ def sparse_prefill_attention(
         full_num.stride(0), full_num.stride(-1), full_idx.stride(0), full_idx.stride(-2),
         part_num.stride(0), part_num.stride(-1), part_idx.stride(0), part_idx.stride(-2),
         hq, hq // hkv, n, nq, scale * _LOG2E,
-        D=d, BLOCK_M=block_m, BLOCK_N=bn, KV_BLOCK=kv_block, M_SPLIT=q_block // block_m, REVERSE=reverse, K_ROWS=k_rows, WS=warp_specialize,
+        D=d, BLOCK_M=block_m, BLOCK_N=bn, KV_BLOCK=kv_block, M_SPLIT=q_block // block_m, REVERSE=reverse,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps or d_tiles[1], num_stages=num_stages or d_tiles[2],
     )
     return out.transpose(1, 2)
+
+
+def block_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, start: torch.Tensor,
+                         end: torch.Tensor, **kw) -> torch.Tensor:
+    """`sparse_prefill_attention` over a BlockMask's block lists (full and partial) and blocks
+    (BLOCK_SIZE = (q_block, kv_block)); keyword arguments pass through (scale, launch parameters)."""
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    return sparse_prefill_attention(q, k, v, block_mask.full_kv_num_blocks, block_mask.full_kv_indices,
+                                    block_mask.kv_num_blocks, block_mask.kv_indices, start, end, q_block=q_block,
+                                    kv_block=kv_block, **kw)
