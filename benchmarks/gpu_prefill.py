@@ -99,10 +99,7 @@ def grid(lengths, batches, densities, budget_s, blocks=("128",)):
                 log(f"skip B{bsz} n={n}: time budget")
                 continue
             long = n * bsz >= 65536
-            g = torch.Generator(device="cuda").manual_seed(n)
-            q = torch.randn(bsz, 32, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
-            k = torch.randn(bsz, 8, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
-            v = torch.randn(bsz, 8, n, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+            q, k, v = llama8b_qkv(n, batch=bsz)
 
             t_flash, t_cudnn = sdpa_times(q, k, v, long)
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -125,9 +122,7 @@ def grid(lengths, batches, densities, budget_s, blocks=("128",)):
                 t_triton = float("nan")  # flexwalk's Triton kernel on the same tables (triton_prefill)
                 if triton_prefill.supported(q, q_block=cfg.q_block, kv_block=cfg.block_size):
                     se = _bounds(bsz, n, None, q.device)
-                    t_triton = bench(lambda: triton_prefill.sparse_prefill_attention(
-                        q, k, v, bm.full_kv_num_blocks, bm.full_kv_indices, bm.kv_num_blocks, bm.kv_indices, *se,
-                        q_block=cfg.q_block, kv_block=cfg.block_size), long)
+                    t_triton = bench(lambda: triton_prefill.block_mask_attention(q, k, v, bm, *se), long)
                 t_total = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)
                 mem = peak_gib(lambda: sketchwalk_attention(q, k, v, cfg, 0))
                 r = dict(batch=bsz, n=n, density=density, blocks=spec, block_size=cfg.block_size,
@@ -269,17 +264,21 @@ def ttft(lengths, dense_below=8192, model_name=None, preset=None, overrides=None
     return out
 
 
+def llama8b_qkv(n: int, device="cuda", batch: int = 1):
+    """Random q, k, v of one Llama-3.1-8B attention layer (32 / 8 heads, head dim 128), bf16."""
+    g = torch.Generator(device=device).manual_seed(n)
+    return tuple(torch.randn(batch, h, n, 128, device=device, generator=g, dtype=torch.bfloat16) for h in (32, 8, 8))
+
+
+def sdpa_ms(q, k, v, backend: SDPBackend, long: bool = False) -> float:
+    """Time of causal SDPA with GQA on q, k, v under one backend, ms."""
+    with sdpa_kernel(backend):
+        return bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), long)
+
+
 def sdpa_times(q, k, v, long: bool = False) -> tuple[float, float]:
     """(flash, cuDNN) times of causal SDPA with GQA on q, k, v, ms."""
-
-    def sdpa():
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        t_flash = bench(sdpa, long)
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        t_cudnn = bench(sdpa, long)
-    return t_flash, t_cudnn
+    return sdpa_ms(q, k, v, SDPBackend.FLASH_ATTENTION, long), sdpa_ms(q, k, v, SDPBackend.CUDNN_ATTENTION, long)
 
 
 def run_sections(sections, results: dict, path: str) -> None:

@@ -35,14 +35,13 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig, sketchwalk_attention
 from flexwalk.attention import flex, fused_selection_mask
 from flexwalk.block_mask import block_mask_from_tables, kernel_mask_mod
-from gpu_prefill import bench, block_spec, block_specs, env_info, log, sdpa_times  # this folder is on sys.path as a script
+from gpu_prefill import bench, block_spec, block_specs, env_info, llama8b_qkv, log, sdpa_ms, sdpa_times  # this folder is on sys.path as a script
 
 
 CHECK_CASES = {"128": (128, 32, 8, 128, None), "64": (64, 9, 3, 64, None), "q128kv64": (128, 32, 8, 64, 128)}
@@ -92,12 +91,6 @@ def check(blocks=tuple(CHECK_CASES)):
     return rows
 
 
-def _llama8b_qkv(n):
-    """Random q, k, v of one Llama-3.1-8B attention layer (32 / 8 heads, head dim 128), bf16, batch 1."""
-    g = torch.Generator(device="cuda").manual_seed(n)
-    return tuple(torch.randn(1, h, n, 128, device="cuda", generator=g, dtype=torch.bfloat16) for h in (32, 8, 8))
-
-
 MODES = {"graph": (True, False), "graph_compiled": (True, True), "compiled": (False, False)}
 
 
@@ -105,7 +98,7 @@ def speed(lengths, blocks=("128",), modes=tuple(MODES)):
     rows = []
     for n in lengths:
         long = n >= 65536
-        q, k, v = _llama8b_qkv(n)
+        q, k, v = llama8b_qkv(n)
         t_flash, t_cudnn = sdpa_times(q, k, v, long)
         for spec in blocks:
             rows.append(_speed_row(q, k, v, n, long, spec, t_flash, t_cudnn, modes))
@@ -177,9 +170,8 @@ def tail(lengths):
     rows = []
     for n in lengths:
         long = n >= 65536
-        q, k, v = _llama8b_qkv(n)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            t_cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), long)
+        q, k, v = llama8b_qkv(n)
+        t_cudnn = sdpa_ms(q, k, v, SDPBackend.CUDNN_ATTENTION, long)
         r = dict(n=n, sdpa_cudnn_ms=t_cudnn)
         fast = kernel_mask_mod()
         nq = n // 128

@@ -1,6 +1,6 @@
 """GPU check and benchmark of flexwalk's Triton block-sparse prefill kernel (issue 5): one device call.
 
-    PYTHONPATH=. python benchmarks/gpu_triton_prefill.py --out DIR [--sections check,tune,speed]
+    PYTHONPATH=. python benchmarks/gpu_triton_prefill.py --out DIR [--sections check,tune,speed,rounds,tune_small,layout]
         [--lengths 8192,32768,131072] [--tune-lengths 32768,131072]
 
 1. check: the Triton kernel (flexwalk.attention.PREFILL_KERNEL = "triton") against compiled flex
@@ -13,11 +13,13 @@
    under several tilings (BLOCK_N, warps, stages) and launch orders; and dense causal attention
    (every causal block listed) through both kernels against cuDNN SDPA, to see each kernel's
    efficiency apart from the selection.
-4. rounds: the whole layer with each kernel and cuDNN in interleaved rounds (7), per-round ratios
-   and their median: the 128K ratio moves between runs by more than 5% otherwise.
 3. speed: `sketchwalk_attention` (selection + mask + attention, the issue's "total") with each
    kernel, against SDPA flash and cuDNN measured in the same process, graph selection as
    shipped and with COMPILE_GRAPHED_SELECTION.
+4. rounds: the whole layer with each kernel and cuDNN in interleaved rounds (7), per-round ratios
+   and their median: the 128K ratio moves between runs by more than 5% otherwise.
+5. tune_small: the same tilings on SmolLM2-135M's shape (head dim 64, block 64, batch 16).
+6. layout: q, k, v strided as transformers passes them against contiguous, each kernel.
 Writes DIR/gpu_triton_prefill.json.  Medians of triton.testing.do_bench.
 """
 
@@ -28,16 +30,15 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 import flexwalk
 import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig, sketchwalk_attention
 from flexwalk.attention import _bounds, dense_tail_start, flex, fused_selection_mask
 from flexwalk.block_mask import dense_block_mask, kernel_mask_mod
-from flexwalk.triton_prefill import sparse_prefill_attention
-from gpu_prefill import bench, block_spec, env_info, log, run_sections, sdpa_times  # this folder is on sys.path as a script
+from flexwalk.triton_prefill import block_mask_attention
+from gpu_prefill import bench, block_spec, env_info, llama8b_qkv, log, run_sections, sdpa_ms, sdpa_times  # this folder is on sys.path as a script
 
 RESULTS: dict = {}
 DEV = "cuda"  # a CPU trial run of the logic sets "cpu" (triton's interpreter)
@@ -92,19 +93,23 @@ def check(cases=CHECK_CASES):
 
 
 def _llama8b_qkv(n):
-    g = torch.Generator(device=DEV).manual_seed(n)
-    return tuple(torch.randn(1, h, n, 128, device=DEV, generator=g, dtype=torch.bfloat16) for h in (32, 8, 8))
+    return llama8b_qkv(n, DEV)
 
 
-TILINGS = [  # (BLOCK_N, num_warps, num_stages, reverse, k_rows)
-    (128, 8, 3, True, False), (128, 8, 3, True, True), (128, 8, 2, True, False), (64, 8, 3, True, False),
-    (64, 8, 3, True, True), (64, 4, 3, True, False), (32, 4, 3, True, False), (128, 8, 4, True, False),
-    (128, 8, 3, False, False),
+def _flex_as_shipped(q, k, v, bm, cfg, n):
+    """flex as sparse_prefill runs it: kernel mask_mod, the dense tail apart where SPLIT_DENSE_TAIL says."""
+    fast = kernel_mask_mod()
+    tiles = dict(block_size=cfg.block_size, q_block=cfg.q_block, scale=None, softcap=None)
+    r0 = dense_tail_start(cfg, n, q.device)
+    if r0 is None:
+        return lambda: flex(q, k, v, bm, kernel_mask_mod=fast, **tiles)
+    return lambda: attention._with_dense_tail(q, k, v, bm, r0, None, fast, tiles)
+
+
+TILINGS = [  # (BLOCK_N, num_warps, num_stages, reverse)
+    (128, 8, 3, True), (128, 8, 2, True), (64, 8, 3, True), (64, 4, 3, True), (32, 4, 3, True), (128, 8, 4, True),
+    (128, 8, 3, False),
 ]
-
-
-def _tables(bm):
-    return bm.full_kv_num_blocks, bm.full_kv_indices, bm.kv_num_blocks, bm.kv_indices
 
 
 def tune(lengths, tilings=TILINGS, spec="128"):
@@ -112,29 +117,21 @@ def tune(lengths, tilings=TILINGS, spec="128"):
     for n in lengths:
         long = n >= 65536
         q, k, v = _llama8b_qkv(n)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            t_cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), long)
+        t_cudnn = sdpa_ms(q, k, v, SDPBackend.CUDNN_ATTENTION, long)
         r = dict(n=n, sdpa_cudnn_ms=t_cudnn)
         cfg = SketchWalkConfig(**block_spec(spec), density=0.2, dense_layers=0, dense_below=0)
-        qb, kb = cfg.q_block, cfg.block_size
         r["blocks"] = spec
         bm, _, kept, causal = fused_selection_mask(q, k, cfg, 0, None)
         r["density"] = float(kept.sum() / causal.sum())
         start, end = _bounds(1, n, None, q.device)
-        fast = kernel_mask_mod()
-        tiles = dict(block_size=kb, q_block=qb, scale=None, softcap=None)
-        r0 = dense_tail_start(cfg, n, q.device)
-        if r0 is None:
-            r["flex_ms"] = bench(lambda: flex(q, k, v, bm, kernel_mask_mod=fast, **tiles), long)
-        else:
-            r["flex_ms"] = bench(lambda: attention._with_dense_tail(q, k, v, bm, r0, None, fast, tiles), long)
-        ref = flex(q, k, v, bm, kernel_mask_mod=fast, **tiles)
-        for bn, w, s, rev, kr in tilings:
-            tag = f"triton_n{bn}_w{w}_s{s}{'' if rev else '_ascending'}{'_krows' if kr else ''}"
+        flex_fn = _flex_as_shipped(q, k, v, bm, cfg, n)
+        r["flex_ms"] = bench(flex_fn, long)
+        ref = flex_fn()
+        for bn, w, s, rev in tilings:
+            tag = f"triton_n{bn}_w{w}_s{s}{'' if rev else '_ascending'}"
             try:
-                fn = lambda: sparse_prefill_attention(q, k, v, *_tables(bm), start, end, q_block=qb, kv_block=kb,  # noqa: E731
-                                                      block_n=bn, num_warps=w, num_stages=s, reverse=rev,
-                                                      k_rows=kr)
+                fn = lambda: block_mask_attention(q, k, v, bm, start, end, block_n=bn, num_warps=w,  # noqa: E731
+                                                  num_stages=s, reverse=rev)
                 out = fn()
                 r[tag + "_max_abs_diff"] = float((out.float() - ref.float()).abs().max())
                 r[tag + "_ms"] = bench(fn, long)
@@ -149,20 +146,16 @@ def tune(lengths, tilings=TILINGS, spec="128"):
         if n <= 32768 and spec == "128":  # dense causal: each kernel's efficiency apart from any selection
             dm = dense_block_mask(1, n, n, 128, q.device)
             r["dense_flex_ms"] = bench(lambda: flex(q, k, v, dm, block_size=128), long)
-            for kr in (False, True):
-                r[f"dense_triton{'_krows' if kr else ''}_ms"] = bench(
-                    lambda: sparse_prefill_attention(q, k, v, *_tables(dm), start, end, q_block=128, kv_block=128,
-                                                     k_rows=kr), long)
-            log(f"{n}: dense causal cudnn {t_cudnn:.3f} flex {r['dense_flex_ms']:.3f} triton {r['dense_triton_ms']:.3f} "
-                f"(k rows {r['dense_triton_krows_ms']:.3f})")
+            r["dense_triton_ms"] = bench(lambda: block_mask_attention(q, k, v, dm, start, end), long)
+            log(f"{n}: dense causal cudnn {t_cudnn:.3f} flex {r['dense_flex_ms']:.3f} triton {r['dense_triton_ms']:.3f}")
         rows.append(r)
         del q, k, v, bm, ref
         _empty_cache()
     return rows
 
 
-SMALL_TILINGS = [(64, 4, 3, True, False), (64, 4, 2, True, False), (32, 4, 3, True, False), (64, 8, 3, True, False),
-                 (64, 4, 4, True, False), (64, 4, 3, False, False)]
+SMALL_TILINGS = [(64, 4, 3, True), (64, 4, 2, True), (32, 4, 3, True), (64, 8, 3, True), (64, 4, 4, True),
+                 (64, 4, 3, False)]
 
 
 def tune_small(lengths, tilings=SMALL_TILINGS):
@@ -172,20 +165,18 @@ def tune_small(lengths, tilings=SMALL_TILINGS):
     for n in lengths:
         g = torch.Generator(device=DEV).manual_seed(n)
         q, k, v = (torch.randn(16, h, n, 64, device=DEV, generator=g, dtype=torch.bfloat16) for h in (9, 3, 3))
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            t_cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        t_cudnn = sdpa_ms(q, k, v, SDPBackend.CUDNN_ATTENTION)
         cfg = SketchWalkConfig(block_size=64, density=0.2, dense_layers=0, dense_below=0)
         bm, _, kept, causal = fused_selection_mask(q, k, cfg, 0, None)
         start, end = _bounds(16, n, None, q.device)
         tiles = dict(block_size=64, q_block=64, scale=None, softcap=None)
         r = dict(n=n, batch=16, sdpa_cudnn_ms=t_cudnn, density=float(kept.sum() / causal.sum()),
                  flex_ms=bench(lambda: flex(q, k, v, bm, kernel_mask_mod=kernel_mask_mod(), **tiles)))
-        for bn, w, s, rev, kr in tilings:
+        for bn, w, s, rev in tilings:
             tag = f"triton_n{bn}_w{w}_s{s}{'' if rev else '_ascending'}"
             try:
-                r[tag + "_ms"] = bench(lambda: sparse_prefill_attention(q, k, v, *_tables(bm), start, end, q_block=64,
-                                                                        kv_block=64, block_n=bn, num_warps=w,
-                                                                        num_stages=s, reverse=rev, k_rows=kr))
+                r[tag + "_ms"] = bench(lambda: block_mask_attention(q, k, v, bm, start, end, block_n=bn, num_warps=w,
+                                                                    num_stages=s, reverse=rev))
             except Exception as e:
                 r[tag + "_error"] = repr(e)[:300]
         log(r)
@@ -198,7 +189,7 @@ def tune_small(lengths, tilings=SMALL_TILINGS):
 def layout(lengths):
     """The attention alone on q, k, v laid out as transformers hands them over ([B, n, H, D] memory
     viewed as [B, H, n, D]) against contiguous [B, H, n, D]: each kernel, and the Triton kernel
-    after a contiguous copy (copy included); plus the Triton kernel with warp specialisation."""
+    after a contiguous copy (copy included)."""
     rows = []
     for n in lengths:
         long = n >= 65536
@@ -207,26 +198,12 @@ def layout(lengths):
         cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0)
         bm, _, _, _ = fused_selection_mask(qc, kc, cfg, 0, None)
         start, end = _bounds(1, n, None, qc.device)
-        fast = kernel_mask_mod()
-        tiles = dict(block_size=128, q_block=128, scale=None, softcap=None)
-        r0 = dense_tail_start(cfg, n, qc.device)
         r = dict(n=n)
         for tag, (q, k, v) in (("contiguous", (qc, kc, vc)), ("strided", (qs, ks, vs))):
-            if r0 is None:
-                r[f"flex_{tag}_ms"] = bench(lambda: flex(q, k, v, bm, kernel_mask_mod=fast, **tiles), long)
-            else:
-                r[f"flex_{tag}_ms"] = bench(lambda: attention._with_dense_tail(q, k, v, bm, r0, None, fast, tiles), long)
-            r[f"triton_{tag}_ms"] = bench(lambda: sparse_prefill_attention(q, k, v, *_tables(bm), start, end,
-                                                                           q_block=128, kv_block=128), long)
-        r["triton_strided_copied_ms"] = bench(lambda: sparse_prefill_attention(
-            qs.contiguous(), ks.contiguous(), vs.contiguous(), *_tables(bm), start, end, q_block=128, kv_block=128), long)
-        try:
-            fn = lambda: sparse_prefill_attention(qc, kc, vc, *_tables(bm), start, end, q_block=128, kv_block=128,  # noqa: E731
-                                                  warp_specialize=True)
-            r["triton_ws_max_abs_diff"] = float((fn().float() - flex(qc, kc, vc, bm, kernel_mask_mod=fast, **tiles).float()).abs().max())
-            r["triton_warp_specialize_ms"] = bench(fn, long)
-        except Exception as e:
-            r["triton_warp_specialize_error"] = repr(e)[:300]
+            r[f"flex_{tag}_ms"] = bench(_flex_as_shipped(q, k, v, bm, cfg, n), long)
+            r[f"triton_{tag}_ms"] = bench(lambda: block_mask_attention(q, k, v, bm, start, end), long)
+        r["triton_strided_copied_ms"] = bench(
+            lambda: block_mask_attention(qs.contiguous(), ks.contiguous(), vs.contiguous(), bm, start, end), long)
         log(r)
         rows.append(r)
         del qc, kc, vc, qs, ks, vs, bm
@@ -279,9 +256,7 @@ def rounds(lengths, n_rounds=7):
             sketchwalk_attention(q, k, v, cfg, 0)
         r = dict(n=n, cudnn_ms=[], triton_ms=[], flex_ms=[])
         for _ in range(n_rounds):
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                r["cudnn_ms"].append(bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                                   enable_gqa=True), long))
+            r["cudnn_ms"].append(sdpa_ms(q, k, v, SDPBackend.CUDNN_ATTENTION, long))
             for kernel in ("triton", "flex"):
                 attention.PREFILL_KERNEL = kernel
                 r[f"{kernel}_ms"].append(bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long))
