@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from . import stats, triton_prefill
+from . import stats, triton_prefill, triton_selection
 from .block_mask import (
     _bounds,
     block_mask_from_indices,
@@ -300,8 +300,15 @@ COMPILE_SELECTION_ON_CPU = False
 # for long-running servers.  Buckets above GRAPH_SELECTION_MAX_TOKENS keep the compiled
 # dynamic path: a graph's private intermediates ([B, nb, nb] a few times, kept for good) grow
 # with the square of the length (about 20 MB each at 128K with 64-token blocks).
+# TRITON_SELECTION: the selection as flexwalk.triton_selection's seven launches (five Triton
+# kernels, two cuBLAS products; Triton compiles them in seconds, once per configuration and
+# power-of-two block count) wherever it applies (CUDA, head-mean scoring, a sketched walk, at
+# most 4096 blocks per row): inside the graph, and instead of the inductor-compiled selection
+# above GRAPH_SELECTION_MAX_TOKENS.  COMPILE_GRAPHED_SELECTION takes precedence inside graphs.
 GRAPH_SELECTION = True
 COMPILE_GRAPHED_SELECTION = False
+TRITON_SELECTION = True
+TRITON_SELECTION_ON_CPU = False  # tests: the Triton selection through triton's interpreter
 GRAPH_SELECTION_MAX_TOKENS = 131072
 _GRAPH_POOL = None
 _SELECTION_GRAPHS: dict[tuple, "_SelectionGraph"] = {}
@@ -319,7 +326,7 @@ class _SelectionGraph:
     """
 
     def __init__(self, bsz: int, n_pad: int, d: int, r: int, config: SketchWalkConfig, has_prev: bool,
-                 scale: float | None, device: torch.device, compiled: bool = False):
+                 scale: float | None, device: torch.device, kind: str = "torch"):
         global _GRAPH_POOL
         nb = n_pad // config.block_size  # the walk's blocks (block_size, whatever the query block)
         f32 = dict(device=device, dtype=torch.float32)
@@ -330,7 +337,8 @@ class _SelectionGraph:
         self.p = torch.zeros(d, r, **f32)
         self.prev = torch.eye(nb, **f32).expand(bsz, nb, nb).contiguous() if has_prev else None
         self.args = (config, 0, scale, n_pad)
-        self.fn = torch.compile(_own_code(config), dynamic=False) if compiled else None
+        self.kind = kind
+        self.fn = torch.compile(_own_code(config), dynamic=False) if kind == "compiled" else None
         if _GRAPH_POOL is None:
             _GRAPH_POOL = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(device)
@@ -346,6 +354,9 @@ class _SelectionGraph:
         config, layer_idx, scale, n_pad = self.args
         if self.fn is not None:
             return self.fn(self.qm, self.km, self.p, self.prev, self.valid, layer_idx, scale, n_pad, self.n)
+        if self.kind == "triton":
+            return triton_selection.selection_tables(self.qm, self.km, self.p, self.prev, self.valid, config, scale,
+                                                     n_pad, seq_len=self.n)
         return _selection_tables(self.qm, self.km, self.p, self.prev, self.valid, config, layer_idx, scale, n_pad,
                                  seq_len=self.n)
 
@@ -374,20 +385,28 @@ def _graphable(q, config: SketchWalkConfig, n_pad: int) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
+def _triton_selection(config: SketchWalkConfig, n_pad: int, device) -> bool:
+    return TRITON_SELECTION and triton_selection.supported(config, n_pad, device)
+
+
 def _selection_graph(q, p, config: SketchWalkConfig, has_prev: bool, scale, n_pad: int) -> _SelectionGraph:
-    compiled = COMPILE_GRAPHED_SELECTION
-    key = (q.device, q.shape[0], n_pad, q.shape[3], p.shape[1], config, has_prev, scale, compiled)
+    kind = ("compiled" if COMPILE_GRAPHED_SELECTION
+            else "triton" if _triton_selection(config, n_pad, q.device) else "torch")
+    key = (q.device, q.shape[0], n_pad, q.shape[3], p.shape[1], config, has_prev, scale, kind)
     g = _SELECTION_GRAPHS.get(key)
     if g is None:
         g = _SELECTION_GRAPHS[key] = _SelectionGraph(q.shape[0], n_pad, q.shape[3], p.shape[1], config, has_prev,
-                                                     scale, q.device, compiled)
+                                                     scale, q.device, kind)
         stats.count(stats.SELECTION_GRAPH_CAPTURE)
     return g
 
 
-def fused_selection_mask(q, k, config: SketchWalkConfig, layer_idx: int, state: WalkState | None, *,
-                         key_valid=None, scale=None) -> tuple[BlockMask, WalkState, torch.Tensor, torch.Tensor]:
-    """The selection's BlockMask for one prefill layer: (mask, walk state, kept, causal)."""
+def fused_selection(q, k, config: SketchWalkConfig, layer_idx: int, state: WalkState | None, *, key_valid=None,
+                    scale=None) -> tuple[tuple, WalkState, torch.Tensor, torch.Tensor]:
+    """One prefill layer's selection as the BlockMask's tables, no host sync: ((partial counts,
+    partial indices, full counts, full indices, selection table, start, end), walk state, kept,
+    causal), over bucket_length(n) tokens.  On CUDA a graph replays it (per length bucket);
+    otherwise Triton (TRITON_SELECTION), the inductor-compiled selection, or on CPU torch ops."""
     bsz, _, n, d = q.shape
     if state is not None:
         state.check_compatible(bsz, n, config.block_size)
@@ -396,22 +415,43 @@ def fused_selection_mask(q, k, config: SketchWalkConfig, layer_idx: int, state: 
     prev = None if state is None else state.transition
     scale = None if scale is None else float(scale)
     if _graphable(q, config, n_pad):
-        out = _selection_graph(q, p, config, prev is not None, scale, n_pad)(q, k, p, prev, key_valid)
-        p_cnt, p_idx, f_cnt, f_idx, table, start, end, walk, kept, causal = out
-        walk, kept, causal = walk.clone(), kept.clone(), causal.clone()  # outlive the next replay
+        graph = _selection_graph(q, p, config, prev is not None, scale, n_pad)
+        out = graph(q, k, p, prev, key_valid)
+        walk, kept, causal = (t.clone() for t in out[7:])  # outlive the next replay
+        if graph.kind == "triton":
+            stats.count(stats.TRITON_SELECTION)
+    elif (q.device.type == "cuda" or TRITON_SELECTION_ON_CPU) and _triton_selection(config, n_pad, q.device):
+        qm = torch.mean(q, 1, dtype=torch.float32)
+        km = torch.mean(k, 1, dtype=torch.float32)
+        out = triton_selection.selection_tables(qm, km, p, prev, key_valid, config, scale, n_pad)
+        walk, kept, causal = out[7:]
+        stats.count(stats.TRITON_SELECTION)
     else:
         if q.device.type == "cuda" or COMPILE_SELECTION_ON_CPU:
             _mark_length_dynamic(q, k, prev, key_valid)
             out = _compiled_selection_tables(config)(q, k, p, prev, key_valid, layer_idx, scale, n_pad)
         else:
             out = _selection_tables(q, k, p, prev, key_valid, config, layer_idx, scale, n_pad)
-        p_cnt, p_idx, f_cnt, f_idx, table, start, end, walk, kept, causal = out
+        walk, kept, causal = out[7:]
+    state = WalkState(transition=walk, layer_idx=layer_idx, block_size=config.block_size, seq_len=n)
+    return out[:7], state, kept, causal
+
+
+def tables_block_mask(tables: tuple, config: SketchWalkConfig, n_pad: int) -> BlockMask:
+    """The BlockMask of `fused_selection`'s tables over n_pad tokens."""
+    p_cnt, p_idx, f_cnt, f_idx, table, start, end = tables
     bs, qb = config.block_size, config.q_block
     # fresh standard-layout copies: the compiled flex kernel specialises on these tensors
     start, end, table = (packed(t) for t in (start, end, table))
     mask_mod = make_mask_mod(block_size=bs, q_block=qb, start=start, end=end, block_table=table)
-    bm = block_mask_from_indices(p_cnt, p_idx, f_cnt, f_idx, mask_mod, (qb, bs), n_pad, n_pad)
-    return bm, WalkState(transition=walk, layer_idx=layer_idx, block_size=bs, seq_len=n), kept, causal
+    return block_mask_from_indices(p_cnt, p_idx, f_cnt, f_idx, mask_mod, (qb, bs), n_pad, n_pad)
+
+
+def fused_selection_mask(q, k, config: SketchWalkConfig, layer_idx: int, state: WalkState | None, *,
+                         key_valid=None, scale=None) -> tuple[BlockMask, WalkState, torch.Tensor, torch.Tensor]:
+    """The selection's BlockMask for one prefill layer: (mask, walk state, kept, causal)."""
+    tables, state, kept, causal = fused_selection(q, k, config, layer_idx, state, key_valid=key_valid, scale=scale)
+    return tables_block_mask(tables, config, bucket_length(q.shape[2])), state, kept, causal
 
 
 # Where prefill computes the dense tail (config.dense_tail_blocks) with a dense kernel of its
@@ -537,9 +577,11 @@ def sparse_prefill(
     process_group=None,
 ) -> tuple[torch.Tensor, WalkState]:
     """SketchWalk selection + compiled block-sparse flex for one prefill layer."""
-    if sketch is None and process_group is None:  # the fused (compiled on CUDA) selection-to-mask path
-        bm, new_state, kept, causal = fused_selection_mask(q, k, config, layer_idx, state, key_valid=key_valid,
-                                                           scale=scale)
+    use_triton = _use_triton_prefill(q, k, v, config, softcap)
+    if sketch is None and process_group is None:  # the fused (graphed on CUDA) selection-to-tables path
+        tables, new_state, kept, causal = fused_selection(q, k, config, layer_idx, state, key_valid=key_valid,
+                                                          scale=scale)
+        bm = None if use_triton else tables_block_mask(tables, config, bucket_length(q.shape[2]))
     else:  # a decode state is built from this layer's sketch: keep it
         selection, new_state = sketchwalk_selection(
             q, k, config, layer_idx, state, key_valid=key_valid, scale=scale, sketch=sketch,
@@ -547,9 +589,15 @@ def sparse_prefill(
         )
         bm = selection_block_mask(selection, key_valid=key_valid)
         kept, causal = selection.kept, selection.causal
-    if _use_triton_prefill(q, k, v, config, softcap):
-        start, end = _bounds(q.shape[0], q.shape[2], key_valid, q.device)
-        out = triton_prefill.block_mask_attention(q, k, v, bm, start, end, scale=scale)
+    if use_triton:
+        if bm is None:  # the tables themselves: no BlockMask, bounds as the selection computed them
+            p_cnt, p_idx, f_cnt, f_idx, _, start, end = tables
+            out = triton_prefill.sparse_prefill_attention(
+                q, k, v, f_cnt, f_idx, p_cnt, p_idx, start, end, q_block=config.q_block,
+                kv_block=config.block_size, scale=scale)
+        else:
+            start, end = _bounds(q.shape[0], q.shape[2], key_valid, q.device)
+            out = triton_prefill.block_mask_attention(q, k, v, bm, start, end, scale=scale)
         stats.count(stats.TRITON_PREFILL)
     else:
         tiles = dict(scale=scale, softcap=softcap, block_size=config.block_size, q_block=config.q_block)

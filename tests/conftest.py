@@ -98,6 +98,19 @@ def random_qkv(batch, hq, hkv, n, d, *, dtype=torch.float32, seed=0):
     return q, k, v
 
 
+def graph_inputs(q, k, kv, n_pad):
+    """What the CUDA graph of the selection holds (attention._SelectionGraph): head means [B, 1,
+    n_pad, D] zero past n, validity [B, n_pad] False past n."""
+    bsz, _, n, d = q.shape
+    qm = torch.zeros(bsz, 1, n_pad, d)
+    km = torch.zeros(bsz, 1, n_pad, d)
+    qm[:, :, :n] = q.float().mean(1, keepdim=True)
+    km[:, :, :n] = k.float().mean(1, keepdim=True)
+    valid = torch.zeros(bsz, n_pad, dtype=torch.bool)
+    valid[:, :n] = kv
+    return qm, km, valid
+
+
 def left_padding(batch, n, pads):
     """[B, n] bool key validity with pads[b] leading padding tokens."""
     kv = torch.ones(batch, n, dtype=torch.bool)

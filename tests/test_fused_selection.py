@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 
 import flexwalk
 import flexwalk.attention as attention
-from conftest import random_qkv
+from conftest import graph_inputs, random_qkv
 from flexwalk import SketchWalkConfig
 from flexwalk.oracle import eager_sketchwalk_attention
 
@@ -78,13 +78,7 @@ def test_bucket_padded_selection_equals_the_exact_length_one(n, pad_left, compil
     n_pad = bucket_length(n)
     nb, nb_pad = -(-n // 16), n_pad // 16
     nq = -(-n // cfg.q_block)  # real kernel query blocks
-    # the graph's static inputs: head means, zero past n, validity False past n
-    qm = torch.zeros(bsz, 1, n_pad, d)
-    km = torch.zeros(bsz, 1, n_pad, d)
-    qm[:, :, :n] = q.float().mean(1, keepdim=True)
-    km[:, :, :n] = k.float().mean(1, keepdim=True)
-    valid = torch.zeros(bsz, n_pad, dtype=torch.bool)
-    valid[:, :n] = kv
+    qm, km, valid = graph_inputs(q, k, kv, n_pad)  # the graph's static inputs
     prev = prev_pad = None
     graphed = torch.compile(attention._own_code(cfg), dynamic=False) if compiled else None
     for layer in range(3):

@@ -1,0 +1,172 @@
+"""flexwalk.triton_selection against the torch selection it replaces (attention._selection_tables)
+and, through sparse prefill, against the eager oracle.  On CPU the kernels run in triton's
+interpreter (conftest); the CUDA graph that captures them on a GPU is checked by
+benchmarks/gpu_triton_prefill.py, section check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flexwalk
+import flexwalk.attention as A
+from conftest import assert_matches_reference, graph_inputs, random_qkv
+from flexwalk import SketchWalkConfig, eager_sketchwalk_attention, token_mask
+from flexwalk import triton_selection as TS
+from flexwalk.block_mask import bucket_length
+from flexwalk.selection import sketch_matrix
+from flexwalk.walk import pool_rows
+
+pytestmark = pytest.mark.skipif(not TS.HAS_TRITON, reason="triton is not installed")
+
+NAMES = ["p_cnt", "p_idx", "f_cnt", "f_idx", "table", "start", "end", "walk", "kept", "causal"]
+
+
+def _rows_tie(ref_walk, cfg, ref_table, got_table, tol=1e-5):
+    """Rows where the two tables differ: the blocks swapped must tie in the torch walk's pooled
+    score to float rounding (the two sum in another order)."""
+    m = cfg.q_block // cfg.block_size
+    score = ref_walk if m == 1 else pool_rows(ref_walk, m)
+    for b, i in (ref_table != got_table).any(-1).nonzero().tolist():
+        swapped = (ref_table[b, i] ^ got_table[b, i]).nonzero().flatten()
+        s = score[b, i, swapped]
+        assert float(s.max() - s.min()) <= tol, (b, i, swapped.tolist(), s.tolist())
+        assert int(ref_table[b, i].sum()) == int(got_table[b, i].sum())
+
+
+def _assert_same_selection(ref, got, cfg):
+    """Every output equal (indices past a row's count included: both are a stable argsort), the
+    walk to float32 rounding; rows with a tie at the budget's edge may swap the tied blocks."""
+    for name, a, b in zip(NAMES, ref, got):
+        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
+    torch.testing.assert_close(got[7], ref[7], rtol=0, atol=2e-6)  # walk
+    _rows_tie(ref[7], cfg, ref[4], got[4])
+    same_rows = (ref[4] == got[4]).all(-1)  # [B, nq]
+    for name, a, b in zip(NAMES[:7], ref[:7], got[:7]):
+        if a.dim() >= 2 and a.shape[:2] == same_rows.shape:
+            a, b = a[same_rows], b[same_rows]
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(got[8], ref[8], rtol=0, atol=0)  # kept
+    torch.testing.assert_close(got[9], ref[9], rtol=0, atol=0)  # causal
+
+
+@settings(max_examples=10)
+@given(
+    n=st.integers(40, 420),
+    bs=st.sampled_from([16, 32]),
+    m=st.sampled_from([1, 2, 4]),
+    walk=st.sampled_from(["damped", "walk", "one_hop"]),
+    budget=st.one_of(st.floats(0.05, 1.0), st.integers(1, 9)),
+    sink=st.integers(0, 2),
+    local=st.integers(1, 3),
+    tail=st.integers(0, 2),
+    pad=st.integers(0, 90),
+    right=st.booleans(),
+    batch=st.sampled_from([1, 2]),
+    d=st.sampled_from([16, 24, 32]),
+    r=st.sampled_from([8, 16, 32]),
+    seed=st.integers(0, 10_000),
+)
+def test_triton_selection_equals_torch(n, bs, m, walk, budget, sink, local, tail, pad, right, batch, d, r, seed):
+    """Three layers, walk carried, on the graph's bucket-padded inputs (real length as a 0-d
+    tensor): any block and query-block size, walk rule, density or top-k budget, sink, local and
+    dense-tail blocks, left or right padding, head dims that are not powers of two."""
+    qbs = bs * m if bs * m <= 256 else None
+    kw = dict(density=budget) if isinstance(budget, float) else dict(top_k_blocks=budget)
+    cfg = SketchWalkConfig(block_size=bs, query_block_size=qbs, walk=walk, sink_blocks=sink, local_blocks=local,
+                           dense_tail_blocks=tail, dense_below=0, dense_layers=0, sketch_dim=r, seed=seed % 7, **kw)
+    q, k, _ = random_qkv(batch, 4, 2, n, d, seed=seed)
+    kv = torch.ones(batch, n, dtype=torch.bool)
+    pad = min(pad, n - 1)
+    if right:
+        kv[-1, n - pad:] = False
+    else:
+        kv[-1, :pad] = False
+    n_pad = bucket_length(n)
+    while n_pad % cfg.q_block:
+        n_pad += 256
+    qm, km, valid = graph_inputs(q, k, kv, n_pad)
+    prev = None
+    for layer in range(3):
+        p = sketch_matrix(cfg, layer, d, "cpu")
+        ref = A._selection_tables(qm, km, p, prev, valid, cfg, layer, None, n_pad, seq_len=torch.tensor(n))
+        got = TS.selection_tables(qm, km, p, prev, valid, cfg, None, n_pad, seq_len=torch.tensor(n))
+        _assert_same_selection(ref, got, cfg)
+        prev = ref[7]
+
+
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_exact_length_inputs(with_valid):
+    """The path without a graph (above GRAPH_SELECTION_MAX_TOKENS): head means over the real n
+    tokens only, the length an int, no validity when nothing is padded."""
+    cfg = SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=0, query_block_size=32)
+    n = 301
+    q, k, _ = random_qkv(2, 4, 2, n, 32, seed=3)
+    kv = torch.ones(2, n, dtype=torch.bool)
+    if with_valid:
+        kv[0, :37] = False
+    n_pad = bucket_length(n)
+    qm, km, valid = graph_inputs(q, k, kv, n_pad)
+    p = sketch_matrix(cfg, 4, 32, "cpu")
+    ref = A._selection_tables(qm, km, p, None, valid, cfg, 4, None, n_pad, seq_len=torch.tensor(n))
+    got = TS.selection_tables(q.float().mean(1), k.float().mean(1), p, None, kv if with_valid else None, cfg, None,
+                              n_pad)
+    _assert_same_selection(ref, got, cfg)
+
+
+def test_ties_go_to_the_lower_block():
+    """Equal scores (zero queries and keys: a uniform softmax) keep the lowest blocks, as a
+    stable sort does: the top-k is a bisection on the scores' bits, not a sort."""
+    cfg = SketchWalkConfig(block_size=16, top_k_blocks=4, sink_blocks=0, local_blocks=1, dense_tail_blocks=0,
+                           dense_below=0, dense_layers=0, walk="one_hop")
+    n_pad = 256
+    qm = torch.zeros(1, 1, n_pad, 16)
+    km = torch.zeros(1, 1, n_pad, 16)
+    p = sketch_matrix(cfg, 0, 16, "cpu")
+    got = TS.selection_tables(qm, km, p, None, None, cfg, None, n_pad)
+    table = got[4][0]
+    for i in range(16):
+        want = sorted({*range(min(3, i)), i})  # three lowest blocks plus the forced diagonal
+        assert table[i].nonzero().flatten().tolist() == want, i
+    ref = A._selection_tables(qm, km, p, None, None, cfg, 0, None, n_pad)
+    assert torch.equal(ref[4], table[None])
+
+
+def test_sparse_prefill_with_triton_selection_equals_the_oracle(monkeypatch):
+    """The whole CUDA pipeline on CPU: the Triton selection (TRITON_SELECTION_ON_CPU: the path
+    without a graph) feeding the Triton prefill kernel its tables directly, no BlockMask, over
+    three layers with left padding, against the eager oracle's token mask of the same selection."""
+    monkeypatch.setattr(A, "TRITON_SELECTION_ON_CPU", True)
+    monkeypatch.setattr(A, "PREFILL_KERNEL", "triton")
+    cfg = SketchWalkConfig(block_size=16, query_block_size=32, density=0.3, dense_below=0, dense_layers=0)
+    n = 200
+    q, k, v = random_qkv(2, 4, 2, n, 16, seed=11)
+    kv = torch.ones(2, n, dtype=torch.bool)
+    kv[1, :29] = False
+    flexwalk.reset_counters()
+    state = ref_state = None
+    for layer in range(3):
+        out, state = flexwalk.sketchwalk_attention(q, k, v, cfg, layer, state, key_valid=kv)
+        _, ref_state, sel = eager_sketchwalk_attention(q, k, v, cfg, layer, ref_state, key_valid=kv)
+        assert_matches_reference(q, k, v, token_mask(n, selection=sel, key_valid=kv), out)
+        nb = ref_state.transition.shape[-1]  # the Triton walk covers the bucket's blocks
+        torch.testing.assert_close(state.transition[:, :nb, :nb], ref_state.transition, rtol=0, atol=2e-6)
+        q, k = q.roll(7, 2), k.roll(5, 2)  # another layer's inputs
+    counts = flexwalk.counters()
+    assert counts["triton_selection"] == 3 and counts["triton_prefill"] == 3
+
+
+def test_supported_and_errors():
+    cfg = SketchWalkConfig(block_size=16, dense_below=0)
+    assert TS.supported(cfg, 4096, "cpu") == TS.interpreted()
+    assert not TS.supported(SketchWalkConfig(block_size=16, head_scoring="per_head"), 4096, "cpu")
+    assert not TS.supported(SketchWalkConfig(block_size=16, walk="oracle"), 4096, "cpu")
+    assert not TS.supported(cfg, 16 * (TS.MAX_BLOCKS + 16), "cpu")
+    q = torch.zeros(1, 1, 100, 16)
+    p = sketch_matrix(cfg, 0, 16, "cpu")
+    with pytest.raises(ValueError, match="n_pad=64"):
+        TS.selection_tables(q, q, p, None, None, cfg, None, 64)
+    with pytest.raises(ValueError, match="4096"):
+        TS.selection_tables(q, q, p, None, None, cfg, None, 16 * (TS.MAX_BLOCKS + 16))
