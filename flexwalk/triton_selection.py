@@ -44,8 +44,9 @@ if HAS_TRITON:
 
 # A row of the walk is held in registers by one program: 4096 fp32 entries over 8 warps.
 MAX_BLOCKS = 4096
-_INT_MIN = -2147483648
-_INF_BITS = 0x7F800000  # the bit pattern of +inf, above every finite float's
+if HAS_TRITON:  # Triton kernels read module globals only as constexpr
+    _INT_MIN = tl.constexpr(-2147483648)
+    _INF_BITS = tl.constexpr(0x7F800000)  # the bit pattern of +inf, above every finite float's
 
 if HAS_TRITON:
 
