@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import flexwalk
 import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig, sketchwalk_attention, triton_prefill
-from flexwalk.attention import _bounds, _compiled_flex, _kernel_options, flex, fused_selection_mask
+from flexwalk.attention import _bounds, _compiled_flex, _kernel_options, flex, fused_selection, fused_selection_mask
 from flexwalk.block_mask import dense_block_mask, kernel_mask_mod
 
 RESULTS: dict = {}
@@ -111,7 +111,11 @@ def grid(lengths, batches, densities, budget_s, blocks=("128",)):
             for density, spec in [(d, b) for d in densities for b in blocks]:
                 cfg = SketchWalkConfig(**block_spec(spec), density=density, dense_layers=0, dense_below=0)
                 sketchwalk_attention(q, k, v, cfg, 0)  # compile / warm
-                t_sel = bench(lambda: fused_selection_mask(q, k, cfg, 0, None), long)
+                # selection + mask as the layer builds them: the tables alone where the Triton kernel runs
+                # (it takes them without a BlockMask), the BlockMask too where flex does
+                tables_only = attention._use_triton_prefill(q, k, v, cfg, None)
+                sel_fn = fused_selection if tables_only else fused_selection_mask
+                t_sel = bench(lambda: sel_fn(q, k, cfg, 0, None), long)
                 bm, _, kept, causal = fused_selection_mask(q, k, cfg, 0, None)
                 tiles = _kernel_options(cfg.block_size, q.device, q_block=cfg.q_block)  # None for 128
                 t_attn = bench(lambda: _compiled_flex(qp, kp, vp, block_mask=bm, enable_gqa=True, kernel_options=tiles),

@@ -15,7 +15,8 @@
 
 4. docs/img/prefill_speedup_h100.png: one attention layer of the 8B shape, sketchwalk's total
    (selection + mask + attention) against cuDNN SDPA over prompt length, batch 1 and 4, at
-   10/20/30% density (from docs/data/h100_session15/grid_b{1,4}.json).
+   10/20/30% density (from docs/data/h100_session16/grid_b1_b4.json; dashed: 20% before the
+   Triton selection, docs/data/h100_session15/grid_b{1,4}.json).
 
 Options: --only density|mask|ttft|speed, --length N (prompt tokens, default 2048), --depth D (needle).
 """
@@ -219,18 +220,20 @@ def ttft_figure(path: Path) -> None:
 def speed_figure(path: Path) -> None:
     import json
 
-    data = Path(__file__).resolve().parent / "data" / "h100_session15"
+    data = Path(__file__).resolve().parent / "data"
+    run = json.loads((data / "h100_session16" / "grid_b1_b4.json").read_text())
+    env = run["env"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    env = None
     for ax, batch in zip(axes, (1, 4)):
-        run = json.loads((data / f"grid_b{batch}.json").read_text())
-        env = run["env"]
         for density, color in ((0.1, "tab:green"), (0.2, "tab:blue"), (0.3, "tab:orange")):
-            rows = [r for r in run["grid"] if r["density"] == density]
+            rows = [r for r in run["grid"] if r["density"] == density and r["batch"] == batch]
             n = [r["n"] for r in rows]
             ax.plot(n, [r["speedup_vs_cudnn"] for r in rows], "-o", color=color, label=f"density {density:.0%}")
-            ax.plot(n, [r["sdpa_cudnn_ms"] / (r["select_mask_ms"] + r["sparse_attention_triton_ms"]) for r in rows],
-                    ":", color=color, alpha=0.6)
+        # the same layer before the Triton selection (the torch selection in a CUDA graph)
+        old = json.loads((data / "h100_session15" / f"grid_b{batch}.json").read_text())
+        rows = [r for r in old["grid"] if r["density"] == 0.2]
+        ax.plot([r["n"] for r in rows], [r["speedup_vs_cudnn"] for r in rows], "--", color="tab:blue", alpha=0.45,
+                label="20%, torch selection (before)")
         ax.axhline(1.0, color="k", lw=0.5)
         ax.set_xscale("log", base=2)
         ax.set_xticks([4096, 8192, 16384, 32768, 65536, 131072])
@@ -238,7 +241,7 @@ def speed_figure(path: Path) -> None:
         ax.set_xlabel("prompt length (tokens)")
         ax.set_title(f"batch {batch}", fontsize=11)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, title="solid: measured total; dotted: selection + kernel, timed apart", title_fontsize=7)
+        ax.legend(fontsize=8, title="selection + tables + attention, one layer", title_fontsize=7)
     axes[0].set_ylabel("cuDNN SDPA time / sketchwalk time")
     fig.suptitle(f"one Llama-3.1-8B attention layer, bf16, block 128; {env['device']}, torch {env['torch']}, "
                  f"triton {env['triton']}", fontsize=9)
