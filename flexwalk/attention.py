@@ -290,21 +290,21 @@ COMPILE_SELECTION_ON_CPU = False
 
 # CUDA graphs of the selection (one per length bucket, batch, head dim, configuration and
 # walk input), replayed with one launch: the compiled dynamic-length selection costs ~1 ms of
-# host time per layer, more than the sparse attention it selects for below ~16K tokens, and
-# at 128K its kernels take 2.1 ms against a graph's 0.85-1.34 ms (H100, docs/benchmarks.md).
-# COMPILE_GRAPHED_SELECTION: what is captured is the selection compiled by inductor for the
-# bucket's static shapes (about a dozen fused kernels) instead of the eager one (~140 small
-# kernels, ~0.3 ms of GPU time even inside a graph): selection + mask 0.25 against 0.41 ms
-# at 8K, 0.26 against 0.62 ms at 32K, but every new bucket first compiles for 7-72 s (once per
-# machine: inductor caches on disk).  Off by default for that first-prompt wait; turn it on
-# for long-running servers.  Buckets above GRAPH_SELECTION_MAX_TOKENS keep the compiled
-# dynamic path: a graph's private intermediates ([B, nb, nb] a few times, kept for good) grow
-# with the square of the length (about 20 MB each at 128K with 64-token blocks).
-# TRITON_SELECTION: the selection as flexwalk.triton_selection's seven launches (five Triton
-# kernels, two cuBLAS products; Triton compiles them in seconds, once per configuration and
-# power-of-two block count) wherever it applies (CUDA, head-mean scoring, a sketched walk, at
-# most 4096 blocks per row): inside the graph, and instead of the inductor-compiled selection
-# above GRAPH_SELECTION_MAX_TOKENS.  COMPILE_GRAPHED_SELECTION takes precedence inside graphs.
+# host time per layer, more than the sparse attention it selects for below ~16K tokens.  What
+# a graph captures (docs/benchmarks.md 4b, 4g; H100, 8B shape, block 128):
+# - TRITON_SELECTION (the default where it applies: CUDA, head-mean scoring, a sketched walk, at
+#   most 4096 blocks per row): flexwalk.triton_selection's seven launches, compiled by Triton in
+#   under a second per configuration and power-of-two block count.  Selection 0.11 ms at 8K,
+#   0.23 ms at 32K, 0.68 ms at 128K: 25% / 5% / 1% of the layer.  Above
+#   GRAPH_SELECTION_MAX_TOKENS it runs without a graph, instead of the compiled selection.
+# - COMPILE_GRAPHED_SELECTION: the selection compiled by inductor for the bucket's static shapes
+#   (about a dozen fused kernels; 0.14 ms at 8K), but every new bucket first compiles for
+#   7-72 s (once per machine: inductor caches on disk).  Takes precedence when set.
+# - Otherwise the eager torch selection (~140 small kernels, 0.41 ms of GPU time at 8K even
+#   inside a graph).
+# Buckets above GRAPH_SELECTION_MAX_TOKENS get no graph: a graph's private intermediates
+# ([B, nb, nb] a few times, kept for good) grow with the square of the length (about 20 MB
+# each at 128K with 64-token blocks).
 GRAPH_SELECTION = True
 COMPILE_GRAPHED_SELECTION = False
 TRITON_SELECTION = True
