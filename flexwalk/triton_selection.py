@@ -4,8 +4,9 @@ The selection (selection.select + block_mask.selection_tables + walk.table_to_in
 with torch ops is about 140 small kernels; inside the CUDA graph that replays it they still take
 ~0.4 ms of GPU time at 8K (H100), more than a third of the whole sparse layer.  inductor fuses
 them into about a dozen, but compiles each length bucket for 7-72 s first.  These kernels do
-the same work in seven launches, compiled by Triton once per configuration and power-of-two
-block count (seconds, cached on disk):
+the same work in seven launches (plus a handful of tiny torch ops: the budget lookup table and
+the two density sums), compiled by Triton once per configuration and power-of-two block count
+(under a second, cached on disk):
 
   _bounds_kernel    each row's real keys [start, end) from the validity (block_mask.key_bounds)
   _sketch_kernel    block means of the head-mean q and k over valid tokens, times the SRHT
