@@ -1,6 +1,6 @@
 """GPU check and benchmark of the Triton selection (flexwalk.triton_selection, issue 5): one device call.
 
-    PYTHONPATH=. python benchmarks/gpu_triton_selection.py --out DIR [--sections check,compiles,rounds]
+    PYTHONPATH=. python benchmarks/gpu_triton_selection.py --out DIR [--sections check,compiles,rounds,per_head]
         [--lengths 8192,16384,32768,65536,131072]
 
 1. check: the selection's tables from the Triton kernels against the torch selection, both captured
@@ -17,6 +17,8 @@
    with the shipped kernel, and cuDNN SDPA, timed in 7 interleaved rounds: per-round ratios and
    their median.  Also the selection alone (`fused_selection`, tables without a BlockMask), and its
    share of the total.
+4. per_head: head_scoring="per_head" (no CUDA graph), the Triton selection against the
+   inductor-compiled one: time per call at batch 1, and the first call of each new batch shape.
 Writes DIR/gpu_triton_selection.json.  Medians of triton.testing.do_bench.
 """
 
@@ -37,8 +39,9 @@ from flexwalk.attention import fused_selection
 from gpu_prefill import bench, block_spec, env_info, llama8b_qkv, log, run_sections, sdpa_ms  # this folder is on sys.path as a script
 
 RESULTS: dict = {}
-CHECK_CASES = [("128", 32, 8, 128, 8000), ("128", 32, 8, 128, 30000), ("64", 9, 3, 64, 20000),
-               ("q128kv64", 32, 8, 128, 20000), ("128", 32, 8, 128, 200000), ("64", 4, 1, 256, 5000)]
+CHECK_CASES = [("128", 32, 8, 128, 8000, "mean"), ("128", 32, 8, 128, 30000, "mean"), ("64", 9, 3, 64, 20000, "mean"),
+               ("q128kv64", 32, 8, 128, 20000, "mean"), ("128", 32, 8, 128, 200000, "mean"),
+               ("64", 4, 1, 256, 5000, "mean"), ("128", 32, 8, 128, 20000, "per_head"), ("64", 4, 1, 256, 5000, "per_head")]
 
 
 def _tables(q, k, cfg, kv, triton: bool):
@@ -54,7 +57,7 @@ def _tables(q, k, cfg, kv, triton: bool):
 
 def check(cases=CHECK_CASES):
     rows = []
-    for spec, hq, hkv, d, n in cases:
+    for spec, hq, hkv, d, n, scoring in cases:
         g = torch.Generator(device="cuda").manual_seed(n + d)
         bsz = 1 if n > 131072 else 2
         q, k, v = (torch.randn(bsz, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16) for h in (hq, hkv, hkv))
@@ -62,11 +65,12 @@ def check(cases=CHECK_CASES):
         if bsz == 2:
             kv = torch.ones(2, n, dtype=torch.bool, device="cuda")
             kv[1, : n // 3] = False
-        cfg = SketchWalkConfig(**block_spec(spec), density=0.2, dense_layers=0, dense_below=0, dense_tail_blocks=2)
+        cfg = SketchWalkConfig(**block_spec(spec), density=0.2, dense_layers=0, dense_below=0, dense_tail_blocks=2,
+                               head_scoring=scoring)
         flexwalk.reset_counters()
         got = _tables(q, k, cfg, kv, True)
         ref = _tables(q, k, cfg, kv, False)
-        r = dict(blocks=spec, hq=hq, hkv=hkv, d=d, n=n, batch=bsz, triton_selections=flexwalk.counters().get(
+        r = dict(blocks=spec, scoring=scoring, hq=hq, hkv=hkv, d=d, n=n, batch=bsz, triton_selections=flexwalk.counters().get(
             "triton_selection", 0), layers=[])
         for (tg, wg, kg, cg), (tr, wr, kr, cr) in zip(got, ref):
             table_g, table_r = tg[4], tr[4]
@@ -168,18 +172,50 @@ def rounds(lengths, n_rounds=7):
     return rows
 
 
+def per_head(lengths):
+    """head_scoring="per_head" (no graph): the Triton selection against the inductor-compiled one,
+    time per call and first-call seconds for new batch shapes (batch 1, 2, 2 with padding)."""
+    rows = []
+    cfg = SketchWalkConfig(**block_spec("128"), density=0.2, dense_layers=0, dense_below=0, head_scoring="per_head")
+    for n in lengths:
+        long = n >= 65536
+        for tri in (True, False):
+            attention.TRITON_SELECTION = tri
+            r = dict(n=n, selection="triton" if tri else "inductor", first_calls_s=[])
+            for bsz, pad in ((1, False), (2, False), (2, True)):
+                q, k, v = llama8b_qkv(n, "cuda", batch=bsz)
+                kv = None
+                if pad:
+                    kv = torch.ones(bsz, n, dtype=torch.bool, device="cuda")
+                    kv[1, : n // 5] = False
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fused_selection(q, k, cfg, 0, None, key_valid=kv)
+                torch.cuda.synchronize()
+                r["first_calls_s"].append(time.perf_counter() - t0)
+                if bsz == 1:
+                    r["select_ms"] = bench(lambda: fused_selection(q, k, cfg, 0, None), long)
+                del q, k, v
+            log(r)
+            rows.append(r)
+            torch.cuda.empty_cache()
+    attention.TRITON_SELECTION = True
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--sections", default="check,compiles,rounds")
     ap.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     ap.add_argument("--compile-lengths", default="8192,9000,12000,16384,20000,30000,32768,50000,100000,131072")
+    ap.add_argument("--per-head-lengths", default="32768,131072")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     RESULTS["env"] = env_info()
     log(RESULTS["env"])
     sections = {"check": (check, ()), "compiles": (compiles, (ints(args.compile_lengths),)),
-                "rounds": (rounds, (ints(args.lengths),))}
+                "rounds": (rounds, (ints(args.lengths),)), "per_head": (per_head, (ints(args.per_head_lengths),))}
     run_sections([(name, *sections[name]) for name in args.sections.split(",")], RESULTS,
                  os.path.join(args.out, "gpu_triton_selection.json"))
 

@@ -421,8 +421,11 @@ def fused_selection(q, k, config: SketchWalkConfig, layer_idx: int, state: WalkS
         if graph.kind == "triton":
             stats.count(stats.TRITON_SELECTION)
     elif (q.device.type == "cuda" or TRITON_SELECTION_ON_CPU) and _triton_selection(config, n_pad, q.device):
-        qm = torch.mean(q, 1, dtype=torch.float32)
-        km = torch.mean(k, 1, dtype=torch.float32)
+        if config.head_scoring == "per_head":  # every head's own sketch
+            qm, km = q, k
+        else:
+            qm = torch.mean(q, 1, dtype=torch.float32)
+            km = torch.mean(k, 1, dtype=torch.float32)
         out = triton_selection.selection_tables(qm, km, p, prev, key_valid, config, scale, n_pad)
         walk, kept, causal = out[7:]
         stats.count(stats.TRITON_SELECTION)

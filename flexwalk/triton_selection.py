@@ -34,8 +34,10 @@ handled: `supported` says so and the caller keeps the torch selection.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .config import SketchWalkConfig
+from .sketch import block_means
 from .triton_decode import HAS_TRITON, interpreted
 from .walk import fraction_count
 
@@ -116,18 +118,29 @@ if HAS_TRITON:
         return allowed | (empty & (j == i)), bv
 
     @triton.jit
-    def _softmax_kernel(A, COUNTS, W, NB, scale, exponent, NB_POW2: tl.constexpr):
-        """Program (b, i): row i of W = softmax(exponent * scale * A) over its allowed blocks."""
+    def _softmax_kernel(A, COUNTS, W, NB, scale, exponent, H: tl.constexpr, NB_POW2: tl.constexpr):
+        """Program (b, i): row i of W = softmax(exponent * scale * A) over its allowed blocks; with
+        H > 1 (per-head scoring, A [B, H, NB, NB]) the mean of the H heads' softmax rows."""
         b = tl.program_id(0)
         i = tl.program_id(1)
         j = tl.arange(0, NB_POW2)
         inr = j < NB
         allowed, _ = _allowed_row(COUNTS, b, i, NB, NB_POW2)
-        row = (b * NB + i).to(tl.int64) * NB
-        a = tl.load(A + row + j, mask=inr, other=0.0)
-        x = tl.where(allowed, (a * scale) * exponent, float("-inf"))
-        e = tl.exp(x - tl.max(x, 0))
-        tl.store(W + row + j, e / tl.sum(e, 0), mask=inr)
+        out = (b * NB + i).to(tl.int64) * NB
+        if H == 1:
+            a = tl.load(A + out + j, mask=inr, other=0.0)
+            x = tl.where(allowed, (a * scale) * exponent, float("-inf"))
+            e = tl.exp(x - tl.max(x, 0))
+            tl.store(W + out + j, e / tl.sum(e, 0), mask=inr)
+        else:
+            acc = tl.zeros([NB_POW2], tl.float32)
+            for h in range(H):
+                row = ((b * H + h) * NB + i).to(tl.int64) * NB
+                a = tl.load(A + row + j, mask=inr, other=0.0)
+                x = tl.where(allowed, (a * scale) * exponent, float("-inf"))
+                e = tl.exp(x - tl.max(x, 0))
+                acc += e / tl.sum(e, 0)
+            tl.store(W + out + j, acc / H, mask=inr)
 
     @triton.jit(do_not_specialize=["n_int"])
     def _rank_kernel(W, PW, R_OUT, COUNTS, BUDGET, START, END, N_PTR,
@@ -233,12 +246,11 @@ if HAS_TRITON:
 
 def supported(config: SketchWalkConfig, n_pad: int, device: torch.device) -> bool:
     """Whether `selection_tables` handles this selection: triton on CUDA (or its interpreter),
-    head-mean scoring, a sketched walk (not the oracle), at most MAX_BLOCKS blocks per row and
-    whole kernel query blocks."""
+    a sketched walk (not the oracle), at most MAX_BLOCKS blocks per row and whole kernel query
+    blocks."""
     nb = n_pad // config.block_size
     on = torch.device(device).type == "cuda" or interpreted()
-    return (HAS_TRITON and on and config.head_scoring == "mean" and config.walk != "oracle"
-            and nb <= MAX_BLOCKS and n_pad % config.q_block == 0)
+    return HAS_TRITON and on and config.walk != "oracle" and nb <= MAX_BLOCKS and n_pad % config.q_block == 0
 
 
 def _pow2(x: int) -> int:
@@ -259,16 +271,23 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
     """attention._selection_tables from head-mean inputs, in Triton.
 
     qm, km: [B, 1, n, D] (or [B, n, D]) fp32 head means over n <= n_pad tokens (a CUDA graph
-    passes n = n_pad, zero past the real length); p: [D, r] SRHT matrix; prev_walk: [B, nb, nb]
+    passes n = n_pad, zero past the real length); with head_scoring="per_head" the layer's own
+    q [B, Hq, n, D] and k [B, Hkv, n, D] (any float dtype; their block means and per-head scores
+    are torch ops, then the same kernels); p: [D, r] SRHT matrix; prev_walk: [B, nb, nb]
     fp32 R_{l-1} over nb = n_pad / block_size blocks, or None; key_valid: [B, n] bool or None;
     seq_len: real tokens (a 0-d tensor inside a graph, default n).  Returns (partial counts,
     partial indices, full counts, full indices, selection table, start, end, walk, kept, causal)
     over n_pad tokens: counts [B, nq] int32, indices [B, nq, nb] int32, table [B, nq, nb] bool,
     start / end [B] int32, walk [B, nb, nb] fp32, kept / causal [B] fp32.  No host sync.
     """
-    if qm.dim() == 4:
-        qm, km = qm[:, 0], km[:, 0]
-    bsz, n, d = qm.shape
+    per_head = config.head_scoring == "per_head"
+    if per_head:
+        bsz, hq, n, d = qm.shape
+        hk = km.shape[1]
+    else:
+        if qm.dim() == 4:
+            qm, km = qm[:, 0], km[:, 0]
+        bsz, n, d = qm.shape
     bs, qb = config.block_size, config.q_block
     m = qb // bs
     nb, nq = n_pad // bs, n_pad // qb
@@ -281,8 +300,6 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
     scale = d**-0.5 if scale is None else float(scale)
     f32 = dict(device=dev, dtype=torch.float32)
     i32 = dict(device=dev, dtype=torch.int32)
-    qm = qm if qm.stride(-1) == 1 else qm.contiguous()
-    km = km if km.stride(-1) == 1 else km.contiguous()
     p = p.float().contiguous()
     valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
     if seq_len is None:
@@ -297,24 +314,37 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
         start, end = torch.empty(bsz, **i32), torch.empty(bsz, **i32)
         _bounds_kernel[(bsz,)](valid, start, end, valid.stride(0), valid.shape[1], CHUNK=1024)
 
-    # block means and sketches
-    qs, ks = torch.empty(bsz, nb, r, **f32), torch.empty(bsz, nb, r, **f32)
-    counts = torch.empty(bsz, nb, **f32)
-    d2, r2 = _pow2(d), _pow2(r)
-    rc = min(r2, max(16, 8192 // d2))
-    tc = min(bs, max(8, 4096 // d2))
-    _sketch_kernel[(bsz, nb)](
-        qm, km, valid if valid is not None else qm, p, qs, ks, counts,
-        qm.stride(0), qm.stride(1), km.stride(0), km.stride(1), 0 if valid is None else valid.stride(0),
-        n, nb, d, r, BS=bs, TC=tc, D_POW2=d2, R_POW2=r2, RC=rc, HAS_VALID=valid is not None,
-    )
+    # block means, sketches and block scores
+    if per_head:  # each head's own (selection.layer_sketch): [B, H, nb, r], scores [B, Hq, nb, nb]
+        qb, counts = block_means(qm, bs, key_valid)
+        kb, _ = block_means(km, bs, key_valid)
+        grow = nb - qb.shape[2]  # blocks of the bucket past the real ones: empty
+        qs = F.pad(qb, (0, 0, 0, grow)) @ p
+        ks = F.pad(kb, (0, 0, 0, grow)) @ p
+        counts = F.pad(counts.expand(bsz, -1), (0, grow)).contiguous()
+        a = torch.matmul(qs.reshape(bsz, hk, (hq // hk) * nb, r), ks.transpose(-1, -2)).reshape(bsz, hq, nb, nb)
+        heads = hq
+    else:
+        qm = qm if qm.stride(-1) == 1 else qm.contiguous()
+        km = km if km.stride(-1) == 1 else km.contiguous()
+        qs, ks = torch.empty(bsz, nb, r, **f32), torch.empty(bsz, nb, r, **f32)
+        counts = torch.empty(bsz, nb, **f32)
+        d2, r2 = _pow2(d), _pow2(r)
+        rc = min(r2, max(16, 8192 // d2))
+        tc = min(bs, max(8, 4096 // d2))
+        _sketch_kernel[(bsz, nb)](
+            qm, km, valid if valid is not None else qm, p, qs, ks, counts,
+            qm.stride(0), qm.stride(1), km.stride(0), km.stride(1), 0 if valid is None else valid.stride(0),
+            n, nb, d, r, BS=bs, TC=tc, D_POW2=d2, R_POW2=r2, RC=rc, HAS_VALID=valid is not None,
+        )
+        a = torch.bmm(qs, ks.transpose(1, 2))
+        heads = 1
 
-    # W = softmax over the allowed blocks of the scaled scores
+    # W = softmax over the allowed blocks of the scaled scores (the heads' mean for per_head)
     nb2 = _pow2(nb)
     warps = 4 if nb2 <= 1024 else 8
-    a = torch.bmm(qs, ks.transpose(1, 2))
     w = torch.empty(bsz, nb, nb, **f32)
-    _softmax_kernel[(bsz, nb)](a, counts, w, nb, scale, float(config.sparsity_exponent), NB_POW2=nb2,
+    _softmax_kernel[(bsz, nb)](a, counts, w, nb, scale, float(config.sparsity_exponent), H=heads, NB_POW2=nb2,
                                num_warps=warps)
 
     # the walk, the budget, the top blocks and the BlockMask's lists

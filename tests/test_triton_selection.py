@@ -134,13 +134,41 @@ def test_ties_go_to_the_lower_block():
     assert torch.equal(ref[4], table[None])
 
 
-def test_sparse_prefill_with_triton_selection_equals_the_oracle(monkeypatch):
+@pytest.mark.parametrize("n,pad,m,walk", [(301, 0, 1, "damped"), (333, 40, 2, "damped"), (270, 133, 4, "walk"),
+                                          (200, 17, 1, "one_hop")])
+def test_per_head_scoring_equals_torch(n, pad, m, walk):
+    """head_scoring="per_head": each head's block means and sketches (torch), its own softmax rows,
+    averaged over the heads in the softmax kernel, then the same rank kernel; three layers with
+    the walk carried, on the bucket-padded raw q and k."""
+    cfg = SketchWalkConfig(block_size=16, query_block_size=16 * m, density=0.25, dense_below=0, dense_layers=0,
+                           head_scoring="per_head", walk=walk, dense_tail_blocks=2)
+    q, k, _ = random_qkv(2, 6, 2, n, 16, seed=n)
+    kv = torch.ones(2, n, dtype=torch.bool)
+    kv[1, :pad] = False
+    n_pad = bucket_length(n)
+    qp = torch.nn.functional.pad(q, (0, 0, 0, n_pad - n))
+    kp = torch.nn.functional.pad(k, (0, 0, 0, n_pad - n))
+    valid = torch.nn.functional.pad(kv, (0, n_pad - n), value=False)
+    prev = None
+    for layer in range(3):
+        p = sketch_matrix(cfg, layer, 16, "cpu")
+        ref = A._selection_tables(qp, kp, p, prev, valid, cfg, layer, None, n_pad, seq_len=torch.tensor(n))
+        got = TS.selection_tables(qp, kp, p, prev, valid, cfg, None, n_pad, seq_len=torch.tensor(n))
+        _assert_same_selection(ref, got, cfg)
+        got_exact = TS.selection_tables(q, k, p, prev, kv, cfg, None, n_pad)  # real length only, as the GPU runs it
+        _assert_same_selection(ref, got_exact, cfg)
+        prev = ref[7]
+
+
+@pytest.mark.parametrize("scoring", ["mean", "per_head"])
+def test_sparse_prefill_with_triton_selection_equals_the_oracle(scoring, monkeypatch):
     """The whole CUDA pipeline on CPU: the Triton selection (TRITON_SELECTION_ON_CPU: the path
     without a graph) feeding the Triton prefill kernel its tables directly, no BlockMask, over
     three layers with left padding, against the eager oracle's token mask of the same selection."""
     monkeypatch.setattr(A, "TRITON_SELECTION_ON_CPU", True)
     monkeypatch.setattr(A, "PREFILL_KERNEL", "triton")
-    cfg = SketchWalkConfig(block_size=16, query_block_size=32, density=0.3, dense_below=0, dense_layers=0)
+    cfg = SketchWalkConfig(block_size=16, query_block_size=32, density=0.3, dense_below=0, dense_layers=0,
+                           head_scoring=scoring)
     n = 200
     q, k, v = random_qkv(2, 4, 2, n, 16, seed=11)
     kv = torch.ones(2, n, dtype=torch.bool)
@@ -161,7 +189,7 @@ def test_sparse_prefill_with_triton_selection_equals_the_oracle(monkeypatch):
 def test_supported_and_errors():
     cfg = SketchWalkConfig(block_size=16, dense_below=0)
     assert TS.supported(cfg, 4096, "cpu") == TS.interpreted()
-    assert not TS.supported(SketchWalkConfig(block_size=16, head_scoring="per_head"), 4096, "cpu")
+    assert TS.supported(SketchWalkConfig(block_size=16, head_scoring="per_head"), 4096, "cpu") == TS.interpreted()
     assert not TS.supported(SketchWalkConfig(block_size=16, walk="oracle"), 4096, "cpu")
     assert not TS.supported(cfg, 16 * (TS.MAX_BLOCKS + 16), "cpu")
     q = torch.zeros(1, 1, 100, 16)
