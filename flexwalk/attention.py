@@ -292,11 +292,12 @@ COMPILE_SELECTION_ON_CPU = False
 # walk input), replayed with one launch: the compiled dynamic-length selection costs ~1 ms of
 # host time per layer, more than the sparse attention it selects for below ~16K tokens.  What
 # a graph captures (docs/benchmarks.md 4b, 4g; H100, 8B shape, block 128):
-# - TRITON_SELECTION (the default where it applies: CUDA, head-mean scoring, a sketched walk, at
-#   most 4096 blocks per row): flexwalk.triton_selection's seven main launches, compiled by Triton in
-#   under a second per configuration and power-of-two block count.  Selection 0.11 ms at 8K,
-#   0.23 ms at 32K, 0.68 ms at 128K: 25% / 5% / 1% of the layer.  Above
-#   GRAPH_SELECTION_MAX_TOKENS it runs without a graph, instead of the compiled selection.
+# - TRITON_SELECTION (the default where it applies: CUDA, a sketched walk, at most 4096 blocks
+#   per row): flexwalk.triton_selection's seven main launches, compiled by Triton in under a
+#   second per configuration and power-of-two block count.  Selection 0.11 ms at 8K, 0.23 ms at
+#   32K, 0.68 ms at 128K: 25% / 5% / 1% of the layer.  Above GRAPH_SELECTION_MAX_TOKENS, and for
+#   head_scoring="per_head" (never graphed), it runs without a graph, instead of the compiled
+#   selection.
 # - COMPILE_GRAPHED_SELECTION: the selection compiled by inductor for the bucket's static shapes
 #   (about a dozen fused kernels; 0.14 ms at 8K), but every new bucket first compiles for
 #   7-72 s (once per machine: inductor caches on disk).  Takes precedence when set.

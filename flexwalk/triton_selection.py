@@ -26,6 +26,10 @@ Outputs are those of attention._selection_tables, with the same meaning; the flo
 in another order, so the walk matches to float32 rounding and a block whose score ties the
 row's threshold to rounding may be swapped for its equal (tests/test_triton_selection.py).
 
+With head_scoring="per_head" the block means, sketches and per-head scores are torch ops on the
+layer's q and k (as selection.layer_sketch computes them), and the softmax kernel averages the
+heads' softmax rows; the rest is the same.
+
 `selection_tables` runs on CUDA tensors, or on CPU tensors under triton's interpreter (tests).
 Rows of more than MAX_BLOCKS blocks (beyond 256K tokens with 64-token blocks) are not
 handled: `supported` says so and the caller keeps the torch selection.
