@@ -272,7 +272,7 @@ def budget_table(config: SketchWalkConfig, nb: int, device) -> torch.Tensor:
 def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_walk: torch.Tensor | None,
                      key_valid: torch.Tensor | None, config: SketchWalkConfig, scale: float | None, n_pad: int,
                      seq_len: int | torch.Tensor | None = None):
-    """attention._selection_tables from head-mean inputs, in Triton.
+    """attention._selection_tables in Triton, from head means (or each head's q and k for per_head).
 
     qm, km: [B, 1, n, D] (or [B, n, D]) fp32 head means over n <= n_pad tokens (a CUDA graph
     passes n = n_pad, zero past the real length); with head_scoring="per_head" the layer's own
@@ -320,11 +320,11 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
 
     # block means, sketches and block scores
     if per_head:  # each head's own (selection.layer_sketch): [B, H, nb, r], scores [B, Hq, nb, nb]
-        qb, counts = block_means(qm, bs, key_valid)
-        kb, _ = block_means(km, bs, key_valid)
-        grow = nb - qb.shape[2]  # blocks of the bucket past the real ones: empty
-        qs = F.pad(qb, (0, 0, 0, grow)) @ p
-        ks = F.pad(kb, (0, 0, 0, grow)) @ p
+        q_means, counts = block_means(qm, bs, key_valid)
+        k_means, _ = block_means(km, bs, key_valid)
+        grow = nb - q_means.shape[2]  # blocks of the bucket past the real ones: empty
+        qs = F.pad(q_means, (0, 0, 0, grow)) @ p
+        ks = F.pad(k_means, (0, 0, 0, grow)) @ p
         counts = F.pad(counts.expand(bsz, -1), (0, grow)).contiguous()
         a = torch.matmul(qs.reshape(bsz, hk, (hq // hk) * nb, r), ks.transpose(-1, -2)).reshape(bsz, hq, nb, nb)
         heads = hq
