@@ -422,12 +422,7 @@ def fused_selection(q, k, config: SketchWalkConfig, layer_idx: int, state: WalkS
         if graph.kind == "triton":
             stats.count(stats.TRITON_SELECTION)
     elif (q.device.type == "cuda" or TRITON_SELECTION_ON_CPU) and _triton_selection(config, n_pad, q.device):
-        if config.head_scoring == "per_head":  # every head's own sketch
-            qm, km = q, k
-        else:
-            qm = torch.mean(q, 1, dtype=torch.float32)
-            km = torch.mean(k, 1, dtype=torch.float32)
-        out = triton_selection.selection_tables(qm, km, p, prev, key_valid, config, scale, n_pad)
+        out = triton_selection.selection_tables(q, k, p, prev, key_valid, config, scale, n_pad)
         walk, kept, causal = out[7:]
         stats.count(stats.TRITON_SELECTION)
     else:
@@ -580,7 +575,8 @@ def sparse_prefill(
     sketch: LayerSketch | None = None,
     process_group=None,
 ) -> tuple[torch.Tensor, WalkState]:
-    """SketchWalk selection + compiled block-sparse flex for one prefill layer."""
+    """SketchWalk selection + block-sparse attention for one prefill layer (flexwalk's Triton
+    kernel where `_use_triton_prefill` says, compiled flex elsewhere)."""
     use_triton = _use_triton_prefill(q, k, v, config, softcap)
     if sketch is None and process_group is None:  # the fused (graphed on CUDA) selection-to-tables path
         tables, new_state, kept, causal = fused_selection(q, k, config, layer_idx, state, key_valid=key_valid,

@@ -4,9 +4,9 @@ The selection (selection.select + block_mask.selection_tables + walk.table_to_in
 with torch ops is about 140 small kernels; inside the CUDA graph that replays it they still take
 ~0.4 ms of GPU time at 8K (H100), more than a third of the whole sparse layer.  inductor fuses
 them into about a dozen, but compiles each length bucket for 7-72 s first.  These kernels do
-the same work in seven launches (plus a handful of tiny torch ops: the budget lookup table and
-the two density sums), compiled by Triton once per configuration and power-of-two block count
-(under a second, cached on disk):
+the same work in seven launches (plus the two density sums; the budget lookup table is built
+once per configuration and block count), compiled by Triton once per configuration and
+power-of-two block count (under a second, cached on disk):
 
   _bounds_kernel    each row's real keys [start, end) from the validity (block_mask.key_bounds)
   _sketch_kernel    block means of the head-mean q and k over valid tokens, times the SRHT
@@ -36,6 +36,8 @@ handled: `supported` says so and the caller keeps the torch selection.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -261,8 +263,11 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def budget_table(config: SketchWalkConfig, nb: int, device) -> torch.Tensor:
-    """[nb + 1] int32: the budget of a row with c causal blocks (walk.rank_blocks' rule, in float64)."""
+@functools.lru_cache(maxsize=256)
+def budget_table(config: SketchWalkConfig, nb: int, device: torch.device) -> torch.Tensor:
+    """[nb + 1] int32: the budget of a row with c causal blocks (walk.rank_blocks' rule, in float64).
+    Cached per (configuration, blocks, device): a constant, built once outside any graph capture
+    (the graph's warm-up run builds it) and read by every later call."""
     c = torch.arange(nb + 1, device=device, dtype=torch.int32)
     if config.top_k_blocks is not None:
         return torch.full_like(c, config.top_k_blocks)
@@ -272,12 +277,13 @@ def budget_table(config: SketchWalkConfig, nb: int, device) -> torch.Tensor:
 def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_walk: torch.Tensor | None,
                      key_valid: torch.Tensor | None, config: SketchWalkConfig, scale: float | None, n_pad: int,
                      seq_len: int | torch.Tensor | None = None):
-    """attention._selection_tables in Triton, from head means (or each head's q and k for per_head).
+    """attention._selection_tables in Triton.
 
-    qm, km: [B, 1, n, D] (or [B, n, D]) fp32 head means over n <= n_pad tokens (a CUDA graph
-    passes n = n_pad, zero past the real length); with head_scoring="per_head" the layer's own
-    q [B, Hq, n, D] and k [B, Hkv, n, D] (any float dtype; their block means and per-head scores
-    are torch ops, then the same kernels); p: [D, r] SRHT matrix; prev_walk: [B, nb, nb]
+    qm, km: [B, Hq, n, D], [B, Hkv, n, D] over n <= n_pad tokens, any float dtype.  Head-mean
+    scoring reduces them to their fp32 head means first (selection.head_reduce, without its fp32
+    copy); the CUDA graph passes its own head means (H = 1, n = n_pad, zero past the real
+    length).  With head_scoring="per_head" each head's block means and scores are torch ops,
+    then the same kernels.  p: [D, r] SRHT matrix; prev_walk: [B, nb, nb]
     fp32 R_{l-1} over nb = n_pad / block_size blocks, or None; key_valid: [B, n] bool or None;
     seq_len: real tokens (a 0-d tensor inside a graph, default n).  Returns (partial counts,
     partial indices, full counts, full indices, selection table, start, end, walk, kept, causal)
@@ -285,13 +291,11 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
     start / end [B] int32, walk [B, nb, nb] fp32, kept / causal [B] fp32.  No host sync.
     """
     per_head = config.head_scoring == "per_head"
-    if per_head:
-        bsz, hq, n, d = qm.shape
-        hk = km.shape[1]
-    else:
-        if qm.dim() == 4:
-            qm, km = qm[:, 0], km[:, 0]
-        bsz, n, d = qm.shape
+    bsz, hq, n, d = qm.shape
+    hk = km.shape[1]
+    if not per_head:  # [B, n, D] fp32 head means
+        qm = qm[:, 0].float() if hq == 1 else torch.mean(qm, 1, dtype=torch.float32)
+        km = km[:, 0].float() if hk == 1 else torch.mean(km, 1, dtype=torch.float32)
     bs, qb = config.block_size, config.q_block
     m = qb // bs
     nb, nq = n_pad // bs, n_pad // qb

@@ -111,8 +111,7 @@ def test_exact_length_inputs(with_valid):
     qm, km, valid = graph_inputs(q, k, kv, n_pad)
     p = sketch_matrix(cfg, 4, 32, "cpu")
     ref = A._selection_tables(qm, km, p, None, valid, cfg, 4, None, n_pad, seq_len=torch.tensor(n))
-    got = TS.selection_tables(q.float().mean(1), k.float().mean(1), p, None, kv if with_valid else None, cfg, None,
-                              n_pad)
+    got = TS.selection_tables(q, k, p, None, kv if with_valid else None, cfg, None, n_pad)  # heads reduced inside
     _assert_same_selection(ref, got, cfg)
 
 
