@@ -37,8 +37,6 @@ handled: `supported` says so and the caller keeps the torch selection.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -263,15 +261,27 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=256)
+_BUDGETS: dict[tuple, torch.Tensor] = {}
+
+
 def budget_table(config: SketchWalkConfig, nb: int, device: torch.device) -> torch.Tensor:
     """[nb + 1] int32: the budget of a row with c causal blocks (walk.rank_blocks' rule, in float64).
-    Cached per (configuration, blocks, device): a constant, built once outside any graph capture
-    (the graph's warm-up run builds it) and read by every later call."""
-    c = torch.arange(nb + 1, device=device, dtype=torch.int32)
-    if config.top_k_blocks is not None:
-        return torch.full_like(c, config.top_k_blocks)
-    return fraction_count(c, config.density)
+
+    A constant, cached per (configuration, blocks, device).  Never stored during a CUDA-graph
+    capture: captured kernels do not run then, so a table built there holds garbage until the
+    graph replays.  flexwalk's own selection graph builds it in the warm-up run before its
+    capture, which then reads the cached table."""
+    key = (config, nb, device)
+    table = _BUDGETS.get(key)
+    if table is None:
+        c = torch.arange(nb + 1, device=device, dtype=torch.int32)
+        if config.top_k_blocks is not None:
+            table = torch.full_like(c, config.top_k_blocks)
+        else:
+            table = fraction_count(c, config.density)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _BUDGETS[key] = table
+    return table
 
 
 def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_walk: torch.Tensor | None,

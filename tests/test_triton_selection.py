@@ -197,3 +197,18 @@ def test_supported_and_errors():
         TS.selection_tables(q, q, p, None, None, cfg, None, 64)
     with pytest.raises(ValueError, match="4096"):
         TS.selection_tables(q, q, p, None, None, cfg, None, 16 * (TS.MAX_BLOCKS + 16))
+
+
+def test_budget_table_is_the_budget_rule_and_cached():
+    """The kernel's budget per causal-block count is walk.rank_blocks' rule (float64 ceil: 20, not
+    the 21 a float32 0.2 would give at 100 blocks), built once per configuration and block count."""
+    from flexwalk.walk import fraction_count
+
+    cfg = SketchWalkConfig(block_size=16, density=0.2)
+    table = TS.budget_table(cfg, 300, torch.device("cpu"))
+    assert table.dtype == torch.int32 and table.shape == (301,)
+    assert torch.equal(table, fraction_count(torch.arange(301, dtype=torch.int32), 0.2))
+    assert int(table[100]) == 20
+    assert TS.budget_table(cfg, 300, torch.device("cpu")) is table
+    top = TS.budget_table(SketchWalkConfig(block_size=16, top_k_blocks=7), 300, torch.device("cpu"))
+    assert torch.equal(top, torch.full((301,), 7, dtype=torch.int32))
