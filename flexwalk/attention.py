@@ -19,6 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from . import stats, triton_prefill, triton_selection
 from .block_mask import (
     _bounds,
+    _pad_table,
     block_mask_from_indices,
     bucket_length,
     check_contiguous_padding,
@@ -30,6 +31,7 @@ from .block_mask import (
     selection_tables,
 )
 from .config import SketchWalkConfig
+from .residual import block_summaries
 from .selection import LayerSketch, select, sketch_matrix, sketchwalk_selection
 from .walk import WalkState, table_to_indices
 
@@ -104,7 +106,7 @@ def _kernel_options(block_size: int, device: torch.device, rows_safe: bool = Fal
 
 
 def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decode=False,
-         kernel_mask_mod=None, q_block=None) -> torch.Tensor:
+         kernel_mask_mod=None, q_block=None, score_mod=None) -> torch.Tensor:
     """Compiled flex_attention with GQA and optional soft-capping; [B, Hq, L, D] out.
 
     q, k, v are zero-padded to the mask's (bucket) lengths and the output cut back.
@@ -122,7 +124,8 @@ def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decod
     I * q_block, which every row of block I attends causally; BLOCK_N <= block_size, so the
     first tile starts there too.  (With q_block 128 and block_size 64: query block I visits
     key block 2I first, keys 128I..128I+63; with square blocks it is the diagonal block.)  Rows
-    of the bucket padding may then come out NaN; they are cut off here.
+    of the bucket padding may then come out NaN; they are cut off here.  score_mod: used
+    instead of the soft-capping one (it must then apply softcap itself).
     """
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise NotImplementedError(
@@ -144,7 +147,7 @@ def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decod
         q,
         k,
         v,
-        score_mod=None if softcap is None else softcap_score_mod(float(softcap)),
+        score_mod=score_mod if score_mod is not None else None if softcap is None else softcap_score_mod(float(softcap)),
         block_mask=block_mask,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
@@ -561,6 +564,58 @@ def _use_triton_prefill(q, k, v, config: SketchWalkConfig, softcap) -> bool:
     return triton_prefill.supported(q, q_block=config.q_block, kv_block=config.block_size, softcap=softcap)
 
 
+def _residual_flex(q, k, v, bm: BlockMask, res: tuple, config: SketchWalkConfig, start, end, tiles) -> torch.Tensor:
+    """Compiled flex over the selection plus the residual's summaries (flexwalk.residual), in one
+    call: the summaries are appended to the keys and values after the bucket's n_pad tokens
+    (nb of them, in ceil(nb / block_size) extra key blocks), each query block's partial list
+    gains the summary blocks before it, the mask_mod admits summary j for query q when key
+    block j lies wholly before q's query block, was not selected and holds a real key, and
+    the score_mod adds log(count) to the summaries' logits."""
+    k_mean, v_mean, log_count, table = res
+    bs, qb = config.block_size, config.q_block
+    n = k.shape[2]
+    n_pad = bm.seq_lengths[0]
+    nbp = table.shape[-1]  # key blocks of the bucket (n_pad / bs)
+    extra_blocks = -(-nbp // bs)
+    kk = torch.cat([F.pad(k, (0, 0, 0, n_pad - n)), F.pad(k_mean, (0, 0, 0, extra_blocks * bs - nbp))], 2)
+    vv = torch.cat([F.pad(v, (0, 0, 0, n_pad - n)), F.pad(v_mean, (0, 0, 0, extra_blocks * bs - nbp))], 2)
+    p_cnt, p_idx = bm.kv_num_blocks[:, 0], bm.kv_indices[:, 0]
+    nq, width = p_idx.shape[1], p_idx.shape[2]
+    rows = torch.arange(nq, device=q.device)
+    extra = -(-(rows * (qb // bs)) // bs)  # summary blocks holding the key blocks before each query block
+    pos = torch.arange(width + extra_blocks, device=q.device)
+    rel = pos[None, None, :] - p_cnt[..., None]
+    use = (rel >= 0) & (rel < extra[None, :, None])
+    idx = torch.where(use, n_pad // bs + rel, F.pad(p_idx, (0, extra_blocks))).to(torch.int32)
+    f_idx = F.pad(bm.full_kv_indices[:, 0], (0, extra_blocks))
+    tok_mask = make_mask_mod(block_size=bs, q_block=qb, start=packed(start), end=packed(end),
+                             block_table=packed(table))
+    has = packed(torch.isfinite(log_count))
+    lc = packed(torch.where(torch.isfinite(log_count), log_count, torch.zeros_like(log_count)))
+    tbl = packed(table)
+    softcap = tiles["softcap"]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        summary = kv_idx >= n_pad
+        j = torch.where(summary, kv_idx - n_pad, 0)
+        j = torch.where(j < nbp, j, 0)
+        qrow = q_idx // qb
+        ok = (j < qrow * (qb // bs)) & ~tbl[b, qrow, j] & has[b, j]
+        return torch.where(summary, ok, tok_mask(b, h, q_idx, torch.where(summary, 0, kv_idx)))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        summary = kv_idx >= n_pad
+        j = torch.where(summary, kv_idx - n_pad, 0)
+        j = torch.where(j < nbp, j, 0)
+        return score + torch.where(summary, lc[b, j], 0.0)
+
+    rbm = block_mask_from_indices(p_cnt + extra[None].to(p_cnt.dtype), idx, bm.full_kv_num_blocks[:, 0], f_idx,
+                                  mask_mod, (qb, bs), n_pad, n_pad + extra_blocks * bs)
+    return flex(q, kk, vv, rbm, score_mod=score_mod, **tiles)
+
+
 def sparse_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -582,6 +637,7 @@ def sparse_prefill(
         tables, new_state, kept, causal = fused_selection(q, k, config, layer_idx, state, key_valid=key_valid,
                                                           scale=scale)
         bm = None if use_triton else tables_block_mask(tables, config, bucket_length(q.shape[2]))
+        table, start, end = tables[4:]
     else:  # a decode state is built from this layer's sketch: keep it
         selection, new_state = sketchwalk_selection(
             q, k, config, layer_idx, state, key_valid=key_valid, scale=scale, sketch=sketch,
@@ -589,21 +645,29 @@ def sparse_prefill(
         )
         bm = selection_block_mask(selection, key_valid=key_valid)
         kept, causal = selection.kept, selection.causal
+        n_pad = bm.seq_lengths[0]
+        table = _pad_table(selection.mask, -(-n_pad // config.q_block), n_pad // config.block_size)
+        start, end = _bounds(q.shape[0], q.shape[2], key_valid, q.device)
+    res = None
+    if config.residual:  # summaries of the key blocks of the table (residual.py)
+        res = (*block_summaries(k, v, start, end, config.block_size, table.shape[-1]), table)
+        stats.count(stats.RESIDUAL)
     if use_triton:
         if bm is None:  # the tables themselves: no BlockMask, bounds as the selection computed them
-            p_cnt, p_idx, f_cnt, f_idx, _, start, end = tables
+            p_cnt, p_idx, f_cnt, f_idx = tables[:4]
             out = triton_prefill.sparse_prefill_attention(
                 q, k, v, f_cnt, f_idx, p_cnt, p_idx, start, end, q_block=config.q_block,
-                kv_block=config.block_size, scale=scale)
+                kv_block=config.block_size, scale=scale, residual=res)
         else:
-            start, end = _bounds(q.shape[0], q.shape[2], key_valid, q.device)
-            out = triton_prefill.block_mask_attention(q, k, v, bm, start, end, scale=scale)
+            out = triton_prefill.block_mask_attention(q, k, v, bm, start, end, scale=scale, residual=res)
         stats.count(stats.TRITON_PREFILL)
     else:
         tiles = dict(scale=scale, softcap=softcap, block_size=config.block_size, q_block=config.q_block)
         fast = kernel_mask_mod() if key_valid is None else None
         r0 = dense_tail_start(config, q.shape[2], q.device)
-        if r0 is None:
+        if res is not None:  # the summaries as extra keys of the same call (the tail is not split off)
+            out = _residual_flex(q, k, v, bm, res, config, start, end, tiles)
+        elif r0 is None:
             out = flex(q, k, v, bm, kernel_mask_mod=fast, **tiles)
         else:
             out = _with_dense_tail(q, k, v, bm, r0, key_valid, fast, tiles)

@@ -84,6 +84,11 @@ class SketchWalkConfig:
     skip_prefill: bool = False
     """True: prefill runs dense attention (with skip_decode=False: decode-only sparsity)."""
     decode_pinned: float = 0.1
+    residual: bool = False
+    """Prefill: every query also attends one summary entry per whole key block before its query
+    block that the selection dropped (the block's mean key and mean value, weighted by its number
+    of keys), so the dropped blocks keep an estimate of their share of the softmax instead of
+    none (flexwalk.residual; decode steps do not use it)."""
     """Sparse decode: fraction of the prompt's blocks kept in every decode step, forced like sink
     and local blocks (so counted within the budget): the blocks the prompt's last block_size
     queries attend most (exact attention mass, head mean, computed once per prefill).  0: none."""
@@ -133,6 +138,8 @@ class SketchWalkConfig:
         pf = self.decode_pinned
         if isinstance(pf, bool) or not isinstance(pf, (int, float)) or not (0.0 <= pf <= 1.0):
             _fail("decode_pinned", pf, "must be a number in [0, 1]")
+        if not isinstance(self.residual, bool):
+            _fail("residual", self.residual, "must be a bool")
         if not isinstance(self.skip_decode, bool):
             _fail("skip_decode", self.skip_decode, "must be a bool")
         if not isinstance(self.skip_prefill, bool):

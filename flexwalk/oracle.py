@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 from .attention import masked_attention
+from .block_mask import _bounds
 from .config import SketchWalkConfig
+from .residual import block_summaries, residual_allowed
 from .selection import sketchwalk_selection
 from .walk import BlockSelection, WalkState
 
@@ -45,6 +47,32 @@ def reference_attention(q, k, v, mask, *, scale=None, softcap=None) -> torch.Ten
     return masked_attention(q, k, v, mask, scale=scale, softcap=softcap)
 
 
+def residual_reference(q, k, v, mask, selection: BlockSelection, *, key_valid=None, scale=None,
+                       softcap=None) -> torch.Tensor:
+    """Attention under the dense token mask plus the residual's summary entries (flexwalk.residual):
+    the summaries appended to the keys and values, their logits raised by log(count), all in one
+    float32 softmax (float64 for float64 inputs).  Rows with nothing to attend return 0."""
+    bsz, hq, n, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    bs = selection.block_size
+    start, end = _bounds(bsz, n, key_valid, q.device)
+    k_mean, v_mean, log_count = block_summaries(k, v, start, end, bs)
+    allowed = residual_allowed(selection.mask, log_count, torch.arange(n, device=q.device),
+                               selection.q_block_size, bs)  # [B, n, nb]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    kk = torch.cat([k, k_mean], 2).to(acc).repeat_interleave(g, 1)
+    vv = torch.cat([v, v_mean], 2).to(acc).repeat_interleave(g, 1)
+    s = (q.to(acc) @ kk.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s[..., n:] += log_count[:, None, None, :].to(acc)
+    full = torch.cat([mask.expand(bsz, 1, n, n), allowed[:, None]], -1)
+    s = s.masked_fill(~full, float("-inf"))
+    out = torch.softmax(s, -1).nan_to_num(0.0) @ vv
+    return out.to(q.dtype)
+
+
 def eager_sketchwalk_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -57,7 +85,11 @@ def eager_sketchwalk_attention(
     scale: float | None = None,
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, WalkState, BlockSelection]:
-    """Oracle of one sparse layer: (out, state, selection) with a dense token mask and SDPA."""
+    """Oracle of one sparse layer: (out, state, selection) with a dense token mask and SDPA (and,
+    with config.residual, the residual's summaries: `residual_reference`)."""
     selection, new_state = sketchwalk_selection(q, k, config, layer_idx, state, key_valid=key_valid, scale=scale)
     mask = token_mask(q.shape[2], selection=selection, key_valid=key_valid)
+    if config.residual:
+        out = residual_reference(q, k, v, mask, selection, key_valid=key_valid, scale=scale, softcap=softcap)
+        return out, new_state, selection
     return reference_attention(q, k, v, mask, scale=scale, softcap=softcap), new_state, selection

@@ -36,6 +36,7 @@ DECODE_GRAPH_STEPS = "decode_graph_steps"  # sparse decode steps replayed from a
 DECODE_STALE_STEPS = "decode_stale_steps"  # static-cache steps whose position disagreed with the state: dense
 TRITON_PREFILL = "triton_prefill"  # of those sparse_prefill calls, the ones run by flexwalk.triton_prefill's kernel
 TRITON_SELECTION = "triton_selection"  # prefill selections computed by flexwalk.triton_selection (graph replays too)
+RESIDUAL = "residual"  # of those sparse_prefill calls, the ones whose queries also attended the residual summaries
 SELECTION_GRAPH_CAPTURE = "selection_graph_capture"  # a CUDA graph of the prefill selection was captured (once per key)
 
 _REASONS = {

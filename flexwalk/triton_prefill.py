@@ -39,12 +39,13 @@ if HAS_TRITON:
     import triton.language as tl
 
     def _prefill_kernel(
-        Q, K, V, O, F_NUM, F_IDX, P_NUM, P_IDX, START, END,
+        Q, K, V, O, F_NUM, F_IDX, P_NUM, P_IDX, START, END, KM, VM, LC, TBL,
         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh,
         sfnb, sfnm, sfib, sfim, spnb, spnm, spib, spim,
+        skmb, skmh, skmn, svmb, svmh, svmn, slcb, stb, stm,
         H, G, N, NQ, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
-        M_SPLIT: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr,
+        M_SPLIT: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, RESIDUAL: tl.constexpr,
     ):
         pid_h = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -112,6 +113,31 @@ if HAS_TRITON:
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
             m_i = m_new
 
+        if RESIDUAL:  # one summary per dropped key block before this query block (flexwalk.residual)
+            first = (row * (M_SPLIT * BLOCK_M)) // KV_BLOCK
+            km_base = KM + b.to(tl.int64) * skmb + hk.to(tl.int64) * skmh
+            vm_base = VM + b.to(tl.int64) * svmb + hk.to(tl.int64) * svmh
+            t_row = TBL + b.to(tl.int64) * stb + row.to(tl.int64) * stm
+            for r0 in range(0, first, BLOCK_N):
+                jb = r0 + offs_n
+                in_row = jb < first
+                lc = tl.load(LC + b.to(tl.int64) * slcb + jb, mask=in_row, other=float("-inf")) * 1.4426950408889634
+                kept = tl.load(t_row + jb, mask=in_row, other=1)
+                use = in_row & (kept == 0) & (lc > float("-inf"))
+                km = tl.load(km_base + jb[None, :].to(tl.int64) * skmn + offs_d[:, None], mask=in_row[None, :],
+                             other=0.0)
+                s = tl.dot(q, km, input_precision=PRECISION) * qk_scale + lc[None, :]
+                s = tl.where(use[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(s - m_safe[:, None])
+                alpha = tl.math.exp2(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vm = tl.load(vm_base + jb[:, None].to(tl.int64) * svmn + offs_d[None, :], mask=in_row[:, None],
+                             other=0.0)
+                acc = tl.dot(p.to(vm.dtype), vm, acc * alpha[:, None], input_precision=PRECISION)
+                m_i = m_new
+
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(O + b.to(tl.int64) * sob + offs_m[:, None].to(tl.int64) * som + h.to(tl.int64) * soh
                  + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_ok[:, None])
@@ -157,6 +183,7 @@ def sparse_prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     reverse: bool = True,
+    residual: tuple | None = None,
 ) -> torch.Tensor:
     """Causal attention of q over the listed key blocks.
 
@@ -166,7 +193,10 @@ def sparse_prefill_attention(
     ignored); full_idx / part_idx: [B, nq', W] or [B, 1, nq', W] int32 key block indices
     (kv_block keys each), the first count entries valid and unique.  start, end: [B] int32, each row's real keys (partial blocks only).  Returns
     [B, Hq, n, D], a view of a [B, n, Hq, D] tensor.  block_n / num_warps / num_stages /
-    reverse override the launch parameters (tuning, tests).
+    reverse override the launch parameters (tuning, tests).  residual: (k_mean, v_mean,
+    log_count, table) of flexwalk.residual (block_summaries over the table's key blocks, and
+    the [B, nq', nb'] bool selection table): each query also attends the summaries of the key
+    blocks before its query block that the table does not keep.
     """
     if not HAS_TRITON:
         raise RuntimeError("sparse_prefill_attention needs triton (pip install triton)")
@@ -193,15 +223,27 @@ def sparse_prefill_attention(
     start = start.reshape(bsz).to(torch.int32)
     end = end.reshape(bsz).to(torch.int32)
     scale = d ** -0.5 if scale is None else float(scale)
+    if residual is not None:
+        k_mean, v_mean, log_count, table = residual
+        if k_mean.stride(-1) != 1 or v_mean.stride(-1) != 1:
+            k_mean, v_mean = k_mean.contiguous(), v_mean.contiguous()
+        lc2 = log_count  # natural log: the kernel turns it into its exp2 domain
+        tbl = table.reshape(bsz, table.shape[-2], table.shape[-1])
+        tbl = tbl.view(torch.uint8) if tbl.dtype == torch.bool else tbl.to(torch.uint8)
+        res_strides = (k_mean.stride(0), k_mean.stride(1), k_mean.stride(2), v_mean.stride(0), v_mean.stride(1),
+                       v_mean.stride(2), lc2.stride(0), tbl.stride(0), tbl.stride(1))
+    else:
+        k_mean = v_mean = lc2 = tbl = q  # unused (RESIDUAL is off)
+        res_strides = (0,) * 9
     _jit[(bsz * hq, nq)](
-        q, k, v, out, full_num, full_idx, part_num, part_idx, start, end,
+        q, k, v, out, full_num, full_idx, part_num, part_idx, start, end, k_mean, v_mean, lc2, tbl,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         full_num.stride(0), full_num.stride(-1), full_idx.stride(0), full_idx.stride(-2),
-        part_num.stride(0), part_num.stride(-1), part_idx.stride(0), part_idx.stride(-2),
+        part_num.stride(0), part_num.stride(-1), part_idx.stride(0), part_idx.stride(-2), *res_strides,
         hq, hq // hkv, n, nq, scale * _LOG2E,
         D=d, BLOCK_M=block_m, BLOCK_N=bn, KV_BLOCK=kv_block, M_SPLIT=q_block // block_m, REVERSE=reverse,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", RESIDUAL=residual is not None,
         num_warps=num_warps or d_tiles[1], num_stages=num_stages or d_tiles[2],
     )
     return out.transpose(1, 2)

@@ -433,6 +433,9 @@ def _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap, 
     )
     ctx.decode_row = row
     stats.count(stats.SPARSE_DECODE)
+    if cfg.residual:
+        stats.log_once("residual_decode", "flexwalk: residual=True applies to prefill; sparse decode steps attend "
+                       "only their selected blocks (logged once)")
     return out
 
 
