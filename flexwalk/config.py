@@ -204,8 +204,9 @@ AUTO_DENSE_BELOW: dict[str, int] = {"cuda": 8192, "default": 2048}
 PRESETS: dict[str, SketchWalkConfig] = {
     # The paper's granularity and 20% density; damped walk as in the authors' code.
     "default": SketchWalkConfig(),
-    # More budget, wider sketch and per-head scoring: closest to dense.
-    "quality": SketchWalkConfig(density=0.3, sketch_dim=128, head_scoring="per_head", dense_tail_blocks=2),
+    # More budget, wider sketch, per-head scoring and the residual summaries: closest to dense.
+    "quality": SketchWalkConfig(density=0.3, sketch_dim=128, head_scoring="per_head", dense_tail_blocks=2,
+                                residual=True),
     # Kernel-friendly 128-token blocks, 10% density, narrow sketch.
     "speed": SketchWalkConfig(block_size=128, density=0.1, sketch_dim=32),
     # Long prompts: 128-token blocks, a wider local window, dense only under 8K.
