@@ -147,7 +147,7 @@ def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decod
         q,
         k,
         v,
-        score_mod=score_mod if score_mod is not None else None if softcap is None else softcap_score_mod(float(softcap)),
+        score_mod=score_mod if score_mod is not None or softcap is None else softcap_score_mod(float(softcap)),
         block_mask=block_mask,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
@@ -595,10 +595,14 @@ def _residual_flex(q, k, v, bm: BlockMask, res: tuple, config: SketchWalkConfig,
     tbl = packed(table)
     softcap = tiles["softcap"]
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def summary_index(kv_idx):
+        """(whether kv_idx is a summary, its key block: 0 where it is not one or past nbp)."""
         summary = kv_idx >= n_pad
         j = torch.where(summary, kv_idx - n_pad, 0)
-        j = torch.where(j < nbp, j, 0)
+        return summary, torch.where(j < nbp, j, 0)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        summary, j = summary_index(kv_idx)
         qrow = q_idx // qb
         ok = (j < qrow * (qb // bs)) & ~tbl[b, qrow, j] & has[b, j]
         return torch.where(summary, ok, tok_mask(b, h, q_idx, torch.where(summary, 0, kv_idx)))
@@ -606,9 +610,7 @@ def _residual_flex(q, k, v, bm: BlockMask, res: tuple, config: SketchWalkConfig,
     def score_mod(score, b, h, q_idx, kv_idx):
         if softcap is not None:
             score = softcap * torch.tanh(score / softcap)
-        summary = kv_idx >= n_pad
-        j = torch.where(summary, kv_idx - n_pad, 0)
-        j = torch.where(j < nbp, j, 0)
+        summary, j = summary_index(kv_idx)
         return score + torch.where(summary, lc[b, j], 0.0)
 
     rbm = block_mask_from_indices(p_cnt + extra[None].to(p_cnt.dtype), idx, bm.full_kv_num_blocks[:, 0], f_idx,

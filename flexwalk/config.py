@@ -84,14 +84,14 @@ class SketchWalkConfig:
     skip_prefill: bool = False
     """True: prefill runs dense attention (with skip_decode=False: decode-only sparsity)."""
     decode_pinned: float = 0.1
+    """Sparse decode: fraction of the prompt's blocks kept in every decode step, forced like sink
+    and local blocks (so counted within the budget): the blocks the prompt's last block_size
+    queries attend most (exact attention mass, head mean, computed once per prefill).  0: none."""
     residual: bool = False
     """Prefill: every query also attends one summary entry per whole key block before its query
     block that the selection dropped (the block's mean key and mean value, weighted by its number
     of keys), so the dropped blocks keep an estimate of their share of the softmax instead of
     none (flexwalk.residual; decode steps do not use it)."""
-    """Sparse decode: fraction of the prompt's blocks kept in every decode step, forced like sink
-    and local blocks (so counted within the budget): the blocks the prompt's last block_size
-    queries attend most (exact attention mass, head mean, computed once per prefill).  0: none."""
 
     def __post_init__(self) -> None:
         bs = self.block_size

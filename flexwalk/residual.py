@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .sketch import block_means
 from .triton_decode import HAS_TRITON, interpreted
 
 if HAS_TRITON:
@@ -73,14 +74,6 @@ if HAS_TRITON:
 SUMMARY_KERNEL = "auto"
 
 
-def block_counts(start: torch.Tensor, end: torch.Tensor, block_size: int, num_blocks: int) -> torch.Tensor:
-    """[B, num_blocks] float32: real keys (inside [start[b], end[b])) of each key block."""
-    lo = torch.arange(num_blocks, device=start.device, dtype=torch.int64) * block_size
-    hi = lo + block_size
-    s, e = start.to(torch.int64)[:, None], end.to(torch.int64)[:, None]
-    return (torch.minimum(hi[None], e) - torch.maximum(lo[None], s)).clamp(min=0).to(torch.float32)
-
-
 def block_summaries(k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: torch.Tensor, block_size: int,
                     num_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each key block's mean key and mean value over its real keys, and log(count).
@@ -108,17 +101,11 @@ def block_summaries(k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: 
         return k_mean, v_mean, log_count
     pos = torch.arange(n, device=k.device)
     real = (pos[None] >= start.to(pos.dtype)[:, None]) & (pos[None] < end.to(pos.dtype)[:, None])  # [B, n]
-    acc = torch.promote_types(k.dtype, torch.float32)
-    w = real[:, None, :, None].to(acc)
-    pad = nb * block_size - n
-    counts = block_counts(start, end, block_size, nb)
-    denom = counts.clamp(min=1.0)[:, None, :, None]
-    means = []
-    for t in (k, v):
-        s = F.pad(t.to(acc) * w, (0, 0, 0, pad)).view(bsz, hkv, nb, block_size, d).sum(3)
-        means.append((s / denom.to(acc)).to(t.dtype))
+    (k_mean, counts), (v_mean, _) = (block_means(t, block_size, real) for t in (k, v))
+    extra = nb - counts.shape[1]  # blocks past n: empty
+    counts = F.pad(counts, (0, extra))
     log_count = torch.where(counts > 0, counts.log(), torch.full_like(counts, float("-inf")))
-    return means[0], means[1], log_count
+    return F.pad(k_mean, (0, 0, 0, extra)).to(k.dtype), F.pad(v_mean, (0, 0, 0, extra)).to(v.dtype), log_count
 
 
 def _use_kernel(k: torch.Tensor, d: int) -> bool:

@@ -20,13 +20,13 @@ def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = N
     """Mean of x over the valid tokens of each block.
 
     x: [..., n, D] (any float dtype); valid: [B, n] bool or None (all valid), broadcast over
-    the dims between batch and tokens.  Returns (means [..., nb, D] fp32, counts [B or 1, nb]
-    fp32 of valid tokens per block).  Padding tokens never enter a mean; a block without
+    the dims between batch and tokens.  Returns (means [..., nb, D] fp32 (fp64 for fp64 x), counts
+    [B or 1, nb] fp32 of valid tokens per block).  Padding tokens never enter a mean; a block without
     valid tokens has mean 0 and count 0.
     """
     n, d = x.shape[-2], x.shape[-1]
     nb = num_blocks(n, block_size)
-    x = x.float()
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     if valid is None:
         valid_f = torch.ones(1, n, device=x.device, dtype=torch.float32)
     else:
@@ -43,7 +43,7 @@ def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = N
     vbuf[:, :n] = valid_f
     counts = vbuf.reshape(valid_f.shape[0], nb, block_size).sum(-1)
     cshape = (counts.shape[0],) + (1,) * (x.dim() - 3) + (nb, 1)
-    means = sums / counts.clamp_min(1.0).reshape(cshape)
+    means = sums / counts.clamp_min(1.0).reshape(cshape).to(sums.dtype)
     return means, counts
 
 

@@ -121,7 +121,8 @@ if HAS_TRITON:
             for r0 in range(0, first, BLOCK_N):
                 jb = r0 + offs_n
                 in_row = jb < first
-                lc = tl.load(LC + b.to(tl.int64) * slcb + jb, mask=in_row, other=float("-inf")) * 1.4426950408889634
+                lc = tl.load(LC + b.to(tl.int64) * slcb + jb, mask=in_row, other=float("-inf"))
+                lc = lc * 1.4426950408889634  # ln(count) -> log2(count), the kernel's exp2 domain
                 kept = tl.load(t_row + jb, mask=in_row, other=1)
                 use = in_row & (kept == 0) & (lc > float("-inf"))
                 km = tl.load(km_base + jb[None, :].to(tl.int64) * skmn + offs_d[:, None], mask=in_row[None, :],
@@ -227,16 +228,15 @@ def sparse_prefill_attention(
         k_mean, v_mean, log_count, table = residual
         if k_mean.stride(-1) != 1 or v_mean.stride(-1) != 1:
             k_mean, v_mean = k_mean.contiguous(), v_mean.contiguous()
-        lc2 = log_count  # natural log: the kernel turns it into its exp2 domain
         tbl = table.reshape(bsz, table.shape[-2], table.shape[-1])
         tbl = tbl.view(torch.uint8) if tbl.dtype == torch.bool else tbl.to(torch.uint8)
         res_strides = (k_mean.stride(0), k_mean.stride(1), k_mean.stride(2), v_mean.stride(0), v_mean.stride(1),
-                       v_mean.stride(2), lc2.stride(0), tbl.stride(0), tbl.stride(1))
+                       v_mean.stride(2), log_count.stride(0), tbl.stride(0), tbl.stride(1))
     else:
-        k_mean = v_mean = lc2 = tbl = q  # unused (RESIDUAL is off)
+        k_mean = v_mean = log_count = tbl = q  # unused (RESIDUAL is off)
         res_strides = (0,) * 9
     _jit[(bsz * hq, nq)](
-        q, k, v, out, full_num, full_idx, part_num, part_idx, start, end, k_mean, v_mean, lc2, tbl,
+        q, k, v, out, full_num, full_idx, part_num, part_idx, start, end, k_mean, v_mean, log_count, tbl,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         full_num.stride(0), full_num.stride(-1), full_idx.stride(0), full_idx.stride(-2),
