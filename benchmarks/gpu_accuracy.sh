@@ -78,6 +78,9 @@ setup)
     mkdir -p "$STORE/data" && tar -C "$STORE/data" -xzf "$STORE/data.tgz" && rm "$STORE/data.tgz"
     find "$STORE/data" -name validation.jsonl | wc -l; exit 0
   fi
+  if [ -n "$(find "$STORE/data" -name validation.jsonl -print -quit 2>/dev/null)" ]; then
+    echo "data already in the store (a setup for the other model)"; exit 0
+  fi
   gen() { python -m flexwalk niah generate --model "$1" --tasks "$2" --lengths "$3" --samples 50 --out "$STORE/data/$1" >/dev/null; }
   export -f gen; export STORE
   tasks="niah_single_1 niah_single_2 niah_single_3 niah_multikey_1 niah_multikey_2 niah_multikey_3 niah_multivalue niah_multiquery"
