@@ -19,6 +19,22 @@ def compiled_on_cpu(monkeypatch):
     monkeypatch.setattr(attention, "COMPILE_SELECTION_ON_CPU", True)
 
 
+def test_oracle_selection_is_never_compiled(compiled_on_cpu, monkeypatch):
+    """walk="oracle" runs the eager selection where the others compile: compiling its chunk loop
+    over a dynamic length took minutes per process on the GPU."""
+    def refuse(config):
+        raise AssertionError(f"compiled selection requested for walk={config.walk!r}")
+
+    monkeypatch.setattr(attention, "_compiled_selection_tables", refuse)
+    q, k, v = random_qkv(1, 4, 2, 200, 16, seed=1)
+    oracle = SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=0, walk="oracle")
+    out, _ = flexwalk.sketchwalk_attention(q, k, v, oracle, 0, None)
+    ref, _, _ = eager_sketchwalk_attention(q, k, v, oracle, 0, None)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError, match="walk='damped'"):
+        flexwalk.sketchwalk_attention(q, k, v, oracle.replace(walk="damped"), 0, None)
+
+
 @pytest.mark.parametrize("walk,qbs", [("damped", None), ("oracle", None), ("damped", 32)])
 def test_compiled_fused_selection_matches_the_oracle(compiled_on_cpu, walk, qbs):
     """Three layers (walk state carried), GQA 3, left padding, a length off the block grid;
