@@ -148,28 +148,57 @@ def grid(lengths, batches, densities, budget_s, blocks=("128",)):
     return rows
 
 
+def _triton_compiled() -> int:
+    """Kernels Triton has compiled so far for flexwalk's JIT functions (all devices)."""
+    from triton.runtime.jit import JITFunction
+
+    from flexwalk import residual, triton_decode, triton_prefill, triton_selection
+
+    total = 0
+    for mod in (triton_prefill, residual, triton_selection, triton_decode):
+        for fn in vars(mod).values():
+            if isinstance(fn, JITFunction):
+                total += sum(len(c[0]) for c in fn.device_caches.values())
+    return total
+
+
 def recompiles():
+    """Ten prompt lengths in one bucket after warm-up, for each prefill kernel with and without
+    the residual: new dynamo graphs and new Triton kernels (both must be 0)."""
     from torch._dynamo.utils import counters
 
-    cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0)
+    import flexwalk.attention as attention
 
-    def run(n):
-        q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)  # not k itself: flex guards on key/value aliasing
-        with torch.no_grad():
-            sketchwalk_attention(q, k, v, cfg, 0)
-
-    for n in (4097, 4500, 4224):
-        run(n)
-    before = counters["stats"]["unique_graphs"]
     lengths = [4100, 4300, 4352, 4500, 4700, 4900, 5000, 5100, 5120, 4600]  # one flex bucket (5120)
-    for n in lengths:
-        run(n)
-    torch.cuda.synchronize()
-    new = counters["stats"]["unique_graphs"] - before
-    log(f"ten lengths in one bucket after warm-up: {new} new compiled graphs")
-    return {"lengths": lengths, "new_graphs": new}
+    out = {"lengths": lengths}
+    for kernel in ("triton", "flex"):
+        for residual in (False, True):
+            cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0, residual=residual)
+            attention.PREFILL_KERNEL = kernel
+
+            def run(n):
+                q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
+                k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+                v = torch.randn_like(k)  # not k itself: flex guards on key/value aliasing
+                with torch.no_grad():
+                    st = None
+                    for layer in range(2):  # the second layer carries the walk
+                        _, st = sketchwalk_attention(q, k, v, cfg, layer, st)
+
+            for n in (4097, 4500, 4224):
+                run(n)
+            graphs, kernels = counters["stats"]["unique_graphs"], _triton_compiled()
+            for n in lengths:
+                run(n)
+            torch.cuda.synchronize()
+            name = f"{kernel}{'+residual' if residual else ''}"
+            out[name] = {"new_graphs": counters["stats"]["unique_graphs"] - graphs,
+                         "new_triton_kernels": _triton_compiled() - kernels}
+            log(f"{name}: ten lengths in one bucket after warm-up: {out[name]['new_graphs']} new compiled graphs, "
+                f"{out[name]['new_triton_kernels']} new Triton kernels")
+    attention.PREFILL_KERNEL = "auto"
+    out["new_graphs"] = sum(v["new_graphs"] for k, v in out.items() if isinstance(v, dict))
+    return out
 
 
 def _prompt(n: int, vocab: int, device) -> torch.Tensor:
