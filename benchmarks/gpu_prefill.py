@@ -193,9 +193,11 @@ def recompiles():
             torch.cuda.synchronize()
             name = f"{kernel}{'+residual' if residual else ''}"
             out[name] = {"new_graphs": counters["stats"]["unique_graphs"] - graphs,
-                         "new_triton_kernels": _triton_compiled() - kernels}
-            log(f"{name}: ten lengths in one bucket after warm-up: {out[name]['new_graphs']} new compiled graphs, "
-                f"{out[name]['new_triton_kernels']} new Triton kernels")
+                         "new_triton_kernels": _triton_compiled() - kernels, "triton_kernels": _triton_compiled(),
+                         "graphs": counters["stats"]["unique_graphs"]}
+            log(f"{name}: ten lengths in one bucket after warm-up: {out[name]['new_graphs']} new compiled graphs "
+                f"(of {out[name]['graphs']}), {out[name]['new_triton_kernels']} new Triton kernels "
+                f"(of {out[name]['triton_kernels']})")
     attention.PREFILL_KERNEL = "auto"
     out["new_graphs"] = sum(v["new_graphs"] for k, v in out.items() if isinstance(v, dict))
     return out
