@@ -55,10 +55,10 @@ def _hadamard(n: int) -> torch.Tensor:
     return h
 
 
-def effective_sketch_dim(head_dim: int, sketch_dim: int) -> int:
-    """The sketch width used: r, at most the head dim padded to a power of two."""
+def effective_sketch_dim(head_dim: int, sketch_dim: int | None) -> int:
+    """The sketch width used: r, at most the head dim padded to a power of two (None: that)."""
     dp = 1 << max(0, math.ceil(math.log2(head_dim)))
-    return min(sketch_dim, dp)
+    return dp if sketch_dim is None else min(sketch_dim, dp)
 
 
 @functools.lru_cache(maxsize=256)

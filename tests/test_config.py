@@ -21,6 +21,8 @@ from flexwalk.config import block_budget
         ("query_block_size", True),
         ("query_block_size", 128.0),
         ("sketch_dim", 0),
+        ("sketch_dim", 64.0),
+        ("sketch_dim", "exact"),
         ("sparsity_exponent", 0.0),
         ("sparsity_exponent", float("nan")),
         ("density", 0.0),

@@ -23,6 +23,25 @@ def test_srht_full_width_is_orthogonal_and_exact():
     assert torch.allclose(p @ p.T, torch.eye(64, dtype=torch.float64), atol=1e-12)
 
 
+def test_default_sketch_is_exact_at_any_head_dim():
+    """sketch_dim=None (the default) is the padded head dim: the sketch preserves every inner
+    product, so the selection's block scores carry no sketch error."""
+    from flexwalk import SketchWalkConfig
+    from flexwalk.selection import sketch_matrix
+
+    assert SketchWalkConfig().sketch_dim is None
+    assert [effective_sketch_dim(d, None) for d in (64, 80, 128, 256)] == [64, 128, 128, 256]
+    g = torch.Generator().manual_seed(0)
+    for d in (64, 80, 256):
+        p = sketch_matrix(SketchWalkConfig(), 3, d, "cpu").double()
+        x, y = torch.randn(5, d, generator=g, dtype=torch.float64), torch.randn(7, d, generator=g, dtype=torch.float64)
+        # P is stored in float32: its rounding (eps32 per entry) is the only error allowed
+        bound = 4 * torch.finfo(torch.float32).eps * x.norm(dim=1)[:, None] * y.norm(dim=1)[None, :]
+        assert (((x @ p) @ (y @ p).T - x @ y.T).abs() <= bound).all()
+        narrow = sketch_matrix(SketchWalkConfig(sketch_dim=16), 3, d, "cpu").double()
+        assert ((x @ narrow) @ (y @ narrow).T - x @ y.T).abs().max() > 0.1  # a real sketch is not exact
+
+
 def test_srht_shape_clipping_and_determinism():
     assert effective_sketch_dim(80, 512) == 128  # padded head dim 128
     p = srht_matrix(80, 512, 0)
