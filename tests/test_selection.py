@@ -16,7 +16,7 @@ from flexwalk.walk import select_blocks, transition_matrix, walk_step
 configs = st.builds(
     SketchWalkConfig,
     block_size=st.sampled_from([16, 32]),
-    sketch_dim=st.sampled_from([8, 16, 64]),
+    sketch_dim=st.sampled_from([8, 16, 64, None]),
     density=st.floats(0.05, 1.0),
     sink_blocks=st.integers(0, 2),
     local_blocks=st.integers(1, 3),
