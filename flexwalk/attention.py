@@ -609,9 +609,11 @@ def _residual_flex(q, k, v, bm: BlockMask, res: tuple, config: SketchWalkConfig,
         ok = (j < qrow * (qb // bs)) & ~tbl[b, qrow, j] & has[b, j]
         return torch.where(summary, ok, tok_mask(b, h, q_idx, torch.where(summary, 0, kv_idx)))
 
+    cap = None if softcap is None else softcap_score_mod(float(softcap))
+
     def score_mod(score, b, h, q_idx, kv_idx):
-        if softcap is not None:
-            score = softcap * torch.tanh(score / softcap)
+        if cap is not None:
+            score = cap(score, b, h, q_idx, kv_idx)
         summary, j = summary_index(kv_idx)
         return score + torch.where(summary, lc[b, j], 0.0)
 
@@ -649,9 +651,12 @@ def sparse_prefill(
         )
         bm = selection_block_mask(selection, key_valid=key_valid)
         kept, causal = selection.kept, selection.causal
-        n_pad = bm.seq_lengths[0]
-        table = _pad_table(selection.mask, -(-n_pad // config.q_block), n_pad // config.block_size)
-        start, end = _bounds(q.shape[0], q.shape[2], key_valid, q.device)
+        table = start = end = None  # only the Triton kernel and the residual read them
+        if config.residual:
+            n_pad = bm.seq_lengths[0]
+            table = _pad_table(selection.mask, -(-n_pad // config.q_block), n_pad // config.block_size)
+        if use_triton or config.residual:
+            start, end = _bounds(q.shape[0], q.shape[2], key_valid, q.device)
     res = None
     if config.residual:  # summaries of the key blocks of the table (residual.py)
         res = (*block_summaries(k, v, start, end, config.block_size, table.shape[-1]), table)

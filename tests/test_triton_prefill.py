@@ -127,6 +127,21 @@ def test_kernel_reads_strided_inputs_as_transformers_passes_them():
     assert torch.equal(a, b)
 
 
+def test_sketch_path_equals_oracle(triton_kernel):
+    """The path that keeps the layer's sketch (prefill before sparse decode, tensor parallelism)
+    hands the kernel a BlockMask and the rows' key bounds (block_mask_attention): against the
+    oracle with left padding and a length off the block grid."""
+    from flexwalk.selection import layer_sketch
+
+    cfg = SketchWalkConfig(block_size=16, density=0.2, dense_layers=0, dense_below=0, sketch_dim=16)
+    q, k, v = random_qkv(2, 4, 2, 233, 16, seed=12)
+    kv = left_padding(2, 233, [0, 50])
+    out, _ = sketchwalk_attention(q, k, v, cfg, 0, key_valid=kv, sketch=layer_sketch(q, k, cfg, 0, key_valid=kv))
+    _, _, sel = eager_sketchwalk_attention(q, k, v, cfg, 0, key_valid=kv)
+    assert_matches_reference(q, k, v, token_mask(233, selection=sel, key_valid=kv), out)
+    assert flexwalk.counters()["triton_prefill"] == 1 and "residual" not in flexwalk.counters()
+
+
 def test_padding_rows_attend_to_themselves(triton_kernel):
     """A left-padding query sees only its own key (flex's mask_mod and the oracle agree), so its
     output is its own value row; real rows never see padding keys."""
