@@ -23,10 +23,9 @@ import os
 import torch
 from torch.nn.attention import SDPBackend
 
-import flexwalk
-import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig, sketchwalk_attention
 from gpu_prefill import bench, block_spec, env_info, llama8b_qkv, log, run_sections, sdpa_ms  # this folder is on sys.path
+from gpu_triton_prefill import outputs_by_kernel
 
 RESULTS: dict = {}
 
@@ -41,16 +40,7 @@ def check(cases=CHECK_CASES):
         kv = torch.ones(2, n, dtype=torch.bool, device="cuda")
         kv[1, : n // 3 + 5] = False
         cfg = SketchWalkConfig(**block_spec(spec), density=0.2, dense_layers=0, dense_below=0, residual=True)
-        outs, counts = {}, {}
-        for kernel in ("flex", "triton"):
-            attention.PREFILL_KERNEL = kernel
-            flexwalk.reset_counters()
-            st, o = None, []
-            for layer in range(3):
-                out, st = sketchwalk_attention(q, k, v, cfg, layer, st, key_valid=kv)
-                o.append(out)
-            outs[kernel], counts[kernel] = o, dict(flexwalk.counters())
-        attention.PREFILL_KERNEL = "auto"
+        outs, counts = outputs_by_kernel(q, k, v, cfg, kv)
         real = kv[:, None, :, None]
         diff = max(float(((a.float() - b.float()).abs() * real).max()) for a, b in zip(outs["flex"], outs["triton"]))
         plain = SketchWalkConfig(**block_spec(spec), density=0.2, dense_layers=0, dense_below=0)

@@ -58,6 +58,24 @@ CHECK_CASES = [("128", 32, 8, 128, 3000, False), ("128", 32, 8, 128, 20000, True
                ("q128kv64", 32, 8, 128, 20000, False), ("64", 4, 1, 256, 5000, True), ("128", 4, 1, 256, 3000, False)]
 
 
+def outputs_by_kernel(q, k, v, cfg, key_valid, layers=3):
+    """`layers` layers of `sketchwalk_attention` (walk carried) run with flex and with the Triton
+    prefill kernel: ({kernel: [outputs]}, {kernel: counters})."""
+    outs, counts = {}, {}
+    try:
+        for kernel in ("flex", "triton"):
+            attention.PREFILL_KERNEL = kernel
+            flexwalk.reset_counters()
+            st, o = None, []
+            for layer in range(layers):
+                out, st = sketchwalk_attention(q, k, v, cfg, layer, st, key_valid=key_valid)
+                o.append(out)
+            outs[kernel], counts[kernel] = o, dict(flexwalk.counters())
+    finally:
+        attention.PREFILL_KERNEL = "auto"
+    return outs, counts
+
+
 def check(cases=CHECK_CASES):
     rows = []
     for spec, hq, hkv, d, n, pad in cases:
@@ -68,16 +86,8 @@ def check(cases=CHECK_CASES):
             kv = torch.ones(2, n, dtype=torch.bool, device=DEV)
             kv[1, : n // 3] = False
         cfg = SketchWalkConfig(**block_spec(spec), density=0.2, dense_layers=0, dense_below=0, dense_tail_blocks=2)
-        outs, counts = {}, {}
-        for kernel in ("flex", "triton"):
-            attention.PREFILL_KERNEL = kernel
-            flexwalk.reset_counters()
-            st, o = None, []
-            for layer in range(3):
-                out, st = sketchwalk_attention(q, k, v, cfg, layer, st, key_valid=kv)
-                o.append(out)
-            outs[kernel], counts[kernel] = o, flexwalk.counters().get("triton_prefill", 0)
-        attention.PREFILL_KERNEL = "auto"
+        outs, counters = outputs_by_kernel(q, k, v, cfg, kv)
+        counts = {kernel: c.get("triton_prefill", 0) for kernel, c in counters.items()}
         diffs, finite = [], True
         for a, b in zip(outs["flex"], outs["triton"]):
             real = slice(None) if kv is None else kv[1]
