@@ -38,6 +38,38 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    @triton.jit
+    def _online_softmax(acc, l_i, m_i, s, v, scale, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+        """One key tile of the online softmax: s [BLOCK_M, BLOCK_N] scores (masked entries -inf when
+        MASKED), times `scale` in the exp2 domain; v the tile's values.  Returns (acc, l_i, m_i)."""
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
+        if MASKED:  # a row with no key in this tile yet keeps exp2(-inf) = 0 and a finite shift
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(s * scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _lazy_softmax(acc, l_i, m_i, s, v, scale, TAU: tl.constexpr, PRECISION: tl.constexpr):
+        """`_online_softmax` of an unmasked tile that rescales only when some row's maximum grows by
+        more than TAU (log2 units): otherwise the stale maximum stays, p <= 2**TAU, and the final
+        division by l_i (summed under the same shift as acc) cancels it exactly."""
+        m_tile = tl.max(s, 1) * scale
+        if tl.max(m_tile - m_i, 0) > TAU:
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        p = tl.math.exp2(s * scale - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        return acc, l_i, m_i
+
     def _prefill_kernel(
         Q, K, V, O, F_NUM, F_IDX, P_NUM, P_IDX, START, END, KM, VM, LC, TBL,
         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh,
@@ -46,6 +78,7 @@ if HAS_TRITON:
         H, G, N, NQ, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
         M_SPLIT: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, RESIDUAL: tl.constexpr,
+        LAZY: tl.constexpr, PIPELINE: tl.constexpr,
     ):
         pid_h = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -76,18 +109,37 @@ if HAS_TRITON:
         # full blocks: every (query, key) pair allowed, no mask, no bounds
         n_full = tl.load(F_NUM + b * sfnb + row * sfnm)
         f_row = F_IDX + b.to(tl.int64) * sfib + row.to(tl.int64) * sfim
-        for j in range(0, n_full * SUB):
-            blk = tl.load(f_row + j // SUB)
-            start_n = (blk * KV_BLOCK + (j % SUB) * BLOCK_N).to(tl.int64)
-            k = tl.load(k_base + start_n * skn + k_off)
-            s = tl.dot(q, k, input_precision=PRECISION)
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + start_n * svn + v_off)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
+        if PIPELINE:  # the next tile's QK product is issued before this tile's softmax
+            n_tiles = n_full * SUB
+            if n_tiles > 0:
+                cur_n = (tl.load(f_row) * KV_BLOCK).to(tl.int64)
+                s_cur = tl.dot(q, tl.load(k_base + cur_n * skn + k_off), input_precision=PRECISION)
+                for j in range(1, n_tiles):
+                    nxt_n = (tl.load(f_row + j // SUB) * KV_BLOCK + (j % SUB) * BLOCK_N).to(tl.int64)
+                    s_nxt = tl.dot(q, tl.load(k_base + nxt_n * skn + k_off), input_precision=PRECISION)
+                    v_cur = tl.load(v_base + cur_n * svn + v_off)
+                    if LAZY:
+                        acc, l_i, m_i = _lazy_softmax(acc, l_i, m_i, s_cur, v_cur, qk_scale, 8.0, PRECISION)
+                    else:
+                        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s_cur, v_cur, qk_scale, False, PRECISION)
+                    s_cur = s_nxt
+                    cur_n = nxt_n
+                v_cur = tl.load(v_base + cur_n * svn + v_off)
+                if LAZY:
+                    acc, l_i, m_i = _lazy_softmax(acc, l_i, m_i, s_cur, v_cur, qk_scale, 8.0, PRECISION)
+                else:
+                    acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s_cur, v_cur, qk_scale, False, PRECISION)
+        else:
+            for j in range(0, n_full * SUB):
+                blk = tl.load(f_row + j // SUB)
+                start_n = (blk * KV_BLOCK + (j % SUB) * BLOCK_N).to(tl.int64)
+                k = tl.load(k_base + start_n * skn + k_off)
+                s = tl.dot(q, k, input_precision=PRECISION)
+                v = tl.load(v_base + start_n * svn + v_off)
+                if LAZY:
+                    acc, l_i, m_i = _lazy_softmax(acc, l_i, m_i, s, v, qk_scale, 8.0, PRECISION)
+                else:
+                    acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, qk_scale, False, PRECISION)
 
         # partial blocks: causal, keys inside [start, end), a query always sees itself
         start = tl.load(START + b)
@@ -100,18 +152,12 @@ if HAS_TRITON:
             tok = start_n + offs_n
             inside = tok < N
             k = tl.load(k_base + start_n.to(tl.int64) * skn + k_off, mask=inside[None, :], other=0.0)
-            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+            s = tl.dot(q, k, input_precision=PRECISION)
             ok = (tok[None, :] <= offs_m[:, None]) & (tok[None, :] >= start) & (tok[None, :] < end)
             ok = (ok | (tok[None, :] == offs_m[:, None])) & inside[None, :]
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key in this tile yet
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + start_n.to(tl.int64) * svn + v_off, mask=inside[:, None], other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
+            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, qk_scale, True, PRECISION)
 
         if RESIDUAL:  # one summary per dropped key block before this query block (flexwalk.residual)
             first = (row * (M_SPLIT * BLOCK_M)) // KV_BLOCK
@@ -129,15 +175,9 @@ if HAS_TRITON:
                              other=0.0)
                 s = tl.dot(q, km, input_precision=PRECISION) * qk_scale + lc[None, :]
                 s = tl.where(use[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(s - m_safe[:, None])
-                alpha = tl.math.exp2(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
                 vm = tl.load(vm_base + jb[:, None].to(tl.int64) * svmn + offs_d[None, :], mask=in_row[:, None],
                              other=0.0)
-                acc = tl.dot(p.to(vm.dtype), vm, acc * alpha[:, None], input_precision=PRECISION)
-                m_i = m_new
+                acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, vm, 1.0, True, PRECISION)
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(O + b.to(tl.int64) * sob + offs_m[:, None].to(tl.int64) * som + h.to(tl.int64) * soh
@@ -185,6 +225,8 @@ def sparse_prefill_attention(
     num_stages: int | None = None,
     reverse: bool = True,
     residual: tuple | None = None,
+    lazy_rescale: bool = False,
+    pipeline: bool = False,
 ) -> torch.Tensor:
     """Causal attention of q over the listed key blocks.
 
@@ -194,7 +236,8 @@ def sparse_prefill_attention(
     ignored); full_idx / part_idx: [B, nq', W] or [B, 1, nq', W] int32 key block indices
     (kv_block keys each), the first count entries valid and unique.  start, end: [B] int32, each row's real keys (partial blocks only).  Returns
     [B, Hq, n, D], a view of a [B, n, Hq, D] tensor.  block_n / num_warps / num_stages /
-    reverse override the launch parameters (tuning, tests).  residual: (k_mean, v_mean,
+    reverse override the launch parameters (tuning, tests); lazy_rescale and pipeline choose
+    variants of the full-block loop (benchmarks/gpu_triton_prefill.py's `variants` section).  residual: (k_mean, v_mean,
     log_count, table) of flexwalk.residual (block_summaries over the table's key blocks, and
     the [B, nq', nb'] bool selection table): each query also attends the summaries of the key
     blocks before its query block that the table does not keep.
@@ -244,6 +287,7 @@ def sparse_prefill_attention(
         hq, hq // hkv, n, nq, scale * _LOG2E,
         D=d, BLOCK_M=block_m, BLOCK_N=bn, KV_BLOCK=kv_block, M_SPLIT=q_block // block_m, REVERSE=reverse,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", RESIDUAL=residual is not None,
+        LAZY=lazy_rescale, PIPELINE=pipeline,
         num_warps=num_warps or d_tiles[1], num_stages=num_stages or d_tiles[2],
     )
     return out.transpose(1, 2)
