@@ -1,6 +1,6 @@
 """GPU check and benchmark of flexwalk's Triton block-sparse prefill kernel (issue 5): one device call.
 
-    PYTHONPATH=. python benchmarks/gpu_triton_prefill.py --out DIR [--sections check,tune,speed,rounds,tune_small,layout,variants]
+    PYTHONPATH=. python benchmarks/gpu_triton_prefill.py --out DIR [--sections check,tune,speed,rounds,tune_small,layout]
         [--lengths 8192,32768,131072] [--tune-lengths 32768,131072]
 
 1. check: the Triton kernel (flexwalk.attention.PREFILL_KERNEL = "triton") against compiled flex
@@ -20,8 +20,6 @@
    and their median: the 128K ratio moves between runs by more than 5% otherwise.
 5. tune_small: the same tilings on SmolLM2-135M's shape (head dim 64, block 64, batch 16).
 6. layout: q, k, v strided as transformers passes them against contiguous, each kernel.
-7. variants: the full-block loop's variants (lazy rescaling, the next QK product issued before
-   the softmax, 64-key tiles), sparse and dense causal, interleaved rounds against the base kernel.
 Writes DIR/gpu_triton_prefill.json.  Medians of triton.testing.do_bench.
 """
 
@@ -285,55 +283,6 @@ def rounds(lengths, n_rounds=7):
     return rows
 
 
-VARIANTS = {  # name: sparse_prefill_attention keyword arguments (the full-block loop's variants)
-    "base": {}, "lazy": dict(lazy_rescale=True), "pipeline": dict(pipeline=True),
-    "lazy_pipeline": dict(lazy_rescale=True, pipeline=True), "pipeline_n64": dict(pipeline=True, block_n=64),
-    "lazy_pipeline_n64": dict(lazy_rescale=True, pipeline=True, block_n=64),
-}
-
-
-def variants(lengths, n_rounds=3, names=tuple(VARIANTS)):
-    """The attention alone, 8B shape: each variant of the Triton kernel's full-block loop on our
-    20% selection (block 128) and on dense causal attention (every causal block listed, up to
-    32K), with cuDNN, in interleaved rounds; per-round time ratios to the base kernel, their
-    median, and each variant's max |difference| from the base output."""
-    rows = []
-    cfg = SketchWalkConfig(**block_spec("128"), density=0.2, dense_layers=0, dense_below=0)
-    for n in lengths:
-        long = n >= 65536
-        q, k, v = _llama8b_qkv(n)
-        start, end = _bounds(1, n, None, q.device)
-        masks = {"sparse": fused_selection_mask(q, k, cfg, 0, None)[0]}
-        if n <= 32768:
-            masks["dense"] = dense_block_mask(1, n, n, 128, q.device)
-        for kind, bm in masks.items():
-            r = dict(n=n, kind=kind, cudnn_ms=[], **{f"{x}_ms": [] for x in names})
-            ref = block_mask_attention(q, k, v, bm, start, end)
-            for x in names:
-                try:
-                    r[f"{x}_max_abs_diff"] = float((block_mask_attention(q, k, v, bm, start, end, **VARIANTS[x]).float()
-                                                    - ref.float()).abs().max())
-                except Exception as e:  # a variant that does not compile or fit
-                    r[f"{x}_error"] = repr(e)[:300]
-            ok = [x for x in names if f"{x}_error" not in r]
-            for _ in range(n_rounds):
-                r["cudnn_ms"].append(sdpa_ms(q, k, v, SDPBackend.CUDNN_ATTENTION, long))
-                for x in ok:
-                    r[f"{x}_ms"].append(bench(lambda: block_mask_attention(q, k, v, bm, start, end, **VARIANTS[x]), long))
-            for x in ok:
-                ratios = sorted(t / b for t, b in zip(r[f"{x}_ms"], r["base_ms"]))
-                r[f"{x}_time_ratio_median"] = ratios[len(ratios) // 2]
-            log(f"{n} {kind}: cudnn {min(r['cudnn_ms']):.3f} ms; " + "; ".join(
-                f"{x} {min(r[f'{x}_ms']):.3f} ms x{r[f'{x}_time_ratio_median']:.3f} "
-                f"(diff {r[f'{x}_max_abs_diff']:.4f})" for x in ok)
-                + "".join(f"; {x} failed: {r[f'{x}_error']}" for x in names if x not in ok))
-            rows.append(r)
-            del ref
-        del q, k, v, masks
-        _empty_cache()
-    return rows
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -348,8 +297,7 @@ def main():
     log(RESULTS["env"])
     sections = {"check": (check, ()), "tune": (tune, (ints(args.tune_lengths), TILINGS, args.tune_blocks)),
                 "speed": (speed, (ints(args.lengths),)), "tune_small": (tune_small, (ints(args.small_lengths),)),
-                "layout": (layout, (ints(args.tune_lengths),)), "rounds": (rounds, (ints(args.lengths),)),
-                "variants": (variants, (ints(args.tune_lengths),))}
+                "layout": (layout, (ints(args.tune_lengths),)), "rounds": (rounds, (ints(args.lengths),))}
     run_sections([(name, *sections[name]) for name in args.sections.split(",")], RESULTS,
                  os.path.join(args.out, "gpu_triton_prefill.json"))
 

@@ -53,23 +53,6 @@ if HAS_TRITON:
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         return acc, l_i, m_new
 
-    @triton.jit
-    def _lazy_softmax(acc, l_i, m_i, s, v, scale, TAU: tl.constexpr, PRECISION: tl.constexpr):
-        """`_online_softmax` of an unmasked tile that rescales only when some row's maximum grows by
-        more than TAU (log2 units): otherwise the stale maximum stays, p <= 2**TAU, and the final
-        division by l_i (summed under the same shift as acc) cancels it exactly."""
-        m_tile = tl.max(s, 1) * scale
-        if tl.max(m_tile - m_i, 0) > TAU:
-            m_new = tl.maximum(m_i, m_tile)
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        p = tl.math.exp2(s * scale - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        return acc, l_i, m_i
-
     def _prefill_kernel(
         Q, K, V, O, F_NUM, F_IDX, P_NUM, P_IDX, START, END, KM, VM, LC, TBL,
         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh,
@@ -78,7 +61,6 @@ if HAS_TRITON:
         H, G, N, NQ, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
         M_SPLIT: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, RESIDUAL: tl.constexpr,
-        LAZY: tl.constexpr, PIPELINE: tl.constexpr,
     ):
         pid_h = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -109,37 +91,13 @@ if HAS_TRITON:
         # full blocks: every (query, key) pair allowed, no mask, no bounds
         n_full = tl.load(F_NUM + b * sfnb + row * sfnm)
         f_row = F_IDX + b.to(tl.int64) * sfib + row.to(tl.int64) * sfim
-        if PIPELINE:  # the next tile's QK product is issued before this tile's softmax
-            n_tiles = n_full * SUB
-            if n_tiles > 0:
-                cur_n = (tl.load(f_row) * KV_BLOCK).to(tl.int64)
-                s_cur = tl.dot(q, tl.load(k_base + cur_n * skn + k_off), input_precision=PRECISION)
-                for j in range(1, n_tiles):
-                    nxt_n = (tl.load(f_row + j // SUB) * KV_BLOCK + (j % SUB) * BLOCK_N).to(tl.int64)
-                    s_nxt = tl.dot(q, tl.load(k_base + nxt_n * skn + k_off), input_precision=PRECISION)
-                    v_cur = tl.load(v_base + cur_n * svn + v_off)
-                    if LAZY:
-                        acc, l_i, m_i = _lazy_softmax(acc, l_i, m_i, s_cur, v_cur, qk_scale, 8.0, PRECISION)
-                    else:
-                        acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s_cur, v_cur, qk_scale, False, PRECISION)
-                    s_cur = s_nxt
-                    cur_n = nxt_n
-                v_cur = tl.load(v_base + cur_n * svn + v_off)
-                if LAZY:
-                    acc, l_i, m_i = _lazy_softmax(acc, l_i, m_i, s_cur, v_cur, qk_scale, 8.0, PRECISION)
-                else:
-                    acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s_cur, v_cur, qk_scale, False, PRECISION)
-        else:
-            for j in range(0, n_full * SUB):
-                blk = tl.load(f_row + j // SUB)
-                start_n = (blk * KV_BLOCK + (j % SUB) * BLOCK_N).to(tl.int64)
-                k = tl.load(k_base + start_n * skn + k_off)
-                s = tl.dot(q, k, input_precision=PRECISION)
-                v = tl.load(v_base + start_n * svn + v_off)
-                if LAZY:
-                    acc, l_i, m_i = _lazy_softmax(acc, l_i, m_i, s, v, qk_scale, 8.0, PRECISION)
-                else:
-                    acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, qk_scale, False, PRECISION)
+        for j in range(0, n_full * SUB):
+            blk = tl.load(f_row + j // SUB)
+            start_n = (blk * KV_BLOCK + (j % SUB) * BLOCK_N).to(tl.int64)
+            k = tl.load(k_base + start_n * skn + k_off)
+            s = tl.dot(q, k, input_precision=PRECISION)
+            v = tl.load(v_base + start_n * svn + v_off)
+            acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, qk_scale, False, PRECISION)
 
         # partial blocks: causal, keys inside [start, end), a query always sees itself
         start = tl.load(START + b)
@@ -225,8 +183,6 @@ def sparse_prefill_attention(
     num_stages: int | None = None,
     reverse: bool = True,
     residual: tuple | None = None,
-    lazy_rescale: bool = False,
-    pipeline: bool = False,
 ) -> torch.Tensor:
     """Causal attention of q over the listed key blocks.
 
@@ -236,8 +192,7 @@ def sparse_prefill_attention(
     ignored); full_idx / part_idx: [B, nq', W] or [B, 1, nq', W] int32 key block indices
     (kv_block keys each), the first count entries valid and unique.  start, end: [B] int32, each row's real keys (partial blocks only).  Returns
     [B, Hq, n, D], a view of a [B, n, Hq, D] tensor.  block_n / num_warps / num_stages /
-    reverse override the launch parameters (tuning, tests); lazy_rescale and pipeline choose
-    variants of the full-block loop (benchmarks/gpu_triton_prefill.py's `variants` section).  residual: (k_mean, v_mean,
+    reverse override the launch parameters (tuning, tests).  residual: (k_mean, v_mean,
     log_count, table) of flexwalk.residual (block_summaries over the table's key blocks, and
     the [B, nq', nb'] bool selection table): each query also attends the summaries of the key
     blocks before its query block that the table does not keep.
@@ -287,7 +242,6 @@ def sparse_prefill_attention(
         hq, hq // hkv, n, nq, scale * _LOG2E,
         D=d, BLOCK_M=block_m, BLOCK_N=bn, KV_BLOCK=kv_block, M_SPLIT=q_block // block_m, REVERSE=reverse,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", RESIDUAL=residual is not None,
-        LAZY=lazy_rescale, PIPELINE=pipeline,
         num_warps=num_warps or d_tiles[1], num_stages=num_stages or d_tiles[2],
     )
     return out.transpose(1, 2)

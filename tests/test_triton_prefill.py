@@ -113,32 +113,6 @@ def test_kernel_on_random_block_lists(q_block, kv_block, block_n, reverse):
     assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
 
 
-@pytest.mark.parametrize("q_block,kv_block,block_n", [(32, 32, None), (64, 16, None), (32, 32, 16)])
-@pytest.mark.parametrize("lazy,pipeline", [(True, False), (False, True), (True, True)])
-def test_full_block_loop_variants(q_block, kv_block, block_n, lazy, pipeline):
-    """The full-block loop's variants (lazy rescaling, the next QK product issued before the
-    softmax) on random block lists, with some keys scaled up so that row maxima jump by far more
-    than the lazy threshold in later tiles (both branches of the rescale run), and rows with no
-    full block (the pipelined loop's empty case) or exactly one (its prologue and epilogue only)."""
-    g = torch.Generator().manual_seed(7 * q_block + kv_block)
-    batch, hq, hkv, n, d = 2, 4, 2, 300, 16
-    nq, nk = -(-n // q_block), -(-n // kv_block)
-    q, k, v = random_qkv(batch, hq, hkv, n, d, seed=kv_block)
-    k[:, :, 100:140] *= 12  # scores of about 12x the rest: the running max grows by >> 8 (log2 units)
-    f_num, f_idx, p_num, p_idx, table = _random_lists(g, batch, nq + 1, nk + 1, q_block, kv_block, n)
-    assert (f_num[:, :nq] == 0).any() and (f_num[:, :nq] == 1).any() or q_block == 64
-    start = torch.zeros(batch, dtype=torch.int32)
-    end = torch.full((batch,), n, dtype=torch.int32)
-    args = (q, k, v, f_num, f_idx, p_num, p_idx, start, end)
-    kw = dict(q_block=q_block, kv_block=kv_block, block_n=block_n)
-    out = TP.sparse_prefill_attention(*args, **kw, lazy_rescale=lazy, pipeline=pipeline)
-    pos = torch.arange(n)
-    mask = table[:, pos // q_block][:, :, pos // kv_block] & (pos[None, :] <= pos[:, None])
-    assert_matches_reference(q, k, v, mask[:, None], out)
-    base = TP.sparse_prefill_attention(*args, **kw)
-    assert (out - base).abs().max() < 1e-4  # the same fp32 computation up to summation order
-
-
 def test_kernel_reads_strided_inputs_as_transformers_passes_them():
     """q, k, v as transformers hands them over ([B, n, H, D] memory viewed as [B, H, n, D]) give the
     same output as contiguous copies, and 4-dim BlockMask-shaped tables ([B, 1, nq(, W)]) work."""
