@@ -20,8 +20,8 @@
 
 5. docs/img/niah_gemma3_by_length.png: Gemma 3 270M NIAH accuracy (mean of 8 RULER tasks, 400
    samples per point, H100) against prompt length: sdpa, SketchWalk with the paper's 64-wide
-   sketch, with the exact sketch (the default since session 18), with the residual, and the
-   oracle at 32K (from docs/data/niah/gemma3_*).
+   sketch, with the exact sketch, with the residual, with both (the default on this model since
+   session 19), and the oracle at 32K (from docs/data/niah/gemma3_*).
 
 Options: --only density|mask|ttft|speed|gemma, --length N (prompt tokens, default 2048), --depth D (needle).
 """
@@ -272,8 +272,10 @@ def gemma_figure(path: Path) -> None:
     lengths = ["2k", "4k", "8k", "16k", "32k"]
     series = [("sdpa (dense)", "gemma3_{}_h100", "sdpa", "k", "-o"),
               ("SketchWalk, sketch_dim 64 (the paper's)", "gemma3_{}_h100", "sketchwalk", "tab:gray", "--o"),
-              ("SketchWalk, exact sketch (default)", "gemma3_{}_h100_sketch256", "sketchwalk", "tab:blue", "-o"),
-              ("SketchWalk, sketch_dim 64 + residual", "gemma3_{}_h100_residual", "sketchwalk", "tab:orange", "-s"),
+              ("SketchWalk, exact sketch", "gemma3_{}_h100_sketch256", "sketchwalk", "tab:blue", "--o"),
+              ("SketchWalk, sketch_dim 64 + residual", "gemma3_{}_h100_residual", "sketchwalk", "tab:orange", "--s"),
+              ("SketchWalk, exact sketch + residual (default)", "gemma3_{}_h100_exact_residual", "sketchwalk",
+               "tab:red", "-s"),
               ("oracle top-k (exact block mass)", "gemma3_{}_h100_oracle", "oracle", "tab:green", "D")]
     x = np.arange(len(lengths))
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
