@@ -652,13 +652,13 @@ def sparse_prefill(
         bm = selection_block_mask(selection, key_valid=key_valid)
         kept, causal = selection.kept, selection.causal
         table = start = end = None  # only the Triton kernel and the residual read them
-        if config.residual:
+        if config.uses_residual:
             n_pad = bm.seq_lengths[0]
             table = _pad_table(selection.mask, -(-n_pad // config.q_block), n_pad // config.block_size)
-        if use_triton or config.residual:
+        if use_triton or config.uses_residual:
             start, end = _bounds(q.shape[0], q.shape[2], key_valid, q.device)
     res = None
-    if config.residual:  # summaries of the key blocks of the table (residual.py)
+    if config.uses_residual:  # summaries of the key blocks of the table (residual.py)
         res = (*block_summaries(k, v, start, end, config.block_size, table.shape[-1]), table)
         stats.count(stats.RESIDUAL)
     if use_triton:

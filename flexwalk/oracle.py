@@ -89,7 +89,7 @@ def eager_sketchwalk_attention(
     with config.residual, the residual's summaries: `residual_reference`)."""
     selection, new_state = sketchwalk_selection(q, k, config, layer_idx, state, key_valid=key_valid, scale=scale)
     mask = token_mask(q.shape[2], selection=selection, key_valid=key_valid)
-    if config.residual:
+    if config.uses_residual:
         out = residual_reference(q, k, v, mask, selection, key_valid=key_valid, scale=scale, softcap=softcap)
         return out, new_state, selection
     return reference_attention(q, k, v, mask, scale=scale, softcap=softcap), new_state, selection

@@ -86,6 +86,16 @@ def test_fidelity_at_full_budget_is_exact_and_sparse_is_not():
     assert next_token_kl(model, ids, low, last=16, dense_logits=logits) > 1e-6
 
 
+def test_fidelity_decides_auto_residual_for_the_model():
+    """layer_fidelity replays residual="auto" as the model's attention calls run it: on in a model
+    that mixes sliding-window and full layers (tiny Gemma 3), so its rows equal residual=True's."""
+    model = build_model("gemma3", "sdpa")
+    inputs, _ = capture_attention_inputs(model, random_ids(1, 120, seed=4))
+    cfg = SketchWalkConfig(block_size=16, density=0.2, dense_below=0, dense_layers=0, dense_tail_blocks=0)
+    auto, on, off = (layer_fidelity(model, inputs, cfg.replace(residual=r)) for r in ("auto", True, False))
+    assert auto == on and auto != off
+
+
 def test_fidelity_with_pooled_query_blocks_and_its_ablation():
     """query_block_size: recall is measured per 16-token query block (each kernel block's row
     repeated), exact at full budget, below 1 when sparse; the block_size ablation group has the

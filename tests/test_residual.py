@@ -197,9 +197,74 @@ def test_residual_moves_a_repetitive_context_toward_dense():
 
 
 def test_residual_setting_is_validated():
-    with pytest.raises(ValueError, match=r"residual='yes'.*must be a bool"):
+    with pytest.raises(ValueError, match=r"residual='yes'.*must be a bool or 'auto'"):
         SketchWalkConfig(residual="yes")
+    with pytest.raises(ValueError, match=r"residual=1 .*must be a bool or 'auto'"):
+        SketchWalkConfig(residual=1)
     assert SketchWalkConfig.from_dict(SketchWalkConfig(residual=True).to_dict()).residual is True
+    assert SketchWalkConfig().residual == "auto" and not SketchWalkConfig().uses_residual
+    # "auto" is decided per model; an explicit setting is kept whatever the model
+    assert SketchWalkConfig().for_model(True).residual is True
+    assert SketchWalkConfig().for_model(False).residual is False
+    for explicit in (True, False):
+        assert SketchWalkConfig(residual=explicit).for_model(not explicit).residual is explicit
+
+
+def test_auto_residual_is_off_outside_a_model():
+    """sketchwalk_attention called directly knows no model: residual="auto" computes what
+    residual=False computes, and counts no residual."""
+    q, k, v = random_qkv(1, 4, 2, 160, 16, seed=11)
+    cfg = SketchWalkConfig(block_size=16, density=0.2, dense_layers=0, dense_below=0, sketch_dim=16)
+    out_auto, _ = sketchwalk_attention(q, k, v, cfg, 0)
+    assert "residual" not in flexwalk.counters()
+    out_off, _ = sketchwalk_attention(q, k, v, cfg.replace(residual=False), 0)
+    out_on, _ = sketchwalk_attention(q, k, v, cfg.replace(residual=True), 0)
+    assert torch.equal(out_auto, out_off) and not torch.allclose(out_auto, out_on)
+
+
+def test_model_is_hybrid_reads_layer_types():
+    from flexwalk.integrations.transformers import model_is_hybrid
+    from tiny_models import ARCHS
+
+    assert model_is_hybrid(ARCHS["gemma3"].config()) and model_is_hybrid(ARCHS["gemma2"].config())
+    assert not model_is_hybrid(ARCHS["llama"].config())
+    assert not model_is_hybrid(ARCHS["mistral"].config())  # every layer sliding: nothing to mix
+    assert not model_is_hybrid(object())  # no layer_types
+
+
+@pytest.mark.parametrize("name", ["gemma3", "llama"])
+def test_auto_residual_through_transformers(name, caplog, monkeypatch):
+    """residual="auto" (the default) in a model: on in every sparse full-attention layer of a model
+    that mixes sliding-window and full-attention layers (tiny Gemma 3: counted, logged once, and
+    the same logits as residual=True), off in a model of full-attention layers only (tiny Llama:
+    the same logits as residual=False); residual=False turns it off in the hybrid model."""
+    import logging
+
+    from flexwalk import stats
+    from tiny_models import ARCHS, build_model, random_ids
+
+    monkeypatch.setattr(stats, "_logged", set())
+    hybrid = name == "gemma3"
+    n_sparse = sum(not s for s in ARCHS[name].layer_is_sliding())
+    ids = random_ids(2, 100, seed=3)
+    cfg = SketchWalkConfig(block_size=16, density=0.2, dense_below=0, dense_layers=0, dense_tail_blocks=0)
+    model = build_model(name, "sketchwalk_flex")
+    logits = {}
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="flexwalk"):
+        for setting in ("auto", True, False):
+            flexwalk.reset_counters()
+            logits[setting] = flexwalk.configure(model, cfg.replace(residual=setting))(ids).logits
+            want = n_sparse if setting is True or (setting == "auto" and hybrid) else 0
+            assert flexwalk.counters().get("residual", 0) == want, (setting, flexwalk.counters())
+    assert torch.equal(logits["auto"], logits[True if hybrid else False])
+    from flexwalk.integrations.transformers import effective_config, resolve_config
+
+    attn = next(m for m in model.modules() if hasattr(m, "layer_idx"))
+    flexwalk.configure(model, cfg)
+    assert resolve_config(attn).residual == "auto" and effective_config(attn).residual is hybrid
+    assert not torch.allclose(logits[True], logits[False])  # the residual changes the output here
+    logged = sum("residual='auto' is on" in r.getMessage() for r in caplog.records)
+    assert logged == (1 if hybrid else 0)
 
 
 def test_residual_through_transformers_prefill_and_sparse_decode(caplog, monkeypatch):

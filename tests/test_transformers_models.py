@@ -92,6 +92,10 @@ def expected_counters(name: str, cfg: SketchWalkConfig, seq_len: int = SEQ) -> d
         else:
             key = "sparse_prefill"
         want[key] = want.get(key, 0) + 1
+    sliding = sliding_layers(name)
+    # residual="auto" (the default) is on in models that mix sliding-window and full layers
+    if want.get("sparse_prefill") and (cfg.residual is True or cfg.residual == "auto" and any(sliding)):
+        want["residual"] = want["sparse_prefill"]
     return want
 
 

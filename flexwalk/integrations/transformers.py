@@ -179,7 +179,7 @@ def sketchwalk_mask_function(
 
 
 def resolve_config(module: torch.nn.Module) -> SketchWalkConfig:
-    """The SketchWalkConfig of the model this attention module belongs to."""
+    """The SketchWalkConfig of the model this attention module belongs to, as it was set."""
     cfg = getattr(module, _MODULE_ATTR, None)
     if isinstance(cfg, SketchWalkConfig):
         return cfg
@@ -191,6 +191,34 @@ def resolve_config(module: torch.nn.Module) -> SketchWalkConfig:
     else:
         cfg = coerce_config(raw, f"config.{CONFIG_ATTR}")
     return cfg
+
+
+def effective_config(module: torch.nn.Module) -> SketchWalkConfig:
+    """`resolve_config` with residual="auto" decided for the module's model (`model_is_hybrid`):
+    what its attention calls run."""
+    cfg = resolve_config(module)
+    if cfg.residual != "auto":
+        return cfg
+    hybrid = model_is_hybrid(getattr(module, "config", None))
+    if hybrid:
+        stats.log_once("residual-auto", "flexwalk: residual='auto' is on: this model mixes sliding-window and "
+                       "full-attention layers, so its sparse full-attention layers also attend summaries of the "
+                       "blocks they drop (residual=False turns it off)")
+    return _for_model(cfg, hybrid)
+
+
+def model_is_hybrid(model_config: Any) -> bool:
+    """Whether a transformers model config mixes sliding-window and full-attention layers (its
+    `layer_types` holds both "sliding_attention" and "full_attention": Gemma 2 and 3, Cohere 2,
+    Qwen 2 with use_sliding_window, ...).  A config without layer_types counts as not hybrid."""
+    types = getattr(model_config, "layer_types", None) or ()
+    return "sliding_attention" in types and "full_attention" in types
+
+
+@functools.lru_cache(maxsize=64)
+def _for_model(cfg: SketchWalkConfig, hybrid: bool) -> SketchWalkConfig:
+    # every layer call resolves the config: build the decided config once
+    return cfg.for_model(hybrid)
 
 
 def coerce_config(raw: Any, name: str = "config") -> SketchWalkConfig:
@@ -280,7 +308,7 @@ def sketchwalk_flex_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: q [B,Hq,L,D], k/v [B,Hkv,S,D] -> ([B,L,Hq,D], None)."""
     _check_supported(module, kwargs, dropout)
-    cfg = resolve_config(module)
+    cfg = effective_config(module)
     group = _tensor_parallel_group(module, query)
     softcap = kwargs.get("softcap", None)
     window = kwargs.get("sliding_window")
@@ -433,7 +461,7 @@ def _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap, 
     )
     ctx.decode_row = row
     stats.count(stats.SPARSE_DECODE)
-    if cfg.residual:
+    if cfg.uses_residual:
         stats.log_once("residual_decode", "flexwalk: residual=True applies to prefill; sparse decode steps attend "
                        "only their selected blocks (logged once)")
     return out
