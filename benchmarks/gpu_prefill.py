@@ -171,34 +171,35 @@ def recompiles():
 
     lengths = [4100, 4300, 4352, 4500, 4700, 4900, 5000, 5100, 5120, 4600]  # one flex bucket (5120)
     out = {"lengths": lengths}
-    for kernel in ("triton", "flex"):
-        for residual in (False, True):
-            cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0, residual=residual)
-            attention.PREFILL_KERNEL = kernel
+    try:
+        for kernel in ("triton", "flex"):
+            for residual in (False, True):
+                cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0, residual=residual)
+                attention.PREFILL_KERNEL = kernel
 
-            def run(n):
-                q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
-                k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
-                v = torch.randn_like(k)  # not k itself: flex guards on key/value aliasing
-                with torch.no_grad():
-                    st = None
-                    for layer in range(2):  # the second layer carries the walk
-                        _, st = sketchwalk_attention(q, k, v, cfg, layer, st)
+                def run(n):
+                    q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
+                    k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+                    v = torch.randn_like(k)  # not k itself: flex guards on key/value aliasing
+                    with torch.no_grad():
+                        st = None
+                        for layer in range(2):  # the second layer carries the walk
+                            _, st = sketchwalk_attention(q, k, v, cfg, layer, st)
 
-            for n in (4097, 4500, 4224):
-                run(n)
-            graphs, kernels = counters["stats"]["unique_graphs"], _triton_compiled()
-            for n in lengths:
-                run(n)
-            torch.cuda.synchronize()
-            name = f"{kernel}{'+residual' if residual else ''}"
-            out[name] = {"new_graphs": counters["stats"]["unique_graphs"] - graphs,
-                         "new_triton_kernels": _triton_compiled() - kernels, "triton_kernels": _triton_compiled(),
-                         "graphs": counters["stats"]["unique_graphs"]}
-            log(f"{name}: ten lengths in one bucket after warm-up: {out[name]['new_graphs']} new compiled graphs "
-                f"(of {out[name]['graphs']}), {out[name]['new_triton_kernels']} new Triton kernels "
-                f"(of {out[name]['triton_kernels']})")
-    attention.PREFILL_KERNEL = "auto"
+                for n in (4097, 4500, 4224):
+                    run(n)
+                graphs, kernels = counters["stats"]["unique_graphs"], _triton_compiled()
+                for n in lengths:
+                    run(n)
+                torch.cuda.synchronize()
+                name = f"{kernel}{'+residual' if residual else ''}"
+                total_graphs, total_kernels = counters["stats"]["unique_graphs"], _triton_compiled()
+                out[name] = {"new_graphs": total_graphs - graphs, "new_triton_kernels": total_kernels - kernels,
+                             "triton_kernels": total_kernels, "graphs": total_graphs}
+                log(f"{name}: ten lengths in one bucket after warm-up: {out[name]['new_graphs']} new compiled graphs "
+                    f"(of {total_graphs}), {out[name]['new_triton_kernels']} new Triton kernels (of {total_kernels})")
+    finally:
+        attention.PREFILL_KERNEL = "auto"
     out["new_graphs"] = sum(v["new_graphs"] for k, v in out.items() if isinstance(v, dict))
     return out
 
