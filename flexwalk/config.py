@@ -74,6 +74,13 @@ class SketchWalkConfig:
     bound: O(n^2) work per layer, prefill only)."""
     damping: float = 0.25
     """beta of the damped walk, in [0, 1]."""
+    walk_steps: int = 1
+    """Times the walk step is applied per sparse layer ('walk' and 'damped'): starting from
+    R_{l-1}, R <- (1 - beta) W_l + beta normalise(R W_l) (beta = 1 for 'walk') walk_steps times,
+    so the layer's own multi-hop paths W_l^2, W_l^3, ... enter with weights beta, beta^2, ...
+    and R_{l-1} with beta^walk_steps.  The authors' code uses 3; 1 is the paper's rule.  The
+    first sparse layer of a forward (no R_{l-1}) uses W_l whatever the value; one_hop and
+    oracle ignore it.  From 1 to 8."""
     head_scoring: HeadScoring = "mean"
     """'mean': score head-mean q/k; 'per_head': score each head, average the transitions."""
     seed: int = 0
@@ -149,6 +156,7 @@ class SketchWalkConfig:
         b = self.damping
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not (0.0 <= b <= 1.0):
             _fail("damping", b, "must be a number in [0, 1]")
+        _check_int("walk_steps", self.walk_steps, 1, 8)
         if self.head_scoring not in _HEAD_SCORINGS:
             _fail("head_scoring", self.head_scoring, f"must be one of {_HEAD_SCORINGS}")
         _check_int("seed", self.seed, 0)

@@ -364,7 +364,7 @@ def top_fraction(score: torch.Tensor, valid: torch.Tensor, fraction: float) -> t
 
 
 def _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, pinned, *, bs, scale, exponent, walk_mode,
-                 damping, sink_blocks, local_blocks, top_k, density):
+                 damping, walk_steps, sink_blocks, local_blocks, top_k, density):
     """Tensor core of the decode selection (compiled on CUDA together with the state update)."""
     c = k_count.shape[1]
     idx = torch.arange(c, device=k_count.device)
@@ -373,7 +373,7 @@ def _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, pinned
     allowed = block_causal_mask(block_valid, bt)  # [B, 1, C]
     w = transition_rows(qm @ p, k_sketch, allowed, scale, exponent)  # [B, 1, C]
     prev = None if walk_row is None else walk_row[:, None, :]
-    row = walk_combine(w, prev, trans, walk_mode, damping)
+    row = walk_combine(w, prev, trans, walk_mode, damping, walk_steps)
     kept, order, n_causal = rank_blocks(row, allowed, block_valid, bt, sink_blocks=sink_blocks,
                                         local_blocks=local_blocks, top_k=top_k, density=density, pinned=pinned)
     row, kept, order, n_causal = row[:, 0], kept[:, 0], order[:, 0].to(_INT), n_causal[:, 0]
@@ -387,7 +387,7 @@ def _consts(state: "DecodeState") -> dict:
     cfg = state.config
     return dict(
         bs=state.block_size, scale=state.scale, exponent=float(cfg.sparsity_exponent), walk_mode=cfg.walk,
-        damping=float(cfg.damping), sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks,
+        damping=float(cfg.damping), walk_steps=cfg.walk_steps, sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks,
         top_k=cfg.top_k_blocks, density=cfg.density,
     )
 

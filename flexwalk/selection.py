@@ -188,7 +188,8 @@ def select(
         walk = oracle_block_mass(q, k, config.block_size, key_valid=key_valid, scale=scale).masked_fill(
             ~sketch.allowed, 0.0)
     else:
-        walk = walk_combine(sketch.transition, prev_walk, sketch.transition, config.walk, config.damping)
+        walk = walk_combine(sketch.transition, prev_walk, sketch.transition, config.walk, config.damping,
+                            config.walk_steps)
     return select_blocks(walk, sketch.allowed, sketch.block_valid, config, n), walk
 
 

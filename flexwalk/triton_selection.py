@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from .config import SketchWalkConfig
 from .sketch import block_means
 from .triton_decode import HAS_TRITON, interpreted
-from .walk import fraction_count
+from .walk import fraction_count, walk_combine
 
 if HAS_TRITON:
     import triton
@@ -370,6 +370,8 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
     pw = w
     if prev_walk is not None and config.walk != "one_hop":
         mode = 1 if config.walk == "walk" else 2
+        # walk_steps > 1: all but the last step here (walk.walk_combine), the last in _rank_kernel
+        prev_walk = walk_combine(w, prev_walk, w, config.walk, float(config.damping), config.walk_steps - 1)
         pw = torch.bmm(prev_walk, w)
     walk = torch.empty(bsz, nb, nb, **f32)
     p_cnt, f_cnt = torch.empty(bsz, nq, **i32), torch.empty(bsz, nq, **i32)

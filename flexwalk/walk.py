@@ -95,25 +95,29 @@ def _normalise_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def walk_combine(w: torch.Tensor, prev: torch.Tensor | None, transition: torch.Tensor, mode: str,
-                 damping: float) -> torch.Tensor:
+                 damping: float, steps: int = 1) -> torch.Tensor:
     """The walk rule on rows: w (one_hop, or no previous layer), normalise(prev @ transition)
-    (walk), or (1 - beta) w + beta normalise(prev @ transition) (damped).
+    (walk), or (1 - beta) w + beta normalise(prev @ transition) (damped), applied `steps` times
+    with prev replaced by the result (config.walk_steps).
 
     Prefill: w = W_l, prev = R_{l-1}, transition = W_l.  Decode: w = the token's row,
-    prev = the previous layer's row, transition = this layer's W_l.  All [B, m, nb].
+    prev = the previous layer's row, transition = this layer's W_l.  All [B, m, nb].  A row of
+    the result depends only on the same rows of w and prev, so decode's single row follows
+    prefill's rule exactly.
     """
     if prev is None or mode == "one_hop":
         return w
-    walked = _normalise_rows(torch.bmm(prev, transition))
-    if mode == "walk":
-        return walked
-    return (1.0 - damping) * w + damping * walked
+    r = prev
+    for _ in range(steps):
+        walked = _normalise_rows(torch.bmm(r, transition))
+        r = walked if mode == "walk" else (1.0 - damping) * w + damping * walked
+    return r
 
 
 def walk_step(w: torch.Tensor, state: WalkState | None, config: SketchWalkConfig) -> torch.Tensor:
     """R_l from this layer's transition W_l and the previous sparse layer's R_{l-1}."""
     prev = None if state is None else state.transition
-    return walk_combine(w, prev, w, config.walk, config.damping)
+    return walk_combine(w, prev, w, config.walk, config.damping, config.walk_steps)
 
 
 def fraction_count(count: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -116,12 +116,12 @@ def test_incremental_state_equals_rebuilt_and_selection_is_valid(case):
 
 
 @pytest.mark.parametrize("softcap", [None, 20.0])
-@pytest.mark.parametrize("walk", ["damped", "one_hop"])
-def test_decode_steps_match_the_oracle(walk, softcap, decode_kernel):
+@pytest.mark.parametrize("walk, walk_steps", [("damped", 1), ("one_hop", 1), ("damped", 3)])
+def test_decode_steps_match_the_oracle(walk, walk_steps, softcap, decode_kernel):
     """Three sparse layers, 24 steps across block boundaries, GQA 3, left padding: each step's
     flex output equals SDPA under the step's own selection expanded to a token mask, and the
     walk row handed from layer to layer equals the one computed from rebuilt states."""
-    cfg = SketchWalkConfig(block_size=16, density=0.3, walk=walk)
+    cfg = SketchWalkConfig(block_size=16, density=0.3, walk=walk, walk_steps=walk_steps)
     n, steps, layers = 70, 24, 3
     total = n + steps
     data = [_qkv(2, 6, 2, total, 16, seed=10 + i) for i in range(layers)]

@@ -4,14 +4,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import left_padding, random_qkv
 from flexwalk import SketchWalkConfig, expected_density, sketchwalk_selection
 from flexwalk.config import block_budget
 from flexwalk.sketch import block_causal_mask
-from flexwalk.walk import select_blocks, transition_matrix, walk_step
+from flexwalk.walk import select_blocks, transition_matrix, walk_combine, walk_step
 
 configs = st.builds(
     SketchWalkConfig,
@@ -171,6 +171,33 @@ def test_transition_and_walk_modes():
     damped = walk_step(w, st_, SketchWalkConfig(walk="damped", damping=0.25))
     torch.testing.assert_close(damped, 0.75 * w + 0.25 * walked / walked.sum(-1, keepdim=True))
     assert walk_step(w, None, SketchWalkConfig(walk="walk")) is w
+
+
+@settings(max_examples=25, deadline=None)
+@given(nb=st.integers(2, 12), steps=st.integers(1, 5), beta=st.floats(0.0, 1.0),
+       mode=st.sampled_from(["walk", "damped", "one_hop"]), seed=st.integers(0, 1000))
+def test_walk_steps_compose_the_one_step_rule(nb, steps, beta, mode, seed):
+    """walk_steps=k is the one-step rule applied k times from R_{l-1}; the first sparse layer
+    (no state) and one_hop give W_l; the result stays row-stochastic and block-causal; and each
+    row follows from the same rows alone (what decode's single row relies on)."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = block_causal_mask(torch.ones(2, nb, dtype=torch.bool))
+    w = transition_matrix(torch.randn(2, nb, nb, generator=g).masked_fill(~allowed, float("-inf")), 4.0)
+    prev = transition_matrix(torch.randn(2, nb, nb, generator=g).masked_fill(~allowed, float("-inf")), 1.0)
+    from flexwalk.walk import WalkState
+
+    cfg = SketchWalkConfig(walk=mode, damping=beta, walk_steps=steps)
+    got = walk_step(w, WalkState(prev, 0, 16, nb * 16), cfg)
+    ref = prev
+    for _ in range(steps if mode != "one_hop" else 0):
+        ref = walk_step(w, WalkState(ref, 0, 16, nb * 16), cfg.replace(walk_steps=1))
+    torch.testing.assert_close(got, w if mode == "one_hop" else ref)
+    assert walk_step(w, None, cfg) is w
+    torch.testing.assert_close(got.sum(-1), torch.ones(2, nb))
+    assert torch.all(got.triu(1) == 0)
+    i = nb - 1
+    row = walk_combine(w[:, i : i + 1], prev[:, i : i + 1], w, mode, beta, steps)
+    torch.testing.assert_close(row, got[:, i : i + 1])
 
 
 def test_ties_break_towards_lower_block_index():

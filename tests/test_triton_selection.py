@@ -58,6 +58,7 @@ def _assert_same_selection(ref, got, cfg):
     bs=st.sampled_from([16, 32]),
     m=st.sampled_from([1, 2, 4]),
     walk=st.sampled_from(["damped", "walk", "one_hop"]),
+    steps=st.integers(1, 3),
     budget=st.one_of(st.floats(0.05, 1.0), st.integers(1, 9)),
     sink=st.integers(0, 2),
     local=st.integers(1, 3),
@@ -69,14 +70,15 @@ def _assert_same_selection(ref, got, cfg):
     r=st.sampled_from([8, 16, 32, None]),  # None: the default, exact sketch
     seed=st.integers(0, 10_000),
 )
-def test_triton_selection_equals_torch(n, bs, m, walk, budget, sink, local, tail, pad, right, batch, d, r, seed):
+def test_triton_selection_equals_torch(n, bs, m, walk, steps, budget, sink, local, tail, pad, right, batch, d, r, seed):
     """Three layers, walk carried, on the graph's bucket-padded inputs (real length as a 0-d
-    tensor): any block and query-block size, walk rule, density or top-k budget, sink, local and
+    tensor): any block and query-block size, walk rule and walk_steps, density or top-k budget, sink, local and
     dense-tail blocks, left or right padding, head dims that are not powers of two."""
     qbs = bs * m if bs * m <= 256 else None
     kw = dict(density=budget) if isinstance(budget, float) else dict(top_k_blocks=budget)
-    cfg = SketchWalkConfig(block_size=bs, query_block_size=qbs, walk=walk, sink_blocks=sink, local_blocks=local,
-                           dense_tail_blocks=tail, dense_below=0, dense_layers=0, sketch_dim=r, seed=seed % 7, **kw)
+    cfg = SketchWalkConfig(block_size=bs, query_block_size=qbs, walk=walk, walk_steps=steps, sink_blocks=sink,
+                           local_blocks=local, dense_tail_blocks=tail, dense_below=0, dense_layers=0, sketch_dim=r,
+                           seed=seed % 7, **kw)
     q, k, _ = random_qkv(batch, 4, 2, n, d, seed=seed)
     kv = torch.ones(batch, n, dtype=torch.bool)
     pad = min(pad, n - 1)

@@ -31,6 +31,7 @@ ABLATIONS: dict[str, list[dict[str, Any]]] = {
     "block_size": [{"block_size": 64}, {"block_size": 128}, {"block_size": 64, "query_block_size": 128}],
     "dense_layers": [{"dense_layers": n} for n in (0, 1, 2)],
     "damping": [{"damping": b} for b in (0.0, 0.25, 0.5, 0.75)],
+    "walk_steps": [{"walk_steps": s} for s in (1, 2, 3, 4)],  # with the base walk (damped): the authors' code uses 3
     "dense_tail": [{"dense_tail_blocks": t} for t in (0, 1, 2, 4)],
     "sink": [{"sink_blocks": n} for n in (1, 2, 4)],
     "local": [{"local_blocks": n} for n in (1, 2, 4)],
