@@ -12,6 +12,9 @@ Scores (no walk: one layer at a time):
   minmax      head-mean block-mean q against each key block's per-channel max/min (Quest's bound)
   keylse      log-sum-exp over each block's keys of (block-mean q . k): the block's mass for the
               mean query (nb x n dot products)
+  qtok        every head-mean query token against the block-mean keys, a softmax over its causal
+              key blocks (log of each block's key count added), summed over the query block's
+              tokens (n x nb dot products): block means on the key side only
   oracle      the heads' mean exact mass (walk="oracle": the shared-selection upper bound)
   oracle_kv   exact mass chosen per KV head (each group of query heads its own blocks)
   oracle_q    exact mass chosen per query head
@@ -36,7 +39,7 @@ from flexwalk.models import load_model
 from flexwalk.niah.data import dataset_path, parse_length, read_jsonl
 from flexwalk.niah.fidelity import capture_attention_inputs
 
-SCORES = ("mean", "minmax", "keylse", "oracle", "oracle_kv", "oracle_q")
+SCORES = ("mean", "minmax", "keylse", "qtok", "oracle", "oracle_kv", "oracle_q")
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, scale: float, bs: int, chunk: int = 1024) -> torch.Tensor:
@@ -66,10 +69,15 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, bs: int) -> dic
     kmax = km.masked_fill(~real, -1e4).amax(1)
     kmin = km.masked_fill(~real, 1e4).amin(1)
     dots = torch.einsum("id,jtd->ijt", qb, km) * scale  # [nb, nb, bs]
+    tok = torch.einsum("itd,jd->itj", qm, kb) * scale + count[:, 0].log()  # [nb, bs, nb]
+    ib = torch.arange(nb, device=q.device)
+    tok = tok.masked_fill(ib[None, None, :] > ib[:, None, None], float("-inf"))
+    qtok = (tok.softmax(-1) * real).sum(1)  # padded query rows add nothing
     return {
         "mean": qb @ kb.T * scale,
         "minmax": (qb.clamp(min=0) @ kmax.T + qb.clamp(max=0) @ kmin.T) * scale,
         "keylse": dots.masked_fill(~real[None, :, :, 0], float("-inf")).logsumexp(-1),
+        "qtok": qtok,
     }
 
 
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         for task in args.tasks.split(","):
             rec = next(iter(read_jsonl(dataset_path(args.data, parse_length(args.length), task))))
             ids = torch.tensor([tok(rec["input"] + rec.get("answer_prefix", "")).input_ids])
-            inputs, _ = capture_attention_inputs(model, ids)
+            inputs, _ = capture_attention_inputs(model, ids, logits_to_keep=1)
             for li in layers:
                 x = inputs[li]
                 q, k = x.q[0].float(), x.k[0].float()

@@ -59,3 +59,10 @@ def test_keylse_ranks_a_block_with_one_strong_key_above_its_mean():
     s = block_scores(q, k, 1.0, bs)
     assert s["mean"][2, 1] > s["mean"][2, 0]
     assert s["keylse"][2, 0] > s["keylse"][2, 1]
+
+
+def test_qtok_rows_sum_to_the_block_tokens_and_stay_causal():
+    q, k = _qk(n=100, seed=2)
+    s = block_scores(q, k, 0.25, 32)["qtok"]  # blocks of 32, 32, 32, 4 tokens
+    torch.testing.assert_close(s.sum(-1), torch.tensor([32.0, 32.0, 32.0, 4.0]))
+    assert torch.all(s.triu(1) == 0)

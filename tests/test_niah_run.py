@@ -73,8 +73,10 @@ def test_oracle_is_prefill_only():
 def test_fidelity_at_full_budget_is_exact_and_sparse_is_not():
     model = build_model("llama", "sdpa")
     ids = random_ids(1, 120, seed=4)
-    inputs, logits = capture_attention_inputs(model, ids)
+    inputs, logits = capture_attention_inputs(model, ids, logits_to_keep=16)
     assert sorted(inputs) == list(range(model.config.num_hidden_layers))
+    assert logits.shape[1] == 16
+    torch.testing.assert_close(logits, capture_attention_inputs(model, ids, logits_to_keep=0)[1][:, -16:])
     full = SketchWalkConfig(block_size=16, density=1.0, dense_below=0, dense_layers=1)
     rows = layer_fidelity(model, inputs, full)
     sparse_rows = [r for r in rows if r["sparse"]]

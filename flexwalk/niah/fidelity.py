@@ -65,14 +65,19 @@ def _register_capture(store: dict[int, LayerInputs]) -> None:
 
 
 @torch.no_grad()
-def capture_attention_inputs(model, input_ids: torch.Tensor) -> tuple[dict[int, LayerInputs], torch.Tensor]:
-    """One dense forward recording each layer's (q, k, v); returns (inputs by layer, logits [1, n, V])."""
+def capture_attention_inputs(model, input_ids: torch.Tensor, logits_to_keep: int = 64
+                             ) -> tuple[dict[int, LayerInputs], torch.Tensor]:
+    """One dense forward recording each layer's (q, k, v); returns (inputs by layer, logits of the
+    last `logits_to_keep` positions [1, logits_to_keep, V], what next_token_kl compares; 0: all).
+
+    All positions would be n x V floats: 34 GB for Gemma 3's 262K vocabulary at 32K tokens."""
     store: dict[int, LayerInputs] = {}
     _register_capture(store)
     previous = model.config._attn_implementation
     model.set_attn_implementation(CAPTURE)
     try:
-        logits = model(input_ids=input_ids.to(model.device), use_cache=False).logits.float()
+        logits = model(input_ids=input_ids.to(model.device), use_cache=False,
+                       logits_to_keep=logits_to_keep).logits.float()
     finally:
         model.set_attn_implementation(previous)
     return store, logits

@@ -104,7 +104,7 @@ def fidelity_main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     for p_i, (task, length, rec) in enumerate(prompts):
         ids = torch.tensor([tokenizer(rec["input"] + rec.get("answer_prefix", "")).input_ids])
-        inputs, logits = capture_attention_inputs(model, ids)
+        inputs, logits = capture_attention_inputs(model, ids)  # logits of the last 64 positions, as next_token_kl
         for c_i, (group, change, cfg) in enumerate(configs):
             layers = layer_fidelity(model, inputs, cfg)
             sparse = [r for r in layers if r["sparse"]]
