@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     config = SketchWalkConfig(**json.loads(args.config))
     model, tok = load_model(args.model, attn_implementation="sdpa", device=args.device)
     types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
-    layers = [i for i, t in enumerate(types) if t == "full_attention" and i >= config.dense_layers]
+    layers = [i for i, t in enumerate(types) if t == "full_attention" and i >= config.dense_layer_count]
     rows = []
     with torch.no_grad():
         for task in args.tasks.split(","):

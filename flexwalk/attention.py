@@ -713,7 +713,7 @@ def sketchwalk_attention(
     an equal share of the heads (q, k, v are its heads): one all-reduce of the block means
     per layer makes every rank select the blocks a single process with all heads would.
     Returns (out [B, Hq, n, D],
-    state for the next layer).  Layers below config.dense_layers and lengths below
+    state for the next layer).  Layers below config.dense_layer_count and lengths below
     config.dense_below run dense; flexwalk.counters() shows which path ran.
     """
     _check_qkv(q, k, v)
@@ -737,7 +737,7 @@ def sketchwalk_attention(
             check_contiguous_padding(key_valid)
     if window is not None:
         dense_path = stats.SLIDING_WINDOW
-    elif layer_idx < config.dense_layers:
+    elif layer_idx < config.dense_layer_count:
         dense_path = stats.DENSE_LAYER
     elif n < config.min_sparse_length(q.device):
         dense_path = stats.DENSE_SHORT

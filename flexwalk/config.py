@@ -18,6 +18,7 @@ HeadScoring = Literal["mean", "per_head"]
 
 _WALK_MODES = ("walk", "damped", "one_hop", "oracle")
 DEFAULT_DENSITY = 0.2
+DEFAULT_DENSE_LAYERS = 2  # the paper's; dense_layers="auto" outside a model
 _HEAD_SCORINGS = ("mean", "per_head")
 
 
@@ -66,8 +67,13 @@ class SketchWalkConfig:
     """Diagonal block plus local_blocks - 1 blocks before it, always kept."""
     dense_tail_blocks: int = 1
     """The last T query blocks attend every causal block (cost T / num_blocks of dense)."""
-    dense_layers: int = 2
-    """Layers with layer_idx < dense_layers run dense attention."""
+    dense_layers: int | Literal["auto"] = "auto"
+    """Layers with layer_idx < dense_layers run dense attention.  "auto" (the default): 2, the
+    paper's, raised in a model that mixes sliding-window and full-attention layers so that its
+    first full-attention layer is dense too (Gemma 3: 6, its first full layer being index 5;
+    Gemma 2's, index 1, already is).  On Gemma 3 270M that was level with dense at every length
+    from 2K to 32K, worst task -2, for at most 4% of prefill from 4K (docs/results.md, "Session
+    20").  Decided per model like residual (`for_model`); 2 outside a model."""
     walk: WalkMode = "damped"
     """'walk': R_l = R_{l-1} W_l; 'damped': (1-beta) W_l + beta R_{l-1} W_l; 'one_hop': R_l = W_l;
     'oracle': each layer ranks key blocks by their exact attention mass (an evaluation upper
@@ -110,14 +116,29 @@ class SketchWalkConfig:
     attention) it cost 3.1 and 1.6 points at 2K and 4K (docs/results.md, "Session 19")."""
 
     @property
+    def dense_layer_count(self) -> int:
+        """Layers (by index) that run dense: dense_layers, or 2 for an undecided "auto"."""
+        return DEFAULT_DENSE_LAYERS if self.dense_layers == "auto" else self.dense_layers
+
+    @property
     def uses_residual(self) -> bool:
         """Whether the residual runs: residual=True (a model's "auto" is decided by `for_model`)."""
         return self.residual is True
 
-    def for_model(self, hybrid: bool) -> "SketchWalkConfig":
-        """This config with residual="auto" decided for a model: on when `hybrid` (the model mixes
-        sliding-window and full-attention layers), else off.  Other settings come back as they are."""
-        return self if self.residual != "auto" else self.replace(residual=bool(hybrid))
+    def for_model(self, hybrid: bool, first_full_layer: int | None = None) -> "SketchWalkConfig":
+        """This config with the "auto" settings decided for a model.  residual: on when `hybrid`
+        (the model mixes sliding-window and full-attention layers), else off.  dense_layers: 2,
+        or first_full_layer + 1 when `hybrid` and that is more (the index of the model's first
+        full-attention layer; None: not known).  Other settings come back as they are."""
+        changes: dict[str, Any] = {}
+        if self.residual == "auto":
+            changes["residual"] = bool(hybrid)
+        if self.dense_layers == "auto":
+            n = DEFAULT_DENSE_LAYERS
+            if hybrid and first_full_layer is not None:
+                n = max(n, first_full_layer + 1)
+            changes["dense_layers"] = n
+        return self.replace(**changes) if changes else self
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -150,7 +171,10 @@ class SketchWalkConfig:
         _check_int("sink_blocks", self.sink_blocks, 0)
         _check_int("local_blocks", self.local_blocks, 1)
         _check_int("dense_tail_blocks", self.dense_tail_blocks, 0)
-        _check_int("dense_layers", self.dense_layers, 0)
+        if self.dense_layers != "auto":
+            v = self.dense_layers
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                _fail("dense_layers", v, "must be an int >= 0 or 'auto' (2, and a hybrid model's first full layer)")
         if self.walk not in _WALK_MODES:
             _fail("walk", self.walk, f"must be one of {_WALK_MODES}")
         b = self.damping
@@ -281,7 +305,7 @@ def expected_density(config: SketchWalkConfig, seq_len: int, num_layers: int | N
     _check_int_arg("num_layers", num_layers, 1)
     if seq_len < config.min_sparse_length(device):
         return 1.0
-    n_dense = min(config.dense_layers, num_layers)
+    n_dense = min(config.dense_layer_count, num_layers)
     return (n_dense + (num_layers - n_dense) * sparse) / num_layers
 
 

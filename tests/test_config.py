@@ -31,6 +31,8 @@ from flexwalk.config import block_budget
         ("local_blocks", 0),
         ("dense_tail_blocks", -2),
         ("dense_layers", -1),
+        ("dense_layers", "all"),
+        ("dense_layers", 2.0),
         ("walk", "random"),
         ("damping", 1.5),
         ("walk_steps", 0),

@@ -24,7 +24,7 @@ NEW = 12
 
 
 def sparse_layers(name: str, cfg: SketchWalkConfig) -> list[int]:
-    return [i for i, s in enumerate(ARCHS[name].layer_is_sliding()) if not s and i >= cfg.dense_layers]
+    return [i for i, s in enumerate(ARCHS[name].layer_is_sliding()) if not s and i >= cfg.dense_layer_count]
 
 
 def decode_cfg(density: float = 1.0, **kw) -> SketchWalkConfig:

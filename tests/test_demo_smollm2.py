@@ -33,7 +33,7 @@ def test_demo_dense_and_full_density_sparse_agree(smollm2):
     dense, sparse = run_demo(model, tokenizer, [600], samples=1, config=config, max_new_tokens=8, progress=False)
     assert (dense.method, sparse.method) == (DENSE, SPARSE)
     assert 580 <= dense.tokens <= 620
-    n_sparse = model.config.num_hidden_layers - config.dense_layers
+    n_sparse = model.config.num_hidden_layers - config.dense_layer_count
     assert sparse.sparse_calls == n_sparse and sparse.prefill_calls == model.config.num_hidden_layers
     assert dense.sparse_calls == 0
     assert sparse.density == pytest.approx(1.0)
@@ -54,7 +54,7 @@ def test_sparse_prefill_at_low_density(smollm2):
             logits = model(ids, logits_to_keep=1).logits
     finally:
         model.set_attn_implementation(DENSE)
-    assert flexwalk.counters().get("sparse_prefill", 0) == model.config.num_hidden_layers - config.dense_layers
+    assert flexwalk.counters().get("sparse_prefill", 0) == model.config.num_hidden_layers - config.dense_layer_count
     assert torch.isfinite(logits).all()
     report = flexwalk.density_report()
     achieved = sum(report.values()) / len(report)

@@ -293,3 +293,56 @@ def test_residual_through_transformers_prefill_and_sparse_decode(caplog, monkeyp
     c = flexwalk.counters()
     assert c["residual"] == c["sparse_prefill"] > 0 and c["sparse_decode"] > 0
     assert sum("residual=True applies to prefill" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_dense_layers_auto_is_decided_per_model():
+    """dense_layers="auto": 2 outside a model and in models without sliding-window layers; in a
+    hybrid model raised to cover its first full-attention layer (never lowered); an int stays."""
+    cfg = SketchWalkConfig()
+    assert cfg.dense_layers == "auto" and cfg.dense_layer_count == 2
+    assert cfg.for_model(True, 5).dense_layers == 6  # Gemma 3: full layers at 5, 11, 17
+    assert cfg.for_model(True, 1).dense_layers == 2  # Gemma 2: full layers at 1, 3, ...
+    assert cfg.for_model(False, 0).dense_layers == 2 and cfg.for_model(True, None).dense_layers == 2
+    assert cfg.replace(dense_layers=0).for_model(True, 5).dense_layers == 0
+    assert cfg.for_model(True, 5).residual is True and cfg.for_model(False).residual is False
+    from flexwalk import expected_density
+
+    assert expected_density(cfg, 4096, num_layers=10) == expected_density(cfg.replace(dense_layers=2), 4096, 10)
+
+
+def test_dense_layers_auto_through_transformers(caplog, monkeypatch):
+    """A tiny Gemma 3 whose first full-attention layer is index 3 (of full layers 3 and 5): with
+    dense_layers="auto" layer 3 runs dense and only layer 5 sparse (counted, logged once, the
+    same logits as dense_layers=4); the tiny Llama keeps 2 dense layers."""
+    import logging
+
+    import transformers
+
+    from flexwalk import stats
+    from flexwalk.integrations.transformers import effective_config, first_full_attention_layer
+    from tiny_models import ARCHS, build_model, random_ids
+
+    monkeypatch.setattr(stats, "_logged", set())
+    mc = ARCHS["gemma3"].config()
+    mc.num_hidden_layers = 6
+    mc.layer_types = ["sliding_attention"] * 3 + ["full_attention", "sliding_attention", "full_attention"]
+    assert isinstance(mc, transformers.Gemma3TextConfig) and first_full_attention_layer(mc) == 3
+    model = build_model("gemma3", "sketchwalk_flex", config=mc)
+    ids = random_ids(2, 100, seed=5)
+    cfg = SketchWalkConfig(block_size=16, density=0.2, dense_below=0, dense_tail_blocks=0, residual=False)
+    logits = {}
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="flexwalk"):
+        for setting in ("auto", 4, 2):
+            flexwalk.reset_counters()
+            logits[setting] = flexwalk.configure(model, cfg.replace(dense_layers=setting))(ids).logits
+            c = flexwalk.counters()
+            assert (c.get("dense_layer", 0), c.get("sparse_prefill", 0)) == ((0, 2) if setting == 2 else (1, 1)), c
+    assert torch.equal(logits["auto"], logits[4]) and not torch.allclose(logits["auto"], logits[2])
+    flexwalk.configure(model, cfg)
+    attn = next(m for m in model.modules() if getattr(m, "layer_idx", None) == 5)
+    assert effective_config(attn).dense_layers == 4
+    assert sum("dense_layers='auto' is 4" in r.getMessage() for r in caplog.records) == 1
+    llama = build_model("llama", "sketchwalk_flex")
+    flexwalk.configure(llama, cfg)
+    attn = next(m for m in llama.modules() if hasattr(m, "layer_idx"))
+    assert effective_config(attn).dense_layers == 2

@@ -85,7 +85,7 @@ def expected_counters(name: str, cfg: SketchWalkConfig, seq_len: int = SEQ) -> d
     for i, sliding in enumerate(sliding_layers(name)):
         if sliding:
             key = "sliding_window"
-        elif i < cfg.dense_layers:
+        elif i < cfg.dense_layer_count:
             key = "dense_layer"
         elif seq_len < cfg.min_sparse_length("cpu"):
             key = "dense_short"
@@ -142,7 +142,7 @@ def test_full_budget_matches_eager(models, name):
     err = max_err(out, ref)
     assert err <= tol, f"{name}: max |sketchwalk - eager| = {err:.3g} > tol {tol:.3g}"
     assert counts == expected_counters(name, cfg), counts
-    n_sparse = sum(1 for i, s in enumerate(sliding_layers(name)) if not s and i >= cfg.dense_layers)
+    n_sparse = sum(1 for i, s in enumerate(sliding_layers(name)) if not s and i >= cfg.dense_layer_count)
     assert counts.get("sparse_prefill", 0) == n_sparse
 
 

@@ -194,17 +194,23 @@ def resolve_config(module: torch.nn.Module) -> SketchWalkConfig:
 
 
 def effective_config(module: torch.nn.Module) -> SketchWalkConfig:
-    """`resolve_config` with residual="auto" decided for the module's model (`model_is_hybrid`):
-    what its attention calls run."""
+    """`resolve_config` with residual="auto" and dense_layers="auto" decided for the module's model
+    (`model_is_hybrid`, `first_full_attention_layer`): what its attention calls run."""
     cfg = resolve_config(module)
-    if cfg.residual != "auto":
+    if cfg.residual != "auto" and cfg.dense_layers != "auto":
         return cfg
-    hybrid = model_is_hybrid(getattr(module, "config", None))
-    if hybrid:
+    model_config = getattr(module, "config", None)
+    hybrid = model_is_hybrid(model_config)
+    first_full = first_full_attention_layer(model_config) if hybrid else None
+    if hybrid and cfg.residual == "auto":
         stats.log_once("residual-auto", "flexwalk: residual='auto' is on: this model mixes sliding-window and "
                        "full-attention layers, so its sparse full-attention layers also attend summaries of the "
                        "blocks they drop (residual=False turns it off)")
-    return _for_model(cfg, hybrid)
+    decided = _for_model(cfg, hybrid, first_full)
+    if cfg.dense_layers == "auto" and decided.dense_layers != 2:
+        stats.log_once("dense-layers-auto", f"flexwalk: dense_layers='auto' is {decided.dense_layers}: this model's "
+                       f"first full-attention layer (index {first_full}) runs dense too (an int sets it)")
+    return decided
 
 
 def model_is_hybrid(model_config: Any) -> bool:
@@ -215,10 +221,16 @@ def model_is_hybrid(model_config: Any) -> bool:
     return "sliding_attention" in types and "full_attention" in types
 
 
+def first_full_attention_layer(model_config: Any) -> int | None:
+    """Index of the first "full_attention" entry of the config's layer_types (None without one)."""
+    types = list(getattr(model_config, "layer_types", None) or ())
+    return types.index("full_attention") if "full_attention" in types else None
+
+
 @functools.lru_cache(maxsize=64)
-def _for_model(cfg: SketchWalkConfig, hybrid: bool) -> SketchWalkConfig:
+def _for_model(cfg: SketchWalkConfig, hybrid: bool, first_full: int | None = None) -> SketchWalkConfig:
     # every layer call resolves the config: build the decided config once
-    return cfg.for_model(hybrid)
+    return cfg.for_model(hybrid, first_full)
 
 
 def coerce_config(raw: Any, name: str = "config") -> SketchWalkConfig:
@@ -325,7 +337,7 @@ def sketchwalk_flex_attention(
         )
     layer_idx = getattr(module, "layer_idx", None)
     # Layers that keep a decode state: full-attention layers past dense_layers, sparse decode on.
-    track = not cfg.skip_decode and window is None and layer_idx is not None and layer_idx >= cfg.dense_layers
+    track = not cfg.skip_decode and window is None and layer_idx is not None and layer_idx >= cfg.dense_layer_count
     if L <= SMALL_QUERY:
         if track:
             out = _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap, group)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..config import SketchWalkConfig
-from ..integrations.transformers import model_is_hybrid
+from ..integrations.transformers import first_full_attention_layer, model_is_hybrid
 from ..oracle import eager_sketchwalk_attention, reference_attention, token_mask
 from ..selection import oracle_block_mass
 from ..sketch import num_blocks
@@ -85,14 +85,14 @@ def capture_attention_inputs(model, input_ids: torch.Tensor, logits_to_keep: int
 
 def _sparse_layers(model, config: SketchWalkConfig) -> list[bool]:
     types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
-    return [t == "full_attention" and i >= config.dense_layers for i, t in enumerate(types)]
+    return [t == "full_attention" and i >= config.dense_layer_count for i, t in enumerate(types)]
 
 
 @torch.no_grad()
 def layer_fidelity(model, inputs: dict[int, LayerInputs], config: SketchWalkConfig) -> list[dict[str, Any]]:
     """Per layer: rel_error, recall and density of `config` replayed on the dense run's inputs
     (residual="auto" decided for the model, as its attention calls decide it)."""
-    config = config.for_model(model_is_hybrid(model.config))
+    config = config.for_model(model_is_hybrid(model.config), first_full_attention_layer(model.config))
     rows, state = [], None
     for idx, sparse in enumerate(_sparse_layers(model, config)):
         x = inputs[idx]
