@@ -23,7 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from .. import stats
 from ..attention import dense_attention, masked_attention, sketchwalk_attention
 from ..block_mask import check_contiguous_padding
-from ..config import PRESETS, SketchWalkConfig
+from ..config import DEFAULT_DENSE_LAYERS, PRESETS, SketchWalkConfig
 from ..decode import DecodeState, RightPaddingError, sketchwalk_decode
 from ..selection import layer_sketch
 from ..walk import WalkState
@@ -199,18 +199,22 @@ def effective_config(module: torch.nn.Module) -> SketchWalkConfig:
     cfg = resolve_config(module)
     if cfg.residual != "auto" and cfg.dense_layers != "auto":
         return cfg
-    model_config = getattr(module, "config", None)
-    hybrid = model_is_hybrid(model_config)
-    first_full = first_full_attention_layer(model_config) if hybrid else None
-    if hybrid and cfg.residual == "auto":
+    decided = config_for_model(cfg, getattr(module, "config", None))
+    if cfg.residual == "auto" and decided.residual:
         stats.log_once("residual-auto", "flexwalk: residual='auto' is on: this model mixes sliding-window and "
                        "full-attention layers, so its sparse full-attention layers also attend summaries of the "
                        "blocks they drop (residual=False turns it off)")
-    decided = _for_model(cfg, hybrid, first_full)
-    if cfg.dense_layers == "auto" and decided.dense_layers != 2:
+    if cfg.dense_layers == "auto" and decided.dense_layers != DEFAULT_DENSE_LAYERS:
         stats.log_once("dense-layers-auto", f"flexwalk: dense_layers='auto' is {decided.dense_layers}: this model's "
-                       f"first full-attention layer (index {first_full}) runs dense too (an int sets it)")
+                       f"first full-attention layer (index {decided.dense_layers - 1}) runs dense too (an int sets it)")
     return decided
+
+
+def config_for_model(cfg: SketchWalkConfig, model_config: Any) -> SketchWalkConfig:
+    """`cfg.for_model` for a transformers model config (`model_is_hybrid`,
+    `first_full_attention_layer`); the one decision of the attention calls and of fidelity."""
+    hybrid = model_is_hybrid(model_config)
+    return _for_model(cfg, hybrid, first_full_attention_layer(model_config) if hybrid else None)
 
 
 def model_is_hybrid(model_config: Any) -> bool:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..config import SketchWalkConfig
-from ..integrations.transformers import first_full_attention_layer, model_is_hybrid
+from ..integrations.transformers import config_for_model
 from ..oracle import eager_sketchwalk_attention, reference_attention, token_mask
 from ..selection import oracle_block_mass
 from ..sketch import num_blocks
@@ -91,8 +91,8 @@ def _sparse_layers(model, config: SketchWalkConfig) -> list[bool]:
 @torch.no_grad()
 def layer_fidelity(model, inputs: dict[int, LayerInputs], config: SketchWalkConfig) -> list[dict[str, Any]]:
     """Per layer: rel_error, recall and density of `config` replayed on the dense run's inputs
-    (residual="auto" decided for the model, as its attention calls decide it)."""
-    config = config.for_model(model_is_hybrid(model.config), first_full_attention_layer(model.config))
+    (residual="auto" and dense_layers="auto" decided for the model, as its attention calls decide them)."""
+    config = config_for_model(config, model.config)
     rows, state = [], None
     for idx, sparse in enumerate(_sparse_layers(model, config)):
         x = inputs[idx]
