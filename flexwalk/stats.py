@@ -34,6 +34,7 @@ DENSE_DECODE_NO_STATE = "dense_decode_no_state"  # decode step without a usable 
 DECODE_STATE_RESET = "decode_state_reset"  # a state was found stale (not continuing this sequence) and dropped
 DECODE_GRAPH_STEPS = "decode_graph_steps"  # sparse decode steps replayed from a CUDA graph (static cache)
 DECODE_STALE_STEPS = "decode_stale_steps"  # static-cache steps whose position disagreed with the state: dense
+FA4_PREFILL = "fa4_prefill"  # of those sparse_prefill calls, the ones run by FlashAttention 4 (flexwalk.fa4_prefill)
 TRITON_PREFILL = "triton_prefill"  # of those sparse_prefill calls, the ones run by flexwalk.triton_prefill's kernel
 TRITON_SELECTION = "triton_selection"  # prefill selections computed by flexwalk.triton_selection (graph replays too)
 RESIDUAL = "residual"  # of those sparse_prefill calls, the ones whose queries also attended the residual summaries

@@ -1,0 +1,128 @@
+"""Block-sparse prefill through FlashAttention 4's CuTe kernels (`flash_attn.cute`), where installed.
+
+FlashAttention 4 (`pip install flash-attn-4`, Hopper and Blackwell; imported as
+`flash_attn.cute`) runs a block-sparse pattern given, per query tile, two lists of key blocks:
+"mask" blocks, where a mask is applied (here FA4's own causal mask and sequence end), and "full"
+blocks, where none is.  A SketchWalk selection produces exactly these lists (the BlockMask's
+partial and full blocks; `attention.fused_selection`'s tables), so this module hands them over
+unchanged, with no mask function to compile: the partial blocks of a selection without padding
+are the causal diagonal, which FA4 masks itself (`causal=True`).
+
+What it does not handle, so that `attention.sparse_prefill` runs flexwalk's Triton kernel or
+flex instead (see `supported`): padded batches (keys outside [start, end) per row), the
+residual's summary keys, soft-capping, sliding windows, gradients, query lengths other than the
+key length, dtypes other than bf16 / fp16, and shapes not measured here.  FA4 tiles are 128 x 128
+on Hopper for head dim 128 (its block-sparse query block must be a multiple of the tile), so the
+measured shape is head dim 128 with 128-token query and key blocks (docs/benchmarks.md 4k).
+
+The inputs stay in transformers' layout: q [B, Hq, n, D] and k, v [B, Hkv, n, D] are passed as
+their [B, n, H, D] transposed views (FA4 reads any strides with a contiguous head dim), and
+FA4's output, [B, n, Hq, D], is what the attention interface returns; it is handed back as a
+[B, Hq, n, D] view, like `triton_prefill.sparse_prefill_attention`'s.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+# (head dim, query block, key block) where FA4 runs and was measured (an H100, docs/benchmarks.md 4k).
+SHAPES = {(128, 128, 128)}
+# Compute capabilities (major) where FA4's block-sparse query block equals one 128-row tile.
+# Blackwell (10.x) runs two tiles per CTA, so its query block would be 256 rows: not used.
+ARCHS = {9}
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether `flash_attn.cute` (FlashAttention 4) can be imported; cached."""
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):  # no flash_attn package at all, or a broken one
+        return False
+
+
+@functools.lru_cache(maxsize=8)
+def _arch(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def device_ok(device: torch.device) -> bool:
+    """A CUDA device whose architecture is in ARCHS (tests replace this to run the wiring on CPU)."""
+    if device.type != "cuda":
+        return False
+    return _arch(device.index if device.index is not None else torch.cuda.current_device()) in ARCHS
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, *, q_block: int, kv_block: int, softcap=None, window=None,
+              padded: bool = False) -> bool:
+    """Whether `sparse_prefill_attention` handles this call (see the module docstring)."""
+    return (available() and device_ok(q.device) and not padded and softcap is None and window is None
+            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[2] == k.shape[2]
+            and (q.shape[-1], q_block, kv_block) in SHAPES)
+
+
+def block_sparse_lists(
+    full_num: torch.Tensor,
+    full_idx: torch.Tensor,
+    part_num: torch.Tensor,
+    part_idx: torch.Tensor,
+    n: int,
+    q_block: int,
+    kv_block: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A selection's block lists in FA4's form: (mask_cnt [B, 1, nq], mask_idx [B, 1, nq, W],
+    full_cnt [B, 1, nq], full_idx [B, 1, nq, W']), int32, nq = ceil(n / q_block), W and W' at
+    most nk = ceil(n / kv_block).
+
+    full_num / part_num: [B, nq'] or [B, 1, nq'] counts, full_idx / part_idx: [B, nq', W] or
+    [B, 1, nq', W] indices (a BlockMask's, or `fused_selection`'s tables, nq' >= nq: rows of a
+    length bucket past n are dropped; columns past nk too, which FA4 refuses and no count
+    reaches, as a row keeps at most its causal blocks).  The head dimension stays 1: FA4
+    broadcasts it, as every head of a layer shares the selection.  Views where the input
+    already is int32."""
+    nq, nk = -(-n // q_block), -(-n // kv_block)
+
+    def rows(t: torch.Tensor, ndim: int) -> torch.Tensor:
+        if t.dim() == ndim - 1:
+            t = t.unsqueeze(1)
+        if t.dim() != ndim or t.shape[1] != 1:
+            raise ValueError(f"block lists: expected [B, nq] / [B, nq, W] or a BlockMask's [B, 1, ...] tensors, "
+                             f"got shape {tuple(t.shape)}")
+        if t.shape[2] < nq:
+            raise ValueError(f"block lists: {t.shape[2]} query blocks cover fewer than the {nq} of {n} tokens")
+        return (t[:, :, :nq] if ndim == 3 else t[:, :, :nq, :nk]).to(torch.int32)
+
+    return rows(part_num, 3), rows(part_idx, 4), rows(full_num, 3), rows(full_idx, 4)
+
+
+def sparse_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    full_num: torch.Tensor,
+    full_idx: torch.Tensor,
+    part_num: torch.Tensor,
+    part_idx: torch.Tensor,
+    *,
+    q_block: int,
+    kv_block: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of q over the listed key blocks, by FlashAttention 4.
+
+    q: [B, Hq, n, D]; k, v: [B, Hkv, n, D]; the block lists as in `block_sparse_lists` (partial
+    blocks get the causal mask, full blocks none).  Returns [B, Hq, n, D], a view of FA4's
+    [B, n, Hq, D] output."""
+    from flash_attn.cute import flash_attn_func
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    mc, mi, fc, fi = block_sparse_lists(full_num, full_idx, part_num, part_idx, q.shape[2], q_block, kv_block)
+    lists = BlockSparseTensorsTorch(mask_block_cnt=mc, mask_block_idx=mi, full_block_cnt=fc, full_block_idx=fi,
+                                    block_size=(q_block, kv_block))
+    res = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                          causal=True, block_sparse_tensors=lists)
+    out = res[0] if isinstance(res, tuple) else res
+    return out.transpose(1, 2)
