@@ -3,7 +3,7 @@
 FA4 (`flash_attn.cute`) is not in the GPU image: its wheels travel in pieces (benchmarks/gpu_accuracy.sh
 `pieces fa4`, `store`, `wheels`), and this script runs through that script's environment:
 
-    bash benchmarks/gpu_accuracy.sh py benchmarks/gpu_fa4.py --out DIR [--sections env,check,dense,kernel,rounds,ttft]
+    bash benchmarks/gpu_accuracy.sh py benchmarks/gpu_fa4.py --out DIR [--sections env,check,dense,kernel,rounds,shapes,ttft]
 
 1. env: versions, and FA4's first-call (JIT compile) time.
 2. check: the layer with PREFILL_KERNEL "fa4" against "triton" on the same selection, three layers
@@ -16,7 +16,9 @@ FA4 (`flash_attn.cute`) is not in the GPU image: its wheels travel in pieces (be
    lists, against cuDNN, in interleaved rounds.
 5. rounds: the whole layer (`sketchwalk_attention`: selection, lists, attention) with each kernel
    against cuDNN, interleaved rounds, per-round ratios and their median.
-6. ttft: time to first token of the 8B-shaped random model (bf16, batch 1, block 128, density
+6. shapes: FA4 on SmolLM2's, Gemma 3's and a 64-token-block 8B shape (attention alone, 20%),
+   against the Triton kernel and flex.
+7. ttft: time to first token of the 8B-shaped random model (bf16, batch 1, block 128, density
    0.2, dense_below 8192, dense_layers "auto" = 2): sdpa, then sketchwalk_flex with each kernel.
 Writes DIR/gpu_fa4.json.  Medians of triton.testing.do_bench.
 """
@@ -220,6 +222,45 @@ def rounds(lengths, n_rounds=5):
     return rows
 
 
+SHAPE_CASES = [  # (name, query heads, KV heads, head dim, block, batch, n)
+    ("smollm2", 9, 3, 64, 64, 16, 8192), ("gemma3", 4, 1, 256, 64, 4, 32768), ("8b-block64", 32, 8, 128, 64, 1, 32768)]
+
+
+def shapes(cases=SHAPE_CASES):
+    """FA4 on the other shapes flexwalk runs (fa4_prefill.SHAPES holds only the measured one): the
+    attention alone on a 20% selection, FA4 against the Triton kernel and flex as shipped, and
+    their max |difference|.  FA4 fits its Hopper tile to the sparse block (64-row tiles, 64-key
+    tiles), so whether these are worth it is a measurement."""
+    from gpu_triton_prefill import _flex_as_shipped
+
+    rows = []
+    for name, hq, hkv, d, bs, batch, n in cases:
+        g = torch.Generator(device="cuda").manual_seed(n + d)
+        q, k, v = (torch.randn(batch, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+        cfg = SketchWalkConfig(block_size=bs, density=0.2, dense_layers=0, dense_below=0)
+        (p_cnt, p_idx, f_cnt, f_idx, _, start, end), dens = _lists(q, k, cfg)
+        bm = attention.tables_block_mask(fused_selection(q, k, cfg, 0, None)[0], cfg, attention.bucket_length(n))
+        fns = {
+            "flex": _flex_as_shipped(q, k, v, bm, cfg, n),
+            "triton": lambda: triton_prefill.sparse_prefill_attention(
+                q, k, v, f_cnt, f_idx, p_cnt, p_idx, start, end, q_block=bs, kv_block=bs),
+            "fa4": lambda: fa4_prefill.sparse_prefill_attention(q, k, v, f_cnt, f_idx, p_cnt, p_idx, q_block=bs,
+                                                                kv_block=bs),
+        }
+        r = dict(case=name, hq=hq, hkv=hkv, d=d, block=bs, batch=batch, n=n, density=dens)
+        try:
+            ref = fns["triton"]()
+            r["fa4_vs_triton_max_abs_diff"] = float((fns["fa4"]().float() - ref.float()).abs().max())
+            r.update(_interleaved(q, k, v, fns, 3, False))
+        except Exception as e:  # FA4 may refuse a shape: record why
+            r["error"] = f"{type(e).__name__}: {e}"[:400]
+        log(r)
+        rows.append(r)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
 def ttft(lengths, reps=2):
     from transformers import AutoModelForCausalLM
 
@@ -272,7 +313,7 @@ def main():
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     sections = {"env": (env, ()), "check": (check, ()), "dense": (dense, (ints(args.lengths),)),
                 "kernel": (kernel, (ints(args.lengths),)), "rounds": (rounds, (ints(args.lengths),)),
-                "ttft": (ttft, (ints(args.ttft_lengths),))}
+                "shapes": (shapes, ()), "ttft": (ttft, (ints(args.ttft_lengths),))}
     run_sections([(name, *sections[name]) for name in args.sections.split(",")], RESULTS,
                  os.path.join(args.out, "gpu_fa4.json"))
 
