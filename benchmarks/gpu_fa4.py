@@ -68,6 +68,20 @@ def env():
         fn()
         _sync(q.device)
         out[f"first_call_{tag}_s"] = time.perf_counter() - t0
+    # recompiles: ten prompt lengths in one bucket after a warm-up (FA4's compile key holds no length)
+    from flash_attn.cute import interface as fa4_interface
+
+    def cache_size():
+        try:
+            return len(fa4_interface._flash_attn_fwd.compile_cache)
+        except TypeError:  # a cache without len(): not countable in this version
+            return None
+
+    before = cache_size()
+    for n in range(4100, 5121, 113):
+        qq, kk, vv = llama8b_qkv(n)
+        sketchwalk_attention(qq, kk, vv, _cfg(), 0)
+    out["fa4_compiled_kernels_before_after_ten_lengths"] = (before, cache_size())
     attention.PREFILL_KERNEL = "auto"
     log(out)
     return out
