@@ -93,7 +93,8 @@ def block_sparse_lists(
                              f"got shape {tuple(t.shape)}")
         if t.shape[2] < nq:
             raise ValueError(f"block lists: {t.shape[2]} query blocks cover fewer than the {nq} of {n} tokens")
-        return (t[:, :, :nq] if ndim == 3 else t[:, :, :nq, :nk]).to(torch.int32)
+        t = t.narrow(2, 0, nq)  # narrow, not indexing: it also traces under fake CUDA tensors
+        return (t if ndim == 3 else t.narrow(3, 0, min(nk, t.shape[3]))).to(torch.int32)
 
     return rows(part_num, 3), rows(part_idx, 4), rows(full_num, 3), rows(full_idx, 4)
 
