@@ -4,7 +4,8 @@ FA4 validates a call on the host and compiles its kernel with the CUTLASS DSL, w
 GPU; only the launch does.  Under torch's FakeTensorMode, with fake CUDA tensors, FA4 skips the
 launch, so this runs `flexwalk.fa4_prefill.sparse_prefill_attention` as the library calls it
 (the selection's bucket-wide lists, q / k / v as transposed views) through FA4's checks and its
-Hopper (sm_90a) compile, for several shapes, and counts the kernels compiled over ten prompt
+Hopper (sm_90a) compile, for several shapes and both ways of masking the diagonal
+(fa4_prefill.MASK), and counts the kernels compiled over ten prompt
 lengths (FA4's compile key holds no length, so that should be one per shape).  Nothing is
 computed: numerics and speed need the GPU run (benchmarks/gpu_fa4.py).
 
@@ -49,6 +50,7 @@ def lists(batch, n, q_block, kv_block, extra_rows=3, extra_cols=2):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--masks", default="causal,mask_mod", help="fa4_prefill.MASK settings to compile")
     args = ap.parse_args()
     import flash_attn.cute.interface as fa4_interface
 
@@ -57,8 +59,9 @@ def main():
     fa4_interface._get_device_arch = lambda: 90  # what torch.cuda would report on a Hopper GPU
     cache = fa4_interface._flash_attn_fwd.compile_cache.cache
     rows = []
-    for name, batch, hq, hkv, d, qb, kb in CASES:
-        r = dict(case=name, batch=batch, hq=hq, hkv=hkv, d=d, q_block=qb, kv_block=kb)
+    for mask, (name, batch, hq, hkv, d, qb, kb) in [(m, c) for m in args.masks.split(",") for c in CASES]:
+        fa4_prefill.MASK = mask
+        r = dict(mask=mask, case=name, batch=batch, hq=hq, hkv=hkv, d=d, q_block=qb, kv_block=kb)
         before = len(cache)
         try:
             with FakeTensorMode():

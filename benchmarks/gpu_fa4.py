@@ -6,14 +6,14 @@ FA4 (`flash_attn.cute`) is not in the GPU image: its wheels travel in pieces (be
     bash benchmarks/gpu_accuracy.sh py benchmarks/gpu_fa4.py --out DIR [--sections env,check,dense,kernel,rounds,shapes,ttft]
 
 1. env: versions, and FA4's first-call (JIT compile) time.
-2. check: the layer with PREFILL_KERNEL "fa4" against "triton" on the same selection, three layers
+2. check: the layer with PREFILL_KERNEL "fa4" (both MASK settings) against "triton" on the same selection, three layers
    with the walk carried, bf16, 8B attention shape (32 / 8 heads, head dim 128), block 128, dense
    tail 2, lengths off the block grid, batch 1 and 2; max |difference|, finiteness and the
    counters (which kernel ran).  A padded batch and a residual config must fall back to Triton.
 3. dense: dense causal attention alone, cuDNN SDPA against FA4 (no block lists) and against
    FA4 and the Triton kernel on block lists that keep every causal block.
-4. kernel: the attention alone on one layer's 20% selection: Triton kernel and FA4 on the same
-   lists, against cuDNN, in interleaved rounds.
+4. kernel: the attention alone on one layer's 20% selection: Triton kernel and FA4 (both
+   fa4_prefill.MASK settings) on the same lists, against cuDNN, in interleaved rounds.
 5. rounds: the whole layer (`sketchwalk_attention`: selection, lists, attention) with each kernel
    against cuDNN, interleaved rounds, per-round ratios and their median.
 6. shapes: FA4 on SmolLM2's, Gemma 3's and a 64-token-block 8B shape (attention alone, 20%),
@@ -100,8 +100,9 @@ def check(cases=CHECK_CASES):
         cfg = _cfg(dense_tail_blocks=2, **extra)
         outs, counts = {}, {}
         try:
-            for kernel in ("triton", "fa4", "flex"):
-                attention.PREFILL_KERNEL = kernel
+            for kernel in ("triton", "fa4", "fa4_mask_mod", "flex"):
+                attention.PREFILL_KERNEL = kernel.split("_")[0]
+                fa4_prefill.MASK = "mask_mod" if kernel == "fa4_mask_mod" else "causal"
                 flexwalk.reset_counters()
                 st, o = None, []
                 for layer in range(3):
@@ -110,10 +111,10 @@ def check(cases=CHECK_CASES):
                 outs[kernel] = o
                 counts[kernel] = {c: flexwalk.counters().get(c, 0) for c in ("fa4_prefill", "triton_prefill")}
         finally:
-            attention.PREFILL_KERNEL = "auto"
+            attention.PREFILL_KERNEL, fa4_prefill.MASK = "auto", "causal"
         real = slice(None) if kv is None else kv[-1]
         r = dict(batch=batch, n=n, padded=pad, **extra, counters=counts, finite=all(bool(torch.isfinite(x).all()) for x in outs["fa4"]))
-        for a_name, b_name in (("fa4", "triton"), ("fa4", "flex"), ("triton", "flex")):
+        for a_name, b_name in (("fa4", "triton"), ("fa4_mask_mod", "triton"), ("fa4", "flex"), ("triton", "flex")):
             r[f"max_abs_diff_{a_name}_{b_name}"] = max(
                 float((a[..., real, :].float() - b[..., real, :].float()).abs().max())
                 for a, b in zip(outs[a_name], outs[b_name]))
@@ -194,12 +195,22 @@ def kernel(lengths, n_rounds=3):
         fns = {
             "triton": lambda: triton_prefill.sparse_prefill_attention(
                 q, k, v, f_cnt, f_idx, p_cnt, p_idx, start, end, q_block=128, kv_block=128),
-            "fa4": lambda: fa4_prefill.sparse_prefill_attention(q, k, v, f_cnt, f_idx, p_cnt, p_idx, q_block=128,
-                                                                kv_block=128),
         }
-        diff = float((fns["triton"]().float() - fns["fa4"]().float()).abs().max())
-        r = dict(n=n, density=dens, max_abs_diff=diff, **_interleaved(q, k, v, fns, n_rounds, n >= 65536))
-        r["fa4_over_triton_speed"] = sorted(t / f for t, f in zip(r["triton_ms"], r["fa4_ms"]))[n_rounds // 2]
+        for mask in fa4_prefill.MASKS:  # FA4 with each way of masking the diagonal (fa4_prefill.MASK)
+            def fa4(mask=mask):
+                fa4_prefill.MASK = mask
+                return fa4_prefill.sparse_prefill_attention(q, k, v, f_cnt, f_idx, p_cnt, p_idx, q_block=128,
+                                                            kv_block=128)
+            fns["fa4" if mask == "causal" else f"fa4_{mask}"] = fa4
+        ref = fns["triton"]()
+        diffs = {f"max_abs_diff_{name}": float((fn().float() - ref.float()).abs().max()) for name, fn in fns.items()
+                 if name != "triton"}
+        r = dict(n=n, density=dens, **diffs, **_interleaved(q, k, v, fns, n_rounds, n >= 65536))
+        fa4_prefill.MASK = "causal"
+        for name in fns:
+            if name != "triton":
+                r[f"{name}_over_triton_speed"] = sorted(t / f for t, f in zip(r["triton_ms"], r[f"{name}_ms"]))[
+                    n_rounds // 2]
         log(r)
         rows.append(r)
         del q, k, v

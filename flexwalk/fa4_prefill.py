@@ -33,6 +33,25 @@ SHAPES = {(128, 128, 128)}
 # Compute capabilities (major) where FA4's block-sparse query block equals one 128-row tile.
 # Blackwell (10.x) runs two tiles per CTA, so its query block would be 256 rows: not used.
 ARCHS = {9}
+# How the diagonal blocks get their causal mask: "causal" (FA4's causal=True: its own row-limit
+# mask, also applied, to no effect, on every full block, and its longest-first tile order) or
+# "mask_mod" (causal=False with a CuTe mask function on the partial blocks only: full blocks
+# unmasked, but FA4's tile order is then not longest-first).  Which is faster is a GPU
+# measurement (benchmarks/gpu_fa4.py, kernel section).
+MASK = "causal"
+MASKS = ("causal", "mask_mod")
+
+
+@functools.lru_cache(maxsize=1)
+def causal_mask_mod():
+    """kv <= q as a CuTe mask function (FA4's signature: batch, head, q, kv, seqlen info, aux)."""
+    import cutlass.cute as cute
+
+    @cute.jit
+    def causal(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
+        return n_idx <= m_idx
+
+    return causal
 
 
 @functools.lru_cache(maxsize=1)
@@ -115,7 +134,7 @@ def sparse_prefill_attention(
     """Causal attention of q over the listed key blocks, by FlashAttention 4.
 
     q: [B, Hq, n, D]; k, v: [B, Hkv, n, D]; the block lists as in `block_sparse_lists` (partial
-    blocks get the causal mask, full blocks none).  Returns [B, Hq, n, D], a view of FA4's
+    blocks get the causal mask, full blocks none; `MASK` says how).  Returns [B, Hq, n, D], a view of FA4's
     [B, n, Hq, D] output."""
     from flash_attn.cute import flash_attn_func
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
@@ -123,7 +142,10 @@ def sparse_prefill_attention(
     mc, mi, fc, fi = block_sparse_lists(full_num, full_idx, part_num, part_idx, q.shape[2], q_block, kv_block)
     lists = BlockSparseTensorsTorch(mask_block_cnt=mc, mask_block_idx=mi, full_block_cnt=fc, full_block_idx=fi,
                                     block_size=(q_block, kv_block))
+    if MASK not in MASKS:
+        raise ValueError(f"flexwalk.fa4_prefill.MASK={MASK!r}: allowed {', '.join(MASKS)}")
+    how = dict(causal=True) if MASK == "causal" else dict(causal=False, mask_mod=causal_mask_mod())
     res = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
-                          causal=True, block_sparse_tensors=lists)
+                          block_sparse_tensors=lists, **how)
     out = res[0] if isinstance(res, tuple) else res
     return out.transpose(1, 2)

@@ -46,8 +46,11 @@ class BlockSparseTensorsTorch(NamedTuple):  # the fields of flash_attn.cute.bloc
 CALLS: list[dict] = []
 
 
-def _fa4_mask(lists: BlockSparseTensorsTorch, batch: int, heads: int, n_q: int, n_k: int, causal: bool):
-    """[B, H, n_q, n_k] bool: what FA4 computes for these lists (see the module docstring)."""
+def _fa4_mask(lists: BlockSparseTensorsTorch, batch: int, heads: int, n_q: int, n_k: int, causal: bool,
+              mask_mod=None):
+    """[B, H, n_q, n_k] bool: what FA4 computes for these lists (see the module docstring); a
+    mask_mod (FA4's signature) applies on mask blocks, in place of the causal mask."""
+    assert not (causal and mask_mod is not None), "FA4 drops causal=True when a mask_mod is given"
     bq, bk = lists.block_size
     m_rows = -(-n_q // bq)
     mask = torch.zeros(batch, heads, n_q, n_k, dtype=torch.bool)
@@ -70,11 +73,13 @@ def _fa4_mask(lists: BlockSparseTensorsTorch, batch: int, heads: int, n_q: int, 
                         allowed = torch.ones(rows.stop - rows.start, len(cols), dtype=torch.bool)
                         if masked and causal:
                             allowed &= cols[None, :] <= pos_q[rows][:, None] + (n_k - n_q)
+                        if masked and mask_mod is not None:
+                            allowed &= mask_mod(b, h, pos_q[rows][:, None], cols[None, :], None, None)
                         mask[b, h, rows, j * bk: j * bk + len(cols)] |= allowed
     return mask
 
 
-def fake_flash_attn_func(q, k, v, softmax_scale=None, causal=False, block_sparse_tensors=None, **kw):
+def fake_flash_attn_func(q, k, v, softmax_scale=None, causal=False, block_sparse_tensors=None, mask_mod=None, **kw):
     assert not kw, f"unexpected arguments {sorted(kw)}"
     for t in (q, k, v):
         assert t.stride(-1) == 1, "FA4 needs a contiguous head dim"
@@ -83,8 +88,8 @@ def fake_flash_attn_func(q, k, v, softmax_scale=None, causal=False, block_sparse
     assert v.shape == k.shape and hq % hkv == 0
     lists = block_sparse_tensors
     assert lists is not None and lists.block_size is not None
-    CALLS.append(dict(causal=causal, block_size=lists.block_size, n_q=n_q, q_stride=q.stride()))
-    mask = _fa4_mask(lists, batch, hq, n_q, n_k, causal)
+    CALLS.append(dict(causal=causal, mask_mod=mask_mod is not None, block_size=lists.block_size, n_q=n_q))
+    mask = _fa4_mask(lists, batch, hq, n_q, n_k, causal, mask_mod)
     scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(d)
     qf, kf, vf = (t.transpose(1, 2).float() for t in (q, k, v))
     kf, vf = kf.repeat_interleave(hq // hkv, 1), vf.repeat_interleave(hq // hkv, 1)
@@ -149,6 +154,23 @@ def test_fa4_path_equals_the_oracle(fake_fa4, n, bs, hkv, g, batch, density, d, 
         assert_matches_reference(q, k, v, token_mask(n, selection=sel), out)
     assert flexwalk.counters()["fa4_prefill"] == 2 and flexwalk.counters()["sparse_prefill"] == 2
     assert all(c["causal"] and c["block_size"] == (bs, bs) and c["n_q"] == n for c in CALLS) and len(CALLS) == 2
+
+
+def test_fa4_path_with_a_mask_function_instead_of_causal(fake_fa4, monkeypatch):
+    """MASK="mask_mod": causal=False and FA4 applies the mask function (kv <= q) to the partial
+    blocks only; the output still equals the oracle's.  (The real function is CuTe code: here a
+    torch one with FA4's signature stands in.)"""
+    monkeypatch.setattr(FA4, "MASK", "mask_mod")
+    monkeypatch.setattr(FA4, "causal_mask_mod", lambda: lambda b, h, q, kv, seqlen, aux: kv <= q)
+    cfg = _config(16, 0.3, 1)
+    q, k, v = random_qkv(2, 4, 2, 170, 32, dtype=torch.float16, seed=11)
+    out, _ = sketchwalk_attention(q, k, v, cfg, 0, None)
+    _, _, sel = eager_sketchwalk_attention(q, k, v, cfg, 0, None)
+    assert_matches_reference(q, k, v, token_mask(170, selection=sel), out)
+    assert CALLS[-1]["causal"] is False and CALLS[-1]["mask_mod"] is True
+    monkeypatch.setattr(FA4, "MASK", "tril")
+    with pytest.raises(ValueError, match=r"MASK='tril': allowed causal, mask_mod"):
+        sketchwalk_attention(q, k, v, cfg, 0, None)
 
 
 def test_fa4_path_with_a_kernel_query_block_of_two_key_blocks(fake_fa4):
