@@ -5,15 +5,18 @@ FlashAttention 4 (`pip install flash-attn-4`, Hopper and Blackwell; imported as
 "mask" blocks, where a mask is applied (here FA4's own causal mask and sequence end), and "full"
 blocks, where none is.  A SketchWalk selection produces exactly these lists (the BlockMask's
 partial and full blocks; `attention.fused_selection`'s tables), so this module hands them over
-unchanged, with no mask function to compile: the partial blocks of a selection without padding
-are the causal diagonal, which FA4 masks itself (`causal=True`).
+unchanged: the partial blocks of a selection without padding are the causal diagonal, which FA4
+masks itself (`causal=True`, the default `MASK`) or through a two-line CuTe mask function
+(`MASK = "mask_mod"`).
 
 What it does not handle, so that `attention.sparse_prefill` runs flexwalk's Triton kernel or
 flex instead (see `supported`): padded batches (keys outside [start, end) per row), the
 residual's summary keys, soft-capping, sliding windows, gradients, query lengths other than the
-key length, dtypes other than bf16 / fp16, and shapes not measured here.  FA4 tiles are 128 x 128
-on Hopper for head dim 128 (its block-sparse query block must be a multiple of the tile), so the
-measured shape is head dim 128 with 128-token query and key blocks (docs/benchmarks.md 4k).
+key length, dtypes other than bf16 / fp16, and shapes outside SHAPES.  FA4 tiles are 128 x 128
+on Hopper for head dim 128, so SHAPES holds head dim 128 with 128-token query and key blocks, the
+8B-shaped benchmark's (docs/benchmarks.md 4k).  FA4 has not run on a GPU here yet: the call
+compiles for sm_90a (benchmarks/fa4_compile_check.py) and matches the oracle through a CPU
+stand-in (tests/test_fa4_prefill.py); `attention.FA4_AUTO` stays off until a GPU run.
 
 The inputs stay in transformers' layout: q [B, Hq, n, D] and k, v [B, Hkv, n, D] are passed as
 their [B, n, H, D] transposed views (FA4 reads any strides with a contiguous head dim), and
@@ -28,7 +31,8 @@ import importlib.util
 
 import torch
 
-# (head dim, query block, key block) where FA4 runs and was measured (an H100, docs/benchmarks.md 4k).
+# (head dim, query block, key block) where FA4 runs: the 8B shape of the GPU benchmark (docs/benchmarks.md
+# 4k).  FA4 also compiles for 64 x 64 blocks at head dims 64 and 256; their speed is unmeasured.
 SHAPES = {(128, 128, 128)}
 # Compute capabilities (major) where FA4's block-sparse query block equals one 128-row tile.
 # Blackwell (10.x) runs two tiles per CTA, so its query block would be 256 rows: not used.
