@@ -59,10 +59,10 @@ def env():
     q, k, v = llama8b_qkv(4096)
     from flash_attn.cute import flash_attn_func
 
+    attention.PREFILL_KERNEL = "fa4"
     for tag, fn in (("dense_causal", lambda: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2),
                                                              v.transpose(1, 2), causal=True)),
                     ("block_sparse", lambda: sketchwalk_attention(q, k, v, _cfg(), 0))):
-        attention.PREFILL_KERNEL = "fa4"
         _sync(q.device)
         t0 = time.perf_counter()
         fn()
@@ -130,6 +130,18 @@ def _lists(q, k, cfg):
     return tables, float(kept.sum() / causal.sum())
 
 
+def _sparse_fns(q, k, v, tables, block):
+    """The attention alone on a selection's tables: {"triton": ..., "fa4": ...} (FA4 with the
+    fa4_prefill.MASK in force when called)."""
+    p_cnt, p_idx, f_cnt, f_idx, _, start, end = tables
+    return {
+        "triton": lambda: triton_prefill.sparse_prefill_attention(
+            q, k, v, f_cnt, f_idx, p_cnt, p_idx, start, end, q_block=block, kv_block=block),
+        "fa4": lambda: fa4_prefill.sparse_prefill_attention(q, k, v, f_cnt, f_idx, p_cnt, p_idx, q_block=block,
+                                                            kv_block=block),
+    }
+
+
 def _all_causal_lists(n, device):
     """Block lists keeping every causal block: the diagonal partial, everything below it full."""
     nq = -(-n // 128)
@@ -191,16 +203,13 @@ def kernel(lengths, n_rounds=3):
     rows = []
     for n in lengths:
         q, k, v = llama8b_qkv(n)
-        (p_cnt, p_idx, f_cnt, f_idx, _, start, end), dens = _lists(q, k, _cfg())
-        fns = {
-            "triton": lambda: triton_prefill.sparse_prefill_attention(
-                q, k, v, f_cnt, f_idx, p_cnt, p_idx, start, end, q_block=128, kv_block=128),
-        }
+        tables, dens = _lists(q, k, _cfg())
+        base = _sparse_fns(q, k, v, tables, 128)
+        fns = {"triton": base["triton"]}
         for mask in fa4_prefill.MASKS:  # FA4 with each way of masking the diagonal (fa4_prefill.MASK)
             def fa4(mask=mask):
                 fa4_prefill.MASK = mask
-                return fa4_prefill.sparse_prefill_attention(q, k, v, f_cnt, f_idx, p_cnt, p_idx, q_block=128,
-                                                            kv_block=128)
+                return base["fa4"]()
             fns["fa4" if mask == "causal" else f"fa4_{mask}"] = fa4
         ref = fns["triton"]()
         diffs = {f"max_abs_diff_{name}": float((fn().float() - ref.float()).abs().max()) for name, fn in fns.items()
@@ -260,15 +269,9 @@ def shapes(cases=SHAPE_CASES):
         g = torch.Generator(device="cuda").manual_seed(n + d)
         q, k, v = (torch.randn(batch, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16) for h in (hq, hkv, hkv))
         cfg = SketchWalkConfig(block_size=bs, density=0.2, dense_layers=0, dense_below=0)
-        (p_cnt, p_idx, f_cnt, f_idx, _, start, end), dens = _lists(q, k, cfg)
-        bm = attention.tables_block_mask(fused_selection(q, k, cfg, 0, None)[0], cfg, attention.bucket_length(n))
-        fns = {
-            "flex": _flex_as_shipped(q, k, v, bm, cfg, n),
-            "triton": lambda: triton_prefill.sparse_prefill_attention(
-                q, k, v, f_cnt, f_idx, p_cnt, p_idx, start, end, q_block=bs, kv_block=bs),
-            "fa4": lambda: fa4_prefill.sparse_prefill_attention(q, k, v, f_cnt, f_idx, p_cnt, p_idx, q_block=bs,
-                                                                kv_block=bs),
-        }
+        tables, dens = _lists(q, k, cfg)
+        bm = attention.tables_block_mask(tables, cfg, attention.bucket_length(n))  # the same selection's BlockMask
+        fns = {"flex": _flex_as_shipped(q, k, v, bm, cfg, n), **_sparse_fns(q, k, v, tables, bs)}
         r = dict(case=name, hq=hq, hkv=hkv, d=d, block=bs, batch=batch, n=n, density=dens)
         try:
             ref = fns["triton"]()

@@ -547,9 +547,10 @@ def _tail_stream(device) -> "torch.cuda.Stream":
 # flexwalk.fa4_prefill, where flash_attn.cute is installed), "triton" (flexwalk.triton_prefill:
 # longest query blocks first, heads fastest; the dense tail needs no split), "flex" (compiled
 # flex_attention on the BlockMask) or "auto": fa4 where FA4_AUTO and fa4_prefill.supported say
-# (FA4_AUTO is off until FA4 has run on a GPU here: "fa4" asks for it), else triton on CUDA for the shapes where it was measured faster than flex (TRITON_AUTO_SHAPES:
-# head dim 128 with 128-token query and key blocks, 3-7% at 32K-128K, 21% at 8K on an H100),
-# flex elsewhere (head dim 64 with 64-token blocks: flex 6-14% faster; 128 x 64 blocks: level).
+# (FA4_AUTO is off until FA4 has run on a GPU here: "fa4" asks for it), else triton on CUDA for
+# the shapes where it was measured faster than flex (TRITON_AUTO_SHAPES: head dim 128 with
+# 128-token query and key blocks, 3-7% at 32K-128K, 21% at 8K on an H100), flex elsewhere
+# (head dim 64 with 64-token blocks: flex 6-14% faster; 128 x 64 blocks: level).
 # docs/benchmarks.md 4f and 4k.  Where a kernel does not apply (fa4: padding, the residual, no
 # flash_attn.cute; triton: soft-capping, grad, inside a torch.compile trace, no triton) the next
 # one runs whatever the setting: fa4, then triton, then flex.
@@ -564,12 +565,18 @@ def _check_kernel() -> None:
         raise ValueError(f"flexwalk.attention.PREFILL_KERNEL={PREFILL_KERNEL!r}: allowed {', '.join(PREFILL_KERNELS)}")
 
 
+def _flex_only(q, k, v) -> bool:
+    """Inside a torch.compile trace, or with tensors that need grad: neither the Triton kernel nor
+    FA4 applies (no backward, not traceable), so flex runs."""
+    return torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
 def _use_fa4_prefill(q, k, v, config: SketchWalkConfig, softcap, key_valid) -> bool:
     _check_kernel()
     if PREFILL_KERNEL in ("flex", "triton") or (PREFILL_KERNEL == "auto" and not FA4_AUTO):
         return False
-    if config.uses_residual or torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    if config.uses_residual or _flex_only(q, k, v):
         return False
     return fa4_prefill.supported(q, k, q_block=config.q_block, kv_block=config.block_size, softcap=softcap,
                                  padded=key_valid is not None)
@@ -582,8 +589,7 @@ def _use_triton_prefill(q, k, v, config: SketchWalkConfig, softcap) -> bool:
     if PREFILL_KERNEL in ("auto", "fa4") and (q.device.type != "cuda"
                                      or (q.shape[-1], config.q_block, config.block_size) not in TRITON_AUTO_SHAPES):
         return False
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                        or v.requires_grad)):
+    if _flex_only(q, k, v):
         return False
     return triton_prefill.supported(q, q_block=config.q_block, kv_block=config.block_size, softcap=softcap)
 

@@ -11,7 +11,7 @@ masks itself (`causal=True`, the default `MASK`) or through a two-line CuTe mask
 
 What it does not handle, so that `attention.sparse_prefill` runs flexwalk's Triton kernel or
 flex instead (see `supported`): padded batches (keys outside [start, end) per row), the
-residual's summary keys, soft-capping, sliding windows, gradients, query lengths other than the
+residual's summary keys, soft-capping, gradients, query lengths other than the
 key length, dtypes other than bf16 / fp16, and shapes outside SHAPES.  FA4 tiles are 128 x 128
 on Hopper for head dim 128, so SHAPES holds head dim 128 with 128-token query and key blocks, the
 8B-shaped benchmark's (docs/benchmarks.md 4k).  FA4 has not run on a GPU here yet: the call
@@ -79,10 +79,10 @@ def device_ok(device: torch.device) -> bool:
     return _arch(device.index if device.index is not None else torch.cuda.current_device()) in ARCHS
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, *, q_block: int, kv_block: int, softcap=None, window=None,
+def supported(q: torch.Tensor, k: torch.Tensor, *, q_block: int, kv_block: int, softcap=None,
               padded: bool = False) -> bool:
     """Whether `sparse_prefill_attention` handles this call (see the module docstring)."""
-    return (available() and device_ok(q.device) and not padded and softcap is None and window is None
+    return (available() and device_ok(q.device) and not padded and softcap is None
             and q.dtype in (torch.bfloat16, torch.float16) and q.shape[2] == k.shape[2]
             and (q.shape[-1], q_block, kv_block) in SHAPES)
 
