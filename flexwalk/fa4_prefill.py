@@ -12,11 +12,12 @@ masks itself (`causal=True`, the default `MASK`) or through a two-line CuTe mask
 What it does not handle, so that `attention.sparse_prefill` runs flexwalk's Triton kernel or
 flex instead (see `supported`): padded batches (keys outside [start, end) per row), the
 residual's summary keys, soft-capping, gradients, query lengths other than the
-key length, dtypes other than bf16 / fp16, and shapes outside SHAPES.  FA4 tiles are 128 x 128
-on Hopper for head dim 128, so SHAPES holds head dim 128 with 128-token query and key blocks, the
-8B-shaped benchmark's (docs/benchmarks.md 4k).  FA4 has not run on a GPU here yet: the call
-compiles for sm_90a (benchmarks/fa4_compile_check.py) and matches the oracle through a CPU
-stand-in (tests/test_fa4_prefill.py); `attention.FA4_AUTO` stays off until a GPU run.
+key length, dtypes other than bf16 / fp16, and shapes outside SHAPES (those measured faster than
+flexwalk's other kernels on an H100).  On an H100 (session 22, docs/benchmarks.md 4l) it matched
+the Triton kernel and flex to bf16 rounding and ran the 8B shape's 20% attention 1.40x faster
+than the Triton kernel at 128K, which took the 8B-shaped model's TTFT at 128K from 1.89x to
+2.10x sdpa's; `attention.FA4_AUTO` is on since.  The CPU tests run the wiring through a
+stand-in that implements FA4's block-sparse semantics (tests/test_fa4_prefill.py).
 
 The inputs stay in transformers' layout: q [B, Hq, n, D] and k, v [B, Hkv, n, D] are passed as
 their [B, n, H, D] transposed views (FA4 reads any strides with a contiguous head dim), and
@@ -31,9 +32,11 @@ import importlib.util
 
 import torch
 
-# (head dim, query block, key block) where FA4 runs: the 8B shape of the GPU benchmark (docs/benchmarks.md
-# 4k).  FA4 also compiles for 64 x 64 blocks at head dims 64 and 256; their speed is unmeasured.
-SHAPES = {(128, 128, 128)}
+# (head dim, query block, key block) where FA4 runs: those where it was faster than the Triton kernel
+# and flex on an H100 at 20% (docs/benchmarks.md 4l): 128 x 128 (1.40x the Triton kernel at 128K),
+# 128 with 64 x 64 blocks (2.2x the Triton kernel, 1.5x flex at 32K) and Gemma 3's 256 with 64 x 64
+# (1.3x flex).  Not head dim 64 (SmolLM2): there FA4 was 0.66x flex and 0.77x the Triton kernel.
+SHAPES = {(128, 128, 128), (128, 64, 64), (256, 64, 64)}
 # Compute capabilities (major) where FA4's block-sparse query block equals one 128-row tile.
 # Blackwell (10.x) runs two tiles per CTA, so its query block would be 256 rows: not used.
 ARCHS = {9}
