@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexwalk
 import flexwalk.attention as attention
-from flexwalk import SketchWalkConfig, sketchwalk_attention, triton_prefill
+from flexwalk import SketchWalkConfig, fa4_prefill, sketchwalk_attention, triton_prefill
 from flexwalk.attention import _bounds, _compiled_flex, _kernel_options, flex, fused_selection, fused_selection_mask
 from flexwalk.block_mask import dense_block_mask, kernel_mask_mod
 
@@ -113,7 +113,9 @@ def grid(lengths, batches, densities, budget_s, blocks=("128",)):
                 sketchwalk_attention(q, k, v, cfg, 0)  # compile / warm
                 # selection + mask as the layer builds them: the tables alone where the Triton kernel runs
                 # (it takes them without a BlockMask), the BlockMask too where flex does
-                tables_only = attention._use_triton_prefill(q, k, v, cfg, None)
+                kernel = ("fa4" if attention._use_fa4_prefill(q, k, v, cfg, None, None) else
+                          "triton" if attention._use_triton_prefill(q, k, v, cfg, None) else "flex")
+                tables_only = kernel != "flex"
                 sel_fn = fused_selection if tables_only else fused_selection_mask
                 t_sel = bench(lambda: sel_fn(q, k, cfg, 0, None), long)
                 bm, _, kept, causal = fused_selection_mask(q, k, cfg, 0, None)
@@ -127,21 +129,25 @@ def grid(lengths, batches, densities, budget_s, blocks=("128",)):
                 if triton_prefill.supported(q, q_block=cfg.q_block, kv_block=cfg.block_size):
                     se = _bounds(bsz, n, None, q.device)
                     t_triton = bench(lambda: triton_prefill.block_mask_attention(q, k, v, bm, *se), long)
+                t_fa4 = float("nan")  # FlashAttention 4 on the same tables (fa4_prefill), where installed
+                if fa4_prefill.supported(q, k, q_block=cfg.q_block, kv_block=cfg.block_size):
+                    p_cnt, p_idx, f_cnt, f_idx = fused_selection(q, k, cfg, 0, None)[0][:4]
+                    t_fa4 = bench(lambda: fa4_prefill.sparse_prefill_attention(
+                        q, k, v, f_cnt, f_idx, p_cnt, p_idx, q_block=cfg.q_block, kv_block=cfg.block_size), long)
                 t_total = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)
                 mem = peak_gib(lambda: sketchwalk_attention(q, k, v, cfg, 0))
                 r = dict(batch=bsz, n=n, density=density, blocks=spec, block_size=cfg.block_size,
                          query_block_size=cfg.q_block, achieved=float(kept.sum() / causal.sum()),
                          sdpa_flash_ms=t_flash, sdpa_cudnn_ms=t_cudnn, dense_flex_ms=t_dense_flex,
                          select_mask_ms=t_sel, sparse_attention_ms=t_attn, sparse_attention_kernel_ms=t_kernel,
-                         sparse_attention_triton_ms=t_triton, triton_prefill_default=attention._use_triton_prefill(
-                             q, k, v, cfg, None),
+                         sparse_attention_triton_ms=t_triton, sparse_attention_fa4_ms=t_fa4, prefill_kernel=kernel,
                          total_ms=t_total, speedup_vs_best_sdpa=best / t_total,
                          speedup_vs_cudnn=t_cudnn / t_total, select_share=t_sel / t_total,
                          peak_gib=mem, sdpa_peak_gib=mem_sdpa, peak_ratio=mem / max(mem_sdpa, 1e-9))
                 rows.append(r)
                 log(f"B{bsz} {n:>6} d{density:.1f} {spec:>8} (got {r['achieved']:.3f}): flash {t_flash:.3f} cudnn "
                     f"{t_cudnn:.3f} flexdense {t_dense_flex:.3f} | sel+mask {t_sel:.3f} attn {t_attn:.3f} (kernel "
-                    f"mask {t_kernel:.3f}, triton {t_triton:.3f}) total {t_total:.3f} ms -> x{best / t_total:.2f} (sel "
+                    f"mask {t_kernel:.3f}, triton {t_triton:.3f}, fa4 {t_fa4:.3f}; {kernel} runs) total {t_total:.3f} ms -> x{best / t_total:.2f} (sel "
                     f"{100 * t_sel / t_total:.0f}%) | peak {mem:.2f} vs {mem_sdpa:.2f} GiB")
             del q, k, v, qp, kp, vp
             torch.cuda.empty_cache()
@@ -162,6 +168,15 @@ def _triton_compiled() -> int:
     return total
 
 
+def _fa4_compiled() -> int:
+    """Kernels FlashAttention 4 has compiled so far (0 where it is not installed)."""
+    if not fa4_prefill.available():
+        return 0
+    from flash_attn.cute import interface
+
+    return len(getattr(interface._flash_attn_fwd.compile_cache, "cache", ()))
+
+
 def recompiles():
     """Ten prompt lengths in one bucket after warm-up, for each prefill kernel with and without
     the residual: new dynamo graphs and new Triton kernels (both must be 0)."""
@@ -172,10 +187,11 @@ def recompiles():
     lengths = [4100, 4300, 4352, 4500, 4700, 4900, 5000, 5100, 5120, 4600]  # one flex bucket (5120)
     out = {"lengths": lengths}
     try:
-        for kernel in ("triton", "flex"):
-            for residual in (False, True):
+        for kernel in ("fa4", "triton", "flex") if fa4_prefill.available() else ("triton", "flex"):
+            for residual in (False,) if kernel == "fa4" else (False, True):  # fa4 does not take the residual
                 cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0, residual=residual)
                 attention.PREFILL_KERNEL = kernel
+                flexwalk.reset_counters()
 
                 def run(n):
                     q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
@@ -188,16 +204,18 @@ def recompiles():
 
                 for n in (4097, 4500, 4224):
                     run(n)
-                graphs, kernels = counters["stats"]["unique_graphs"], _triton_compiled()
+                graphs, kernels, fa4_kernels = counters["stats"]["unique_graphs"], _triton_compiled(), _fa4_compiled()
                 for n in lengths:
                     run(n)
                 torch.cuda.synchronize()
                 name = f"{kernel}{'+residual' if residual else ''}"
                 total_graphs, total_kernels = counters["stats"]["unique_graphs"], _triton_compiled()
                 out[name] = {"new_graphs": total_graphs - graphs, "new_triton_kernels": total_kernels - kernels,
-                             "triton_kernels": total_kernels, "graphs": total_graphs}
+                             "triton_kernels": total_kernels, "graphs": total_graphs,
+                             "new_fa4_kernels": _fa4_compiled() - fa4_kernels, "counters": flexwalk.counters()}
                 log(f"{name}: ten lengths in one bucket after warm-up: {out[name]['new_graphs']} new compiled graphs "
-                    f"(of {total_graphs}), {out[name]['new_triton_kernels']} new Triton kernels (of {total_kernels})")
+                    f"(of {total_graphs}), {out[name]['new_triton_kernels']} new Triton kernels (of {total_kernels}), "
+                    f"{out[name]['new_fa4_kernels']} new FA4 kernels; {out[name]['counters']}")
     finally:
         attention.PREFILL_KERNEL = "auto"
     out["new_graphs"] = sum(v["new_graphs"] for k, v in out.items() if isinstance(v, dict))
