@@ -15,8 +15,8 @@
 
 4. docs/img/prefill_speedup_h100.png: one attention layer of the 8B shape, sketchwalk's total
    (selection + mask + attention) against cuDNN SDPA over prompt length, batch 1 and 4, at
-   10/20/30% density (from docs/data/h100_session16/grid_b1_b4.json; dashed: 20% before the
-   Triton selection, docs/data/h100_session15/grid_b{1,4}.json).
+   10/20/30% density with FlashAttention 4's kernel (from docs/data/session22/gpu_prefill_fa4.json;
+   dashed: 20% with flexwalk's Triton kernel, docs/data/h100_session16/grid_b1_b4.json).
 
 5. docs/img/niah_gemma3_by_length.png: Gemma 3 270M NIAH accuracy (mean of 8 RULER tasks, 400
    samples per point, H100) against prompt length: sdpa, SketchWalk with the paper's 64-wide
@@ -226,7 +226,7 @@ def speed_figure(path: Path) -> None:
     import json
 
     data = Path(__file__).resolve().parent / "data"
-    run = json.loads((data / "h100_session16" / "grid_b1_b4.json").read_text())
+    run = json.loads((data / "session22" / "gpu_prefill_fa4.json").read_text())  # FlashAttention 4 (4l)
     env = run["env"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, batch in zip(axes, (1, 4)):
@@ -234,11 +234,12 @@ def speed_figure(path: Path) -> None:
             rows = [r for r in run["grid"] if r["density"] == density and r["batch"] == batch]
             n = [r["n"] for r in rows]
             ax.plot(n, [r["speedup_vs_cudnn"] for r in rows], "-o", color=color, label=f"density {density:.0%}")
-        # the same layer before the Triton selection (the torch selection in a CUDA graph)
-        old = json.loads((data / "h100_session15" / f"grid_b{batch}.json").read_text())
-        rows = [r for r in old["grid"] if r["density"] == 0.2]
+        # the same layer with flexwalk's Triton kernel instead of FlashAttention 4 (session 16's grid)
+        old = json.loads((data / "h100_session16" / "grid_b1_b4.json").read_text())
+        rows = [r for r in old["grid"] if r["density"] == 0.2 and r["batch"] == batch]
         ax.plot([r["n"] for r in rows], [r["speedup_vs_cudnn"] for r in rows], "--", color="tab:blue", alpha=0.45,
-                label="20%, torch selection (before)")
+                label="20%, Triton kernel (without FA4)")
+        ax.plot([8192, 32768, 131072], [1.5, 3.0, 3.8], "k_", ms=14, mew=2, label="issue 5's targets at 20%")
         ax.axhline(1.0, color="k", lw=0.5)
         ax.set_xscale("log", base=2)
         ax.set_xticks([4096, 8192, 16384, 32768, 65536, 131072])
@@ -248,8 +249,8 @@ def speed_figure(path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, title="selection + tables + attention, one layer", title_fontsize=7)
     axes[0].set_ylabel("cuDNN SDPA time / sketchwalk time")
-    fig.suptitle(f"one Llama-3.1-8B attention layer, bf16, block 128; {env['device']}, torch {env['torch']}, "
-                 f"triton {env['triton']}", fontsize=9)
+    fig.suptitle(f"one Llama-3.1-8B attention layer, bf16, block 128, FlashAttention 4 block-sparse kernel; "
+                 f"{env['device']}, torch {env['torch']}, triton {env['triton']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
