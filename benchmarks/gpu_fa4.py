@@ -36,7 +36,8 @@ import flexwalk
 import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig, fa4_prefill, sketchwalk_attention, triton_prefill
 from flexwalk.attention import _bounds, fused_selection
-from gpu_prefill import _prompt, _sync, bench, env_info, llama8b_qkv, log, run_sections, sdpa_ms  # noqa: E402
+from gpu_prefill import (_fa4_compiled, _prompt, _sync, bench, env_info, llama8b_qkv, log,  # noqa: E402
+                         run_sections, sdpa_ms)
 
 RESULTS: dict = {}
 KERNELS = ("triton", "fa4")
@@ -69,16 +70,11 @@ def env():
         _sync(q.device)
         out[f"first_call_{tag}_s"] = time.perf_counter() - t0
     # recompiles: ten prompt lengths in one bucket after a warm-up (FA4's compile key holds no length)
-    from flash_attn.cute import interface as fa4_interface
-
-    def cache_size():
-        return len(getattr(fa4_interface._flash_attn_fwd.compile_cache, "cache", ()))
-
-    before = cache_size()
+    before = _fa4_compiled()
     for n in range(4100, 5121, 113):
         qq, kk, vv = llama8b_qkv(n)
         sketchwalk_attention(qq, kk, vv, _cfg(), 0)
-    out["fa4_compiled_kernels_before_after_ten_lengths"] = (before, cache_size())
+    out["fa4_compiled_kernels_before_after_ten_lengths"] = (before, _fa4_compiled())
     attention.PREFILL_KERNEL = "auto"
     log(out)
     return out

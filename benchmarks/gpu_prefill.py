@@ -111,14 +111,13 @@ def grid(lengths, batches, densities, budget_s, blocks=("128",)):
             for density, spec in [(d, b) for d in densities for b in blocks]:
                 cfg = SketchWalkConfig(**block_spec(spec), density=density, dense_layers=0, dense_below=0)
                 sketchwalk_attention(q, k, v, cfg, 0)  # compile / warm
-                # selection + mask as the layer builds them: the tables alone where the Triton kernel runs
-                # (it takes them without a BlockMask), the BlockMask too where flex does
-                kernel = ("fa4" if attention._use_fa4_prefill(q, k, v, cfg, None, None) else
-                          "triton" if attention._use_triton_prefill(q, k, v, cfg, None) else "flex")
-                tables_only = kernel != "flex"
-                sel_fn = fused_selection if tables_only else fused_selection_mask
+                # selection + mask as the layer builds them: the tables alone where FA4 or the Triton kernel
+                # runs (they take them without a BlockMask), the BlockMask too where flex does
+                kernel = attention.prefill_kernel(q, k, v, cfg)
+                sel_fn = fused_selection if kernel != "flex" else fused_selection_mask
                 t_sel = bench(lambda: sel_fn(q, k, cfg, 0, None), long)
-                bm, _, kept, causal = fused_selection_mask(q, k, cfg, 0, None)
+                tables, _, kept, causal = fused_selection(q, k, cfg, 0, None)
+                bm = attention.tables_block_mask(tables, cfg, attention.bucket_length(n))  # of the same tables
                 tiles = _kernel_options(cfg.block_size, q.device, q_block=cfg.q_block)  # None for 128
                 t_attn = bench(lambda: _compiled_flex(qp, kp, vp, block_mask=bm, enable_gqa=True, kernel_options=tiles),
                                long)
@@ -131,7 +130,7 @@ def grid(lengths, batches, densities, budget_s, blocks=("128",)):
                     t_triton = bench(lambda: triton_prefill.block_mask_attention(q, k, v, bm, *se), long)
                 t_fa4 = float("nan")  # FlashAttention 4 on the same tables (fa4_prefill), where installed
                 if fa4_prefill.supported(q, k, q_block=cfg.q_block, kv_block=cfg.block_size):
-                    p_cnt, p_idx, f_cnt, f_idx = fused_selection(q, k, cfg, 0, None)[0][:4]
+                    p_cnt, p_idx, f_cnt, f_idx = tables[:4]
                     t_fa4 = bench(lambda: fa4_prefill.sparse_prefill_attention(
                         q, k, v, f_cnt, f_idx, p_cnt, p_idx, q_block=cfg.q_block, kv_block=cfg.block_size), long)
                 t_total = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)

@@ -594,6 +594,14 @@ def _use_triton_prefill(q, k, v, config: SketchWalkConfig, softcap) -> bool:
     return triton_prefill.supported(q, q_block=config.q_block, kv_block=config.block_size, softcap=softcap)
 
 
+def prefill_kernel(q, k, v, config: SketchWalkConfig, softcap=None, key_valid=None) -> str:
+    """The kernel `sparse_prefill` runs for this call: "fa4", "triton" or "flex" (PREFILL_KERNEL,
+    FA4_AUTO and what each kernel supports; see above)."""
+    if _use_fa4_prefill(q, k, v, config, softcap, key_valid):
+        return "fa4"
+    return "triton" if _use_triton_prefill(q, k, v, config, softcap) else "flex"
+
+
 def _residual_flex(q, k, v, bm: BlockMask, res: tuple, config: SketchWalkConfig, start, end, tiles) -> torch.Tensor:
     """Compiled flex over the selection plus the residual's summaries (flexwalk.residual), in one
     call: the summaries are appended to the keys and values after the bucket's n_pad tokens
@@ -664,11 +672,10 @@ def sparse_prefill(
     sketch: LayerSketch | None = None,
     process_group=None,
 ) -> tuple[torch.Tensor, WalkState]:
-    """SketchWalk selection + block-sparse attention for one prefill layer (flexwalk's Triton
-    kernel where `_use_triton_prefill` says, FlashAttention 4's where `_use_fa4_prefill` says,
-    compiled flex elsewhere)."""
-    use_fa4 = _use_fa4_prefill(q, k, v, config, softcap, key_valid)
-    use_triton = not use_fa4 and _use_triton_prefill(q, k, v, config, softcap)
+    """SketchWalk selection + block-sparse attention for one prefill layer (FlashAttention 4's
+    kernel, flexwalk's Triton kernel or compiled flex, as `prefill_kernel` says)."""
+    kernel = prefill_kernel(q, k, v, config, softcap, key_valid)
+    use_fa4, use_triton = kernel == "fa4", kernel == "triton"
     if sketch is None and process_group is None:  # the fused (graphed on CUDA) selection-to-tables path
         tables, new_state, kept, causal = fused_selection(q, k, config, layer_idx, state, key_valid=key_valid,
                                                           scale=scale)
