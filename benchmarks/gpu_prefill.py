@@ -366,9 +366,19 @@ def main():
     ap.add_argument("--grid-blocks", type=block_specs, default="128",
                     help="block configurations of the grid, comma-separated: 128, 64, q128kv64 (query_block_size "
                          "128 over 64-token key blocks) (default: %(default)s)")
+    ap.add_argument("--parts", default=None,
+                    help="triton_selection.block_parts' heads per program, tokens per load and warps, e.g. 4,32,8 "
+                         "(default: the shipped PARTS_*; gpu_selection_profile.py --sweep measures them)")
     ap.add_argument("--skip", default="")
     args = ap.parse_args()
+    if args.parts:
+        from flexwalk import triton_selection
+
+        (triton_selection.PARTS_HEADS, triton_selection.PARTS_TOKENS,
+         triton_selection.PARTS_WARPS) = (int(x) for x in args.parts.split(","))
     RESULTS["env"] = env_info()
+    if args.parts:
+        RESULTS["env"]["block_parts"] = args.parts
     log(RESULTS["env"])
     skip = set(filter(None, args.skip.split(",")))
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731

@@ -1,14 +1,20 @@
 """Where the selection's time goes on a GPU (issue 5: selection + mask at most 5% of the layer from 32K).
 
 One layer's `fused_selection` on the Llama-3.1-8B attention shape (bf16, 32 / 8 heads, head dim 128,
-block 128, density 0.2, batch 1), with the walk carried from a previous layer:
+block 128, density 0.2), with the walk carried from a previous layer, per length and batch:
 
 - `do_bench` medians of the whole selection (the CUDA-graph path, as the layer runs it), of the
-  Triton path without a graph, and of its first step alone, the fp32 head means of q and k (which
-  read all of q and k: the selection's memory floor);
-- a torch.profiler table of the CUDA kernels of both paths (time per call, by kernel).
+  Triton path without a graph, of reading q and k once (`q.sum(), k.sum()`: the selection's memory
+  floor), of the fp32 head means of q and k by torch.mean (what the graph was fed before session
+  23), and of `triton_selection.block_parts` (the one pass over q and k that feeds the graph now);
+- the host time of one selection call (calls queued behind a long GPU sleep, so the clock
+  measures Python and launches only);
+- a torch.profiler table of the CUDA kernels of both paths (time per call, by kernel);
+- `--sweep`: block_parts' heads per program, tokens per load and warps, each timed at every
+  length and batch (the shipped values are triton_selection.PARTS_*).
 
     PYTHONPATH=. python benchmarks/gpu_selection_profile.py --out DIR [--lengths 32768,131072]
+        [--batches 1,4] [--sweep]
 
 Writes DIR/gpu_selection_profile.json.
 """
@@ -17,15 +23,19 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
+import time
 
 import torch
 from triton.testing import do_bench
 
 import flexwalk.attention as attention
-from flexwalk import SketchWalkConfig
+from flexwalk import SketchWalkConfig, triton_selection
 from flexwalk.attention import fused_selection
+
+SWEEP = dict(heads=(2, 4, 8), tokens=(16, 32, 64), warps=(4, 8))
 
 
 def kernels(fn, reps: int = 20) -> dict:
@@ -43,34 +53,79 @@ def kernels(fn, reps: int = 20) -> dict:
     return {k: round(v, 2) for k, v in out.most_common()}
 
 
+def host_us(fn, reps: int = 50) -> float:
+    """Host time per call (µs), the GPU kept busy by a sleep queued first so no call waits on it."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time ahead of the calls
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    t = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    return t
+
+
+def parts_fn(q, k, nb):
+    return lambda: triton_selection.block_parts(q, k, None, 128, nb)
+
+
+def sweep(q, k, nb) -> dict:
+    keep = (triton_selection.PARTS_HEADS, triton_selection.PARTS_TOKENS, triton_selection.PARTS_WARPS)
+    out = {}
+    try:
+        for h, t, w in itertools.product(SWEEP["heads"], SWEEP["tokens"], SWEEP["warps"]):
+            triton_selection.PARTS_HEADS, triton_selection.PARTS_TOKENS, triton_selection.PARTS_WARPS = h, t, w
+            out[f"heads{h}_tokens{t}_warps{w}"] = do_bench(parts_fn(q, k, nb))
+    finally:
+        triton_selection.PARTS_HEADS, triton_selection.PARTS_TOKENS, triton_selection.PARTS_WARPS = keep
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--lengths", default="8192,32768,131072")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for n in (int(x) for x in args.lengths.split(",")):
-        q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "parts": dict(heads=triton_selection.PARTS_HEADS, tokens=triton_selection.PARTS_TOKENS,
+                         warps=triton_selection.PARTS_WARPS)}
+    for bsz, n in itertools.product((int(x) for x in args.batches.split(",")),
+                                    [int(x) for x in args.lengths.split(",")]):
+        q = torch.randn(bsz, 32, n, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(bsz, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+        nb = attention.bucket_length(n) // 128
         _, state, _, _ = fused_selection(q, k, cfg, 0, None)
         row = {"q_plus_k_bytes": (q.numel() + k.numel()) * 2}
+        row["read_q_k_once_ms"] = do_bench(lambda: (q.sum(), k.sum()))
         row["head_means_ms"] = do_bench(lambda: (torch.mean(q, 1, dtype=torch.float32),
                                                  torch.mean(k, 1, dtype=torch.float32)))
-        row["read_q_k_once_ms"] = do_bench(lambda: (q.sum(), k.sum()))
+        row["block_parts_ms"] = do_bench(parts_fn(q, k, nb))
+        row["block_parts_tb_s"] = row["q_plus_k_bytes"] / row["block_parts_ms"] / 1e9
+        if args.sweep:
+            row["block_parts_sweep_ms"] = sweep(q, k, nb)
         for tag, graph in (("graph", True), ("no_graph", False)):
             old = attention.GRAPH_SELECTION
             attention.GRAPH_SELECTION = graph
             try:
                 fn = lambda: fused_selection(q, k, cfg, 1, state)  # noqa: E731
                 row[f"selection_{tag}_ms"] = do_bench(fn)
+                row[f"selection_{tag}_host_us"] = host_us(fn)
                 row[f"kernels_{tag}_us"] = kernels(fn)
             finally:
                 attention.GRAPH_SELECTION = old
-        res[n] = row
-        print(n, json.dumps(row, indent=1), flush=True)
+        res[f"B{bsz}_{n}"] = row
+        print(bsz, n, json.dumps(row, indent=1), flush=True)
         del q, k
         torch.cuda.empty_cache()
+    if args.sweep:  # the setting least behind each cell's fastest, summed over the cells
+        sweeps = [r["block_parts_sweep_ms"] for key, r in res.items() if key.startswith("B")]
+        best = min(sweeps[0], key=lambda c: sum(s[c] / min(s.values()) for s in sweeps))
+        res["sweep_best"] = best
+        print("sweep best", best, ",".join(x.lstrip("headstokenswarps") for x in best.split("_")), flush=True)
     with open(os.path.join(args.out, "gpu_selection_profile.json"), "w") as f:
         json.dump(res, f, indent=1)
 

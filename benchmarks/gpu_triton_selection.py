@@ -5,7 +5,8 @@
 
 1. check: the selection's tables from the Triton kernels against the torch selection, both captured
    in the CUDA graph (flexwalk.attention.TRITON_SELECTION on / off), on the same bf16 inputs: three
-   layers with the walk carried, batch 2 with left padding, blocks 128, 64 and q128kv64, lengths
+   layers with the walk carried, batch 2 with left padding (and batch 1 without: the graph
+   holds no validity then), blocks 128, 64 and q128kv64, lengths
    off the bucket grid, and 200K tokens (above GRAPH_SELECTION_MAX_TOKENS: the Triton selection
    without a graph against the inductor-compiled one).  Rows whose tables differ (a tie at the
    budget's edge), walk max |difference|, and the layer outputs' max |difference|.
@@ -39,7 +40,8 @@ from flexwalk.attention import fused_selection
 from gpu_prefill import bench, block_spec, env_info, llama8b_qkv, log, run_sections, sdpa_ms  # this folder is on sys.path as a script
 
 RESULTS: dict = {}
-CHECK_CASES = [("128", 32, 8, 128, 8000, "mean"), ("128", 32, 8, 128, 30000, "mean"), ("64", 9, 3, 64, 20000, "mean"),
+CHECK_CASES = [("128", 32, 8, 128, 30000, "mean-unpadded"), ("64", 9, 3, 64, 20000, "mean-unpadded"),
+               ("128", 32, 8, 128, 8000, "mean"), ("128", 32, 8, 128, 30000, "mean"), ("64", 9, 3, 64, 20000, "mean"),
                ("q128kv64", 32, 8, 128, 20000, "mean"), ("128", 32, 8, 128, 200000, "mean"),
                ("64", 4, 1, 256, 5000, "mean"), ("128", 32, 8, 128, 20000, "per_head"), ("64", 4, 1, 256, 5000, "per_head")]
 
@@ -59,7 +61,9 @@ def check(cases=CHECK_CASES):
     rows = []
     for spec, hq, hkv, d, n, scoring in cases:
         g = torch.Generator(device="cuda").manual_seed(n + d)
-        bsz = 1 if n > 131072 else 2
+        unpadded = scoring.endswith("-unpadded")  # batch 1, no validity: the graph without bounds
+        scoring = scoring.removesuffix("-unpadded")
+        bsz = 1 if n > 131072 or unpadded else 2
         q, k, v = (torch.randn(bsz, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16) for h in (hq, hkv, hkv))
         kv = None
         if bsz == 2:
@@ -70,7 +74,7 @@ def check(cases=CHECK_CASES):
         flexwalk.reset_counters()
         got = _tables(q, k, cfg, kv, True)
         ref = _tables(q, k, cfg, kv, False)
-        r = dict(blocks=spec, scoring=scoring, hq=hq, hkv=hkv, d=d, n=n, batch=bsz, triton_selections=flexwalk.counters().get(
+        r = dict(blocks=spec, scoring=scoring, padded=kv is not None, hq=hq, hkv=hkv, d=d, n=n, batch=bsz, triton_selections=flexwalk.counters().get(
             "triton_selection", 0), layers=[])
         for (tg, wg, kg, cg), (tr, wr, kr, cr) in zip(got, ref):
             table_g, table_r = tg[4], tr[4]
@@ -102,7 +106,7 @@ def check(cases=CHECK_CASES):
 
 
 def _variants():
-    fns = [triton_selection._bounds_kernel, triton_selection._sketch_kernel, triton_selection._softmax_kernel,
+    fns = [triton_selection._bounds_kernel, triton_selection._parts_kernel, triton_selection._sketch_kernel, triton_selection._softmax_kernel,
            triton_selection._rank_kernel]
     total = 0
     for f in fns:

@@ -319,30 +319,47 @@ _SELECTION_GRAPHS: dict[tuple, "_SelectionGraph"] = {}
 
 
 class _SelectionGraph:
-    """`_selection_tables` captured for one static key, on bucket-padded head-mean inputs.
+    """The selection captured in a CUDA graph for one static key, on bucket-padded inputs.
 
-    Static inputs: head-mean q and k [B, 1, n_pad, D] fp32, key validity [B, n_pad] (False past
-    the real length), the real length n (0-d), the layer's SRHT matrix and the previous walk.
+    kind "triton": the static inputs are `triton_selection.block_parts`' per-block sums of q and k
+    ([B, G, nb, D] fp32, a few hundred KB), the blocks' valid counts, the real length n (0-d),
+    the validity [B, n_pad] (only for a padded batch; without padding every row's keys are [0,
+    n) and the bounds kernel does not run), the layer's SRHT matrix and the previous walk.
+    Before each replay one `block_parts` launch reads q and k once and writes the sums, counts,
+    n and the validity straight into them (`fill`).
+    Other kinds (`_selection_tables` eager or compiled): head-mean q and k [B, 1, n_pad, D]
+    fp32, computed by torch.mean into the static inputs, and the validity.
     Outputs are the graph's own buffers, overwritten by the next replay: callers consume them
     in stream order (the BlockMask) or clone them (walk, density counts).  compiled: capture
     the selection compiled for these static shapes, with a code object of its own (it never
-    recompiles: the graph replays it), instead of the eager one.
+    recompiles: the graph replays it), instead of the eager one.  capture=False builds the
+    buffers only (CPU tests of `fill` and `_run`, the graph's two halves).
     """
 
-    def __init__(self, bsz: int, n_pad: int, d: int, r: int, config: SketchWalkConfig, has_prev: bool,
-                 scale: float | None, device: torch.device, kind: str = "torch"):
+    def __init__(self, bsz: int, n_pad: int, hq: int, hk: int, d: int, r: int, config: SketchWalkConfig,
+                 has_prev: bool, padded: bool, scale: float | None, device: torch.device, kind: str = "torch",
+                 capture: bool = True):
         global _GRAPH_POOL
         nb = n_pad // config.block_size  # the walk's blocks (block_size, whatever the query block)
         f32 = dict(device=device, dtype=torch.float32)
-        self.qm = torch.zeros(bsz, 1, n_pad, d, **f32)
-        self.km = torch.zeros(bsz, 1, n_pad, d, **f32)
-        self.valid = torch.ones(bsz, n_pad, dtype=torch.bool, device=device)
+        if kind == "triton":
+            gq, gk = triton_selection.parts_groups(hq, hk)
+            self.qp, self.kp = torch.zeros(bsz, gq, nb, d, **f32), torch.zeros(bsz, gk, nb, d, **f32)
+            self.counts = torch.zeros(bsz, nb, **f32)
+            self.valid = torch.ones(bsz, n_pad, dtype=torch.bool, device=device) if padded else None
+        else:
+            self.qm = torch.zeros(bsz, 1, n_pad, d, **f32)
+            self.km = torch.zeros(bsz, 1, n_pad, d, **f32)
+            self.valid = torch.ones(bsz, n_pad, dtype=torch.bool, device=device)
+        self.heads = (hq, hk)
         self.n = torch.full((), n_pad, dtype=torch.int64, device=device)
         self.p = torch.zeros(d, r, **f32)
         self.prev = torch.eye(nb, **f32).expand(bsz, nb, nb).contiguous() if has_prev else None
         self.args = (config, 0, scale, n_pad)
         self.kind = kind
         self.fn = torch.compile(_own_code(config), dynamic=False) if kind == "compiled" else None
+        if not capture:
+            return
         if _GRAPH_POOL is None:
             _GRAPH_POOL = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(device)
@@ -356,29 +373,37 @@ class _SelectionGraph:
 
     def _run(self):
         config, layer_idx, scale, n_pad = self.args
+        if self.kind == "triton":
+            return triton_selection.parts_selection_tables(self.qp, self.kp, self.counts, *self.heads, self.p,
+                                                           self.prev, self.valid, config, scale, n_pad, self.n)
         if self.fn is not None:
             return self.fn(self.qm, self.km, self.p, self.prev, self.valid, layer_idx, scale, n_pad, self.n)
-        if self.kind == "triton":
-            return triton_selection.selection_tables(self.qm, self.km, self.p, self.prev, self.valid, config, scale,
-                                                     n_pad, seq_len=self.n)
         return _selection_tables(self.qm, self.km, self.p, self.prev, self.valid, config, layer_idx, scale, n_pad,
                                  seq_len=self.n)
 
-    def __call__(self, q, k, p, prev, key_valid):
+    def fill(self, q, k, p, prev, key_valid) -> None:
+        """Write one layer's inputs into the static ones (stream-ordered, no host sync)."""
         n = q.shape[2]
-        torch.mean(q, 1, keepdim=True, dtype=torch.float32, out=self.qm[:, :, :n])
-        torch.mean(k, 1, keepdim=True, dtype=torch.float32, out=self.km[:, :, :n])
-        self.qm[:, :, n:].zero_()
-        self.km[:, :, n:].zero_()
-        if key_valid is None:
-            self.valid[:, :n].fill_(True)
+        if self.kind == "triton":
+            triton_selection.block_parts(q, k, key_valid, self.args[0].block_size, self.counts.shape[1],
+                                         out=(self.qp, self.kp, self.counts), valid_out=self.valid, n_out=self.n)
         else:
-            self.valid[:, :n].copy_(key_valid)
-        self.valid[:, n:].fill_(False)
-        self.n.fill_(n)
+            torch.mean(q, 1, keepdim=True, dtype=torch.float32, out=self.qm[:, :, :n])
+            torch.mean(k, 1, keepdim=True, dtype=torch.float32, out=self.km[:, :, :n])
+            self.qm[:, :, n:].zero_()
+            self.km[:, :, n:].zero_()
+            if key_valid is None:
+                self.valid[:, :n].fill_(True)
+            else:
+                self.valid[:, :n].copy_(key_valid)
+            self.valid[:, n:].fill_(False)
+            self.n.fill_(n)
         self.p.copy_(p)
         if prev is not None:
             self.prev.copy_(prev)
+
+    def __call__(self, q, k, p, prev, key_valid):
+        self.fill(q, k, p, prev, key_valid)
         self.graph.replay()
         return self.out
 
@@ -393,14 +418,17 @@ def _triton_selection(config: SketchWalkConfig, n_pad: int, device) -> bool:
     return TRITON_SELECTION and triton_selection.supported(config, n_pad, device)
 
 
-def _selection_graph(q, p, config: SketchWalkConfig, has_prev: bool, scale, n_pad: int) -> _SelectionGraph:
+def _selection_graph(q, k, p, config: SketchWalkConfig, has_prev: bool, padded: bool, scale,
+                     n_pad: int) -> _SelectionGraph:
     kind = ("compiled" if COMPILE_GRAPHED_SELECTION
             else "triton" if _triton_selection(config, n_pad, q.device) else "torch")
-    key = (q.device, q.shape[0], n_pad, q.shape[3], p.shape[1], config, has_prev, scale, kind)
+    heads = (q.shape[1], k.shape[1]) if kind == "triton" else (1, 1)
+    padded = padded or kind != "triton"  # only the Triton graph has an unpadded variant
+    key = (q.device, q.shape[0], n_pad, heads, q.shape[3], p.shape[1], config, has_prev, padded, scale, kind)
     g = _SELECTION_GRAPHS.get(key)
     if g is None:
-        g = _SELECTION_GRAPHS[key] = _SelectionGraph(q.shape[0], n_pad, q.shape[3], p.shape[1], config, has_prev,
-                                                     scale, q.device, kind)
+        g = _SELECTION_GRAPHS[key] = _SelectionGraph(q.shape[0], n_pad, *heads, q.shape[3], p.shape[1], config,
+                                                     has_prev, padded, scale, q.device, kind)
         stats.count(stats.SELECTION_GRAPH_CAPTURE)
     return g
 
@@ -419,7 +447,7 @@ def fused_selection(q, k, config: SketchWalkConfig, layer_idx: int, state: WalkS
     prev = None if state is None else state.transition
     scale = None if scale is None else float(scale)
     if _graphable(q, config, n_pad):
-        graph = _selection_graph(q, p, config, prev is not None, scale, n_pad)
+        graph = _selection_graph(q, k, p, config, prev is not None, key_valid is not None, scale, n_pad)
         out = graph(q, k, p, prev, key_valid)
         walk, kept, causal = (t.clone() for t in out[7:])  # outlive the next replay
         if graph.kind == "triton":

@@ -1,16 +1,22 @@
-"""The prefill selection in five Triton kernels and two cuBLAS products, no inductor.
+"""The prefill selection in six Triton kernels and two cuBLAS products, no inductor.
 
 The selection (selection.select + block_mask.selection_tables + walk.table_to_indices) written
 with torch ops is about 140 small kernels; inside the CUDA graph that replays it they still take
 ~0.4 ms of GPU time at 8K (H100), more than a third of the whole sparse layer.  inductor fuses
 them into about a dozen, but compiles each length bucket for 7-72 s first.  These kernels do
-the same work in seven launches (plus the two density sums; the budget lookup table is built
+the same work in eight launches (plus the two density sums; the budget lookup table is built
 once per configuration and block count), compiled by Triton once per configuration and
 power-of-two block count (under a second, cached on disk):
 
-  _bounds_kernel    each row's real keys [start, end) from the validity (block_mask.key_bounds)
-  _sketch_kernel    block means of the head-mean q and k over valid tokens, times the SRHT
-                    matrix (sketch.block_means, then `@ p`), and the valid tokens per block
+  _parts_kernel     the one pass over q and k (the selection's memory floor): per group of
+                    PARTS_HEADS heads, each block's sum over its valid tokens, and the blocks'
+                    valid counts (block_parts).  The CUDA graph's static inputs are these sums:
+                    this launch, before each replay, writes them (and the length) in place
+  _bounds_kernel    each row's real keys [start, end) from the validity (block_mask.key_bounds);
+                    only for a padded batch (without padding they are [0, n))
+  _sketch_kernel    the groups' sums / (heads x count): block means of the head-mean q and k
+                    over valid tokens (sketch.block_means of selection.head_reduce), times the
+                    SRHT matrix (`@ p`)
   torch.bmm         block scores A = Qs Ks^T
   _softmax_kernel   W = softmax(s * scale * A) over the allowed (causal, valid) blocks
                     (selection.transition_rows, sketch.block_causal_mask)
@@ -74,42 +80,82 @@ if HAS_TRITON:
         tl.store(END + b, tl.where(start < S, end, S))
 
     @triton.jit(do_not_specialize=["N"])
-    def _sketch_kernel(QM, KM, VALID, P, QS, KS, COUNTS,
-                       sqb, sqn, skb, skn, svb, N, NB, D, R,
-                       BS: tl.constexpr, TC: tl.constexpr, D_POW2: tl.constexpr, R_POW2: tl.constexpr,
-                       RC: tl.constexpr, HAS_VALID: tl.constexpr):
-        """Program (b, i): means of block i's valid tokens of q and k ([n, D] head means, fp32),
-        projected on the SRHT matrix P [D, R]; the block's valid token count."""
+    def _parts_kernel(Q, K, VALID, QP, KP, COUNTS, VALID_OUT, N_OUT,
+                      sqb, sqh, sqn, skb, skh, skn, svb, svob, N, NB, HQ, HK, GQ, GK, D,
+                      BS: tl.constexpr, TC: tl.constexpr, HPG: tl.constexpr, D_POW2: tl.constexpr,
+                      HAS_VALID: tl.constexpr, WRITE_VALID: tl.constexpr, WRITE_N: tl.constexpr):
+        """Program (b, i, g): the sum, over block i's valid tokens, of heads g*HPG .. g*HPG+HPG-1
+        of q (g < GQ) or of heads (g-GQ)*HPG .. of k, into QP [B, GQ, NB, D] / KP [B, GK, NB, D]
+        fp32.  Programs g = 0 also store the block's valid token count (COUNTS [B, NB] fp32)
+        and, with WRITE_VALID, its validity (False past N) into VALID_OUT; program (0, 0, 0)
+        stores N into N_OUT (WRITE_N).  Tokens at or past N, and invalid ones, are never read."""
+        b = tl.program_id(0)
+        i = tl.program_id(1)
+        g = tl.program_id(2)
+        d = tl.arange(0, D_POW2)
+        dm = d < D
+        b64 = b.to(tl.int64)
+        is_q = g < GQ
+        # scalars chosen by where, not in the branches: an argument equal to 1 is a constexpr
+        # to Triton, and a branch may not merge it with a runtime int
+        sh = tl.where(is_q, sqh, skh)
+        sn = tl.where(is_q, sqn, skn)
+        nh = tl.where(is_q, HQ, HK)
+        h0 = tl.where(is_q, g, g - GQ) * HPG
+        if is_q:
+            x_ptr = Q + b64 * sqb
+            out = QP + ((b64 * GQ + g) * NB + i) * D
+        else:
+            x_ptr = K + b64 * skb
+            out = KP + ((b64 * GK + (g - GQ)) * NB + i) * D
+        acc = tl.zeros([D_POW2], tl.float32)
+        cnt = tl.zeros([TC], tl.int32)
+        for t0 in tl.static_range(0, BS, TC):
+            tok = i * BS + t0 + tl.arange(0, TC)
+            take = tok < N
+            if HAS_VALID:
+                take = take & (tl.load(VALID + b64 * svb + tok, mask=take, other=0) != 0)
+            if WRITE_VALID:
+                if g == 0:
+                    tl.store(VALID_OUT + b64 * svob + tok, take.to(tl.int8))
+            cnt += take.to(tl.int32)
+            for hh in tl.static_range(HPG):
+                h = h0 + hh
+                m2 = (take & (h < nh))[:, None] & dm[None, :]
+                x = tl.load(x_ptr + h.to(tl.int64) * sh + tok[:, None].to(tl.int64) * sn + d[None, :], mask=m2,
+                            other=0.0)
+                acc += tl.sum(x.to(tl.float32), 0)
+        tl.store(out + d, acc, mask=dm)
+        if g == 0:
+            tl.store(COUNTS + b64 * NB + i, tl.sum(cnt, 0).to(tl.float32))
+        if WRITE_N:
+            if (b == 0) & (i == 0) & (g == 0):
+                tl.store(N_OUT, N.to(tl.int64))
+
+    @triton.jit
+    def _sketch_kernel(QP, KP, COUNTS, P, QS, KS, NB, GQ, GK, HQ, HK, D, R,
+                       D_POW2: tl.constexpr, R_POW2: tl.constexpr, RC: tl.constexpr):
+        """Program (b, i): block i's means of the head-mean q and k over its valid tokens (the
+        parts' sums over groups, / (heads * count)), projected on the SRHT matrix P [D, R]."""
         b = tl.program_id(0)
         i = tl.program_id(1)
         d = tl.arange(0, D_POW2)
         dm = d < D
         acc_q = tl.zeros([D_POW2], tl.float32)
         acc_k = tl.zeros([D_POW2], tl.float32)
-        cnt = tl.zeros([TC], tl.float32)
-        for t0 in tl.static_range(0, BS, TC):
-            tok = i * BS + t0 + tl.arange(0, TC)
-            inb = tok < N
-            if HAS_VALID:
-                v = tl.where(tl.load(VALID + b * svb + tok, mask=inb, other=0) != 0, 1.0, 0.0)
-            else:
-                v = tl.where(inb, 1.0, 0.0)
-            m2 = inb[:, None] & dm[None, :]
-            xq = tl.load(QM + b * sqb + tok[:, None] * sqn + d[None, :], mask=m2, other=0.0)
-            xk = tl.load(KM + b * skb + tok[:, None] * skn + d[None, :], mask=m2, other=0.0)
-            acc_q += tl.sum(xq * v[:, None], 0)
-            acc_k += tl.sum(xk * v[:, None], 0)
-            cnt += v
-        c = tl.sum(cnt, 0)
-        mean_q = acc_q / tl.maximum(c, 1.0)
-        mean_k = acc_k / tl.maximum(c, 1.0)
+        for g in range(GQ):
+            acc_q += tl.load(QP + ((b * GQ + g) * NB + i) * D + d, mask=dm, other=0.0)
+        for g in range(GK):
+            acc_k += tl.load(KP + ((b * GK + g) * NB + i) * D + d, mask=dm, other=0.0)
+        c = tl.maximum(tl.load(COUNTS + b * NB + i), 1.0)
+        mean_q = acc_q / (c * HQ)
+        mean_k = acc_k / (c * HK)
         for r0 in tl.static_range(0, R_POW2, RC):
             r = r0 + tl.arange(0, RC)
             rm = r < R
             p = tl.load(P + d[:, None] * R + r[None, :], mask=dm[:, None] & rm[None, :], other=0.0)
             tl.store(QS + (b * NB + i) * R + r, tl.sum(mean_q[:, None] * p, 0), mask=rm)
             tl.store(KS + (b * NB + i) * R + r, tl.sum(mean_k[:, None] * p, 0), mask=rm)
-        tl.store(COUNTS + b * NB + i, c)
 
     @triton.jit
     def _allowed_row(COUNTS, b, i, NB, NB_POW2: tl.constexpr):
@@ -284,46 +330,71 @@ def budget_table(config: SketchWalkConfig, nb: int, device: torch.device) -> tor
     return table
 
 
-def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_walk: torch.Tensor | None,
-                     key_valid: torch.Tensor | None, config: SketchWalkConfig, scale: float | None, n_pad: int,
-                     seq_len: int | torch.Tensor | None = None):
-    """attention._selection_tables in Triton.
+# Heads summed per program of _parts_kernel, and tokens per load: programs = B x blocks x
+# (ceil(Hq / HPG) + ceil(Hkv / HPG)), enough to keep every SM's loads in flight (the kernel
+# reads all of q and k once: the selection's memory floor).
+PARTS_HEADS = 4
+PARTS_TOKENS = 32
+PARTS_WARPS = 4
 
-    qm, km: [B, Hq, n, D], [B, Hkv, n, D] over n <= n_pad tokens, any float dtype.  Head-mean
-    scoring reduces them to their fp32 head means first (selection.head_reduce, without its fp32
-    copy); the CUDA graph passes its own head means (H = 1, n = n_pad, zero past the real
-    length).  With head_scoring="per_head" each head's block means and scores are torch ops,
-    then the same kernels.  p: [D, r] SRHT matrix; prev_walk: [B, nb, nb]
-    fp32 R_{l-1} over nb = n_pad / block_size blocks, or None; key_valid: [B, n] bool or None;
-    seq_len: real tokens (a 0-d tensor inside a graph, default n).  Returns (partial counts,
-    partial indices, full counts, full indices, selection table, start, end, walk, kept, causal)
-    over n_pad tokens: counts [B, nq] int32, indices [B, nq, nb] int32, table [B, nq, nb] bool,
-    start / end [B] int32, walk [B, nb, nb] fp32, kept / causal [B] fp32.  No host sync.
-    """
-    per_head = config.head_scoring == "per_head"
-    bsz, hq, n, d = qm.shape
-    hk = km.shape[1]
-    if not per_head:  # [B, n, D] fp32 head means
-        qm = qm[:, 0].float() if hq == 1 else torch.mean(qm, 1, dtype=torch.float32)
-        km = km[:, 0].float() if hk == 1 else torch.mean(km, 1, dtype=torch.float32)
+
+def parts_groups(hq: int, hk: int) -> tuple[int, int]:
+    """(GQ, GK): the head groups of q and k that `block_parts` sums apart."""
+    return -(-hq // PARTS_HEADS), -(-hk // PARTS_HEADS)
+
+
+def block_parts(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None, block_size: int, nb: int,
+                out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                valid_out: torch.Tensor | None = None, n_out: torch.Tensor | None = None):
+    """One pass over q [B, Hq, n, D] and k [B, Hkv, n, D] (one float dtype, any strides with a
+    contiguous head dim): per group of PARTS_HEADS heads, the sum of each block's valid tokens
+    (key_valid [B, n] bool or None: all valid), fp32 (QP [B, GQ, nb, D], KP [B, GK, nb, D]), and
+    each block's valid count (counts [B, nb] fp32), over nb >= ceil(n / block_size) blocks (zero
+    past n).  `_sketch_kernel` turns them into the blocks' head-mean means and sketches.
+
+    out: buffers to write into (the selection graph's static inputs); valid_out [B, nb *
+    block_size] bool gets the validity, False past n; n_out (0-d int64) gets n.  One launch."""
+    bsz, hq, n, d = q.shape
+    hk = k.shape[1]
+    if k.shape[0] != bsz or k.shape[2:] != (n, d) or k.dtype != q.dtype:
+        raise ValueError(f"block_parts: k {tuple(k.shape)} {k.dtype} does not match q {tuple(q.shape)} {q.dtype}")
+    if nb * block_size < n:
+        raise ValueError(f"block_parts: nb={nb} blocks of {block_size} tokens cover fewer than n={n}")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    gq, gk = parts_groups(hq, hk)
+    if out is None:
+        f32 = dict(device=q.device, dtype=torch.float32)
+        out = (torch.empty(bsz, gq, nb, d, **f32), torch.empty(bsz, gk, nb, d, **f32), torch.empty(bsz, nb, **f32))
+    qp, kp, counts = out
+    valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
+    vo = None if valid_out is None else valid_out.view(torch.uint8)
+    d2 = _pow2(d)
+    tc = min(block_size, PARTS_TOKENS, max(8, 4096 // d2))
+    _parts_kernel[(bsz, nb, gq + gk)](
+        q, k, valid if valid is not None else counts, qp, kp, counts, vo if vo is not None else counts,
+        n_out if n_out is not None else counts,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        0 if valid is None else valid.stride(0), 0 if vo is None else vo.stride(0), n, nb, hq, hk, gq, gk, d,
+        BS=block_size, TC=tc, HPG=PARTS_HEADS, D_POW2=d2, HAS_VALID=valid is not None,
+        WRITE_VALID=vo is not None, WRITE_N=n_out is not None, num_warps=PARTS_WARPS,
+    )
+    return qp, kp, counts
+
+
+def _check(config: SketchWalkConfig, n: int, n_pad: int) -> tuple[int, int, int]:
     bs, qb = config.block_size, config.q_block
-    m = qb // bs
     nb, nq = n_pad // bs, n_pad // qb
     if n_pad % qb or n > n_pad:
         raise ValueError(f"n_pad={n_pad} must be a multiple of the query block ({qb}) and >= the {n} tokens given")
     if nb > MAX_BLOCKS:
         raise ValueError(f"n_pad={n_pad} gives {nb} blocks of {bs} tokens; the Triton selection handles <= {MAX_BLOCKS}")
-    dev = qm.device
-    r = p.shape[1]
-    scale = d**-0.5 if scale is None else float(scale)
-    f32 = dict(device=dev, dtype=torch.float32)
-    i32 = dict(device=dev, dtype=torch.int32)
-    p = p.float().contiguous()
-    valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
-    if seq_len is None:
-        seq_len = n
+    return nb, nq, qb // bs
 
-    # each row's real keys
+
+def _bounds(valid: torch.Tensor | None, bsz: int, seq_len, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's real keys [start, end): from the validity, or [0, seq_len) without any."""
+    i32 = dict(device=dev, dtype=torch.int32)
     if valid is None:
         start = torch.zeros(bsz, **i32)
         end = (torch.full((bsz,), seq_len, **i32) if not isinstance(seq_len, torch.Tensor)
@@ -331,32 +402,86 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
     else:
         start, end = torch.empty(bsz, **i32), torch.empty(bsz, **i32)
         _bounds_kernel[(bsz,)](valid, start, end, valid.stride(0), valid.shape[1], CHUNK=1024)
+    return start, end
 
-    # block means, sketches and block scores
-    if per_head:  # each head's own (selection.layer_sketch): [B, H, nb, r], scores [B, Hq, nb, nb]
-        q_means, counts = block_means(qm, bs, key_valid)
-        k_means, _ = block_means(km, bs, key_valid)
+
+def _sketches(qp, kp, counts, hq: int, hk: int, p: torch.Tensor):
+    """`block_parts`' sums -> the blocks' sketches (qs, ks) [B, nb, r] fp32."""
+    bsz, gq, nb, d = qp.shape
+    r = p.shape[1]
+    qs = torch.empty(bsz, nb, r, device=qp.device, dtype=torch.float32)
+    ks = torch.empty_like(qs)
+    d2, r2 = _pow2(d), _pow2(r)
+    rc = min(r2, max(16, 8192 // d2))
+    _sketch_kernel[(bsz, nb)](qp, kp, counts, p, qs, ks, nb, gq, kp.shape[1], hq, hk, d, r,
+                              D_POW2=d2, R_POW2=r2, RC=rc)
+    return qs, ks
+
+
+def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_walk: torch.Tensor | None,
+                     key_valid: torch.Tensor | None, config: SketchWalkConfig, scale: float | None, n_pad: int,
+                     seq_len: int | torch.Tensor | None = None):
+    """attention._selection_tables in Triton.
+
+    qm, km: [B, Hq, n, D], [B, Hkv, n, D] over n <= n_pad tokens, one float dtype.  Head-mean
+    scoring sums each block's tokens and heads in one pass (`block_parts`, no [B, n, D] head
+    means); tests pass head means (H = 1, n = n_pad, zero past the real length).  With
+    head_scoring="per_head" each head's block means and scores are torch ops, then the same
+    kernels.  p: [D, r] SRHT matrix; prev_walk: [B, nb, nb]
+    fp32 R_{l-1} over nb = n_pad / block_size blocks, or None; key_valid: [B, n] bool or None;
+    seq_len: real tokens (a 0-d tensor inside a graph, default n).  Returns (partial counts,
+    partial indices, full counts, full indices, selection table, start, end, walk, kept, causal)
+    over n_pad tokens: counts [B, nq] int32, indices [B, nq, nb] int32, table [B, nq, nb] bool,
+    start / end [B] int32, walk [B, nb, nb] fp32, kept / causal [B] fp32.  No host sync.
+    """
+    bsz, hq, n, d = qm.shape
+    hk = km.shape[1]
+    nb, _, _ = _check(config, n, n_pad)
+    p = p.float().contiguous()
+    valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
+    start, end = _bounds(valid, bsz, n if seq_len is None else seq_len, qm.device)
+    if config.head_scoring == "per_head":  # each head's own (selection.layer_sketch): scores [B, Hq, nb, nb]
+        q_means, counts = block_means(qm, config.block_size, key_valid)
+        k_means, _ = block_means(km, config.block_size, key_valid)
         grow = nb - q_means.shape[2]  # blocks of the bucket past the real ones: empty
         qs = F.pad(q_means, (0, 0, 0, grow)) @ p
         ks = F.pad(k_means, (0, 0, 0, grow)) @ p
         counts = F.pad(counts.expand(bsz, -1), (0, grow)).contiguous()
+        r = p.shape[1]
         a = torch.matmul(qs.reshape(bsz, hk, (hq // hk) * nb, r), ks.transpose(-1, -2)).reshape(bsz, hq, nb, nb)
-        heads = hq
-    else:
-        qm = qm if qm.stride(-1) == 1 else qm.contiguous()
-        km = km if km.stride(-1) == 1 else km.contiguous()
-        qs, ks = torch.empty(bsz, nb, r, **f32), torch.empty(bsz, nb, r, **f32)
-        counts = torch.empty(bsz, nb, **f32)
-        d2, r2 = _pow2(d), _pow2(r)
-        rc = min(r2, max(16, 8192 // d2))
-        tc = min(bs, max(8, 4096 // d2))
-        _sketch_kernel[(bsz, nb)](
-            qm, km, valid if valid is not None else qm, p, qs, ks, counts,
-            qm.stride(0), qm.stride(1), km.stride(0), km.stride(1), 0 if valid is None else valid.stride(0),
-            n, nb, d, r, BS=bs, TC=tc, D_POW2=d2, R_POW2=r2, RC=rc, HAS_VALID=valid is not None,
-        )
-        a = torch.bmm(qs, ks.transpose(1, 2))
-        heads = 1
+        return _rank_tables(a, hq, counts, start, end, prev_walk, config, scale, d, n_pad,
+                            n if seq_len is None else seq_len)
+    qp, kp, counts = block_parts(qm, km, key_valid, config.block_size, nb)
+    return parts_selection_tables(qp, kp, counts, hq, hk, p, prev_walk, (start, end), config, scale, n_pad,
+                                  n if seq_len is None else seq_len)
+
+
+def parts_selection_tables(qp: torch.Tensor, kp: torch.Tensor, counts: torch.Tensor, hq: int, hk: int,
+                           p: torch.Tensor, prev_walk: torch.Tensor | None, bounds, config: SketchWalkConfig,
+                           scale: float | None, n_pad: int, seq_len: int | torch.Tensor):
+    """`selection_tables` from `block_parts`' sums (what the selection graph captures: its static
+    inputs are the parts, filled by one `block_parts` launch before each replay).  bounds:
+    (start, end) [B] int32, or the validity [B, n_pad] bool (the bounds kernel runs), or None
+    (nothing padded: [0, seq_len))."""
+    d = qp.shape[-1]
+    _check(config, 0, n_pad)
+    if bounds is None or isinstance(bounds, torch.Tensor):
+        valid = None if bounds is None else bounds.contiguous().view(torch.uint8)
+        bounds = _bounds(valid, qp.shape[0], seq_len, qp.device)
+    qs, ks = _sketches(qp, kp, counts, hq, hk, p.float().contiguous())
+    a = torch.bmm(qs, ks.transpose(1, 2))
+    return _rank_tables(a, 1, counts, *bounds, prev_walk, config, scale, d, n_pad, seq_len)
+
+
+def _rank_tables(a, heads: int, counts, start, end, prev_walk, config: SketchWalkConfig, scale, d: int, n_pad: int,
+                 seq_len):
+    """Scores a [B, heads, nb, nb] (or [B, nb, nb]) -> the tables: softmax, walk, rank."""
+    bsz, dev = a.shape[0], a.device
+    nb, nq, m = _check(config, 0, n_pad)
+    bs = config.block_size
+    scale = d**-0.5 if scale is None else float(scale)
+    f32 = dict(device=dev, dtype=torch.float32)
+    i32 = dict(device=dev, dtype=torch.int32)
 
     # W = softmax over the allowed blocks of the scaled scores (the heads' mean for per_head)
     nb2 = _pow2(nb)

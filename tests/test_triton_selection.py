@@ -214,3 +214,87 @@ def test_budget_table_is_the_budget_rule_and_cached():
     assert TS.budget_table(cfg, 300, torch.device("cpu")) is table
     top = TS.budget_table(SketchWalkConfig(block_size=16, top_k_blocks=7), 300, torch.device("cpu"))
     assert torch.equal(top, torch.full((301,), 7, dtype=torch.int32))
+
+
+@settings(max_examples=8)
+@given(
+    n=st.integers(1, 200),
+    hq=st.integers(1, 9),
+    hk=st.integers(1, 5),
+    d=st.sampled_from([8, 24, 64]),
+    bs=st.sampled_from([16, 32]),
+    layout=st.sampled_from(["bhnd", "bnhd"]),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    pad=st.integers(0, 60),
+    extra=st.integers(0, 3),
+    seed=st.integers(0, 10_000),
+)
+def test_block_parts_are_the_block_sums_of_the_head_means(n, hq, hk, d, bs, layout, dtype, pad, extra, seed):
+    """One pass over q and k: the parts summed over their head groups, / (heads x count), are
+    sketch.block_means of the fp32 head means, for any head count (groups of PARTS_HEADS, the
+    last one short), head dim, storage layout ([B, n, H, D] memory, as transformers' RoPE leaves
+    it) and left padding; blocks past n (a bucket's) are zero with count 0.  The validity and
+    the length written for the graph (valid_out, n_out) are the input's, False past n."""
+    from flexwalk.sketch import block_means
+
+    g = torch.Generator().manual_seed(seed)
+    shape = lambda h: (2, h, n, d) if layout == "bhnd" else (2, n, h, d)  # noqa: E731
+    q, k = (torch.randn(*shape(h), generator=g).to(dtype) for h in (hq, hk))
+    if layout == "bnhd":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    kv = torch.ones(2, n, dtype=torch.bool)
+    kv[1, :min(pad, n - 1)] = False
+    nb = -(-n // bs) + extra
+    valid_out = torch.ones(2, nb * bs, dtype=torch.bool)
+    n_out = torch.zeros((), dtype=torch.int64)
+    qp, kp, counts = TS.block_parts(q, k, kv, bs, nb, valid_out=valid_out, n_out=n_out)
+    assert qp.shape == (2, TS.parts_groups(hq, hk)[0], nb, d) and kp.shape[1] == TS.parts_groups(hq, hk)[1]
+    for x, parts, h in ((q, qp, hq), (k, kp, hk)):
+        want, want_counts = block_means(x.float().mean(1), bs, kv)
+        got = parts.sum(1) / (h * counts.clamp_min(1))[..., None]
+        # fp32 sums of at most bs x 9 terms, in another order than the reference's
+        torch.testing.assert_close(got[:, :want.shape[1]], want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[:, want.shape[1]:], torch.zeros_like(got[:, want.shape[1]:]))
+        torch.testing.assert_close(counts[:, :want.shape[1]], want_counts.expand(2, -1), rtol=0, atol=0)
+    assert not counts[:, -(-n // bs):].any()
+    assert torch.equal(valid_out[:, :n], kv) and not valid_out[:, n:].any() and int(n_out) == n
+
+
+@pytest.mark.parametrize("padded,qbs", [(False, None), (True, 32)])
+def test_selection_graph_halves_equal_the_torch_selection(padded, qbs):
+    """attention._SelectionGraph of the Triton kind without its CUDA graph: `fill` (one
+    block_parts launch into the static inputs) then `_run` (what the graph captures), reused
+    across two lengths of one bucket, longer then shorter, and two layers with the walk carried: the tables equal
+    the torch selection's on the bucket-padded head means (what the other graph kinds hold), and
+    nothing of a longer prompt leaks into a shorter one's replay.  Without padding the graph holds no validity (no bounds kernel)."""
+    cfg = SketchWalkConfig(block_size=16, density=0.25, dense_below=0, dense_layers=0, dense_tail_blocks=2,
+                           local_blocks=2, query_block_size=qbs)
+    bsz, d, hq, hk = 2, 16, 6, 2
+    n_pad = bucket_length(250)
+    graph = None
+    for n in (250, 170):
+        assert bucket_length(n) == n_pad
+        q, k, _ = random_qkv(bsz, hq, hk, n, d, seed=n)
+        kv = torch.ones(bsz, n, dtype=torch.bool)
+        kv[1, :37] = False
+        kv = kv if padded else None
+        if graph is None:
+            p0 = sketch_matrix(cfg, 0, d, "cpu")
+            graph = A._SelectionGraph(bsz, n_pad, hq, hk, d, p0.shape[1], cfg, True, padded, None,
+                                      torch.device("cpu"), "triton", capture=False)
+            assert (graph.valid is not None) == padded
+        prev = None
+        for layer in range(2):
+            qm, km, valid = graph_inputs(q, k, kv if padded else torch.ones(bsz, n, dtype=torch.bool), n_pad)
+            p = sketch_matrix(cfg, layer, d, "cpu")
+            ref = A._selection_tables(qm, km, p, prev, valid, cfg, layer, None, n_pad, seq_len=torch.tensor(n))
+            graph.fill(q, k, p, prev if prev is not None else torch.eye(n_pad // 16).expand(bsz, -1, -1), kv)
+            if prev is None:  # the graph was built with a walk input: the first layer runs one-hop
+                got = TS.parts_selection_tables(graph.qp, graph.kp, graph.counts, hq, hk, graph.p, None,
+                                                graph.valid, cfg, None, n_pad, graph.n)
+            else:
+                got = graph._run()
+            assert int(graph.n) == n
+            _assert_same_selection(ref, got, cfg)
+            prev = ref[7]
+            q, k = q.roll(7, 2), k.roll(5, 2)
