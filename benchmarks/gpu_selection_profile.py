@@ -35,7 +35,7 @@ import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig, triton_selection
 from flexwalk.attention import fused_selection
 
-SWEEP = dict(heads=(2, 4, 8), tokens=(16, 32, 64), warps=(4, 8))
+SWEEP = dict(heads=(1, 2, 4), tokens=(32, 64), warps=(4, 8))
 
 
 def kernels(fn, reps: int = 20) -> dict:

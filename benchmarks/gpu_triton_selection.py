@@ -214,11 +214,13 @@ def main():
     ap.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     ap.add_argument("--compile-lengths", default="8192,9000,12000,16384,20000,30000,32768,50000,100000,131072")
     ap.add_argument("--per-head-lengths", default="32768,131072")
+    ap.add_argument("--check-cases", default=None, help="indices into CHECK_CASES to check (default: all)")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     RESULTS["env"] = env_info()
     log(RESULTS["env"])
-    sections = {"check": (check, ()), "compiles": (compiles, (ints(args.compile_lengths),)),
+    cases = CHECK_CASES if args.check_cases is None else [CHECK_CASES[i] for i in ints(args.check_cases)]
+    sections = {"check": (check, (cases,)), "compiles": (compiles, (ints(args.compile_lengths),)),
                 "rounds": (rounds, (ints(args.lengths),)), "per_head": (per_head, (ints(args.per_head_lengths),))}
     run_sections([(name, *sections[name]) for name in args.sections.split(",")], RESULTS,
                  os.path.join(args.out, "gpu_triton_selection.json"))

@@ -296,9 +296,11 @@ COMPILE_SELECTION_ON_CPU = False
 # host time per layer, more than the sparse attention it selects for below ~16K tokens.  What
 # a graph captures (docs/benchmarks.md 4b, 4g; H100, 8B shape, block 128):
 # - TRITON_SELECTION (the default where it applies: CUDA, a sketched walk, at most 4096 blocks
-#   per row): flexwalk.triton_selection's seven main launches, compiled by Triton in under a
-#   second per configuration and power-of-two block count.  Selection 0.11 ms at 8K, 0.23 ms at
-#   32K, 0.68 ms at 128K: 25% / 5% / 1% of the layer.  Above GRAPH_SELECTION_MAX_TOKENS, and for
+#   per row): flexwalk.triton_selection's kernels, compiled by Triton in under a second per
+#   configuration and power-of-two block count; one pass over q and k (block_parts) before
+#   each replay feeds the graph.  Selection (session 23, FA4 layer) 0.087 ms at 8K, 0.173 ms
+#   at 32K, 0.54 ms at 128K: 24% / 5.0-5.4% / 1.1% of the layer (batch 1); 0.23 ms at 32K
+#   before that pass (docs/benchmarks.md 4m).  Above GRAPH_SELECTION_MAX_TOKENS, and for
 #   head_scoring="per_head" (never graphed), it runs without a graph, instead of the compiled
 #   selection.
 # - COMPILE_GRAPHED_SELECTION: the selection compiled by inductor for the bucket's static shapes

@@ -108,7 +108,9 @@ if HAS_TRITON:
         else:
             x_ptr = K + b64 * skb
             out = KP + ((b64 * GK + (g - GQ)) * NB + i) * D
-        acc = tl.zeros([D_POW2], tl.float32)
+        # a [TC, D] accumulator, reduced over its rows once at the end: a reduction per load
+        # (across warps, through shared memory) held the pass to ~1.6 TB/s on an H100
+        acc = tl.zeros([TC, D_POW2], tl.float32)
         cnt = tl.zeros([TC], tl.int32)
         for t0 in tl.static_range(0, BS, TC):
             tok = i * BS + t0 + tl.arange(0, TC)
@@ -124,8 +126,8 @@ if HAS_TRITON:
                 m2 = (take & (h < nh))[:, None] & dm[None, :]
                 x = tl.load(x_ptr + h.to(tl.int64) * sh + tok[:, None].to(tl.int64) * sn + d[None, :], mask=m2,
                             other=0.0)
-                acc += tl.sum(x.to(tl.float32), 0)
-        tl.store(out + d, acc, mask=dm)
+                acc += x.to(tl.float32)
+        tl.store(out + d, tl.sum(acc, 0), mask=dm)
         if g == 0:
             tl.store(COUNTS + b64 * NB + i, tl.sum(cnt, 0).to(tl.float32))
         if WRITE_N:
@@ -330,10 +332,13 @@ def budget_table(config: SketchWalkConfig, nb: int, device: torch.device) -> tor
     return table
 
 
-# Heads summed per program of _parts_kernel, and tokens per load: programs = B x blocks x
+# Heads summed per program of _parts_kernel, tokens per load and warps: programs = B x blocks x
 # (ceil(Hq / HPG) + ceil(Hkv / HPG)), enough to keep every SM's loads in flight (the kernel
-# reads all of q and k once: the selection's memory floor).
-PARTS_HEADS = 4
+# reads all of q and k once: the selection's memory floor).  H100, 8B shape, block 128
+# (docs/benchmarks.md 4m, gpu_selection_profile.py --sweep): 2 / 32 / 4 was the fastest of 12
+# settings, 0.127 ms at 32K (2.66 TB/s; torch's `q.sum(), k.sum()` 0.137 ms, torch.mean's head
+# means 0.146 ms) and 0.456 ms at 128K (2.94 TB/s); the others were within 10%.
+PARTS_HEADS = 2
 PARTS_TOKENS = 32
 PARTS_WARPS = 4
 
