@@ -337,7 +337,7 @@ def budget_table(config: SketchWalkConfig, nb: int, device: torch.device) -> tor
 # reads all of q and k once: the selection's memory floor).  H100, 8B shape, block 128
 # (docs/benchmarks.md 4m, gpu_selection_profile.py --sweep): 2 / 32 / 4 was the fastest of 12
 # settings, 0.127 ms at 32K (2.66 TB/s; torch's `q.sum(), k.sum()` 0.137 ms, torch.mean's head
-# means 0.146 ms) and 0.456 ms at 128K (2.94 TB/s); the others were within 10%.
+# means 0.146 ms) and 0.456 ms at 128K (2.94 TB/s); one head per program was the slowest (1.33x).
 PARTS_HEADS = 2
 PARTS_TOKENS = 32
 PARTS_WARPS = 4
