@@ -442,9 +442,10 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
     bsz, hq, n, d = qm.shape
     hk = km.shape[1]
     nb, _, _ = _check(config, n, n_pad)
+    seq_len = n if seq_len is None else seq_len
     p = p.float().contiguous()
     valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
-    start, end = _bounds(valid, bsz, n if seq_len is None else seq_len, qm.device)
+    start, end = _bounds(valid, bsz, seq_len, qm.device)
     if config.head_scoring == "per_head":  # each head's own (selection.layer_sketch): scores [B, Hq, nb, nb]
         q_means, counts = block_means(qm, config.block_size, key_valid)
         k_means, _ = block_means(km, config.block_size, key_valid)
@@ -454,11 +455,9 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
         counts = F.pad(counts.expand(bsz, -1), (0, grow)).contiguous()
         r = p.shape[1]
         a = torch.matmul(qs.reshape(bsz, hk, (hq // hk) * nb, r), ks.transpose(-1, -2)).reshape(bsz, hq, nb, nb)
-        return _rank_tables(a, hq, counts, start, end, prev_walk, config, scale, d, n_pad,
-                            n if seq_len is None else seq_len)
+        return _rank_tables(a, hq, counts, start, end, prev_walk, config, scale, d, n_pad, seq_len)
     qp, kp, counts = block_parts(qm, km, key_valid, config.block_size, nb)
-    return parts_selection_tables(qp, kp, counts, hq, hk, p, prev_walk, (start, end), config, scale, n_pad,
-                                  n if seq_len is None else seq_len)
+    return parts_selection_tables(qp, kp, counts, hq, hk, p, prev_walk, (start, end), config, scale, n_pad, seq_len)
 
 
 def parts_selection_tables(qp: torch.Tensor, kp: torch.Tensor, counts: torch.Tensor, hq: int, hk: int,
@@ -467,9 +466,8 @@ def parts_selection_tables(qp: torch.Tensor, kp: torch.Tensor, counts: torch.Ten
     """`selection_tables` from `block_parts`' sums (what the selection graph captures: its static
     inputs are the parts, filled by one `block_parts` launch before each replay).  bounds:
     (start, end) [B] int32, or the validity [B, n_pad] bool (the bounds kernel runs), or None
-    (nothing padded: [0, seq_len))."""
+    (nothing padded: [0, seq_len)).  `_rank_tables` checks n_pad."""
     d = qp.shape[-1]
-    _check(config, 0, n_pad)
     if bounds is None or isinstance(bounds, torch.Tensor):
         valid = None if bounds is None else bounds.contiguous().view(torch.uint8)
         bounds = _bounds(valid, qp.shape[0], seq_len, qp.device)
