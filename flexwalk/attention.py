@@ -33,6 +33,7 @@ from .block_mask import (
 from .config import SketchWalkConfig
 from .residual import block_summaries
 from .selection import LayerSketch, select, sketch_matrix, sketchwalk_selection
+from .sketch import exact_sketch, is_exact
 from .walk import WalkState, table_to_indices
 
 # Static shapes, one compile per length bucket (block_mask.bucket_length): automatic dynamic
@@ -328,7 +329,10 @@ class _SelectionGraph:
     the validity [B, n_pad] (only for a padded batch; without padding every row's keys are [0,
     n) and the bounds kernel does not run), the layer's SRHT matrix and the previous walk.
     Before each replay one `block_parts` launch reads q and k once and writes the sums, counts,
-    n and the validity straight into them (`fill`).
+    n, the validity and the previous walk straight into them (`fill`); P too for a sketch
+    narrower than the head dim (the default exact sketch is the same in every layer and the
+    kernels skip it).  The walk and the density sums come out in one buffer (`kept_outputs`
+    copies them in one copy).
     Other kinds (`_selection_tables` eager or compiled): head-mean q and k [B, 1, n_pad, D]
     fp32, computed by torch.mean into the static inputs, and the validity.
     Outputs are the graph's own buffers, overwritten by the next replay: callers consume them
@@ -355,7 +359,10 @@ class _SelectionGraph:
             self.valid = torch.ones(bsz, n_pad, dtype=torch.bool, device=device)
         self.heads = (hq, hk)
         self.n = torch.full((), n_pad, dtype=torch.int64, device=device)
-        self.p = torch.zeros(d, r, **f32)
+        # the exact sketch ([I 0], the default) is the same for every layer and the Triton
+        # kernels skip its product: fill writes P only for a narrower sketch
+        self.exact = kind == "triton" and is_exact(d, r)
+        self.p = exact_sketch(d, device).clone() if self.exact else torch.zeros(d, r, **f32)
         self.prev = torch.eye(nb, **f32).expand(bsz, nb, nb).contiguous() if has_prev else None
         self.args = (config, 0, scale, n_pad)
         self.kind = kind
@@ -386,20 +393,23 @@ class _SelectionGraph:
     def fill(self, q, k, p, prev, key_valid) -> None:
         """Write one layer's inputs into the static ones (stream-ordered, no host sync)."""
         n = q.shape[2]
-        if self.kind == "triton":
+        if self.kind == "triton":  # one launch: the sums, counts, n, validity and previous walk
             triton_selection.block_parts(q, k, key_valid, self.args[0].block_size, self.counts.shape[1],
-                                         out=(self.qp, self.kp, self.counts), valid_out=self.valid, n_out=self.n)
+                                         out=(self.qp, self.kp, self.counts), valid_out=self.valid, n_out=self.n,
+                                         prev=prev, prev_out=None if prev is None else self.prev)
+            if not self.exact:
+                self.p.copy_(p)
+            return
+        torch.mean(q, 1, keepdim=True, dtype=torch.float32, out=self.qm[:, :, :n])
+        torch.mean(k, 1, keepdim=True, dtype=torch.float32, out=self.km[:, :, :n])
+        self.qm[:, :, n:].zero_()
+        self.km[:, :, n:].zero_()
+        if key_valid is None:
+            self.valid[:, :n].fill_(True)
         else:
-            torch.mean(q, 1, keepdim=True, dtype=torch.float32, out=self.qm[:, :, :n])
-            torch.mean(k, 1, keepdim=True, dtype=torch.float32, out=self.km[:, :, :n])
-            self.qm[:, :, n:].zero_()
-            self.km[:, :, n:].zero_()
-            if key_valid is None:
-                self.valid[:, :n].fill_(True)
-            else:
-                self.valid[:, :n].copy_(key_valid)
-            self.valid[:, n:].fill_(False)
-            self.n.fill_(n)
+            self.valid[:, :n].copy_(key_valid)
+        self.valid[:, n:].fill_(False)
+        self.n.fill_(n)
         self.p.copy_(p)
         if prev is not None:
             self.prev.copy_(prev)
@@ -408,6 +418,15 @@ class _SelectionGraph:
         self.fill(q, k, p, prev, key_valid)
         self.graph.replay()
         return self.out
+
+    def kept_outputs(self):
+        """A copy of the replay's walk, kept and causal, which outlives the next replay: one copy
+        where the Triton kernels wrote the three into one buffer (triton_selection.split_tail)."""
+        walk, kept, causal = self.out[7:]
+        base = walk._base
+        if base is None or kept._base is not base or causal._base is not base:
+            return walk.clone(), kept.clone(), causal.clone()
+        return triton_selection.split_tail(base.clone(), walk.shape[0], walk.shape[1])
 
 
 def _graphable(q, config: SketchWalkConfig, n_pad: int) -> bool:
@@ -451,7 +470,7 @@ def fused_selection(q, k, config: SketchWalkConfig, layer_idx: int, state: WalkS
     if _graphable(q, config, n_pad):
         graph = _selection_graph(q, k, p, config, prev is not None, key_valid is not None, scale, n_pad)
         out = graph(q, k, p, prev, key_valid)
-        walk, kept, causal = (t.clone() for t in out[7:])  # outlive the next replay
+        walk, kept, causal = graph.kept_outputs()  # outlive the next replay
         if graph.kind == "triton":
             stats.count(stats.TRITON_SELECTION)
     elif (q.device.type == "cuda" or TRITON_SELECTION_ON_CPU) and _triton_selection(config, n_pad, q.device):

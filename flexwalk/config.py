@@ -51,8 +51,8 @@ class SketchWalkConfig:
     (128 with block_size 64: the kernel runs 128-row tiles, keys are chosen per 64 tokens)."""
     sketch_dim: int | None = None
     """SRHT sketch width r; clipped to the head dim rounded up to a power of two.  None (the
-    default): the head dim itself, an exact sketch (a randomised Hadamard rotation: block-mean
-    scores without sketch error).  On Gemma 3 (head dim 256) that was +0.88 points (SE 0.47)
+    default): the head dim itself, an exact sketch (P = [I 0]: the block means themselves, so
+    block-mean scores without sketch error).  On Gemma 3 (head dim 256) that was +0.88 points (SE 0.47)
     over r = 64 across 2K-32K, and +2.19 at 32K; at head dim 128 on the H100 it cost nothing
     measurable (docs/results.md, "Defaults").  The paper uses 64; the authors' code 128."""
     sparsity_exponent: float = 8.0

@@ -18,6 +18,8 @@ from .sketch import (
     block_means,
     block_scores,
     effective_sketch_dim,
+    exact_sketch,
+    is_exact,
     num_blocks,
     sketch_seed,
     srht_matrix,
@@ -45,8 +47,13 @@ class LayerSketch:
 
 
 def sketch_matrix(config: SketchWalkConfig, layer_idx: int, head_dim: int, device) -> torch.Tensor:
-    """The layer's SRHT matrix P [head_dim, r]."""
+    """The layer's SRHT matrix P [head_dim, r]; at full width (r = the padded head dim, the
+    default) the exact sketch [I 0] (sketch.exact_sketch), which every layer shares: the
+    scores a random rotation would give, without its rounding or its product (the Triton
+    selection skips it)."""
     r = effective_sketch_dim(head_dim, config.sketch_dim)
+    if is_exact(head_dim, r):
+        return exact_sketch(head_dim, device)
     return srht_matrix(head_dim, r, sketch_seed(config.seed, layer_idx), device)
 
 

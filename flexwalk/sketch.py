@@ -75,6 +75,23 @@ def _srht_cpu(head_dim: int, sketch_dim: int, seed: int) -> torch.Tensor:
 _SRHT_DEVICE_CACHE: dict[tuple, torch.Tensor] = {}
 
 
+def is_exact(head_dim: int, r: int) -> bool:
+    """Whether a sketch of width r is exact: the padded head dim, where P P^T = I."""
+    return r >= 1 << max(0, math.ceil(math.log2(head_dim)))
+
+
+def exact_sketch(head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The exact sketch P = [I 0], [head_dim, Dp] fp32 (Dp the head dim rounded up to a power
+    of two): any full-width P with P P^T = I gives the same scores, (xP).(yP) = x.y, and this
+    one gives them without rounding (xP is x, then zeros).  Cached per (shape, device)."""
+    key = (head_dim, "exact", str(device))
+    p = _SRHT_DEVICE_CACHE.get(key)
+    if p is None:
+        dp = 1 << max(0, math.ceil(math.log2(head_dim)))
+        p = _SRHT_DEVICE_CACHE[key] = torch.eye(head_dim, dp).to(device)
+    return p
+
+
 def srht_matrix(head_dim: int, sketch_dim: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Subsampled randomized Hadamard transform P, [head_dim, r] fp32, with E[(xP).(yP)] = x.y.
 

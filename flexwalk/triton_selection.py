@@ -1,32 +1,36 @@
-"""The prefill selection in six Triton kernels and two cuBLAS products, no inductor.
+"""The prefill selection in five Triton kernels and two cuBLAS products, no inductor.
 
 The selection (selection.select + block_mask.selection_tables + walk.table_to_indices) written
 with torch ops is about 140 small kernels; inside the CUDA graph that replays it they still take
 ~0.4 ms of GPU time at 8K (H100), more than a third of the whole sparse layer.  inductor fuses
 them into about a dozen, but compiles each length bucket for 7-72 s first.  These kernels do
-the same work in eight launches (plus the two density sums; the budget lookup table is built
-once per configuration and block count), compiled by Triton once per configuration and
-power-of-two block count (under a second, cached on disk):
+the same work in seven launches (the budget lookup table is built once per configuration and
+block count), compiled by Triton once per configuration and power-of-two block count (under a
+second, cached on disk):
 
   _parts_kernel     the one pass over q and k (the selection's memory floor): per group of
                     PARTS_HEADS heads, each block's sum over its valid tokens, and the blocks'
                     valid counts (block_parts).  The CUDA graph's static inputs are these sums:
-                    this launch, before each replay, writes them (and the length) in place
+                    this launch, before each replay, writes them, the length, the validity and
+                    the previous walk in place
   _bounds_kernel    each row's real keys [start, end) from the validity (block_mask.key_bounds);
                     only for a padded batch (without padding they are [0, n))
   _sketch_kernel    the groups' sums / (heads x count): block means of the head-mean q and k
                     over valid tokens (sketch.block_means of selection.head_reduce), times the
-                    SRHT matrix (`@ p`)
+                    SRHT matrix (`@ p`); at full width (the default: P is the exact sketch
+                    [I 0], selection.sketch_matrix) the means themselves, no product
   torch.bmm         block scores A = Qs Ks^T
   _softmax_kernel   W = softmax(s * scale * A) over the allowed (causal, valid) blocks
-                    (selection.transition_rows, sketch.block_causal_mask)
+                    (selection.transition_rows, sketch.block_causal_mask); zeroes the density sums
   torch.bmm         R_{l-1} W (the walk; skipped for one_hop and the first sparse layer)
   _rank_kernel      per kernel query block: the walk rows (walk.walk_combine), pooled over its
                     block_size sub-rows, the budget with sink, local and dense-tail blocks
                     (walk.rank_blocks), the top `kept` blocks (a bisection on the scores'
                     ordered bit patterns: ties go to the lower index, as a stable sort), the
-                    partial/full split against causality and padding (structural_tables) and
-                    the BlockMask's index lists (table_to_indices)
+                    partial/full split against causality and padding (structural_tables), the
+                    BlockMask's index lists (table_to_indices), and the kept and causal block
+                    counts added (atomically; integers in fp32, so exact in any order) to the
+                    density sums.  The walk and the sums share one buffer: one copy takes both
 
 Outputs are those of attention._selection_tables, with the same meaning; the float sums run
 in another order, so the walk matches to float32 rounding and a block whose score ties the
@@ -47,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import SketchWalkConfig
-from .sketch import block_means
+from .sketch import block_means, is_exact
 from .triton_decode import HAS_TRITON, interpreted
 from .walk import fraction_count, walk_combine
 
@@ -80,15 +84,18 @@ if HAS_TRITON:
         tl.store(END + b, tl.where(start < S, end, S))
 
     @triton.jit(do_not_specialize=["N"])
-    def _parts_kernel(Q, K, VALID, QP, KP, COUNTS, VALID_OUT, N_OUT,
+    def _parts_kernel(Q, K, VALID, QP, KP, COUNTS, VALID_OUT, N_OUT, PREV, PREV_OUT,
                       sqb, sqh, sqn, skb, skh, skn, svb, svob, N, NB, HQ, HK, GQ, GK, D,
                       BS: tl.constexpr, TC: tl.constexpr, HPG: tl.constexpr, D_POW2: tl.constexpr,
-                      HAS_VALID: tl.constexpr, WRITE_VALID: tl.constexpr, WRITE_N: tl.constexpr):
+                      HAS_VALID: tl.constexpr, WRITE_VALID: tl.constexpr, WRITE_N: tl.constexpr,
+                      COPY_PREV: tl.constexpr, NB_POW2: tl.constexpr):
         """Program (b, i, g): the sum, over block i's valid tokens, of heads g*HPG .. g*HPG+HPG-1
         of q (g < GQ) or of heads (g-GQ)*HPG .. of k, into QP [B, GQ, NB, D] / KP [B, GK, NB, D]
         fp32.  Programs g = 0 also store the block's valid token count (COUNTS [B, NB] fp32)
         and, with WRITE_VALID, its validity (False past N) into VALID_OUT; program (0, 0, 0)
-        stores N into N_OUT (WRITE_N).  Tokens at or past N, and invalid ones, are never read."""
+        stores N into N_OUT (WRITE_N).  Tokens at or past N, and invalid ones, are never read.
+        COPY_PREV: programs (b, i, 0) also copy row i of PREV [B, NB, NB] (the previous layer's
+        walk) into PREV_OUT, so that one launch writes all of the selection graph's inputs."""
         b = tl.program_id(0)
         i = tl.program_id(1)
         g = tl.program_id(2)
@@ -133,12 +140,18 @@ if HAS_TRITON:
         if WRITE_N:
             if (b == 0) & (i == 0) & (g == 0):
                 tl.store(N_OUT, N.to(tl.int64))
+        if COPY_PREV:
+            if g == 0:
+                j = tl.arange(0, NB_POW2)
+                row = (b64 * NB + i) * NB
+                tl.store(PREV_OUT + row + j, tl.load(PREV + row + j, mask=j < NB), mask=j < NB)
 
     @triton.jit
     def _sketch_kernel(QP, KP, COUNTS, P, QS, KS, NB, GQ, GK, HQ, HK, D, R,
-                       D_POW2: tl.constexpr, R_POW2: tl.constexpr, RC: tl.constexpr):
+                       D_POW2: tl.constexpr, R_POW2: tl.constexpr, RC: tl.constexpr, EXACT: tl.constexpr):
         """Program (b, i): block i's means of the head-mean q and k over its valid tokens (the
-        parts' sums over groups, / (heads * count)), projected on the SRHT matrix P [D, R]."""
+        parts' sums over groups, / (heads * count)), projected on the SRHT matrix P [D, R]; with
+        EXACT (P the exact sketch [I 0], R = D_POW2) the means themselves, zero past D."""
         b = tl.program_id(0)
         i = tl.program_id(1)
         d = tl.arange(0, D_POW2)
@@ -152,12 +165,16 @@ if HAS_TRITON:
         c = tl.maximum(tl.load(COUNTS + b * NB + i), 1.0)
         mean_q = acc_q / (c * HQ)
         mean_k = acc_k / (c * HK)
-        for r0 in tl.static_range(0, R_POW2, RC):
-            r = r0 + tl.arange(0, RC)
-            rm = r < R
-            p = tl.load(P + d[:, None] * R + r[None, :], mask=dm[:, None] & rm[None, :], other=0.0)
-            tl.store(QS + (b * NB + i) * R + r, tl.sum(mean_q[:, None] * p, 0), mask=rm)
-            tl.store(KS + (b * NB + i) * R + r, tl.sum(mean_k[:, None] * p, 0), mask=rm)
+        if EXACT:
+            tl.store(QS + (b * NB + i) * R + d, mean_q)
+            tl.store(KS + (b * NB + i) * R + d, mean_k)
+        else:
+            for r0 in tl.static_range(0, R_POW2, RC):
+                r = r0 + tl.arange(0, RC)
+                rm = r < R
+                p = tl.load(P + d[:, None] * R + r[None, :], mask=dm[:, None] & rm[None, :], other=0.0)
+                tl.store(QS + (b * NB + i) * R + r, tl.sum(mean_q[:, None] * p, 0), mask=rm)
+                tl.store(KS + (b * NB + i) * R + r, tl.sum(mean_k[:, None] * p, 0), mask=rm)
 
     @triton.jit
     def _allowed_row(COUNTS, b, i, NB, NB_POW2: tl.constexpr):
@@ -170,11 +187,15 @@ if HAS_TRITON:
         return allowed | (empty & (j == i)), bv
 
     @triton.jit
-    def _softmax_kernel(A, COUNTS, W, NB, scale, exponent, H: tl.constexpr, NB_POW2: tl.constexpr):
+    def _softmax_kernel(A, COUNTS, W, SUMS, NB, scale, exponent, H: tl.constexpr, NB_POW2: tl.constexpr):
         """Program (b, i): row i of W = softmax(exponent * scale * A) over its allowed blocks; with
-        H > 1 (per-head scoring, A [B, H, NB, NB]) the mean of the H heads' softmax rows."""
+        H > 1 (per-head scoring, A [B, H, NB, NB]) the mean of the H heads' softmax rows.
+        Programs (b, 0) zero SUMS[b] and SUMS[B + b], the density sums _rank_kernel adds to."""
         b = tl.program_id(0)
         i = tl.program_id(1)
+        if i == 0:
+            tl.store(SUMS + b, 0.0)
+            tl.store(SUMS + tl.num_programs(0) + b, 0.0)
         j = tl.arange(0, NB_POW2)
         inr = j < NB
         allowed, _ = _allowed_row(COUNTS, b, i, NB, NB_POW2)
@@ -196,12 +217,17 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["n_int"])
     def _rank_kernel(W, PW, R_OUT, COUNTS, BUDGET, START, END, N_PTR,
-                     P_CNT, P_IDX, F_CNT, F_IDX, TABLE, KEPT, CAUSAL,
+                     P_CNT, P_IDX, F_CNT, F_IDX, TABLE, SUMS,
                      NB, NQ, damping, n_int,
                      M: tl.constexpr, BS: tl.constexpr, NB_POW2: tl.constexpr, MODE: tl.constexpr,
-                     SINK: tl.constexpr, LOCAL: tl.constexpr, TAIL: tl.constexpr, N_FROM_PTR: tl.constexpr):
+                     SINK: tl.constexpr, LOCAL: tl.constexpr, TAIL: tl.constexpr, N_FROM_PTR: tl.constexpr,
+                     WRITE_BOUNDS: tl.constexpr):
         """Program (b, I): kernel query block I (walk rows I*M .. I*M+M-1).  MODE 0: R = W;
-        1: R = normalise(PW); 2: R = (1 - damping) W + damping normalise(PW)."""
+        1: R = normalise(PW); 2: R = (1 - damping) W + damping normalise(PW).  Adds the row's
+        kept and causal block counts to SUMS[b] and SUMS[B + b] (zeroed by _softmax_kernel;
+        integers in fp32, exact below 2^24, so the order of the adds does not matter).
+        WRITE_BOUNDS (nothing padded): every row's keys are [0, n); programs (b, 0) store that
+        into START and END instead of reading them."""
         b = tl.program_id(0)
         qi = tl.program_id(1)
         j = tl.arange(0, NB_POW2)
@@ -266,11 +292,18 @@ if HAS_TRITON:
         sel = (above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= take))) & allowed
         rq = b * NQ + qi
         tl.store(TABLE + rq.to(tl.int64) * NB + j, sel.to(tl.int8), mask=inr)
-        tl.store(KEPT + rq, tl.sum((sel & bv).to(tl.int32), 0))
-        tl.store(CAUSAL + rq, n_causal)
+        tl.atomic_add(SUMS + b, tl.sum((sel & bv).to(tl.int32), 0).to(tl.float32))
+        tl.atomic_add(SUMS + tl.num_programs(0) + b, n_causal.to(tl.float32))
         # partial / full against causality and each row's real keys (block_mask.structural_tables)
-        start = tl.load(START + b)
-        end = tl.load(END + b)
+        if WRITE_BOUNDS:
+            start = 0
+            end = n
+            if qi == 0:
+                tl.store(START + b, start)
+                tl.store(END + b, end)
+        else:
+            start = tl.load(START + b)
+            end = tl.load(END + b)
         q_lo = qi * (BS * M)
         q_hi = tl.minimum(q_lo + BS * M, n) - 1
         k_lo = j * BS
@@ -343,6 +376,14 @@ PARTS_TOKENS = 32
 PARTS_WARPS = 4
 
 
+def _row_warps(nb2: int) -> int:
+    """Warps of the softmax and rank kernels, one row of nb2 (a power of two) blocks per program."""
+    return 4 if nb2 <= 1024 else 8
+
+
+ROW_WARPS = _row_warps  # benchmarks/gpu_selection_profile.py --row-warps swaps it
+
+
 def parts_groups(hq: int, hk: int) -> tuple[int, int]:
     """(GQ, GK): the head groups of q and k that `block_parts` sums apart."""
     return -(-hq // PARTS_HEADS), -(-hk // PARTS_HEADS)
@@ -350,7 +391,8 @@ def parts_groups(hq: int, hk: int) -> tuple[int, int]:
 
 def block_parts(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None, block_size: int, nb: int,
                 out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                valid_out: torch.Tensor | None = None, n_out: torch.Tensor | None = None):
+                valid_out: torch.Tensor | None = None, n_out: torch.Tensor | None = None,
+                prev: torch.Tensor | None = None, prev_out: torch.Tensor | None = None):
     """One pass over q [B, Hq, n, D] and k [B, Hkv, n, D] (one float dtype, any strides with a
     contiguous head dim): per group of PARTS_HEADS heads, the sum of each block's valid tokens
     (key_valid [B, n] bool or None: all valid), fp32 (QP [B, GQ, nb, D], KP [B, GK, nb, D]), and
@@ -358,7 +400,8 @@ def block_parts(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None
     past n).  `_sketch_kernel` turns them into the blocks' head-mean means and sketches.
 
     out: buffers to write into (the selection graph's static inputs); valid_out [B, nb *
-    block_size] bool gets the validity, False past n; n_out (0-d int64) gets n.  One launch."""
+    block_size] bool gets the validity, False past n; n_out (0-d int64) gets n; prev [B, nb, nb]
+    fp32 is copied into prev_out (the graph's previous walk).  One launch."""
     bsz, hq, n, d = q.shape
     hk = k.shape[1]
     if k.shape[0] != bsz or k.shape[2:] != (n, d) or k.dtype != q.dtype:
@@ -374,15 +417,24 @@ def block_parts(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None
     qp, kp, counts = out
     valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
     vo = None if valid_out is None else valid_out.view(torch.uint8)
+    if (prev is None) != (prev_out is None):
+        raise ValueError("block_parts: prev and prev_out go together")
+    if prev is not None:
+        if prev.shape != (bsz, nb, nb) or prev_out.shape != prev.shape or not prev_out.is_contiguous():
+            raise ValueError(f"block_parts: prev {tuple(prev.shape)} / prev_out {tuple(prev_out.shape)} must be "
+                             f"({bsz}, {nb}, {nb}), prev_out contiguous")
+        prev = prev.contiguous()
     d2 = _pow2(d)
     tc = min(block_size, PARTS_TOKENS, max(8, 4096 // d2))
     _parts_kernel[(bsz, nb, gq + gk)](
         q, k, valid if valid is not None else counts, qp, kp, counts, vo if vo is not None else counts,
-        n_out if n_out is not None else counts,
+        n_out if n_out is not None else counts, prev if prev is not None else counts,
+        prev_out if prev_out is not None else counts,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         0 if valid is None else valid.stride(0), 0 if vo is None else vo.stride(0), n, nb, hq, hk, gq, gk, d,
         BS=block_size, TC=tc, HPG=PARTS_HEADS, D_POW2=d2, HAS_VALID=valid is not None,
-        WRITE_VALID=vo is not None, WRITE_N=n_out is not None, num_warps=PARTS_WARPS,
+        WRITE_VALID=vo is not None, WRITE_N=n_out is not None, COPY_PREV=prev is not None,
+        NB_POW2=_pow2(nb) if prev is not None else 1, num_warps=PARTS_WARPS,
     )
     return qp, kp, counts
 
@@ -397,16 +449,13 @@ def _check(config: SketchWalkConfig, n: int, n_pad: int) -> tuple[int, int, int]
     return nb, nq, qb // bs
 
 
-def _bounds(valid: torch.Tensor | None, bsz: int, seq_len, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's real keys [start, end): from the validity, or [0, seq_len) without any."""
-    i32 = dict(device=dev, dtype=torch.int32)
+def _bounds(valid: torch.Tensor | None, bsz: int, dev) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's real keys [start, end) from the validity; None without any (then they are
+    [0, n), which _rank_kernel writes itself)."""
     if valid is None:
-        start = torch.zeros(bsz, **i32)
-        end = (torch.full((bsz,), seq_len, **i32) if not isinstance(seq_len, torch.Tensor)
-               else seq_len.to(torch.int32).expand(bsz).contiguous())
-    else:
-        start, end = torch.empty(bsz, **i32), torch.empty(bsz, **i32)
-        _bounds_kernel[(bsz,)](valid, start, end, valid.stride(0), valid.shape[1], CHUNK=1024)
+        return None
+    start, end = torch.empty(bsz, device=dev, dtype=torch.int32), torch.empty(bsz, device=dev, dtype=torch.int32)
+    _bounds_kernel[(bsz,)](valid, start, end, valid.stride(0), valid.shape[1], CHUNK=1024)
     return start, end
 
 
@@ -419,7 +468,7 @@ def _sketches(qp, kp, counts, hq: int, hk: int, p: torch.Tensor):
     d2, r2 = _pow2(d), _pow2(r)
     rc = min(r2, max(16, 8192 // d2))
     _sketch_kernel[(bsz, nb)](qp, kp, counts, p, qs, ks, nb, gq, kp.shape[1], hq, hk, d, r,
-                              D_POW2=d2, R_POW2=r2, RC=rc)
+                              D_POW2=d2, R_POW2=r2, RC=rc, EXACT=is_exact(d, r))
     return qs, ks
 
 
@@ -445,7 +494,7 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
     seq_len = n if seq_len is None else seq_len
     p = p.float().contiguous()
     valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
-    start, end = _bounds(valid, bsz, seq_len, qm.device)
+    bounds = _bounds(valid, bsz, qm.device)
     if config.head_scoring == "per_head":  # each head's own (selection.layer_sketch): scores [B, Hq, nb, nb]
         q_means, counts = block_means(qm, config.block_size, key_valid)
         k_means, _ = block_means(km, config.block_size, key_valid)
@@ -455,9 +504,9 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
         counts = F.pad(counts.expand(bsz, -1), (0, grow)).contiguous()
         r = p.shape[1]
         a = torch.matmul(qs.reshape(bsz, hk, (hq // hk) * nb, r), ks.transpose(-1, -2)).reshape(bsz, hq, nb, nb)
-        return _rank_tables(a, hq, counts, start, end, prev_walk, config, scale, d, n_pad, seq_len)
+        return _rank_tables(a, hq, counts, bounds, prev_walk, config, scale, d, n_pad, seq_len)
     qp, kp, counts = block_parts(qm, km, key_valid, config.block_size, nb)
-    return parts_selection_tables(qp, kp, counts, hq, hk, p, prev_walk, (start, end), config, scale, n_pad, seq_len)
+    return parts_selection_tables(qp, kp, counts, hq, hk, p, prev_walk, bounds, config, scale, n_pad, seq_len)
 
 
 def parts_selection_tables(qp: torch.Tensor, kp: torch.Tensor, counts: torch.Tensor, hq: int, hk: int,
@@ -468,17 +517,17 @@ def parts_selection_tables(qp: torch.Tensor, kp: torch.Tensor, counts: torch.Ten
     (start, end) [B] int32, or the validity [B, n_pad] bool (the bounds kernel runs), or None
     (nothing padded: [0, seq_len)).  `_rank_tables` checks n_pad."""
     d = qp.shape[-1]
-    if bounds is None or isinstance(bounds, torch.Tensor):
-        valid = None if bounds is None else bounds.contiguous().view(torch.uint8)
-        bounds = _bounds(valid, qp.shape[0], seq_len, qp.device)
+    if isinstance(bounds, torch.Tensor):
+        bounds = _bounds(bounds.contiguous().view(torch.uint8), qp.shape[0], qp.device)
     qs, ks = _sketches(qp, kp, counts, hq, hk, p.float().contiguous())
     a = torch.bmm(qs, ks.transpose(1, 2))
-    return _rank_tables(a, 1, counts, *bounds, prev_walk, config, scale, d, n_pad, seq_len)
+    return _rank_tables(a, 1, counts, bounds, prev_walk, config, scale, d, n_pad, seq_len)
 
 
-def _rank_tables(a, heads: int, counts, start, end, prev_walk, config: SketchWalkConfig, scale, d: int, n_pad: int,
+def _rank_tables(a, heads: int, counts, bounds, prev_walk, config: SketchWalkConfig, scale, d: int, n_pad: int,
                  seq_len):
-    """Scores a [B, heads, nb, nb] (or [B, nb, nb]) -> the tables: softmax, walk, rank."""
+    """Scores a [B, heads, nb, nb] (or [B, nb, nb]) -> the tables: softmax, walk, rank.  bounds:
+    (start, end) [B] int32, or None: [0, n) for every row, written by _rank_kernel."""
     bsz, dev = a.shape[0], a.device
     nb, nq, m = _check(config, 0, n_pad)
     bs = config.block_size
@@ -488,9 +537,11 @@ def _rank_tables(a, heads: int, counts, start, end, prev_walk, config: SketchWal
 
     # W = softmax over the allowed blocks of the scaled scores (the heads' mean for per_head)
     nb2 = _pow2(nb)
-    warps = 4 if nb2 <= 1024 else 8
+    warps = ROW_WARPS(nb2)
     w = torch.empty(bsz, nb, nb, **f32)
-    _softmax_kernel[(bsz, nb)](a, counts, w, nb, scale, float(config.sparsity_exponent), H=heads, NB_POW2=nb2,
+    tail = torch.empty(bsz * (nb * nb + 2), **f32)  # the walk and the density sums: one buffer, one copy
+    walk, sums = split_tail(tail, bsz, nb)[0], tail[bsz * nb * nb:]
+    _softmax_kernel[(bsz, nb)](a, counts, w, sums, nb, scale, float(config.sparsity_exponent), H=heads, NB_POW2=nb2,
                                num_warps=warps)
 
     # the walk, the budget, the top blocks and the BlockMask's lists
@@ -501,18 +552,24 @@ def _rank_tables(a, heads: int, counts, start, end, prev_walk, config: SketchWal
         # walk_steps > 1: all but the last step here (walk.walk_combine), the last in _rank_kernel
         prev_walk = walk_combine(w, prev_walk, w, config.walk, float(config.damping), config.walk_steps - 1)
         pw = torch.bmm(prev_walk, w)
-    walk = torch.empty(bsz, nb, nb, **f32)
     p_cnt, f_cnt = torch.empty(bsz, nq, **i32), torch.empty(bsz, nq, **i32)
     p_idx, f_idx = torch.empty(bsz, nq, nb, **i32), torch.empty(bsz, nq, nb, **i32)
     table = torch.empty(bsz, nq, nb, device=dev, dtype=torch.bool)
-    kept, causal = torch.empty(bsz, nq, **i32), torch.empty(bsz, nq, **i32)
+    start, end = bounds if bounds is not None else (torch.empty(bsz, **i32), torch.empty(bsz, **i32))
     n_ptr = seq_len if isinstance(seq_len, torch.Tensor) else start
     _rank_kernel[(bsz, nq)](
         w, pw, walk, counts, budget_table(config, nb, dev), start, end, n_ptr,
-        p_cnt, p_idx, f_cnt, f_idx, table.view(torch.int8), kept, causal,
+        p_cnt, p_idx, f_cnt, f_idx, table.view(torch.int8), sums,
         nb, nq, float(config.damping), 0 if isinstance(seq_len, torch.Tensor) else int(seq_len),
         M=m, BS=bs, NB_POW2=nb2, MODE=mode, SINK=config.sink_blocks, LOCAL=config.local_blocks * m,
-        TAIL=config.dense_tail_blocks, N_FROM_PTR=isinstance(seq_len, torch.Tensor), num_warps=warps,
+        TAIL=config.dense_tail_blocks, N_FROM_PTR=isinstance(seq_len, torch.Tensor),
+        WRITE_BOUNDS=bounds is None, num_warps=warps,
     )
-    return (p_cnt, p_idx, f_cnt, f_idx, table, start, end, walk,
-            kept.sum(-1, dtype=torch.float32), causal.sum(-1, dtype=torch.float32))
+    return (p_cnt, p_idx, f_cnt, f_idx, table, start, end, *split_tail(tail, bsz, nb))
+
+
+def split_tail(tail: torch.Tensor, bsz: int, nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_rank_tables`' one fp32 buffer -> (walk [B, nb, nb], kept [B], causal [B]) views: the
+    selection graph copies the three out of its replay's buffers in one copy."""
+    m = bsz * nb * nb
+    return tail[:m].view(bsz, nb, nb), tail[m:m + bsz], tail[m + bsz:]

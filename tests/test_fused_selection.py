@@ -135,3 +135,38 @@ def test_compiled_selection_keeps_each_configuration_static(compiled_on_cpu):
         out, _ = flexwalk.sketchwalk_attention(q, k, v, cfg, 1, None)
         ref, _, _ = eager_sketchwalk_attention(q, k, v, cfg, 1, None)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_torch_selection_graph_fill_holds_the_head_means(padded):
+    """attention._SelectionGraph of the torch kind (the graph when Triton is off) without its
+    CUDA graph: `fill` writes the head means, validity, length, P and walk into the static
+    inputs, and `_run` (what the graph captures) gives the selection of those inputs, across two
+    lengths of one bucket (longer, then shorter: nothing of the longer prompt stays) and two
+    layers with the walk carried, whatever the sketch width."""
+    from flexwalk.block_mask import bucket_length
+    from flexwalk.selection import sketch_matrix
+
+    cfg = SketchWalkConfig(block_size=16, density=0.25, dense_below=0, dense_layers=0, sketch_dim=8)
+    bsz, d, hq, hk = 2, 16, 6, 2
+    n_pad = bucket_length(250)
+    graph = attention._SelectionGraph(bsz, n_pad, 1, 1, d, 8, cfg, True, True, None, torch.device("cpu"), "torch",
+                                      capture=False)
+    for n in (250, 170):
+        q, k, _ = random_qkv(bsz, hq, hk, n, d, seed=n)
+        kv = torch.ones(bsz, n, dtype=torch.bool)
+        kv[1, :37] = False
+        prev = torch.eye(n_pad // 16).expand(bsz, -1, -1).contiguous()
+        for layer in range(2):
+            qm, km, valid = graph_inputs(q, k, kv if padded else torch.ones(bsz, n, dtype=torch.bool), n_pad)
+            p = sketch_matrix(cfg, layer, d, "cpu")
+            ref = attention._selection_tables(qm, km, p, prev, valid, cfg, 0, None, n_pad, seq_len=torch.tensor(n))
+            graph.fill(q, k, p, prev, kv if padded else None)
+            assert int(graph.n) == n and torch.equal(graph.valid, valid) and torch.equal(graph.p, p)
+            torch.testing.assert_close(graph.qm, qm, rtol=0, atol=0)
+            torch.testing.assert_close(graph.km, km, rtol=0, atol=0)
+            got = graph._run()
+            for a, b in zip(ref, got):
+                assert torch.equal(a, b)
+            prev = ref[7]
+            q, k = q.roll(7, 2), k.roll(5, 2)

@@ -38,6 +38,12 @@ def test_default_sketch_is_exact_at_any_head_dim():
         # P is stored in float32: its rounding (eps32 per entry) is the only error allowed
         bound = 4 * torch.finfo(torch.float32).eps * x.norm(dim=1)[:, None] * y.norm(dim=1)[None, :]
         assert (((x @ p) @ (y @ p).T - x @ y.T).abs() <= bound).all()
+        # the exact sketch is [I 0]: the same in every layer, and xP is x without any rounding
+        p32 = sketch_matrix(SketchWalkConfig(), 3, d, "cpu")
+        assert torch.equal(p32, torch.eye(d, effective_sketch_dim(d, None)))
+        assert sketch_matrix(SketchWalkConfig(sketch_dim=4096), 5, d, "cpu") is p32
+        xf = x.float()
+        assert torch.equal(xf @ p32, torch.cat([xf, xf.new_zeros(5, p32.shape[1] - d)], 1))  # x, then zeros
         narrow = sketch_matrix(SketchWalkConfig(sketch_dim=16), 3, d, "cpu").double()
         assert ((x @ narrow) @ (y @ narrow).T - x @ y.T).abs().max() > 0.1  # a real sketch is not exact
 
