@@ -1,7 +1,8 @@
 """Where the selection's time goes on a GPU (issue 5: selection + mask at most 5% of the layer from 32K).
 
 One layer's `fused_selection` on the Llama-3.1-8B attention shape (bf16, 32 / 8 heads, head dim 128,
-block 128, density 0.2), with the walk carried from a previous layer, per length and batch:
+block 128, density 0.2), with the walk carried from a previous layer and as a first layer, per length
+and batch:
 
 - `do_bench` medians of the whole selection (the CUDA-graph path, as the layer runs it), of the
   Triton path without a graph, of reading q and k once (`q.sum(), k.sum()`: the selection's memory
@@ -11,10 +12,13 @@ block 128, density 0.2), with the walk carried from a previous layer, per length
   measures Python and launches only);
 - a torch.profiler table of the CUDA kernels of both paths (time per call, by kernel);
 - `--sweep`: block_parts' heads per program, tokens per load and warps, each timed at every
-  length and batch (the shipped values are triton_selection.PARTS_*).
+  length and batch (the shipped values are triton_selection.PARTS_*);
+- `--row-warps 1,2,4,8`: the softmax and rank kernels' warps (one row of blocks per program),
+  each setting with fresh CUDA graphs: the whole selection (first layer and with the walk) and
+  those two kernels' times (the shipped rule is triton_selection._row_warps).
 
     PYTHONPATH=. python benchmarks/gpu_selection_profile.py --out DIR [--lengths 32768,131072]
-        [--batches 1,4] [--sweep]
+        [--batches 1,4] [--sweep] [--row-warps 1,2,4,8]
 
 Writes DIR/gpu_selection_profile.json.
 """
@@ -82,12 +86,34 @@ def sweep(q, k, nb) -> dict:
     return out
 
 
+def row_warps(q, k, state, cfg, settings) -> dict:
+    keep = triton_selection.ROW_WARPS
+    out = {}
+    try:
+        for w in settings:
+            triton_selection.ROW_WARPS = lambda nb2, w=w: w
+            attention._SELECTION_GRAPHS.clear()  # the warps are captured in the graphs: new graphs,
+            attention._GRAPH_POOL = None  # in a new pool (the old one's graphs are gone)
+            first = lambda: fused_selection(q, k, cfg, 0, None)  # noqa: E731
+            walk = lambda: fused_selection(q, k, cfg, 1, state)  # noqa: E731
+            ks = kernels(walk)
+            out[f"warps{w}"] = dict(first_layer_ms=do_bench(first), walk_ms=do_bench(walk),
+                                    rank_us=ks.get("_rank_kernel"), softmax_us=ks.get("_softmax_kernel"))
+            print("row warps", w, out[f"warps{w}"], flush=True)
+    finally:
+        triton_selection.ROW_WARPS = keep
+        attention._SELECTION_GRAPHS.clear()
+        attention._GRAPH_POOL = None
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--lengths", default="8192,32768,131072")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--row-warps", default="")
     args = ap.parse_args()
     cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -107,16 +133,20 @@ def main():
         row["block_parts_tb_s"] = row["q_plus_k_bytes"] / row["block_parts_ms"] / 1e9
         if args.sweep:
             row["block_parts_sweep_ms"] = sweep(q, k, nb)
-        for tag, graph in (("graph", True), ("no_graph", False)):
+        # the graph with the walk (layers after the first), the graph of a first layer (no walk:
+        # what gpu_prefill's select_mask_ms times), and the Triton path without a graph
+        for tag, graph, prev in (("graph", True, state), ("graph_first_layer", True, None), ("no_graph", False, state)):
             old = attention.GRAPH_SELECTION
             attention.GRAPH_SELECTION = graph
             try:
-                fn = lambda: fused_selection(q, k, cfg, 1, state)  # noqa: E731
+                fn = lambda: fused_selection(q, k, cfg, 1 if prev is not None else 0, prev)  # noqa: E731
                 row[f"selection_{tag}_ms"] = do_bench(fn)
                 row[f"selection_{tag}_host_us"] = host_us(fn)
                 row[f"kernels_{tag}_us"] = kernels(fn)
             finally:
                 attention.GRAPH_SELECTION = old
+        if args.row_warps:
+            row["row_warps"] = row_warps(q, k, state, cfg, [int(x) for x in args.row_warps.split(",")])
         res[f"B{bsz}_{n}"] = row
         print(bsz, n, json.dumps(row, indent=1), flush=True)
         del q, k
