@@ -55,15 +55,20 @@ def _hadamard(n: int) -> torch.Tensor:
     return h
 
 
+def padded_dim(head_dim: int) -> int:
+    """Dp: the head dim rounded up to a power of two (the Hadamard matrix's size)."""
+    return 1 << max(0, math.ceil(math.log2(head_dim)))
+
+
 def effective_sketch_dim(head_dim: int, sketch_dim: int | None) -> int:
     """The sketch width used: r, at most the head dim padded to a power of two (None: that)."""
-    dp = 1 << max(0, math.ceil(math.log2(head_dim)))
+    dp = padded_dim(head_dim)
     return dp if sketch_dim is None else min(sketch_dim, dp)
 
 
 @functools.lru_cache(maxsize=256)
 def _srht_cpu(head_dim: int, sketch_dim: int, seed: int) -> torch.Tensor:
-    dp = 1 << max(0, math.ceil(math.log2(head_dim)))
+    dp = padded_dim(head_dim)
     r = min(sketch_dim, dp)
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (dp,), generator=gen).float() * 2 - 1
@@ -77,7 +82,7 @@ _SRHT_DEVICE_CACHE: dict[tuple, torch.Tensor] = {}
 
 def is_exact(head_dim: int, r: int) -> bool:
     """Whether a sketch of width r is exact: the padded head dim, where P P^T = I."""
-    return r >= 1 << max(0, math.ceil(math.log2(head_dim)))
+    return r >= padded_dim(head_dim)
 
 
 def exact_sketch(head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -87,8 +92,7 @@ def exact_sketch(head_dim: int, device: torch.device | str = "cpu") -> torch.Ten
     key = (head_dim, "exact", str(device))
     p = _SRHT_DEVICE_CACHE.get(key)
     if p is None:
-        dp = 1 << max(0, math.ceil(math.log2(head_dim)))
-        p = _SRHT_DEVICE_CACHE[key] = torch.eye(head_dim, dp).to(device)
+        p = _SRHT_DEVICE_CACHE[key] = torch.eye(head_dim, padded_dim(head_dim)).to(device)
     return p
 
 

@@ -466,9 +466,12 @@ def _sketches(qp, kp, counts, hq: int, hk: int, p: torch.Tensor):
     qs = torch.empty(bsz, nb, r, device=qp.device, dtype=torch.float32)
     ks = torch.empty_like(qs)
     d2, r2 = _pow2(d), _pow2(r)
+    exact = is_exact(d, r)  # P is then taken as the exact sketch [I 0] (selection.sketch_matrix)
+    if exact and r != d2:
+        raise ValueError(f"the sketch P [{d}, {r}] is wider than the padded head dim {d2}")
     rc = min(r2, max(16, 8192 // d2))
     _sketch_kernel[(bsz, nb)](qp, kp, counts, p, qs, ks, nb, gq, kp.shape[1], hq, hk, d, r,
-                              D_POW2=d2, R_POW2=r2, RC=rc, EXACT=is_exact(d, r))
+                              D_POW2=d2, R_POW2=r2, RC=rc, EXACT=exact)
     return qs, ks
 
 
@@ -482,7 +485,9 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
     means); tests pass head means (H = 1, n = n_pad, zero past the real length).  With
     head_scoring="per_head" each head's block means and scores are torch ops, then the same
     kernels.  p: [D, r] SRHT matrix; prev_walk: [B, nb, nb]
-    fp32 R_{l-1} over nb = n_pad / block_size blocks, or None; key_valid: [B, n] bool or None;
+    fp32 R_{l-1} over nb = n_pad / block_size blocks, or None (at full width, r = the padded
+    head dim, p is taken as the exact sketch [I 0]: any P with P P^T = I gives the same scores,
+    and the kernel skips the product); key_valid: [B, n] bool or None;
     seq_len: real tokens (a 0-d tensor inside a graph, default n).  Returns (partial counts,
     partial indices, full counts, full indices, selection table, start, end, walk, kept, causal)
     over n_pad tokens: counts [B, nq] int32, indices [B, nq, nb] int32, table [B, nq, nb] bool,
