@@ -23,7 +23,11 @@
    sketch, with the exact sketch, with the residual, with both (the default on this model since
    session 19), and the oracle at 32K (from docs/data/niah/gemma3_*).
 
-Options: --only density|mask|ttft|speed|gemma, --length N (prompt tokens, default 2048), --depth D (needle).
+6. docs/img/selection_share_h100.png: the selection's share (selection + tables over the whole
+   layer, FlashAttention 4 running) at 20% density over prompt length, batch 1 and 4, in the grids
+   of sessions 22, 23 and 24 (docs/benchmarks.md 4l, 4m, 4n), against issue 5's 5% line.
+
+Options: --only density|mask|ttft|speed|gemma|share, --length N (prompt tokens, default 2048), --depth D (needle).
 """
 
 from __future__ import annotations
@@ -75,10 +79,7 @@ def density_figure(path: Path) -> None:
         ax.grid(True, which="major", alpha=0.3)
     axes[0].set_ylabel("fraction of causal blocks computed")
     axes[0].legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- block mask
@@ -216,10 +217,24 @@ def ttft_figure(path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{runs['1 GPU']['env']['device']}, torch {runs['1 GPU']['env']['torch']}", fontsize=9)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def _length_axis(ax, batch: int) -> None:
+    """A prompt-length x axis (log 2, 4K-128K) for one batch size's panel."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([4096, 8192, 16384, 32768, 65536, 131072])
+    ax.set_xticklabels(["4K", "8K", "16K", "32K", "64K", "128K"])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_title(f"batch {batch}", fontsize=11)
+    ax.grid(True, alpha=0.3)
 
 
 def speed_figure(path: Path) -> None:
@@ -241,20 +256,40 @@ def speed_figure(path: Path) -> None:
                 label="20%, Triton kernel (without FA4)")
         ax.plot([8192, 32768, 131072], [1.5, 3.0, 3.8], "k_", ms=14, mew=2, label="issue 5's targets at 20%")
         ax.axhline(1.0, color="k", lw=0.5)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([4096, 8192, 16384, 32768, 65536, 131072])
-        ax.set_xticklabels(["4K", "8K", "16K", "32K", "64K", "128K"])
-        ax.set_xlabel("prompt length (tokens)")
-        ax.set_title(f"batch {batch}", fontsize=11)
-        ax.grid(True, alpha=0.3)
+        _length_axis(ax, batch)
         ax.legend(fontsize=8, title="selection + tables + attention, one layer", title_fontsize=7)
     axes[0].set_ylabel("cuDNN SDPA time / sketchwalk time")
     fig.suptitle(f"one Llama-3.1-8B attention layer, bf16, block 128, FlashAttention 4 block-sparse kernel; "
                  f"{env['device']}, torch {env['torch']}, triton {env['triton']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    _save(fig, path)
+
+
+def share_figure(path: Path) -> None:
+    import json
+
+    data = Path(__file__).resolve().parent / "data"
+    runs = [("session 22 (4l): torch.mean head means, then 8 launches", "session22/gpu_prefill_fa4.json", "tab:gray"),
+            ("session 23 (4m): one pass over q and k", "session23/grid.json", "tab:orange"),
+            ("session 24 (4n): one pass, 5-6 launches", "session24/grid.json", "tab:blue")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    env = None
+    for ax, batch in zip(axes, (1, 4)):
+        for label, name, color in runs:
+            run = json.loads((data / name).read_text())
+            env = run["env"]
+            rows = sorted((r for r in run["grid"] if r["density"] == 0.2 and r["batch"] == batch), key=lambda r: r["n"])
+            ax.plot([r["n"] for r in rows], [100 * r["select_share"] for r in rows], "-o", color=color, label=label)
+        ax.axhline(5.0, color="k", lw=1, ls="--", label="issue 5's target from 32K: at most 5%")
+        ax.axvspan(32768 / 1.2, 131072 * 1.2, color="k", alpha=0.04)
+        ax.set_yscale("log")
+        ax.set_yticks([1, 2, 5, 10, 20, 30])
+        ax.set_yticklabels(["1%", "2%", "5%", "10%", "20%", "30%"])
+        _length_axis(ax, batch)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("selection + tables / whole layer")
+    fig.suptitle(f"the selection's share of one Llama-3.1-8B attention layer at 20% density (FlashAttention 4 "
+                 f"attends); {env['device']}, torch {env['torch']}, triton {env['triton']}", fontsize=9)
+    _save(fig, path)
 
 
 def gemma_figure(path: Path) -> None:
@@ -293,15 +328,12 @@ def gemma_figure(path: Path) -> None:
     ax.set_title("Gemma 3 270M, 20% density, H100 bf16: 400 samples per point (SE about 1.2 against dense)", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    _save(fig, path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("density", "mask", "ttft", "speed", "gemma"))
+    parser.add_argument("--only", choices=("density", "mask", "ttft", "speed", "gemma", "share"))
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--depth", type=float, default=0.4)
     args = parser.parse_args(argv)
@@ -316,6 +348,8 @@ def main(argv=None) -> int:
         speed_figure(IMG / "prefill_speedup_h100.png")
     if args.only in (None, "gemma"):
         gemma_figure(IMG / "niah_gemma3_by_length.png")
+    if args.only in (None, "share"):
+        share_figure(IMG / "selection_share_h100.png")
     return 0
 
 
