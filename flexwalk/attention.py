@@ -299,9 +299,9 @@ COMPILE_SELECTION_ON_CPU = False
 # - TRITON_SELECTION (the default where it applies: CUDA, a sketched walk, at most 4096 blocks
 #   per row): flexwalk.triton_selection's kernels, compiled by Triton in under a second per
 #   configuration and power-of-two block count; one pass over q and k (block_parts) before
-#   each replay feeds the graph.  Selection (session 23, FA4 layer) 0.087 ms at 8K, 0.173 ms
-#   at 32K, 0.54 ms at 128K: 24% / 5.0-5.4% / 1.1% of the layer (batch 1); 0.23 ms at 32K
-#   before that pass (docs/benchmarks.md 4m).  Above GRAPH_SELECTION_MAX_TOKENS, and for
+#   each replay feeds the graph.  Selection (session 24, FA4 layer) 0.067 ms at 8K, 0.153 ms
+#   at 32K, 0.51 ms at 128K: 19% / 4.6-4.7% / 1.1% of the layer (batch 1); 0.23 ms at 32K
+#   before that pass (docs/benchmarks.md 4m, 4n).  Above GRAPH_SELECTION_MAX_TOKENS, and for
 #   head_scoring="per_head" (never graphed), it runs without a graph, instead of the compiled
 #   selection.
 # - COMPILE_GRAPHED_SELECTION: the selection compiled by inductor for the bucket's static shapes
@@ -336,7 +336,7 @@ class _SelectionGraph:
     Other kinds (`_selection_tables` eager or compiled): head-mean q and k [B, 1, n_pad, D]
     fp32, computed by torch.mean into the static inputs, and the validity.
     Outputs are the graph's own buffers, overwritten by the next replay: callers consume them
-    in stream order (the BlockMask) or clone them (walk, density counts).  compiled: capture
+    in stream order (the BlockMask) or copy them out (walk, density counts: `kept_outputs`).  compiled: capture
     the selection compiled for these static shapes, with a code object of its own (it never
     recompiles: the graph replays it), instead of the eager one.  capture=False builds the
     buffers only (CPU tests of `fill` and `_run`, the graph's two halves).

@@ -449,11 +449,12 @@ def _check(config: SketchWalkConfig, n: int, n_pad: int) -> tuple[int, int, int]
     return nb, nq, qb // bs
 
 
-def _bounds(valid: torch.Tensor | None, bsz: int, dev) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Each row's real keys [start, end) from the validity; None without any (then they are
-    [0, n), which _rank_kernel writes itself)."""
-    if valid is None:
+def _bounds(key_valid: torch.Tensor | None, bsz: int, dev) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's real keys [start, end) from the validity ([B, n] bool); None without any (then
+    they are [0, n), which _rank_kernel writes itself)."""
+    if key_valid is None:
         return None
+    valid = key_valid.contiguous().view(torch.uint8)
     start, end = torch.empty(bsz, device=dev, dtype=torch.int32), torch.empty(bsz, device=dev, dtype=torch.int32)
     _bounds_kernel[(bsz,)](valid, start, end, valid.stride(0), valid.shape[1], CHUNK=1024)
     return start, end
@@ -498,8 +499,7 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
     nb, _, _ = _check(config, n, n_pad)
     seq_len = n if seq_len is None else seq_len
     p = p.float().contiguous()
-    valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
-    bounds = _bounds(valid, bsz, qm.device)
+    bounds = _bounds(key_valid, bsz, qm.device)
     if config.head_scoring == "per_head":  # each head's own (selection.layer_sketch): scores [B, Hq, nb, nb]
         q_means, counts = block_means(qm, config.block_size, key_valid)
         k_means, _ = block_means(km, config.block_size, key_valid)
@@ -523,7 +523,7 @@ def parts_selection_tables(qp: torch.Tensor, kp: torch.Tensor, counts: torch.Ten
     (nothing padded: [0, seq_len)).  `_rank_tables` checks n_pad."""
     d = qp.shape[-1]
     if isinstance(bounds, torch.Tensor):
-        bounds = _bounds(bounds.contiguous().view(torch.uint8), qp.shape[0], qp.device)
+        bounds = _bounds(bounds, qp.shape[0], qp.device)
     qs, ks = _sketches(qp, kp, counts, hq, hk, p.float().contiguous())
     a = torch.bmm(qs, ks.transpose(1, 2))
     return _rank_tables(a, 1, counts, bounds, prev_walk, config, scale, d, n_pad, seq_len)
@@ -545,7 +545,8 @@ def _rank_tables(a, heads: int, counts, bounds, prev_walk, config: SketchWalkCon
     warps = ROW_WARPS(nb2)
     w = torch.empty(bsz, nb, nb, **f32)
     tail = torch.empty(bsz * (nb * nb + 2), **f32)  # the walk and the density sums: one buffer, one copy
-    walk, sums = split_tail(tail, bsz, nb)[0], tail[bsz * nb * nb:]
+    walk, kept, causal = split_tail(tail, bsz, nb)
+    sums = tail[bsz * nb * nb:]  # kept then causal, as _softmax_kernel and _rank_kernel index them
     _softmax_kernel[(bsz, nb)](a, counts, w, sums, nb, scale, float(config.sparsity_exponent), H=heads, NB_POW2=nb2,
                                num_warps=warps)
 
@@ -570,7 +571,7 @@ def _rank_tables(a, heads: int, counts, bounds, prev_walk, config: SketchWalkCon
         TAIL=config.dense_tail_blocks, N_FROM_PTR=isinstance(seq_len, torch.Tensor),
         WRITE_BOUNDS=bounds is None, num_warps=warps,
     )
-    return (p_cnt, p_idx, f_cnt, f_idx, table, start, end, *split_tail(tail, bsz, nb))
+    return p_cnt, p_idx, f_cnt, f_idx, table, start, end, walk, kept, causal
 
 
 def split_tail(tail: torch.Tensor, bsz: int, nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
