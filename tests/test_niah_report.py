@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 from pathlib import Path
@@ -278,7 +279,36 @@ def test_baseline_deltas(results):
         expected = sum(sw[(t, L)][0] - base[(t, L)][0] for t in TASKS) / len(TASKS)
         assert _num(summary["sketchwalk"][str(L)]) == pytest.approx(expected, abs=0.0051)
     assert "sdpa" not in summary and summary["ruler_ext"]["8192"] == "n/a"
+    loss = {r["method"]: r for r in _table(sec, "### Largest loss to baseline `sdpa`")}
+    for L in LENGTHS:
+        worst = min(TASKS, key=lambda t: (sw[(t, L)][0] - base[(t, L)][0], TASKS.index(t)))
+        assert loss["sketchwalk"][str(L)] == f"{worst} ({sw[(worst, L)][0] - base[(worst, L)][0]:+.2f})"
     assert "†" not in summary["sketchwalk"]["4096"] and "†" in summary["sketchwalk"]["8192"]
+
+
+def test_paired_differences_match_an_independent_computation(results):
+    """Pairs are (task, length, index) matches; the SE is stdev(d) / sqrt(pairs), pooled over lengths too."""
+    base, sw = results["sdpa"], results["sketchwalk"]
+
+    def score(task, row):
+        return row[1] if task.startswith("qa") else row[0]
+
+    diffs = {L: [score(t, a) - score(t, b) for t in TASKS for a, b in zip(sw[(t, L)], base[(t, L)])]
+             for L in LENGTHS}  # zip: the sparse cells at 8192 have 12 samples, the dense ones 60
+    rep = json.loads((results["out"] / "report.json").read_text())["models"][MODEL]["paired"]
+    rows = {(r["method"], r["length"]): r for r in _table(_section(results["md"], MODEL), "### Paired difference")}
+    for key, d in [*((str(L), diffs[L]) for L in LENGTHS), ("all", diffs[4096] + diffs[8192])]:
+        got = rep["sketchwalk"][key]
+        assert got["pairs"] == len(d) and got["delta"] == pytest.approx(statistics.fmean(d))
+        assert got["se"] == pytest.approx(statistics.stdev(d) / math.sqrt(len(d)))
+        assert (got["better"], got["worse"]) == (sum(x > 0 for x in d), sum(x < 0 for x in d))
+        assert got["better"] + got["worse"] < len(d)  # ties exist: neither count is a complement
+        r = rows[("sketchwalk", key)]
+        assert int(r["pairs"]) == len(d) and _num(r["delta"]) == pytest.approx(statistics.fmean(d), abs=0.0051)
+        assert _num(r["SE"]) == pytest.approx(got["se"], abs=0.0051)
+    # the RULER run scored 4 + 3 + 2 samples at 4096 that the baseline also has (indices 0-3, 0-2, 0-1)
+    assert rep["ruler_ext"]["4096"]["pairs"] == 9 and "8192" not in rep["ruler_ext"]
+    assert "sdpa" not in rep
 
 
 def test_timing_density_and_json(results):

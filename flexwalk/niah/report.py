@@ -331,13 +331,16 @@ def _model_report(samples: list[SampleRecord], methods: list[str], baseline: str
                                    "n_baseline": b["n"], "under_powered": a["under_powered"] or b["under_powered"]})
                 delta_cells += ds
                 if ds:
+                    loss = min(ds, key=lambda d: (d["delta"], _task_order(d["task"])))
                     delta[m][str(L)] = {"delta": statistics.fmean(d["delta"] for d in ds), "tasks": len(ds),
-                                        "under_powered": any(d["under_powered"] for d in ds)}
+                                        "under_powered": any(d["under_powered"] for d in ds),
+                                        "worst_task": loss["task"], "worst_delta": loss["delta"]}
             if delta[m]:
                 vals = list(delta[m].values())
                 delta[m]["avg"] = {"delta": statistics.fmean(v["delta"] for v in vals),
                                    "tasks": sum(v["tasks"] for v in vals),
                                    "under_powered": any(v["under_powered"] for v in vals)}
+    paired = _paired(samples, methods, baseline, lengths) if baseline in methods else {}
     timing: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for m in methods:
         for L in lengths:
@@ -352,9 +355,43 @@ def _model_report(samples: list[SampleRecord], methods: list[str], baseline: str
             cells.items(), key=lambda kv: (methods.index(kv[0][0]), _task_order(kv[0][1]), kv[0][2]))],
         "accuracy_by_method_length": by_length, "accuracy_by_task_method": by_task, "worst_task": worst,
         "baseline": baseline if baseline in methods else None,
-        "delta_by_method_length": delta, "delta_cells": delta_cells,
+        "delta_by_method_length": delta, "delta_cells": delta_cells, "paired": paired,
         "timing": timing,
     }
+
+
+def _paired_stats(diffs: list[float]) -> dict[str, Any]:
+    n = len(diffs)
+    return {"pairs": n, "delta": statistics.fmean(diffs),
+            "se": statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None,
+            "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs)}
+
+
+def _paired(samples: list[SampleRecord], methods: list[str], baseline: str,
+            lengths: list[int]) -> dict[str, dict[str, Any]]:
+    """Each method against the baseline on the samples both scored: (task, length, index) matched.
+
+    Per length and pooled ("all"): the mean per-sample score difference in points, its standard
+    error (sample standard deviation of the differences / sqrt(pairs)), and how many samples scored
+    higher or lower.  Pairing removes the between-sample variance that the cell deltas carry.
+    """
+    score = defaultdict(dict)
+    for s in samples:
+        score[s.method][(s.task, s.length, s.index)] = s.score
+    out: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        if m == baseline:
+            continue
+        base = score[baseline]
+        diffs = {L: [] for L in lengths}
+        for key, v in score[m].items():
+            if key in base:
+                diffs[key[1]].append(v - base[key])
+        res = {str(L): _paired_stats(d) for L, d in diffs.items() if d}
+        if res:
+            res["all"] = _paired_stats([x for d in diffs.values() for x in d])
+            out[m] = res
+    return out
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -409,11 +446,22 @@ def _markdown(report: dict[str, Any]) -> str:
                 (m, *(_fmt(v["delta"], signed=True) + (f" {UNDER}" if v["under_powered"] else "") if (v := d.get(L))
                       else "n/a" for L in lengths + ["avg"]))
                 for m, d in mr["delta_by_method_length"].items()))
+            out += [f"### Largest loss to baseline `{base}` per method and length (the task with the lowest delta)", ""]
+            out += _table(("method", *lengths), (
+                (m, *(f"{v['worst_task']} ({_fmt(v['worst_delta'], signed=True)})" if (v := d.get(L)) else ""
+                      for L in lengths)) for m, d in mr["delta_by_method_length"].items()))
             out += [f"### Delta to baseline `{base}` per cell", ""]
             out += _table(("method", "task", "length", "accuracy", "baseline", "delta", "n", "n baseline"), (
                 (c["method"], c["task"], str(c["length"]), _fmt(c["accuracy"]), _fmt(c["baseline"]),
                  _fmt(c["delta"], signed=True) + (f" {UNDER}" if c["under_powered"] else ""), str(c["n"]),
                  str(c["n_baseline"])) for c in mr["delta_cells"]))
+            out += [f"### Paired difference to baseline `{base}` (the same samples, points)", ""]
+            out += _table(("method", "length", "pairs", "delta", "SE", "better", "worse"), (
+                (m, L, str(v["pairs"]), _fmt(v["delta"], signed=True), _fmt(v["se"]), str(v["better"]),
+                 str(v["worse"])) for m, d in mr["paired"].items() for L, v in d.items()))
+            out += ["Each sample's score minus the baseline's on the same sample (task, length and index matched), "
+                    "averaged; SE is the standard error of that mean; `better` / `worse` count the samples that "
+                    "scored higher / lower than the baseline.", ""]
         out += ["### Time and density per method (median seconds per sample, mean achieved density)", ""]
         out += _table(("method", "length", "n", "prefill s", "decode s", "density"), (
             (m, L, str(t["n"]), _fmt(t["prefill_s"], 3), _fmt(t["decode_s"], 3), _fmt(t["density"], 3))
