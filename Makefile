@@ -24,8 +24,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/flexwalk demo
 
+# Test files run in parallel, one worker per core up to 4 (pytest-xdist); a file stays on one worker, so its
+# module fixtures (loaded models, compiled kernels) are built once.  PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests benchmarks --benchmark-disable
+	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --maxprocesses=4 --dist loadfile \
+		tests benchmarks --benchmark-disable
 
 bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark-only

@@ -47,6 +47,19 @@ def _interpreter_numpy2_shim() -> None:
 
 _interpreter_numpy2_shim()
 
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (`make test` runs one worker per core), each worker takes its share of
+    the cores for torch's intra-op threads instead of all of them: without this, two workers on
+    two cores run four OpenMP threads that spin against each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // workers))
+
+
+_share_the_cores_between_workers()
+
 settings.register_profile(
     "ci",
     max_examples=25,

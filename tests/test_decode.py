@@ -115,8 +115,14 @@ def test_incremental_state_equals_rebuilt_and_selection_is_valid(case):
             assert set(local) <= set(chosen), "local block missing"
 
 
-@pytest.mark.parametrize("softcap", [None, 20.0])
-@pytest.mark.parametrize("walk, walk_steps", [("damped", 1), ("one_hop", 1), ("damped", 3)])
+# The walk changes which blocks are chosen (the selection is the same code for both kernels), the
+# softcap changes the kernel: flex runs every combination, the Triton kernel (interpreted on CPU, 20 s
+# a case) both softcaps, each with a different walk.
+_DECODE_CASES = [(w, s, c, "flex") for w, s in [("damped", 1), ("one_hop", 1), ("damped", 3)] for c in (None, 20.0)]
+_DECODE_CASES += [("one_hop", 1, None, "triton"), ("damped", 3, 20.0, "triton")]
+
+
+@pytest.mark.parametrize("walk, walk_steps, softcap, decode_kernel", _DECODE_CASES, indirect=["decode_kernel"])
 def test_decode_steps_match_the_oracle(walk, walk_steps, softcap, decode_kernel):
     """Three sparse layers, 24 steps across block boundaries, GQA 3, left padding: each step's
     flex output equals SDPA under the step's own selection expanded to a token mask, and the

@@ -17,6 +17,7 @@ def sparse_cfg(**kw):
     return SketchWalkConfig(**base)
 
 
+@settings(max_examples=15)  # each example compiles its own kernels (about 5 s on 2 CPU cores)
 @given(
     n=st.integers(33, 333),
     bs=st.sampled_from([16, 32, 64]),
