@@ -12,6 +12,7 @@ interrupted conversion never leaves a cache entry behind; later calls reuse the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -190,16 +191,42 @@ def _cached_conversion(spec: PackagedModel, target: Path) -> Path:
         return target
     spec.package_dir()  # fails before anything is created when the package is missing
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        logger.info("flexwalk: converting %s (%s) once into %s", spec.name, spec.gguf_file, target)
-        _convert_gguf(spec, tmp)
-        (tmp / MARKER).write_text(json.dumps(_marker(spec)))
-        _install(tmp, target, spec)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _conversion_lock(target):
+        if _entry_valid(target, spec):  # another process converted it while this one waited
+            return target
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            logger.info("flexwalk: converting %s (%s) once into %s", spec.name, spec.gguf_file, target)
+            _convert_gguf(spec, tmp)
+            (tmp / MARKER).write_text(json.dumps(_marker(spec)))
+            _install(tmp, target, spec)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path):
+    """An exclusive lock on `.{name}.lock` beside the entry while it is converted, so that processes
+    started together (torchrun ranks, test workers) convert once and the others wait for the result
+    instead of each converting the same model.  Where fcntl is missing (Windows), no lock: each
+    process converts and the atomic rename in `_install` keeps the entry whole."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(target.parent / f".{target.name}.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("flexwalk: waiting for another process converting %s", target)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _install(tmp: Path, target: Path, spec: PackagedModel) -> None:

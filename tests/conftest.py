@@ -48,6 +48,39 @@ def _interpreter_numpy2_shim() -> None:
 _interpreter_numpy2_shim()
 
 
+def _interpreter_device_calls_without_repatching() -> None:
+    """triton's interpreter re-patches triton.language (inspect.getmembers over its modules) on
+    every call of a @triton.jit helper from inside a kernel: about 40% of the time of flexwalk's
+    interpreted kernels.  Patching once per helper is enough.  A kernel launch patches the `tl` of
+    its own module (our helpers share it) for the whole launch, again at every launch; a helper's
+    own patch is never undone (the interpreter keeps no handle on it), which is what keeps triton's
+    standard helpers (tl.sum, tl.max, ...: they see `triton.language.core`) patched after their
+    first call.  A builtin left unpatched would fail loudly ("_semantic argument must be
+    provided"), not compute something else."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton.runtime.interpreter as interp
+    except ImportError:
+        return
+    patched: set = set()
+
+    def device_call(self, *args, **kwargs):
+        if self.fn not in patched:
+            interp._patch_lang(self.fn)
+            patched.add(self.fn)
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise interp.InterpreterError(repr(e)) from e
+
+    interp.InterpretedFunction.__call__ = device_call
+
+
+_interpreter_device_calls_without_repatching()
+
+
 def _share_the_cores_between_workers() -> None:
     """Under pytest-xdist (`make test` runs one worker per core), each worker takes its share of
     the cores for torch's intra-op threads instead of all of them: without this, two workers on

@@ -56,7 +56,8 @@ def fake_packaged(monkeypatch):
 
 
 def _leftovers(root):
-    return [p.name for p in root.iterdir() if p.name.startswith(".")]
+    """Hidden files left in the cache root, other than the (empty) conversion locks."""
+    return [p.name for p in root.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
 
 
 def test_packaged_model_is_converted_once_and_reused(tmp_path, fake_packaged):
@@ -68,6 +69,40 @@ def test_packaged_model_is_converted_once_and_reused(tmp_path, fake_packaged):
     assert resolve_model("fake", cache_dir=tmp_path) == first
     assert len(fake_packaged) == 1  # the second call reused the entry
     assert fake_packaged[0] != first  # the conversion wrote elsewhere and was renamed in
+    assert _leftovers(tmp_path) == []
+
+
+def test_processes_started_together_convert_once(tmp_path, monkeypatch, fake_packaged):
+    """Two callers that miss the cache at the same moment (torchrun ranks, test workers): one
+    converts, the other waits on the lock and then finds the entry."""
+    import threading
+    import time
+
+    started = threading.Barrier(2)
+    slow = models._convert_gguf
+
+    def convert(spec, out):
+        time.sleep(0.5)  # the second caller is inside resolve_model by now
+        slow(spec, out)
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    got, errors = [], []
+
+    def resolve():
+        try:
+            started.wait()
+            got.append(resolve_model("fake", cache_dir=tmp_path))
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=resolve) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert got == [tmp_path / "fake"] * 2
+    assert len(fake_packaged) == 1  # without the lock both convert (each into its own tmp)
     assert _leftovers(tmp_path) == []
 
 
