@@ -217,16 +217,13 @@ def _conversion_lock(target: Path):
     except ImportError:
         yield
         return
-    with open(target.parent / f".{target.name}.lock", "a") as fh:
+    with open(target.parent / f".{target.name}.lock", "a") as fh:  # closing the file releases the lock
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             logger.info("flexwalk: waiting for another process converting %s", target)
             fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        yield
 
 
 def _install(tmp: Path, target: Path, spec: PackagedModel) -> None:

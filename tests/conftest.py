@@ -27,9 +27,20 @@ from flexwalk.oracle import reference_attention  # noqa: E402
 
 
 
-def _interpreter_numpy2_shim() -> None:
-    """triton's interpreter turns a loaded scalar (a size-1 array) into a loop bound with int(),
-    which NumPy >= 2.3 refuses for arrays of ndim 1; .item() is what it means."""
+def _patch_triton_interpreter() -> None:
+    """Two fixes to triton's interpreter (what runs flexwalk's Triton kernels on CPU here).
+
+    NumPy >= 2.3: the interpreter turns a loaded scalar (a size-1 array) into a loop bound with
+    int(), which NumPy refuses for arrays of ndim 1; .item() is what it means.
+
+    Speed: it re-patches triton.language (inspect.getmembers over its modules) on every call of a
+    @triton.jit helper from inside a kernel: about 40% of the time of flexwalk's interpreted
+    kernels.  Patching once per helper is enough.  A kernel launch patches the `tl` of its own
+    module (our helpers share it) for the whole launch, again at every launch; a helper's own patch
+    is never undone (the interpreter keeps no handle on it), which is what keeps triton's standard
+    helpers (tl.sum, tl.max, ...: they see `triton.language.core`) patched after their first call.
+    A builtin left unpatched would fail loudly ("_semantic argument must be provided"), not
+    compute something else."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     try:
@@ -43,26 +54,6 @@ def _interpreter_numpy2_shim() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
 
     interp._patch_lang_tensor = patch
-
-
-_interpreter_numpy2_shim()
-
-
-def _interpreter_device_calls_without_repatching() -> None:
-    """triton's interpreter re-patches triton.language (inspect.getmembers over its modules) on
-    every call of a @triton.jit helper from inside a kernel: about 40% of the time of flexwalk's
-    interpreted kernels.  Patching once per helper is enough.  A kernel launch patches the `tl` of
-    its own module (our helpers share it) for the whole launch, again at every launch; a helper's
-    own patch is never undone (the interpreter keeps no handle on it), which is what keeps triton's
-    standard helpers (tl.sum, tl.max, ...: they see `triton.language.core`) patched after their
-    first call.  A builtin left unpatched would fail loudly ("_semantic argument must be
-    provided"), not compute something else."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        import triton.runtime.interpreter as interp
-    except ImportError:
-        return
     patched: set = set()
 
     def device_call(self, *args, **kwargs):
@@ -78,7 +69,7 @@ def _interpreter_device_calls_without_repatching() -> None:
     interp.InterpretedFunction.__call__ = device_call
 
 
-_interpreter_device_calls_without_repatching()
+_patch_triton_interpreter()
 
 
 def _share_the_cores_between_workers() -> None:

@@ -79,11 +79,11 @@ def test_processes_started_together_convert_once(tmp_path, monkeypatch, fake_pac
     import time
 
     started = threading.Barrier(2)
-    slow = models._convert_gguf
+    fake = models._convert_gguf  # the fixture's, which counts calls
 
     def convert(spec, out):
         time.sleep(0.5)  # the second caller is inside resolve_model by now
-        slow(spec, out)
+        fake(spec, out)
 
     monkeypatch.setattr(models, "_convert_gguf", convert)
     got, errors = [], []
