@@ -9,7 +9,8 @@
    bf16, KV 32K / 128K, batch 1 / 8, density 10% / 20%: SDPA (enable_gqa) vs flex with a
    one-row BlockMask in two layouts (G query heads as rows with a 1-head mask, or GQA), and
    the whole sparse step (state update + selection + mask + flex).
-3. End to end: Llama-3.1-8B-shaped random-weight model, 32K context, batch 1: decode
+3. decode_scoring "sketch" against "bound": one layer's whole step at 32K / 128K.
+4. End to end: Llama-3.1-8B-shaped random-weight model, 32K context, batch 1: decode
    tokens/s with sketchwalk_flex (sparse decode) vs sdpa, static and dynamic caches.
 Writes DIR/gpu_decode.json and prints tables.
 """
@@ -181,11 +182,14 @@ def graph_vs_eager(ids, mask, cfg, gen):
                     (outs[True][1] - outs[False][1]).abs().max().item())
     state_diff = max((getattr(states[True], f) - getattr(states[False], f)).abs().max().item()
                      for f in ("k_sum", "k_count", "k_sketch", "q_sum", "q_count", "transition"))
+    # the key bounds (decode_scoring="bound") are picked, not summed: equal, +-inf in empty blocks
+    res["bounds_equal"] = all(torch.equal(getattr(states[True], f), getattr(states[False], f))
+                              for f in ("k_bounds",) if getattr(states[True], f) is not None)
     res["functional_max_diff"] = worst
     res["state_max_diff"] = state_diff
     res["graph_captured"] = states[True]._graph is not None
     log("CUDA graph vs eager step (functional, 40 steps): max out/row diff", worst, "state diff", state_diff,
-        "captured", res["graph_captured"])
+        "bounds equal", res["bounds_equal"], "captured", res["graph_captured"])
     for dtype in (torch.float32, torch.bfloat16):
         m = flexwalk.configure(build_model_cuda("llama", dtype), cfg)
         toks = {}
@@ -406,6 +410,40 @@ def step_profile():
     return {"table": table}
 
 
+@section("scoring_cost")
+def scoring_cost():
+    """One layer's sparse decode step (state update + selection + Triton attention, CUDA graph
+    replay) with decode_scoring "sketch" and "bound", Llama-3.1-8B attention shape, bf16, block
+    128, density 0.2, batch 1 and 8, KV 32K / 128K; dense SDPA decode of the same layer for scale."""
+    out = {}
+    for n in (32768, 131072):
+        for bsz in (1, 8):
+            if bsz * n > 8 * 32768 * 2:  # 128K x 8 rows: 17 GB of K/V, skipped
+                continue
+            k = torch.randn(bsz, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            q = torch.randn(bsz, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+            row = {}
+            for scoring in ("sketch", "bound"):
+                cfg = SketchWalkConfig(block_size=128, density=0.2, decode_scoring=scoring, skip_decode=False)
+                st = DecodeState.from_prefill(k[:, :, : n - 100].repeat_interleave(4, 1), k[:, :, : n - 100],
+                                              cfg, 3, kv_tokens=n, growable=False)
+                pos = torch.tensor(n - 100, device="cuda")
+
+                def step(st=st, pos=pos):  # 55 steps through the cache's last 100 slots
+                    sketchwalk_decode(q, k, v, st, position=pos)
+                    pos.add_(1)
+
+                row[scoring] = cuda_time(step)
+                row[scoring + "_stale_steps"] = int(st.stale_steps)
+            row["sdpa"] = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            out[f"n{n}/b{bsz}"] = row
+            log(f"decode step, one layer, KV {n}, batch {bsz}:",
+                row, "bound / sketch", round(row["bound"] / row["sketch"], 3))
+            del k, v
+    return out
+
+
 def _llama8b_config():
     from transformers import LlamaConfig
 
@@ -502,6 +540,8 @@ def main():
         decode_attention(args.quick)
     if "profile" not in skip:
         step_profile()
+    if "scoring" not in skip:
+        scoring_cost()
     if "e2e" not in skip:
         end_to_end(args.quick)
     os.makedirs(args.out, exist_ok=True)

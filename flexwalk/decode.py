@@ -52,6 +52,10 @@ class DecodeState:
       k_sketch [B, Hk', C, r]: sketched block-mean keys;
       q_sum [B, Hq', D], q_count [B]: running query sum of the block holding the last token;
       transition [B, C, C]: W_l, rows of blocks not reached yet are 0;
+      k_bounds [B, Hkv, C, 2D] (the keys' dtype), decode_scoring="bound" only (else None): the
+        channel-wise maxima of each block's real keys and of their negations, [max k, -min k]
+        per block and KV head (-inf in blocks with no key yet): one max-reduction keeps both
+        (views: `k_max`, `k_min`);
       pinned [B, C] bool: prompt blocks every step keeps (config.decode_pinned, see `pin`);
       key_start [B] int32: first real key of each row (left padding);
       pos: 0-dim int64, tokens absorbed (on the device; `length` is its host mirror);
@@ -63,7 +67,8 @@ class DecodeState:
       state holds the group's head means (identical on every rank) and each step all-reduces
       its new query and key head means and its staleness flag, so every rank selects the same
       blocks as one process holding every head.  head_scoring="mean" only; such a state's
-      steps are not captured in CUDA graphs.
+      steps are not captured in CUDA graphs.  decode_scoring="bound": each rank bounds its own
+      KV heads' keys and each step all-reduces the token's row (the mean over every head).
     """
 
     def __init__(
@@ -80,6 +85,8 @@ class DecodeState:
         device: torch.device | str,
         growable: bool = True,
         process_group=None,
+        kv_heads: int | None = None,
+        key_dtype: torch.dtype = torch.float32,
     ):
         if process_group is not None and config.head_scoring != "mean":
             raise NotImplementedError(
@@ -104,6 +111,10 @@ class DecodeState:
         self.q_count = torch.zeros(batch, **f32)
         self.transition = torch.zeros(batch, c, c, **f32)
         self.pinned = torch.zeros(batch, c, dtype=torch.bool, device=device)
+        self.k_bounds = None
+        if config.decode_scoring == "bound":
+            shape = (batch, k_heads if kv_heads is None else kv_heads, c, 2 * head_dim)
+            self.k_bounds = torch.full(shape, float("-inf"), dtype=key_dtype, device=device)
         self.key_start = torch.zeros(batch, dtype=_INT, device=device)
         self.pos = torch.zeros((), dtype=torch.int64, device=device)
         self.length = 0
@@ -127,6 +138,16 @@ class DecodeState:
     @property
     def batch(self) -> int:
         return self.k_sum.shape[0]
+
+    @property
+    def k_max(self) -> torch.Tensor | None:
+        """[B, Hkv, C, D]: channel-wise maximum of each block's real keys (decode_scoring="bound")."""
+        return None if self.k_bounds is None else self.k_bounds[..., : self.head_dim]
+
+    @property
+    def k_min(self) -> torch.Tensor | None:
+        """[B, Hkv, C, D]: channel-wise minimum of each block's real keys (decode_scoring="bound")."""
+        return None if self.k_bounds is None else -self.k_bounds[..., self.head_dim :]
 
     @property
     def capacity(self) -> int:
@@ -156,6 +177,8 @@ class DecodeState:
         self.k_sketch = F.pad(self.k_sketch, (0, 0, 0, pad))
         self.transition = F.pad(self.transition, (0, pad, 0, pad))
         self.pinned = F.pad(self.pinned, (0, pad))
+        if self.k_bounds is not None:
+            self.k_bounds = F.pad(self.k_bounds, (0, 0, 0, pad), value=float("-inf"))
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -201,6 +224,7 @@ class DecodeState:
             config, layer_idx, batch=bsz, q_heads=sketch.q_means.shape[1], k_heads=sketch.k_means.shape[1],
             head_dim=d, scale=scale, kv_tokens=kv_tokens, device=q.device,
             growable=True if growable is None else growable, process_group=process_group,
+            kv_heads=k.shape[1], key_dtype=k.dtype,
         )
         nb = sketch.counts.shape[1]
         counts = sketch.counts
@@ -208,6 +232,9 @@ class DecodeState:
         st.k_count[:, :nb] = counts
         st.k_sketch[:, :, :nb] = sketch.k_sketch
         st.transition[:, :nb, :nb] = sketch.transition
+        if st.k_bounds is not None:
+            kmax, kmin = block_key_bounds(k, config.block_size, key_valid)
+            st.k_bounds[:, :, :nb] = torch.cat([kmax, -kmin], -1)
         st.q_sum = packed(sketch.q_means[:, :, nb - 1] * counts[:, nb - 1, None, None])
         st.q_count = packed(counts[:, nb - 1])
         if key_valid is not None:
@@ -265,6 +292,7 @@ class DecodeState:
         q_sum, q_count = _absorb(
             self.k_sum, self.k_count, self.k_sketch, self.transition, self.q_sum, self.q_count, self.pos,
             qm, km, vf, self.sketch, self.block_size, self.scale, float(self.config.sparsity_exponent),
+            self.k_bounds, k_new,
         )
         self.q_sum, self.q_count = packed(q_sum), packed(q_count)
         self.pos += L
@@ -272,8 +300,11 @@ class DecodeState:
         self.last_key = packed(k_new[:, :, -1])
 
 
-def _absorb(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, qm, km, vf, p, bs, scale, exponent):
-    """In-place state update for L tokens at positions pos..pos+L-1; returns the new (q_sum, q_count)."""
+def _absorb(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, qm, km, vf, p, bs, scale, exponent,
+            k_bounds=None, k_new=None):
+    """In-place state update for L tokens at positions pos..pos+L-1; returns the new (q_sum, q_count).
+
+    k_bounds: the key bounds (decode_scoring="bound"), updated from k_new [B, Hkv, L, D]."""
     bsz, hq, L, d = qm.shape
     c = k_count.shape[1]
     dev = qm.device
@@ -281,6 +312,8 @@ def _absorb(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, qm, km, vf, p,
     blk = (pos + ar) // bs  # [L] block of each new token
     k_sum.index_add_(2, blk, km * vf[:, None, :, None])
     k_count.index_add_(1, blk, vf)
+    if k_bounds is not None:
+        _absorb_bounds(k_bounds, k_new, blk, vf)
     nt = (L + bs - 2) // bs + 1  # blocks the L tokens can touch
     b0 = pos // bs
     first = b0 + torch.arange(nt, device=dev)  # [nt], may run past the last block
@@ -307,6 +340,57 @@ def _absorb(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, qm, km, vf, p,
     trans.index_add_(1, tb, (rows - trans.index_select(1, tb)) * keep[None, :, None])
     lr = (last - b0).reshape(1)
     return qloc.index_select(2, lr)[:, :, 0], qcnt.index_select(1, lr)[:, 0]
+
+
+def _absorb_bounds(k_bounds: torch.Tensor, k_new: torch.Tensor, blk: torch.Tensor, vf: torch.Tensor) -> None:
+    """k_bounds [B, Hkv, C, 2D] <- max with [k, -k] of the new keys k_new [B, Hkv, L, D] in their
+    blocks blk [L]; vf [B, L]: 0 for padding, which never enters a bound."""
+    kn = k_new.to(k_bounds.dtype)
+    src = torch.cat([kn, -kn], -1).masked_fill(~(vf[:, None, :, None] > 0), float("-inf"))
+    k_bounds.scatter_reduce_(2, blk[None, None, :, None].expand_as(src), src, "amax")
+
+
+def block_key_bounds(k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, min) [B, Hkv, nb, D] in k's dtype: the channel-wise extremes of each block's real
+    keys (k [B, Hkv, n, D]; key_valid [B, n] bool).  A block with no real key is -inf / +inf."""
+    bsz, h, n, d = k.shape
+    nb = -(-n // block_size)
+    pad = nb * block_size - n
+    real = torch.ones(bsz, n, dtype=torch.bool, device=k.device) if key_valid is None else key_valid.bool()
+    real = F.pad(real.expand(bsz, n), (0, pad), value=False).reshape(bsz, 1, nb, block_size, 1)
+    kb = F.pad(k, (0, 0, 0, pad)).reshape(bsz, h, nb, block_size, d)
+    return kb.masked_fill(~real, float("-inf")).amax(3), kb.masked_fill(~real, float("inf")).amin(3)
+
+
+def bound_rows(q: torch.Tensor, k_bounds: torch.Tensor, allowed: torch.Tensor, scale: float,
+               softcap: float | None = None) -> torch.Tensor:
+    """The decode row of decode_scoring="bound": [B, 1, C] fp32.
+
+    q: [B, Hq, 1, D]; k_bounds: [B, Hkv, C, 2D], [max k, -min k] per block (query head h reads
+    KV head h // (Hq / Hkv)); allowed: [B, 1, C] bool.  For each head, bound[c] = sum_d
+    max(q_d * max_d, q_d * min_d) >= q . k for every key k of block c, so scale * bound
+    (soft-capped like the model's logits, a monotone map) bounds the block's largest logit; the
+    row is the mean over heads of softmax over the allowed blocks."""
+    a = bound_logits(q, k_bounds, allowed[:, 0], scale, softcap)
+    a = a.masked_fill(~allowed[:, None], float("-inf"))  # [B, Hkv, G, C]
+    return torch.softmax(a, -1).nan_to_num(0.0).mean((1, 2))[:, None]
+
+
+def bound_logits(q: torch.Tensor, k_bounds: torch.Tensor, live: torch.Tensor, scale: float,
+                 softcap: float | None = None) -> torch.Tensor:
+    """[B, Hkv, G, C] fp32: scale * sum_d max(q_d * max_d, q_d * min_d), soft-capped, for query
+    head kv_head * G + g (q [B, Hq, 1, D]); 0 where live [B, C] is False.
+
+    max(q_d max_d, q_d min_d) = relu(q_d) max_d + relu(-q_d) (-min_d): one product of
+    [relu(q), relu(-q)] with k_bounds' [max, -min]."""
+    bsz, hq, _, d = q.shape
+    hkv = k_bounds.shape[1]
+    qg = q.float().reshape(bsz, hkv, hq // hkv, d)
+    qc = torch.cat([qg.clamp_min(0.0), (-qg).clamp_min(0.0)], -1)  # [B, Hkv, G, 2D]
+    a = torch.matmul(qc, k_bounds.float().transpose(-1, -2)) * scale
+    a = a.masked_fill(~live[:, None, None, :], 0.0)  # blocks with no key hold -inf (0 * -inf: nan)
+    return softcap * torch.tanh(a / softcap) if softcap else a
 
 
 def prompt_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float, softcap: float | None = None,
@@ -364,14 +448,22 @@ def top_fraction(score: torch.Tensor, valid: torch.Tensor, fraction: float) -> t
 
 
 def _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, pinned, *, bs, scale, exponent, walk_mode,
-                 damping, walk_steps, sink_blocks, local_blocks, top_k, density):
-    """Tensor core of the decode selection (compiled on CUDA together with the state update)."""
+                 damping, walk_steps, sink_blocks, local_blocks, top_k, density, q=None, k_bounds=None,
+                 softcap=None, w=None):
+    """Tensor core of the decode selection (compiled on CUDA together with the state update).
+    k_bounds given (decode_scoring="bound"): the token's row is `bound_rows` of q [B, Hq, 1, D];
+    w [B, 1, C]: the token's row computed already (tensor parallelism: reduced over the group)."""
     c = k_count.shape[1]
     idx = torch.arange(c, device=k_count.device)
     bt = (p_tok // bs).reshape(1)
     block_valid = k_count > 0
     allowed = block_causal_mask(block_valid, bt)  # [B, 1, C]
-    w = transition_rows(qm @ p, k_sketch, allowed, scale, exponent)  # [B, 1, C]
+    if w is not None:
+        pass
+    elif k_bounds is None:
+        w = transition_rows(qm @ p, k_sketch, allowed, scale, exponent)  # [B, 1, C]
+    else:
+        w = bound_rows(q, k_bounds, allowed, scale, softcap)
     prev = None if walk_row is None else walk_row[:, None, :]
     row = walk_combine(w, prev, trans, walk_mode, damping, walk_steps)
     kept, order, n_causal = rank_blocks(row, allowed, block_valid, bt, sink_blocks=sink_blocks,
@@ -399,20 +491,22 @@ def decode_select(
     *,
     dense: torch.Tensor | bool = False,
     position: torch.Tensor | None = None,
+    softcap: float | None = None,
 ):
     """Selection for the token just absorbed (q_t [B, Hq, 1, D]).
 
     Returns (walk row [B, C], kv_num_blocks [B] int32, kv_indices [B, C] int32, kept [B],
     causal [B]).  dense: a bool (or 0-dim bool tensor) forcing every causal block (exact
     dense decode through the same kernel).  position: the token's position when it may
-    differ from the state's (a static cache): blocks up to it are allowed.
+    differ from the state's (a static cache): blocks up to it are allowed.  softcap: the
+    model's logit softcap (decode_scoring="bound" caps its bounds the same way).
     """
     _check_walk_row(walk_row, state.batch, state.capacity)
     p_tok = state.pos - 1 if position is None else position.reshape(()).to(torch.int64)
     dense_t = None if isinstance(dense, bool) and not dense else torch.as_tensor(dense, device=state.device)
     return _select_core(
         state.k_sketch, state.k_count, state.transition, state.sketch, head_reduce(q_t, state.config.head_scoring), walk_row,
-        p_tok, dense_t, state.pinned, **_consts(state),
+        p_tok, dense_t, state.pinned, q=q_t, k_bounds=state.k_bounds, softcap=softcap, **_consts(state),
     )
 
 
@@ -424,33 +518,37 @@ def _cache_mismatch(k_rows, last_key, position, pos):
 
 
 def _step_core(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, last_key, stale, stale_steps, all_stale_steps, q,
-               k_rows, valid, walk_row, position, p, pinned, *, force_dense, head_scoring, reduced=None, **consts):
+               k_rows, valid, walk_row, position, p, pinned, k_bounds, *, force_dense, head_scoring, softcap,
+               reduced=None, **consts):
     """One decode step's state update and selection, tensors only (no host sync).
 
     k_rows: [B, Hkv, 2, D], the cache's keys at positions pos - 1 and pos (the last absorbed
     token and the new one).  Checks the cache against the state (key fingerprint, position),
     absorbs the new token in place and selects its blocks.  Returns the values that replace the state's small
-    tensors and the selection.  reduced: (query head mean, key head mean, mismatch flag)
-    already reduced over a tensor-parallel group (then used instead of this rank's own).
+    tensors and the selection.  reduced: (query head mean, key head mean, mismatch flag, the
+    token's bound row or None) already reduced over a tensor-parallel group (then used instead
+    of this rank's own; the bounds are then updated already).
     """
     k_new = k_rows[:, :, 1:]  # the cache's key at pos
     if reduced is None:
         bad = _cache_mismatch(k_rows, last_key, position, pos)
         qm, km = head_reduce(q, head_scoring), head_reduce(k_new, head_scoring)
     else:
-        qm, km, bad = reduced
+        qm, km, bad, w_red = reduced
     stale = stale | bad
     stale_steps += stale.to(stale_steps.dtype)
     all_stale_steps += stale.to(stale_steps.dtype)
     bsz = q.shape[0]
     valid_f = torch.ones(bsz, 1, device=q.device) if valid is None else valid.to(torch.float32)
+    bounds = (k_bounds, k_new) if reduced is None else (None, None)
     q_sum, q_count = _absorb(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, qm, km, valid_f, p,
-                             consts["bs"], consts["scale"], consts["exponent"])
+                             consts["bs"], consts["scale"], consts["exponent"], *bounds)
     new_pos = pos + 1
     p_tok = new_pos - 1 if position is None else position
     dense = stale | force_dense if not force_dense else torch.ones_like(stale)
     row, kv_num, kv_idx, kept, causal = _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, pinned,
-                                                     **consts)
+                                                     q=q, k_bounds=k_bounds, softcap=softcap,
+                                                     w=None if reduced is None else reduced[3], **consts)
     return (q_sum.contiguous(), q_count.contiguous(), new_pos, k_new[:, :, 0].contiguous(), stale, row, kv_num,
             kv_idx, kept, causal, (p_tok + 1).to(_INT))
 
@@ -483,6 +581,22 @@ def _step_fn(device: torch.device):
     return _compiled_step_core if device.type == "cuda" or COMPILE_STEP_ON_CPU else _step_core
 
 
+def _tp_bound_row(state: DecodeState, q, k_new, valid, position, softcap) -> torch.Tensor:
+    """Tensor parallelism, decode_scoring="bound": absorb the new key [B, Hkv, 1, D] into this
+    rank's bounds and return its share of the token's row, [B, 1, C] (to be averaged over the
+    group; the step core then skips the bounds).  The allowed blocks are the ones the step core
+    will allow: real blocks up to the token's, the token's own block counted if it is real."""
+    bs = state.block_size
+    vf = torch.ones(q.shape[0], 1, device=q.device) if valid is None else valid.to(torch.float32)
+    blk = state.pos // bs
+    _absorb_bounds(state.k_bounds, k_new, blk.reshape(1), vf)
+    idx = torch.arange(state.capacity, device=q.device)
+    block_valid = (state.k_count > 0) | ((idx == blk)[None, :] & (vf > 0))
+    p_tok = state.pos if position is None else position
+    allowed = block_causal_mask(block_valid, (p_tok // bs).reshape(1))
+    return bound_rows(q, state.k_bounds, allowed, state.scale, softcap)
+
+
 def _step_inplace(state: DecodeState, q, k, v, walk_row, valid, pos_t, *, scale, softcap, force_dense, kernel):
     """One step writing the new state into the state's own tensors (fixed addresses, so a CUDA
     graph can replay it).  Returns (out [B, Hq, 1, D], walk row, kept, causal)."""
@@ -500,12 +614,16 @@ def _step_inplace(state: DecodeState, q, k, v, walk_row, valid, pos_t, *, scale,
         km = _group_mean(head_reduce(k_rows[:, :, 1:], head_scoring), group)
         bad = _cache_mismatch(k_rows, state.last_key, pos_t, state.pos).to(torch.int32).reshape(1)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-        reduced = (qm, km, bad.reshape(()).bool())
+        w_red = None
+        if state.k_bounds is not None:  # each rank bounds its own heads: the row's head mean spans the group
+            w_red = _group_mean(_tp_bound_row(state, q, k_rows[:, :, 1:], valid, pos_t, softcap), group)
+        reduced = (qm, km, bad.reshape(()).bool(), w_red)
     (q_sum, q_count, pos, last_key, stale, row, kv_num, kv_idx, kept, causal, end) = _step_fn(q.device)(
         state.k_sum, state.k_count, state.k_sketch, state.transition, state.q_sum, state.q_count, state.pos,
         state.last_key, state.stale, state.stale_steps, stats.device_counter(stats.DECODE_STALE_STEPS, q.device), q,
-        k_rows, valid, walk_row, pos_t, state.sketch, state.pinned,
-        force_dense=force_dense, head_scoring=state.config.head_scoring, reduced=reduced, **_consts(state),
+        k_rows, valid, walk_row, pos_t, state.sketch, state.pinned, state.k_bounds,
+        force_dense=force_dense, head_scoring=state.config.head_scoring, softcap=softcap, reduced=reduced,
+        **_consts(state),
     )
     for dst, src in ((state.q_sum, q_sum), (state.q_count, q_count), (state.pos, pos), (state.last_key, last_key),
                      (state.stale, stale)):

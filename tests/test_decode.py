@@ -40,6 +40,9 @@ def assert_state_equal(a: DecodeState, b: DecodeState, cfg: SketchWalkConfig, wh
         assert x.shape == y.shape, f"{what}: {name} shape {tuple(x.shape)} != {tuple(y.shape)}"
         err = (x - y).abs().max().item()
         assert err <= _state_tolerance(cfg, name, y), f"{what}: {name} differs by {err:.3g}"
+    assert (a.k_bounds is None) == (b.k_bounds is None) == (cfg.decode_scoring != "bound")
+    if a.k_bounds is not None:  # extremes are picked, not summed: exactly equal (-inf in empty blocks)
+        assert torch.equal(a.k_bounds, b.k_bounds), f"{what}: key bounds differ"
 
 
 def _token_mask(kv_idx, kv_num, bs, n_live, key_valid):
@@ -65,6 +68,7 @@ decode_cases = st.fixed_dictionaries(
         "sink": st.integers(0, 2),
         "local": st.integers(1, 3),
         "pinned": st.sampled_from([0.0, 0.1, 0.5]),
+        "scoring": st.sampled_from(["bound", "sketch"]),
         "seed": st.integers(0, 3),
     }
 )
@@ -77,6 +81,7 @@ def test_incremental_state_equals_rebuilt_and_selection_is_valid(case):
     cfg = SketchWalkConfig(
         block_size=case["bs"], density=case["density"], head_scoring=case["head_scoring"], walk=case["walk"],
         sink_blocks=case["sink"], local_blocks=case["local"], seed=case["seed"], decode_pinned=case["pinned"],
+        decode_scoring=case["scoring"],
     )
     n, steps, bs = case["n"], case["steps"], case["bs"]
     pad = min(case["pad"], n - 1)
@@ -115,19 +120,23 @@ def test_incremental_state_equals_rebuilt_and_selection_is_valid(case):
             assert set(local) <= set(chosen), "local block missing"
 
 
-# The walk changes which blocks are chosen (the selection is the same code for both kernels), the
-# softcap changes the kernel: flex runs every combination, the Triton kernel (interpreted on CPU, 20 s
-# a case) both softcaps, each with a different walk.
-_DECODE_CASES = [(w, s, c, "flex") for w, s in [("damped", 1), ("one_hop", 1), ("damped", 3)] for c in (None, 20.0)]
-_DECODE_CASES += [("one_hop", 1, None, "triton"), ("damped", 3, 20.0, "triton")]
+# The walk and the decode scoring change which blocks are chosen (the selection is the same code for
+# both kernels), the softcap changes the kernel (and the bounds): flex runs every walk with both
+# softcaps and both scorings, the Triton kernel (interpreted on CPU, 20 s a case) both softcaps,
+# each with a different walk.
+_DECODE_CASES = [(w, s, c, "flex", sc) for w, s, sc in [("damped", 1, "bound"), ("one_hop", 1, "sketch"),
+                                                        ("damped", 3, "sketch"), ("one_hop", 1, "bound")]
+                 for c in (None, 20.0)]
+_DECODE_CASES += [("one_hop", 1, None, "triton", "bound"), ("damped", 3, 20.0, "triton", "sketch")]
 
 
-@pytest.mark.parametrize("walk, walk_steps, softcap, decode_kernel", _DECODE_CASES, indirect=["decode_kernel"])
-def test_decode_steps_match_the_oracle(walk, walk_steps, softcap, decode_kernel):
+@pytest.mark.parametrize("walk, walk_steps, softcap, decode_kernel, scoring", _DECODE_CASES,
+                         indirect=["decode_kernel"])
+def test_decode_steps_match_the_oracle(walk, walk_steps, softcap, decode_kernel, scoring):
     """Three sparse layers, 24 steps across block boundaries, GQA 3, left padding: each step's
     flex output equals SDPA under the step's own selection expanded to a token mask, and the
     walk row handed from layer to layer equals the one computed from rebuilt states."""
-    cfg = SketchWalkConfig(block_size=16, density=0.3, walk=walk, walk_steps=walk_steps)
+    cfg = SketchWalkConfig(block_size=16, density=0.3, walk=walk, walk_steps=walk_steps, decode_scoring=scoring)
     n, steps, layers = 70, 24, 3
     total = n + steps
     data = [_qkv(2, 6, 2, total, 16, seed=10 + i) for i in range(layers)]
@@ -141,7 +150,7 @@ def test_decode_steps_match_the_oracle(walk, walk_steps, softcap, decode_kernel)
                                                kv_tokens=states[i].kv_tokens)
             rebuilt.pinned.copy_(states[i].pinned)  # pins are the prompt's, fixed at its prefill
             rebuilt.absorb(q[:, :, t : t + 1], k[:, :, t : t + 1])
-            ref_row, kv_num, kv_idx, _, _ = decode_select(rebuilt, q[:, :, t : t + 1], ref_row)
+            ref_row, kv_num, kv_idx, _, _ = decode_select(rebuilt, q[:, :, t : t + 1], ref_row, softcap=softcap)
             out, row = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], states[i], row,
                                          softcap=softcap)
             torch.testing.assert_close(row, ref_row, rtol=0, atol=1e-4)
@@ -398,3 +407,67 @@ def test_pinned_blocks_survive_decode_and_growth():
     assert len(chosen_sets) > 1  # the rest of the selection does move
     assert state.capacity > capacity, "the test should cross a capacity growth"
     assert torch.nonzero(state.pinned[0]).flatten().tolist() == pins
+
+
+@given(n=st.integers(1, 120), bs=st.sampled_from([16, 32]), pad=st.integers(0, 50),
+       softcap=st.sampled_from([None, 5.0]), seed=st.integers(0, 3))
+def test_key_bounds_are_block_extremes_and_bound_every_logit(n, bs, pad, softcap, seed):
+    """decode_scoring="bound": block_key_bounds are the channel-wise extremes of each block's
+    real keys (left padding out, empty blocks +-inf), and every real key's logit, for every
+    query head of its KV head (GQA 3, softcap), is at most its block's bound logit.  Tolerance:
+    fp32 rounding of a D-term dot product summed in another order."""
+    from flexwalk.decode import block_key_bounds, bound_logits
+
+    q, k, _ = _qkv(2, 6, 2, n, 8, seed)
+    q = q[:, :, -1:] * 3
+    key_valid = left_padding(2, n, [0, min(pad, n - 1)])
+    kmax, kmin = block_key_bounds(k, bs, key_valid)
+    nb = -(-n // bs)
+    for b in range(2):
+        for j in range(nb):
+            real = key_valid[b, j * bs : (j + 1) * bs]
+            kb = k[b, :, j * bs : (j + 1) * bs][:, real]  # [Hkv, m, D]
+            if kb.shape[1] == 0:
+                assert torch.isinf(kmax[b, :, j]).all() and (kmax[b, :, j] < 0).all() and (kmin[b, :, j] > 0).all()
+            else:
+                assert torch.equal(kmax[b, :, j], kb.amax(1)) and torch.equal(kmin[b, :, j], kb.amin(1))
+    live = torch.isfinite(kmax[:, 0, :, 0])  # [B, nb]
+    scale = 8**-0.5
+    bound = bound_logits(q, torch.cat([kmax, -kmin], -1), live, scale, softcap)  # [B, Hkv, G, nb]
+    logits = (q.reshape(2, 2, 3, 1, 8) * k[:, :, None]).sum(-1) * scale  # [B, Hkv, G, n]
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    tol = 8 * 8 * EPS * scale * (q.abs().amax() * k.abs().amax()).item()
+    block_of = torch.arange(n) // bs
+    for b in range(2):
+        real = key_valid[b]
+        gap = logits[b][..., real] - bound[b][..., block_of[real]]
+        assert gap.max().item() <= tol, f"a logit exceeds its block's bound by {gap.max().item():.3g}"
+    assert (bound[~live[:, None, None, :].expand_as(bound)] == 0).all()
+
+
+def test_bound_scoring_finds_needles_the_block_mean_loses():
+    """Keys near a shared direction (as a model's are), one needle key in block 6 that the decode
+    query asks for, over 10 draws: the block's mean key dilutes the needle 16 times, its
+    extremes keep it.  The 'bound' row ranks the needle block first every time; the 'sketch'
+    row (block means) drops it from the 20% budget at least once."""
+    n, d, bs = 256, 16, 16
+    kept = {"bound": 0, "sketch": 0}
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randn(1, 2, 1, d, generator=g)
+        k = base + 0.5 * torch.randn(1, 2, n + 1, d, generator=g)
+        q = torch.randn(1, 4, n + 1, d, generator=g)
+        needle = torch.randn(2, d, generator=g)
+        k[0, :, 100] = base[0, :, 0] + needle
+        q[0, :, n] = needle.repeat_interleave(2, 0)  # each query head asks its KV head's needle
+        for scoring in kept:
+            cfg = SketchWalkConfig(block_size=bs, density=0.2, decode_scoring=scoring, decode_pinned=0.0,
+                                   walk="one_hop")
+            state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 3)
+            state.absorb(q[:, :, n : n + 1], k[:, :, n : n + 1])
+            row, kv_num, kv_idx, _, _ = decode_select(state, q[:, :, n : n + 1], None)
+            kept[scoring] += 6 in kv_idx[0, : int(kv_num[0])].tolist()
+            if scoring == "bound":
+                assert int(row[0, :16].argmax()) == 6, f"draw {seed}: the needle block is not ranked first"
+    assert kept["bound"] == 10 and kept["sketch"] < 10, kept
