@@ -27,7 +27,12 @@
    layer, FlashAttention 4 running) at 20% density over prompt length, batch 1 and 4, in the grids
    of sessions 22, 23 and 24 (docs/benchmarks.md 4l, 4m, 4n), against issue 5's 5% line.
 
-Options: --only density|mask|ttft|speed|gemma|share, --length N (prompt tokens, default 2048), --depth D (needle).
+7. docs/img/decode_scoring_smollm2.png: sparse decode accuracy on SmolLM2 at 8K (niah_single_1
+   and _2, 50 samples each, H100), the five runs of one session: sdpa, dense decode after a
+   sparse prefill, and sparse decode with block means ("sketch") or key bounds ("bound"), with
+   and without pins (from docs/data/niah/smollm2_8k_decode_scoring_h100/).
+
+Options: --only density|mask|ttft|speed|gemma|share|decode, --length N (prompt tokens, default 2048), --depth D (needle).
 """
 
 from __future__ import annotations
@@ -331,9 +336,37 @@ def gemma_figure(path: Path) -> None:
     _save(fig, path)
 
 
+def decode_figure(path: Path) -> None:
+    """Grouped bars: niah_single_1 / _2 accuracy per decode run, with a standard error bar."""
+    import json
+
+    root = Path(__file__).resolve().parent / "data" / "niah" / "smollm2_8k_decode_scoring_h100"
+    runs = [("sdpa", "sm8k_dense_decode", "sdpa", "k"),
+            ("sparse prefill,\ndense decode", "sm8k_dense_decode", "sketchwalk", "tab:gray"),
+            ("sparse decode,\nblock means + pins", "sm8k_sketch_pins", "sketchwalk", "tab:blue"),
+            ("sparse decode,\nkey bounds, no pins", "sm8k_bound_nopins", "sketchwalk", "tab:orange"),
+            ("sparse decode,\nkey bounds + pins\n(its default)", "sm8k_bound_pins", "sketchwalk", "tab:red")]
+    tasks = ("niah_single_1", "niah_single_2")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(runs)
+    for r, (label, run, method, color) in enumerate(runs):
+        cells = {c["task"]: c for c in json.loads((root / run / method / "summary.json").read_text())["cells"]}
+        ys = [cells[t]["string_match_all"] for t in tasks]
+        ses = [100 * np.sqrt(y / 100 * (1 - y / 100) / cells[t]["n"]) for y, t in zip(ys, tasks)]
+        xs = np.arange(len(tasks)) + (r - (len(runs) - 1) / 2) * width
+        ax.bar(xs, ys, width, yerr=ses, color=color, label=label.replace("\n", " "), capsize=2)
+    ax.set_xticks(np.arange(len(tasks)))
+    ax.set_xticklabels(tasks)
+    ax.set_ylabel("string_match_all, % (50 samples)")
+    ax.set_title("SmolLM2-135M, 8K prompts, H100 bf16, decode density 0.22: one session", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    _save(fig, path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("density", "mask", "ttft", "speed", "gemma", "share"))
+    parser.add_argument("--only", choices=("density", "mask", "ttft", "speed", "gemma", "share", "decode"))
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--depth", type=float, default=0.4)
     args = parser.parse_args(argv)
@@ -350,6 +383,8 @@ def main(argv=None) -> int:
         gemma_figure(IMG / "niah_gemma3_by_length.png")
     if args.only in (None, "share"):
         share_figure(IMG / "selection_share_h100.png")
+    if args.only in (None, "decode"):
+        decode_figure(IMG / "decode_scoring_smollm2.png")
     return 0
 
 
