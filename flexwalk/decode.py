@@ -55,7 +55,7 @@ class DecodeState:
       k_bounds [B, Hkv, C, 2D] (the keys' dtype), decode_scoring="bound" only (else None): the
         channel-wise maxima of each block's real keys and of their negations, [max k, -min k]
         per block and KV head (-inf in blocks with no key yet): one max-reduction keeps both
-        (views: `k_max`, `k_min`);
+        (`k_max` and `k_min` read them out);
       pinned [B, C] bool: prompt blocks every step keeps (config.decode_pinned, see `pin`);
       key_start [B] int32: first real key of each row (left padding);
       pos: 0-dim int64, tokens absorbed (on the device; `length` is its host mirror);
@@ -458,12 +458,9 @@ def _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, pinned
     bt = (p_tok // bs).reshape(1)
     block_valid = k_count > 0
     allowed = block_causal_mask(block_valid, bt)  # [B, 1, C]
-    if w is not None:
-        pass
-    elif k_bounds is None:
-        w = transition_rows(qm @ p, k_sketch, allowed, scale, exponent)  # [B, 1, C]
-    else:
-        w = bound_rows(q, k_bounds, allowed, scale, softcap)
+    if w is None:  # [B, 1, C]
+        w = (transition_rows(qm @ p, k_sketch, allowed, scale, exponent) if k_bounds is None
+             else bound_rows(q, k_bounds, allowed, scale, softcap))
     prev = None if walk_row is None else walk_row[:, None, :]
     row = walk_combine(w, prev, trans, walk_mode, damping, walk_steps)
     kept, order, n_causal = rank_blocks(row, allowed, block_valid, bt, sink_blocks=sink_blocks,
