@@ -372,15 +372,15 @@ def bound_rows(q: torch.Tensor, k_bounds: torch.Tensor, allowed: torch.Tensor, s
     max(q_d * max_d, q_d * min_d) >= q . k for every key k of block c, so scale * bound
     (soft-capped like the model's logits, a monotone map) bounds the block's largest logit; the
     row is the mean over heads of softmax over the allowed blocks."""
-    a = bound_logits(q, k_bounds, allowed[:, 0], scale, softcap)
-    a = a.masked_fill(~allowed[:, None], float("-inf"))  # [B, Hkv, G, C]
+    a = bound_logits(q, k_bounds, allowed[:, 0], scale, softcap, fill=float("-inf"))  # [B, Hkv, G, C]
     return torch.softmax(a, -1).nan_to_num(0.0).mean((1, 2))[:, None]
 
 
 def bound_logits(q: torch.Tensor, k_bounds: torch.Tensor, live: torch.Tensor, scale: float,
-                 softcap: float | None = None) -> torch.Tensor:
+                 softcap: float | None = None, fill: float = 0.0) -> torch.Tensor:
     """[B, Hkv, G, C] fp32: scale * sum_d max(q_d * max_d, q_d * min_d), soft-capped, for query
-    head kv_head * G + g (q [B, Hq, 1, D]); 0 where live [B, C] is False.
+    head kv_head * G + g (q [B, Hq, 1, D]); `fill` where live [B, C] is False (blocks with no
+    key hold -inf, which gives nan there: filled after the softcap, so -inf stays -inf).
 
     max(q_d max_d, q_d min_d) = relu(q_d) max_d + relu(-q_d) (-min_d): one product of
     [relu(q), relu(-q)] with k_bounds' [max, -min]."""
@@ -389,8 +389,9 @@ def bound_logits(q: torch.Tensor, k_bounds: torch.Tensor, live: torch.Tensor, sc
     qg = q.float().reshape(bsz, hkv, hq // hkv, d)
     qc = torch.cat([qg.clamp_min(0.0), (-qg).clamp_min(0.0)], -1)  # [B, Hkv, G, 2D]
     a = torch.matmul(qc, k_bounds.float().transpose(-1, -2)) * scale
-    a = a.masked_fill(~live[:, None, None, :], 0.0)  # blocks with no key hold -inf (0 * -inf: nan)
-    return softcap * torch.tanh(a / softcap) if softcap else a
+    if softcap:
+        a = softcap * torch.tanh(a / softcap)
+    return a.masked_fill(~live[:, None, None, :], fill)
 
 
 def prompt_block_mass(q: torch.Tensor, k: torch.Tensor, *, block_size: int, scale: float, softcap: float | None = None,
