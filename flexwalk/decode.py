@@ -531,14 +531,15 @@ def _step_core(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, last_key, s
     if reduced is None:
         bad = _cache_mismatch(k_rows, last_key, position, pos)
         qm, km = head_reduce(q, head_scoring), head_reduce(k_new, head_scoring)
-    else:
+        w_red, bounds = None, (k_bounds, k_new)
+    else:  # the bounds were absorbed already, with the rank's share of the row (_tp_bound_row)
         qm, km, bad, w_red = reduced
+        bounds = (None, None)
     stale = stale | bad
     stale_steps += stale.to(stale_steps.dtype)
     all_stale_steps += stale.to(stale_steps.dtype)
     bsz = q.shape[0]
     valid_f = torch.ones(bsz, 1, device=q.device) if valid is None else valid.to(torch.float32)
-    bounds = (k_bounds, k_new) if reduced is None else (None, None)
     q_sum, q_count = _absorb(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, qm, km, valid_f, p,
                              consts["bs"], consts["scale"], consts["exponent"], *bounds)
     new_pos = pos + 1
@@ -546,7 +547,7 @@ def _step_core(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, last_key, s
     dense = stale | force_dense if not force_dense else torch.ones_like(stale)
     row, kv_num, kv_idx, kept, causal = _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, pinned,
                                                      q=q, k_bounds=k_bounds, softcap=softcap,
-                                                     w=None if reduced is None else reduced[3], **consts)
+                                                     w=w_red, **consts)
     return (q_sum.contiguous(), q_count.contiguous(), new_pos, k_new[:, :, 0].contiguous(), stale, row, kv_num,
             kv_idx, kept, causal, (p_tok + 1).to(_INT))
 
