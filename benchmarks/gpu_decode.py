@@ -35,6 +35,7 @@ from flexwalk import DecodeState, SketchWalkConfig, sketchwalk_decode  # noqa: E
 from flexwalk.attention import _compiled_flex  # noqa: E402
 import flexwalk.decode  # noqa: E402
 from flexwalk.decode import decode_block_mask  # noqa: E402
+from flexwalk.integrations.cache_kwarg import cache_kwargs  # noqa: E402
 from flexwalk.triton_decode import sparse_decode_attention  # noqa: E402
 
 RESULTS: dict = {}
@@ -484,11 +485,11 @@ def end_to_end(quick: bool):
                     cache = transformers.DynamicCache(config=model.config)
                 if impl == "sketchwalk_flex":  # warm-up: compile this length's kernels outside the timing
                     warm = transformers.StaticCache(config=model.config, max_cache_len=ctx + 8)
-                    model(ids, past_key_values=warm, use_cache=True, logits_to_keep=1)
+                    model(ids, **cache_kwargs(warm), use_cache=True, logits_to_keep=1)
                     del warm
                 torch.cuda.synchronize()
                 t0 = time.time()
-                logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                logits = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits
                 torch.cuda.synchronize()
                 ttft = time.time() - t0
                 tok = logits[:, -1:].argmax(-1)
@@ -497,7 +498,7 @@ def end_to_end(quick: bool):
                 for i in range(steps):
                     torch.cuda.synchronize()
                     t0 = time.time()
-                    logits = model(tok, past_key_values=cache, use_cache=True,
+                    logits = model(tok, **cache_kwargs(cache), use_cache=True,
                                    position_ids=torch.tensor([[pos]], device="cuda")).logits
                     tok = logits[:, -1:].argmax(-1)
                     torch.cuda.synchronize()

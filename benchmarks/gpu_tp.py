@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flexwalk  # noqa: E402
 from flexwalk import SketchWalkConfig  # noqa: E402
+from flexwalk.integrations.cache_kwarg import cache_kwargs, returned_cache  # noqa: E402
 from gpu_prefill import _prompt, _sync, env_info, time_prompts  # noqa: E402  (shared with the one-GPU TTFT)
 
 
@@ -61,7 +62,7 @@ def decode_run(model, n: int, steps: int, sw: SketchWalkConfig, rank0: bool = Tr
             _sync(device)
             t0 = time.perf_counter()
             for t in range(steps):
-                o = model(forced[:, t : t + 1], past_key_values=o.past_key_values, use_cache=True)
+                o = model(forced[:, t : t + 1], **cache_kwargs(returned_cache(o)), use_cache=True)
             _sync(device)
         rec = dict(ms_per_step=1e3 * (time.perf_counter() - t0) / steps, counters=flexwalk.counters())
         dens = {str(k): v for k, v in flexwalk.density_report("decode").items()}

@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .integrations.cache_kwarg import cache_kwargs, returned_cache
+
 QUESTION = "What is the special magic number mentioned in the text above? Answer with the number only."
 INTRO = "Below is a long text. Somewhere in it is a special magic number; remember it.\n\n"
 ANSWER_PREFIX = "The special magic number is"
@@ -170,7 +172,7 @@ def greedy(model, input_ids: list[int], max_new_tokens: int, eos_ids: set[int]):
         new.append(token)
         if token in eos_ids or len(new) == max_new_tokens:
             break
-        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=torch.tensor([[token]], device=device), **cache_kwargs(returned_cache(out)), use_cache=True)
         logits = out.logits[:, -1]
     _sync(device)
     return new, prefill, time.perf_counter() - t0, finite
@@ -240,7 +242,7 @@ def greedy_batch(model, batch_ids: list[list[int]], max_new_tokens: int, eos_ids
             break
         if padded:
             kw = dict(attention_mask=mask[:, : n + steps], position_ids=last_pos + steps)
-        out = model(input_ids=token[:, None], past_key_values=out.past_key_values, use_cache=True, **kw)
+        out = model(input_ids=token[:, None], **cache_kwargs(returned_cache(out)), use_cache=True, **kw)
         if cuda:
             event.synchronize()  # waits for this step's flag, not for the forward just queued
             if bool(flags[step]):

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 
 import flexwalk
 from flexwalk import SketchWalkConfig
+from flexwalk.integrations.cache_kwarg import cache_kwargs
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import FP32_FLOOR, floor_tol  # noqa: E402
@@ -197,12 +198,12 @@ def test_two_models_interleaved_step_by_step():
         toks = [ids for _, ids in models_and_ids]
         logits = [[] for _ in models_and_ids]
         for i, (m, ids) in enumerate(models_and_ids):
-            out = m(ids, past_key_values=caches[i], use_cache=True).logits[:, -1]
+            out = m(ids, **cache_kwargs(caches[i]), use_cache=True).logits[:, -1]
             logits[i].append(out)
             toks[i] = out.argmax(-1, keepdim=True)
         for _ in range(steps):
             for i, (m, _) in enumerate(models_and_ids):
-                out = m(toks[i], past_key_values=caches[i], use_cache=True).logits[:, -1]
+                out = m(toks[i], **cache_kwargs(caches[i]), use_cache=True).logits[:, -1]
                 logits[i].append(out)
                 toks[i] = out.argmax(-1, keepdim=True)
         return logits
@@ -219,15 +220,15 @@ def test_two_models_interleaved_step_by_step():
 # --------------------------------------------------------------------------- stale state, reset API
 def _prefill(m, ids):
     cache = transformers.DynamicCache(config=m.config)
-    logits = m(ids, past_key_values=cache, use_cache=True).logits
+    logits = m(ids, **cache_kwargs(cache), use_cache=True).logits
     return cache, logits[:, -1].argmax(-1, keepdim=True)
 
 
 def _dense_next_logits(ids, tok):
     ref = reference("llama")
     cache = transformers.DynamicCache(config=ref.config)
-    ref(ids, past_key_values=cache, use_cache=True)
-    return ref(tok, past_key_values=cache, use_cache=True).logits
+    ref(ids, **cache_kwargs(cache), use_cache=True)
+    return ref(tok, **cache_kwargs(cache), use_cache=True).logits
 
 
 def test_stale_state_is_detected_and_decodes_densely():
@@ -238,7 +239,7 @@ def test_stale_state_is_detected_and_decodes_densely():
     cache_a, tok_a = _prefill(m, ids_a)
     _prefill(m, ids_b)  # the states now describe sequence b, of the same length as a
     flexwalk.reset_counters()
-    logits = m(tok_a, past_key_values=cache_a, use_cache=True).logits
+    logits = m(tok_a, **cache_kwargs(cache_a), use_cache=True).logits
     # caught on the device by the key fingerprint: exact dense attention, counted
     dense = _dense_next_logits(ids_a, tok_a)
     assert (logits - dense).abs().max().item() <= floor_tol(dense)
@@ -248,7 +249,7 @@ def test_stale_state_is_detected_and_decodes_densely():
     cache_a, tok_a = _prefill(m, ids_a)
     _prefill(m, ids_c)
     flexwalk.reset_counters()
-    logits = m(tok_a, past_key_values=cache_a, use_cache=True).logits
+    logits = m(tok_a, **cache_kwargs(cache_a), use_cache=True).logits
     dense = _dense_next_logits(ids_a, tok_a)
     assert (logits - dense).abs().max().item() <= floor_tol(dense)
     assert flexwalk.counters() == {"decode_state_reset": layers, "dense_decode_no_state": layers,
@@ -263,7 +264,7 @@ def test_reset_api():
     assert flexwalk.reset_decode_state(m) == len(sparse_layers("llama", cfg))
     assert flexwalk.decode_states(m) == {}
     flexwalk.reset_counters()
-    logits = m(tok, past_key_values=cache, use_cache=True).logits
+    logits = m(tok, **cache_kwargs(cache), use_cache=True).logits
     dense = _dense_next_logits(ids, tok)
     assert (logits - dense).abs().max().item() <= floor_tol(dense)
     assert flexwalk.counters()["dense_decode_no_state"] == len(sparse_layers("llama", cfg))
@@ -323,10 +324,10 @@ def test_generate_64_tokens_does_not_recompile_after_warmup():
 
     # a static cache reused across prompts: one compile for its size
     cache = transformers.StaticCache(config=m.config, max_cache_len=256)
-    m.generate(random_ids(1, 70, seed=20), past_key_values=cache, **gen)
+    m.generate(random_ids(1, 70, seed=20), **cache_kwargs(cache), **gen)
     before = dynamo_counters["stats"]["unique_graphs"]
     cache.reset()
-    m.generate(random_ids(1, 80, seed=21), past_key_values=cache, **gen)
+    m.generate(random_ids(1, 80, seed=21), **cache_kwargs(cache), **gen)
     assert dynamo_counters["stats"]["unique_graphs"] == before, "static-cache decode recompiled"
 
 
@@ -335,10 +336,10 @@ def test_generate_does_not_auto_compile_sketchwalk_models():
     which breaks at our layers; the criterion is forced off for sketchwalk_flex models only,
     and a plain model gets whatever transformers' own criterion says.
 
-    generate() hands the criterion its cache under the model kwarg the installed transformers
-    uses ('past_key_values' up to 4.x and 5.23, 'cache' from 5.24; under the other name it sees no
-    cache and never compiles), so the inputs are those for which transformers' criterion, unwrapped,
-    compiles this very model."""
+    generate() hands the criterion its cache under the name the installed transformers uses
+    (`cache_kwargs`: 'past_key_values' up to 5.23, 'cache' from 5.24); under the other name it
+    sees no cache and never compiles, so transformers' own criterion, unwrapped, must first say
+    that it would compile this very model."""
     from transformers import CompileConfig, GenerationConfig
     from transformers.generation.utils import GenerationMixin
 
@@ -347,11 +348,9 @@ def test_generate_does_not_auto_compile_sketchwalk_models():
     cc = CompileConfig()
     cc._compile_all_devices = True  # what a CUDA device would allow
     gc = GenerationConfig(compile_config=cc)
-    cache = transformers.StaticCache(config=m.config, max_cache_len=64)
+    kwargs = cache_kwargs(transformers.StaticCache(config=m.config, max_cache_len=64))
     original = GenerationMixin._valid_auto_compile_criteria.__wrapped__
-    compiling = [{name: cache} for name in ("cache", "past_key_values") if original(m, {name: cache}, gc)]
-    assert compiling, "transformers' criterion compiles under neither cache name: these inputs no longer reach it"
-    kwargs = compiling[0]
+    assert original(m, kwargs, gc) is True, "transformers' criterion would not compile this model: the inputs miss it"
     assert m._valid_auto_compile_criteria(kwargs, gc) is False
     assert original(ref, kwargs, gc) is True
     assert ref._valid_auto_compile_criteria(kwargs, gc) is True
@@ -368,9 +367,9 @@ def test_pins_of_a_prompt_prefilled_in_chunks_equal_a_one_shot_prefill():
         one_shot = {i: s.pinned.clone() for i, s in flexwalk.decode_states(m).items()}
         m = model("llama", cfg)
         cache = transformers.DynamicCache(config=m.config)
-        m(ids[:, :60], past_key_values=cache, use_cache=True)
+        m(ids[:, :60], **cache_kwargs(cache), use_cache=True)
         first = {i: s.pinned.clone() for i, s in flexwalk.decode_states(m).items()}
-        m(ids[:, 60:], past_key_values=cache, use_cache=True)
+        m(ids[:, 60:], **cache_kwargs(cache), use_cache=True)
         chunked = {i: s.pinned for i, s in flexwalk.decode_states(m).items()}
     assert sorted(one_shot) == sorted(chunked) == sparse_layers("llama", cfg)
     for i in one_shot:

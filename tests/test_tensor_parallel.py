@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 import flexwalk
 from flexwalk import SketchWalkConfig
+from flexwalk.integrations.cache_kwarg import cache_kwargs, returned_cache
 
 HQ, HKV, N, D, LAYERS = 8, 4, 300, 16, 3
 CONFIGS = {
@@ -87,7 +88,7 @@ def _decode_steps(model, ids, mask):
         logits = [out.logits[:, -1]]
         for t in range(STEPS):
             mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
-            out = model(forced[:, t : t + 1], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            out = model(forced[:, t : t + 1], attention_mask=mask, **cache_kwargs(returned_cache(out)), use_cache=True)
             logits.append(out.logits[:, -1])
     return torch.stack(logits, 1), flexwalk.counters()
 

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 import flexwalk
 from flexwalk import PRESETS, SketchWalkConfig
 from flexwalk.integrations import transformers as fw_tf
+from flexwalk.integrations.cache_kwarg import cache_kwargs
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import FP32_FLOOR, floor_tol  # noqa: E402
@@ -564,17 +565,17 @@ def test_cached_prefix_continuation(models, name):
     ref = models(name, "eager")(ids).logits[:, SEQ:]
     model = flexwalk.configure(models(name, "sketchwalk_flex"), full_cfg(name).replace(density=0.3))
     cache = transformers.DynamicCache(config=model.config)
-    model(ids[:, :SEQ], past_key_values=cache, use_cache=True)
+    model(ids[:, :SEQ], **cache_kwargs(cache), use_cache=True)
     flexwalk.reset_counters()
-    out = model(ids[:, SEQ:], past_key_values=cache, use_cache=True).logits
+    out = model(ids[:, SEQ:], **cache_kwargs(cache), use_cache=True).logits
     assert flexwalk.counters() == {"dense_cached_prefill": len(sliding_layers(name))}
     # the prefix was prefilled sparsely, so compare the continuation against dense only at
     # full budget; at 0.3 check it runs and stays finite
     assert torch.isfinite(out).all()
     flexwalk.configure(model, full_cfg(name))
     cache = transformers.DynamicCache(config=model.config)
-    model(ids[:, :SEQ], past_key_values=cache, use_cache=True)
-    out = model(ids[:, SEQ:], past_key_values=cache, use_cache=True).logits
+    model(ids[:, :SEQ], **cache_kwargs(cache), use_cache=True)
+    out = model(ids[:, SEQ:], **cache_kwargs(cache), use_cache=True).logits
     assert_close(out, ref, floor_tol(ref))
 
 
@@ -590,9 +591,9 @@ def test_padding_mask_with_holes(models):
     # the same mask on a continuation of a cached prefix (prefix prefilled by eager, exact)
     ref = models("llama", "eager")(ids, attention_mask=mask).logits[:, SEQ:]
     cache = transformers.DynamicCache(config=model.config)
-    models("llama", "eager")(ids[:, :SEQ], attention_mask=mask[:, :SEQ], past_key_values=cache, use_cache=True)
+    models("llama", "eager")(ids[:, :SEQ], attention_mask=mask[:, :SEQ], **cache_kwargs(cache), use_cache=True)
     try:
-        out = model(ids[:, SEQ:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        out = model(ids[:, SEQ:], attention_mask=mask, **cache_kwargs(cache), use_cache=True).logits
     except NotImplementedError as e:
         assert "holes" in str(e)
     else:
