@@ -158,25 +158,51 @@ def num_splits(batch: int, kv_heads: int, capacity_blocks: int, device: torch.de
     return max(1, min(capacity_blocks, 64, math.ceil(sms / max(1, batch * kv_heads))))
 
 
+# Shared memory per thread block on Hopper (H100, H200: 227 KiB with the opt-in): the budget of
+# CPU runs (the interpreter), so that the tests check what an H100 would launch.
+HOPPER_SMEM = 232448
+
+
 @functools.cache
 def _smem_bytes(index: int) -> int:
     props = torch.cuda.get_device_properties(index)
     return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
 
 
+def shared_memory(elem: int, head_dim: int, block_g: int, sub_n: int, num_stages: int) -> int:
+    """Bytes of shared memory a launch of the split kernel needs, as Triton allocates it: the
+    query tile (BLOCK_G x D), the K and V tiles (SUB_N x D each, num_stages - 1 of each in flight;
+    one buffer shared by both without pipelining) and, in float32 (elem 4: products on the FMA
+    units), P (BLOCK_G x SUB_N float32) on its way to the product's operand layout.  Triton 3.6
+    compiling for sm_90 matched it to within BLOCK_G x 4 bytes in float32; in bfloat16 it is an
+    upper bound (K and V feeding wgmma are not pipelined there)."""
+    kv_tile = sub_n * head_dim * elem
+    kv = kv_tile if num_stages <= 1 else 2 * (num_stages - 1) * kv_tile
+    return block_g * head_dim * elem + kv + (block_g * sub_n * 4 if elem == 4 else 0)
+
+
 def tiling(block_size: int, head_dim: int, elem: int, device: torch.device,
-           num_stages: int | None = None) -> tuple[int, int]:
+           num_stages: int | None = None, block_g: int = 16) -> tuple[int, int]:
     """(keys per tile, pipeline stages) that fit shared memory: K and V tiles of SUB_N x D per
     stage.  3 stages measured best at head dim 128, block 128 (H100, section triton_tune);
-    larger tiles are split (SUB_N < block) or run fewer stages.
+    larger tiles are split (SUB_N < block) or run fewer stages.  Then, where the query rows
+    (block_g) make `shared_memory` exceed the device's limit less 8 KiB, fewer stages, then
+    smaller tiles.
     """
-    budget = (_smem_bytes(device.index or 0) if device.type == "cuda" else 228 * 1024) - 16 * 1024
+    smem = _smem_bytes(device.index or 0) if device.type == "cuda" else HOPPER_SMEM
+    budget = smem - 16 * 1024
     want = 3 if num_stages is None else num_stages
     sub = block_size
     while sub > 16 and 2 * sub * head_dim * elem * min(want, 2) > budget:
         sub //= 2
     per_stage = 2 * sub * head_dim * elem
-    return sub, max(1, min(want, budget // per_stage))
+    stages = max(1, min(want, budget // per_stage))
+    while shared_memory(elem, head_dim, block_g, sub, stages) > smem - 8 * 1024 and (stages > 1 or sub > 16):
+        if stages > 1:
+            stages -= 1
+        else:
+            sub //= 2
+    return sub, stages
 
 
 def supported(q: torch.Tensor, block_size: int) -> bool:
@@ -235,7 +261,7 @@ def sparse_decode_attention(
     start = start.reshape(bsz).to(torch.int32)
     # log2-domain softmax: the kernel uses exp2 (softcap is applied before the log2 scaling)
     qk_scale = scale * _LOG2E
-    sub_n, stages = tiling(block_size, d, k.element_size(), q.device, num_stages)
+    sub_n, stages = tiling(block_size, d, k.element_size(), q.device, num_stages, block_g)
     if sub_tile is not None:
         if sub_tile < 16 or block_size % sub_tile or sub_tile & (sub_tile - 1):
             raise ValueError(f"sub_tile={sub_tile}: must be a power of two >= 16 dividing block_size={block_size}")
