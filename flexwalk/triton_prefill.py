@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_decode import _LOG2E, HAS_TRITON, interpreted
+from .triton_decode import _LOG2E, HAS_TRITON, HOPPER_SMEM, _smem_bytes, interpreted
 
 if HAS_TRITON:
     import triton
@@ -147,21 +147,89 @@ if HAS_TRITON:
 
 
 # Launch parameters of CUDA runs: (BLOCK_N, num_warps, num_stages) by head dim, from the H100
-# sweep of benchmarks/gpu_triton_prefill.py (docs/benchmarks.md 4f: 128 x 128 tiles, 8 warps and
-# 3 stages at head dim 128; 4 stages do not fit in shared memory).  A BLOCK_N above the key block
-# is cut to it.
+# sweep of benchmarks/gpu_triton_prefill.py in bf16 (docs/benchmarks.md 4f: 128 x 128 tiles, 8
+# warps and 3 stages at head dim 128).  They are where `launch_config` starts: a BLOCK_N above
+# the key block is cut to it, and tiles whose shared memory would not fit are made smaller.
 TILES = {64: (128, 4, 3), 128: (128, 8, 3), 256: (32, 8, 2)}
+
+# Shared memory is checked against the device's per-block limit: HOPPER_SMEM (H100, H200: 227
+# KiB with the opt-in) in the interpreter (CPU tests), what a CUDA device reports on it.
+# SMEM_MARGIN of it is left unplanned: `shared_memory` leaves out a few small buffers (a BLOCK_M
+# x 4 byte conversion of the row statistics, the pipelined block indices, barriers; under 1 KiB
+# in every configuration compiled) and a later Triton may allocate a little differently.
+SMEM_MARGIN = 8 * 1024
+
+
+def shared_memory(dtype: torch.dtype, head_dim: int, block_m: int, block_n: int, num_stages: int) -> int:
+    """Bytes of shared memory a launch of the prefill kernel needs, as Triton allocates it.
+
+    - the Q tile, BLOCK_M x D: loaded once, kept in shared memory for both loops (an operand of
+      every q @ k product);
+    - the K and V tiles, BLOCK_N x D each: the software pipeline keeps num_stages - 1 of each in
+      flight; with one stage nothing is pipelined and K and V take turns in one buffer;
+    - float32 only: P, BLOCK_M x BLOCK_N float32.  float32 runs its products on the FMA units
+      (input_precision "ieee"), whose operand layout P reaches through shared memory;
+      float16 / bfloat16 products (wgmma on Hopper) take P from registers.
+
+    Calibrated on Triton 3.6 compiling this kernel for sm_90: float32, head dim 128, 128 x 128
+    tiles, 3 stages is 64 (Q) + 2 x (64 + 64) (K, V) + 64 (P) KiB = 393216 bytes, the need the
+    H200 reported; every float32 configuration compiled matched to within BLOCK_M x 4 bytes.
+    For float16 / bfloat16 it is an upper bound: Triton 3.6 does not pipeline the K / V loads
+    feeding wgmma here (65544 bytes at head dim 128, 128 x 128 tiles, 3 stages; this gives 163840)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    q_tile = block_m * head_dim * elem
+    kv_tile = block_n * head_dim * elem
+    kv = kv_tile if num_stages <= 1 else 2 * (num_stages - 1) * kv_tile
+    p = block_m * block_n * 4 if dtype == torch.float32 else 0
+    return q_tile + kv + p
+
+
+def _halvings(x: int, lo: int = 16):
+    while x >= lo:
+        yield x
+        x //= 2
+
+
+def launch_config(dtype: torch.dtype, head_dim: int, q_block: int, kv_block: int,
+                  smem: int = HOPPER_SMEM) -> tuple[int, int, int, int] | None:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a launch whose `shared_memory` fits `smem`
+    bytes less SMEM_MARGIN, or None if no tile does (then `supported` is False).
+
+    From TILES (BLOCK_M = the query block, at most 128 rows, 64 above head dim 128): fewer
+    stages first (down to 2), then a smaller BLOCK_N, then a smaller BLOCK_M (a power of two, so
+    it still divides the query block: a query block is then M_SPLIT programs), tiles of at least
+    16; a single stage only where no pipelined tile fits.  bfloat16 / float16 keep TILES at
+    every head dim; float32 (4-byte tiles plus P) takes smaller ones."""
+    bn0, warps, st0 = TILES.get(head_dim, (64, 4, 2))
+    bm0 = min(q_block, 128 if head_dim <= 128 else 64)
+    bn0 = min(bn0, kv_block)
+    budget = smem - SMEM_MARGIN
+    for lowest in (min(2, st0), 1):
+        for bm in _halvings(bm0):
+            for bn in _halvings(bn0):
+                for stages in range(st0, lowest - 1, -1):
+                    if shared_memory(dtype, head_dim, bm, bn, stages) <= budget:
+                        return bm, bn, warps, stages
+    return None
+
+
+def device_smem(device: torch.device) -> int:
+    """Shared memory per thread block that a launch on `device` may use: the CUDA device's
+    opt-in limit, HOPPER_SMEM elsewhere (the interpreter: CPU tests check the Hopper limit)."""
+    return _smem_bytes(device.index or 0) if device.type == "cuda" else HOPPER_SMEM
 
 
 def supported(q: torch.Tensor, *, q_block: int, kv_block: int, softcap=None, window=None) -> bool:
     """Whether `sparse_prefill_attention` handles this call: triton present, a CUDA tensor (or
-    the interpreter), a power-of-two head dim 16..256, blocks of 16..256 tokens, no
-    soft-capping and no sliding window."""
+    the interpreter), a power-of-two head dim 16..256, blocks of 16..256 tokens, a
+    float16/bfloat16/float32 dtype, no soft-capping, no sliding window, and a launch
+    configuration whose shared memory fits the device (`launch_config`)."""
     d = q.shape[-1]
     on = q.device.type == "cuda" or interpreted()
     pow2 = all(x & (x - 1) == 0 for x in (d, q_block, kv_block))
     return (HAS_TRITON and on and softcap is None and window is None and pow2 and 16 <= d <= 256
-            and 16 <= kv_block <= q_block <= 256 and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
+            and 16 <= kv_block <= q_block <= 256 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and launch_config(q.dtype, d, q_block, kv_block, device_smem(q.device)) is not None)
 
 
 def sparse_prefill_attention(
@@ -211,11 +279,11 @@ def sparse_prefill_attention(
     if not supported(q, q_block=q_block, kv_block=kv_block):
         raise ValueError(
             f"head_dim={d}, q_block={q_block}, kv_block={kv_block}, dtype={q.dtype}: need a power-of-two head dim "
-            "16..256, power-of-two blocks with 16 <= kv_block <= q_block <= 256, and a float16/bfloat16/float32 dtype"
+            "16..256, power-of-two blocks with 16 <= kv_block <= q_block <= 256, a float16/bfloat16/float32 dtype "
+            f"and tiles that fit {device_smem(q.device)} bytes of shared memory"
         )
-    d_tiles = TILES.get(d, (64, 4, 2))
-    bn = min(block_n or d_tiles[0], kv_block)
-    block_m = min(q_block, 128 if d <= 128 else 64)
+    block_m, bn, warps, stages = launch_config(q.dtype, d, q_block, kv_block, device_smem(q.device))
+    bn = min(block_n or bn, kv_block)
     nq = -(-n // block_m)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(bsz, n, hq, d, device=q.device, dtype=q.dtype)
@@ -242,7 +310,7 @@ def sparse_prefill_attention(
         hq, hq // hkv, n, nq, scale * _LOG2E,
         D=d, BLOCK_M=block_m, BLOCK_N=bn, KV_BLOCK=kv_block, M_SPLIT=q_block // block_m, REVERSE=reverse,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", RESIDUAL=residual is not None,
-        num_warps=num_warps or d_tiles[1], num_stages=num_stages or d_tiles[2],
+        num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return out.transpose(1, 2)
 
