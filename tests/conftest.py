@@ -94,18 +94,24 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def error_budget(out, ref_lp, ref_hp, *, factor=2.0, extra=0.0):
+    """(error of `out`, allowed error) from references computed in out's dtype (ref_lp) and in
+    float64 (ref_hp): factor x the same-dtype reference's error, plus 4 ulps of the output's
+    magnitude, plus `extra`."""
+    err_ref = (ref_lp.double() - ref_hp).abs().max().item()
+    err_out = (out.double() - ref_hp).abs().max().item()
+    ulp = torch.finfo(out.dtype).eps * max(1.0, ref_hp.abs().max().item())
+    return err_out, factor * err_ref + 4 * ulp + extra
+
+
 def reference_error_budget(q, k, v, mask, out, *, scale=None, softcap=None, factor=2.0):
     """(error of `out`, allowed error) against a float64 reference under `mask`."""
     ref_lp = reference_attention(q, k, v, mask, scale=scale, softcap=softcap)
     ref_hp = reference_attention(q.double(), k.double(), v.double(), mask, scale=scale, softcap=softcap)
-    err_ref = (ref_lp.double() - ref_hp).abs().max().item()
-    err_out = (out.double() - ref_hp).abs().max().item()
-    eps = torch.finfo(q.dtype).eps
-    ulp = eps * max(1.0, ref_hp.abs().max().item())
     # soft-capping evaluates softcap * tanh(s / softcap) in the dtype: each score carries about
     # softcap * eps of rounding, which moves the output by up to that times max |v|.
-    capped = 0.0 if softcap is None else softcap * eps * v.abs().max().item()
-    return err_out, factor * err_ref + 4 * ulp + capped
+    capped = 0.0 if softcap is None else softcap * torch.finfo(q.dtype).eps * v.abs().max().item()
+    return error_budget(out, ref_lp, ref_hp, factor=factor, extra=capped)
 
 
 def assert_matches_reference(q, k, v, mask, out, **kw):
@@ -119,6 +125,23 @@ FP32_FLOOR = 2e-5  # absolute floor on logits of magnitude ~1 (two fp32 computat
 def floor_tol(ref: torch.Tensor) -> float:
     """fp32 floor for two fp32 computations of the same function (logits of magnitude ~1)."""
     return FP32_FLOOR * max(1.0, ref.abs().max().item())
+
+
+class LaunchRecorder:
+    """Stands in for a Triton kernel (a JITFunction, `kernel[grid](...)`): records each launch's
+    keyword arguments (tiles, warps, stages) and, where it compiled for a GPU, the compiled
+    kernel's shared memory (bytes; None under the interpreter)."""
+
+    def __init__(self, jit):
+        self.jit, self.launches = jit, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.launches.append(dict(kw, shared=None))  # before the launch: a failed one is recorded too
+            kernel = self.jit[grid](*args, **kw)
+            self.launches[-1]["shared"] = getattr(getattr(kernel, "metadata", None), "shared", None)
+            return kernel
+        return launch
 
 
 @pytest.fixture(autouse=True)
