@@ -30,6 +30,8 @@ the kernel runs through Triton's interpreter (tests; slow, small shapes only).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .triton_decode import _LOG2E, HAS_TRITON, HOPPER_SMEM, _smem_bytes, interpreted
@@ -176,7 +178,7 @@ def shared_memory(dtype: torch.dtype, head_dim: int, block_m: int, block_n: int,
     H200 reported; every float32 configuration compiled matched to within BLOCK_M x 4 bytes.
     For float16 / bfloat16 it is an upper bound: Triton 3.6 does not pipeline the K / V loads
     feeding wgmma here (65544 bytes at head dim 128, 128 x 128 tiles, 3 stages; this gives 163840)."""
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     q_tile = block_m * head_dim * elem
     kv_tile = block_n * head_dim * elem
     kv = kv_tile if num_stages <= 1 else 2 * (num_stages - 1) * kv_tile
@@ -190,6 +192,7 @@ def _halvings(x: int, lo: int = 16):
         x //= 2
 
 
+@functools.cache
 def launch_config(dtype: torch.dtype, head_dim: int, q_block: int, kv_block: int,
                   smem: int = HOPPER_SMEM) -> tuple[int, int, int, int] | None:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a launch whose `shared_memory` fits `smem`
