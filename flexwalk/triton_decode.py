@@ -170,14 +170,17 @@ def _smem_bytes(index: int) -> int:
 
 
 def shared_memory(elem: int, head_dim: int, block_g: int, sub_n: int, num_stages: int) -> int:
-    """Bytes of shared memory a launch of the split kernel needs, as Triton allocates it: the
-    query tile (BLOCK_G x D), the K and V tiles (SUB_N x D each, num_stages - 1 of each in flight;
-    one buffer shared by both without pipelining) and, in float32 (elem 4: products on the FMA
-    units), P (BLOCK_G x SUB_N float32) on its way to the product's operand layout.  Triton 3.6
-    compiling for sm_90 matched it to within BLOCK_G x 4 bytes in float32; in bfloat16 it is an
-    upper bound (K and V feeding wgmma are not pipelined there)."""
+    """Bytes of shared memory a launch of the split kernel needs, modelled as
+    triton_prefill.shared_memory: the query tile (BLOCK_G x D), the K and V tiles (SUB_N x D
+    each; num_stages of each in flight in 16-bit, num_stages - 1 in float32, one buffer shared by
+    both without pipelining) and, in float32 (elem 4: products on the FMA units), P (BLOCK_G x
+    SUB_N float32) on its way to the product's operand layout.  Triton 3.6 compiling for sm_90
+    matched it to within BLOCK_G x 4 bytes in float32."""
     kv_tile = sub_n * head_dim * elem
-    kv = kv_tile if num_stages <= 1 else 2 * (num_stages - 1) * kv_tile
+    if num_stages <= 1:
+        kv = kv_tile
+    else:
+        kv = 2 * (num_stages - 1 if elem == 4 else num_stages) * kv_tile
     return block_g * head_dim * elem + kv + (block_g * sub_n * 4 if elem == 4 else 0)
 
 
