@@ -147,7 +147,10 @@ def test_default_density_equals_the_oracle(name, d, block, n, setting, monkeypat
             if worst is None or err / budget > worst[0] / worst[1]:
                 worst = (err, budget)
             # the graphed Triton selection and the eager one sum in other orders: walks agree to fp32 rounding
-            extra["same_selection"] &= bool(torch.allclose(st_f.transition, st_o.transition, rtol=0, atol=1e-6))
+            # (the fast path's walk may span the length bucket's blocks: compare the real ones)
+            nb = st_o.transition.shape[-1]
+            walk = st_f.transition[..., :nb, :nb]
+            extra["same_selection"] &= bool(torch.allclose(walk, st_o.transition, rtol=0, atol=1e-6))
             extra["finite"] &= bool(torch.isfinite(out).all())
             extra["density"].append(round(sel.density(), 4))
         return worst[0], worst[1], extra
