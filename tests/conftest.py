@@ -187,3 +187,13 @@ def decode_kernel(request, monkeypatch):
 
     monkeypatch.setattr(flexwalk.decode, "DECODE_KERNEL", request.param)
     return request.param
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Which transformers the run tested (CI runs the tests on the newest and on the oldest supported)."""
+    try:
+        import transformers
+    except ImportError:
+        terminalreporter.write_line("transformers: not installed")
+        return
+    terminalreporter.write_line(f"transformers {transformers.__version__}")
