@@ -22,11 +22,12 @@ from .block_mask import (
     _pad_table,
     block_mask_from_indices,
     bucket_length,
-    check_contiguous_padding,
     dense_block_mask,
+    has_holes,
     kernel_mask_mod,
     make_mask_mod,
     packed,
+    padded_validity,
     selection_block_mask,
     selection_tables,
 )
@@ -228,21 +229,27 @@ def masked_attention(
     scale: float | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention with an explicit bool mask [B, 1, L, S] (decode: L = 1, so it is one row).
+    """Attention with an explicit mask [B or 1, 1 or Hq, L, S]: bool (True: attend), or float,
+    added to the (soft-capped) logits as SDPA adds it.  Decode passes one row (L = 1).
 
-    Rows with no allowed key return 0 instead of NaN.
+    Rows with no allowed key (all False, or all -inf) return 0 instead of NaN.
     """
     g = q.shape[1] // k.shape[1]
+    boolean = mask.dtype == torch.bool
+    if not boolean and not mask.is_floating_point():
+        raise ValueError(f"attention mask must be bool or floating point, got {mask.dtype}")
     if softcap is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=g != 1)
+        m = mask if boolean else mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=g != 1)
     else:
         kk = k.repeat_interleave(g, 1) if g != 1 else k
         vv = v.repeat_interleave(g, 1) if g != 1 else v
         s = (q.float() @ kk.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
         s = softcap * torch.tanh(s / softcap)
-        s = s.masked_fill(~mask, float("-inf"))
+        s = s.masked_fill(~mask, float("-inf")) if boolean else s + mask.float()
         out = (torch.softmax(s, -1).nan_to_num(0.0) @ vv.float()).to(q.dtype)
-    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    live = mask.any(-1, keepdim=True) if boolean else (mask > float("-inf")).any(-1, keepdim=True)
+    return torch.where(live, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def _selection_tables(q, k, p, prev_walk, key_valid, config: SketchWalkConfig, layer_idx: int, scale, n_pad: int,
@@ -651,13 +658,15 @@ def prefill_kernel(q, k, v, config: SketchWalkConfig, softcap=None, key_valid=No
     return "triton" if _use_triton_prefill(q, k, v, config, softcap) else "flex"
 
 
-def _residual_flex(q, k, v, bm: BlockMask, res: tuple, config: SketchWalkConfig, start, end, tiles) -> torch.Tensor:
+def _residual_flex(q, k, v, bm: BlockMask, res: tuple, config: SketchWalkConfig, start, end, tiles,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
     """Compiled flex over the selection plus the residual's summaries (flexwalk.residual), in one
     call: the summaries are appended to the keys and values after the bucket's n_pad tokens
     (nb of them, in ceil(nb / block_size) extra key blocks), each query block's partial list
     gains the summary blocks before it, the mask_mod admits summary j for query q when key
     block j lies wholly before q's query block, was not selected and holds a real key, and
-    the score_mod adds log(count) to the summaries' logits."""
+    the score_mod adds log(count) to the summaries' logits.  valid: [B, n] key validity, for
+    padding with holes."""
     k_mean, v_mean, log_count, table = res
     bs, qb = config.block_size, config.q_block
     n = k.shape[2]
@@ -676,7 +685,8 @@ def _residual_flex(q, k, v, bm: BlockMask, res: tuple, config: SketchWalkConfig,
     idx = torch.where(use, n_pad // bs + rel, F.pad(p_idx, (0, extra_blocks))).to(torch.int32)
     f_idx = F.pad(bm.full_kv_indices[:, 0], (0, extra_blocks))
     tok_mask = make_mask_mod(block_size=bs, q_block=qb, start=packed(start), end=packed(end),
-                             block_table=packed(table))
+                             block_table=packed(table),
+                             valid=None if valid is None else packed(padded_validity(valid, n_pad)))
     has = packed(torch.isfinite(log_count))
     lc = packed(torch.where(torch.isfinite(log_count), log_count, torch.zeros_like(log_count)))
     tbl = packed(table)
@@ -720,12 +730,18 @@ def sparse_prefill(
     softcap: float | None = None,
     sketch: LayerSketch | None = None,
     process_group=None,
+    holes: bool = False,
 ) -> tuple[torch.Tensor, WalkState]:
     """SketchWalk selection + block-sparse attention for one prefill layer (FlashAttention 4's
-    kernel, flexwalk's Triton kernel or compiled flex, as `prefill_kernel` says)."""
+    kernel, flexwalk's Triton kernel or compiled flex, as `prefill_kernel` says).  holes: key_valid
+    has padding between real tokens; then the torch selection and flex run, whose masks check
+    each key (the fused selection's tables and the Triton and FA4 kernels know [start, end) only)."""
     kernel = prefill_kernel(q, k, v, config, softcap, key_valid)
+    if holes:
+        stats.count(stats.PADDING_HOLES)
+        kernel = "flex"
     use_fa4, use_triton = kernel == "fa4", kernel == "triton"
-    if sketch is None and process_group is None:  # the fused (graphed on CUDA) selection-to-tables path
+    if sketch is None and process_group is None and not holes:  # the fused (graphed on CUDA) selection-to-tables path
         tables, new_state, kept, causal = fused_selection(q, k, config, layer_idx, state, key_valid=key_valid,
                                                           scale=scale)
         bm = None if (use_triton or use_fa4) else tables_block_mask(tables, config, bucket_length(q.shape[2]))
@@ -745,7 +761,8 @@ def sparse_prefill(
             start, end = _bounds(q.shape[0], q.shape[2], key_valid, q.device)
     res = None
     if config.uses_residual:  # summaries of the key blocks of the table (residual.py)
-        res = (*block_summaries(k, v, start, end, config.block_size, table.shape[-1]), table)
+        res = (*block_summaries(k, v, start, end, config.block_size, table.shape[-1],
+                                key_valid=key_valid if holes else None), table)
         stats.count(stats.RESIDUAL)
     if use_fa4:  # no padding and no residual here (_use_fa4_prefill): the lists alone say it all
         if bm is None:
@@ -769,7 +786,8 @@ def sparse_prefill(
         fast = kernel_mask_mod() if key_valid is None else None
         r0 = dense_tail_start(config, q.shape[2], q.device)
         if res is not None:  # the summaries as extra keys of the same call (the tail is not split off)
-            out = _residual_flex(q, k, v, bm, res, config, start, end, tiles)
+            out = _residual_flex(q, k, v, bm, res, config, start, end, tiles,
+                                 valid=key_valid if holes else None)
         elif r0 is None:
             out = flex(q, k, v, bm, kernel_mask_mod=fast, **tiles)
         else:
@@ -791,18 +809,22 @@ def sketchwalk_attention(
     scale: float | None = None,
     softcap: float | None = None,
     window: int | None = None,
-    check_padding: bool = True,
+    holes: bool | None = None,
     sketch: LayerSketch | None = None,
     process_group=None,
 ) -> tuple[torch.Tensor, WalkState | None]:
     """SketchWalk causal attention of one layer's prefill, no transformers needed.
 
     q: [B, Hq, n, D]; k, v: [B, Hkv, n, D] (Hq a multiple of Hkv); the same n for all three.
-    key_valid: [B, n] bool, False at padding tokens.  state: the WalkState returned by the
+    key_valid: [B, n] bool, False at padding tokens, anywhere (left, right or holes between real
+    tokens: padding never enters a block mean, a block without a real token is chosen only as a
+    forced block, and no query attends a padding key).  state: the WalkState returned by the
     previous layer of the same forward pass (None for the first).  window: a sliding-window
-    layer's window (it keeps its window, dense inside it).  check_padding: verify (one host
-    sync) that key_valid is left/right padding without holes; callers that checked once per
-    forward pass False.  sketch: this layer's `layer_sketch(...)` if the caller needs it too
+    layer's window (it keeps its window, dense inside it).  holes: whether key_valid has padding
+    between real tokens (`block_mask.has_holes`); None finds out (one host sync), callers that
+    know it once per forward pass say so.  Prefill with holes runs on flex (counted as
+    `padding_holes`): the Triton and FlashAttention 4 kernels take left/right padding only.
+    sketch: this layer's `layer_sketch(...)` if the caller needs it too
     (a decode state is built from it).  process_group: tensor parallelism, this rank holding
     an equal share of the heads (q, k, v are its heads): one all-reduce of the block means
     per layer makes every rank select the blocks a single process with all heads would.
@@ -827,8 +849,6 @@ def sketchwalk_attention(
                 f"key_valid must be a bool tensor [batch, seq] = {(q.shape[0], n)}, got "
                 f"{key_valid.dtype} {tuple(key_valid.shape)}"
             )
-        if check_padding:
-            check_contiguous_padding(key_valid)
     if window is not None:
         dense_path = stats.SLIDING_WINDOW
     elif layer_idx < config.dense_layer_count:
@@ -844,7 +864,11 @@ def sketchwalk_attention(
         out = dense_attention(q, k, v, key_valid=key_valid, scale=scale, softcap=softcap, window=window,
                               block_size=config.block_size)
         return out, state
+    if key_valid is None:
+        holes = False
+    elif holes is None:
+        holes = has_holes(key_valid)
     return sparse_prefill(
         q, k, v, config, layer_idx, state, key_valid=key_valid, scale=scale, softcap=softcap, sketch=sketch,
-        process_group=process_group,
+        process_group=process_group, holes=holes,
     )

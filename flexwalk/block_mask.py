@@ -51,14 +51,31 @@ def key_bounds(key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return start.to(torch.int32), end.to(torch.int32)
 
 
-def check_contiguous_padding(key_valid: torch.Tensor) -> None:
-    """Raise NotImplementedError for padding masks with holes (one host sync)."""
+def contiguous_rows(key_valid: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the rows of a [B, S] padding mask whose real tokens are contiguous (left and/or
+    right padding only, no padding between real tokens).  No host sync."""
     start, end = key_bounds(key_valid)
-    if not bool((key_valid.sum(-1) == (end - start).clamp_min(0)).all()):
-        raise NotImplementedError(
-            "attention masks with holes are not supported: padding must be left and/or right padding "
-            "(each row's real tokens contiguous)"
-        )
+    return key_valid.sum(-1) == (end - start).clamp_min(0)
+
+
+def has_holes(key_valid: torch.Tensor) -> bool:
+    """Whether some row of a [B, S] padding mask has padding between real tokens (a mask with
+    holes).  One host sync."""
+    return not bool(contiguous_rows(key_valid).all())
+
+
+def padded_validity(key_valid: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, S] bool validity cut or padded with False to `length` keys (a bucket's)."""
+    s = key_valid.shape[-1]
+    if s >= length:
+        return key_valid[:, :length]
+    return torch.nn.functional.pad(key_valid, (0, length - s), value=False)
+
+
+def block_valid_counts(key_valid: torch.Tensor, block_size: int, num_blocks: int) -> torch.Tensor:
+    """[B, num_blocks] int32: the real keys of each key block (keys past S count as padding)."""
+    v = padded_validity(key_valid, num_blocks * block_size)
+    return v.reshape(v.shape[0], num_blocks, block_size).sum(-1, dtype=torch.int32)
 
 
 def _bounds(batch: int, kv_len: int | torch.Tensor, key_valid: torch.Tensor | None,
@@ -82,14 +99,17 @@ def make_mask_mod(
     block_table: torch.Tensor | None = None,
     q_offset: torch.Tensor | None = None,
     window: int | None = None,
+    valid: torch.Tensor | None = None,
 ):
     """mask_mod(b, h, q_idx, kv_idx) -> bool for causal (+window) (+selection) within [start, end).
 
     start, end: [B] int32, each row's real keys (padding and bucket padding lie outside).
     block_table: [B, nq, nk] bool selection, query blocks of q_block tokens (default block_size),
     key blocks of block_size.  q_offset: 0-d int tensor, absolute position of query 0 (a tensor,
-    not a Python int, so a new offset never recompiles).  A padding query attends to itself so
-    its row stays finite.
+    not a Python int, so a new offset never recompiles).  valid: [B, >= the mask's key length]
+    bool, each key's validity (`padded_validity`): padding between real tokens (a mask with holes)
+    lies inside [start, end) and only this term keeps it out.  A padding query attends to itself
+    so its row stays finite.
     """
     bs = block_size
     qb = block_size if q_block is None else q_block
@@ -97,6 +117,8 @@ def make_mask_mod(
     def mask_mod(b, h, q_idx, kv_idx):
         q_abs = q_idx if q_offset is None else q_idx + q_offset
         keep = (kv_idx <= q_abs) & (kv_idx >= start[b]) & (kv_idx < end[b])
+        if valid is not None:
+            keep = keep & valid[b, kv_idx]
         if window is not None:
             keep = keep & (kv_idx > q_abs - window)
         keep = keep | (kv_idx == q_abs)
@@ -157,6 +179,7 @@ def structural_tables(
     q_pad: int | None = None,
     kv_pad: int | None = None,
     q_block: int | None = None,
+    valid_counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(maybe, full) [B, nq, nk] tables of causal (+window) attention inside [start, end).
 
@@ -164,6 +187,8 @@ def structural_tables(
     the block is allowed, so mask_mod is skipped there.  q_pad / kv_pad: bucket lengths; their
     extra blocks are empty.  q_len / kv_len may be 0-d tensors (then q_pad / kv_pad are needed).
     Query blocks of q_block tokens (default block_size), key blocks of block_size.
+    valid_counts: [B, nk] real keys per key block (`block_valid_counts`), for padding with holes,
+    which [start, end) alone over-counts: a block with a hole is never full.
     """
     dev = start.device
     qb = block_size if q_block is None else q_block
@@ -184,6 +209,8 @@ def structural_tables(
     # keys of block j inside row b's [start, end)
     s, e = start[:, None, None], end[:, None, None]
     n_valid = (torch.minimum(k_hi[None] + 1, e) - torch.maximum(k_lo[None], s)).clamp_min(0)
+    if valid_counts is not None:
+        n_valid = torch.minimum(n_valid, valid_counts[:, None, :])
     holds_self = (k_lo <= q_hi) & (k_hi >= q_lo)  # a padding query's own position
     maybe = maybe[None] & ((n_valid > 0) | holds_self[None])
     full = full[None] & (n_valid == block_size)
@@ -204,12 +231,15 @@ def selection_block_mask(
     """BlockMask for a prefill selection (queries and keys both cover tokens 0..n-1).
 
     With bucket=True the mask covers bucket_length(n) tokens: pad q, k, v to
-    `block_mask.seq_lengths` (attention.flex does this) and drop the extra rows.
+    `block_mask.seq_lengths` (attention.flex does this) and drop the extra rows.  key_valid may
+    have holes: its mask_mod checks each key's validity.
     """
     n, bs, qb = selection.seq_len, selection.block_size, selection.q_block_size
     n_pad = bucket_length(n) if bucket else n
     partial, full, table, start, end = selection_tables(selection, n_pad, key_valid=key_valid, window=window)
-    mask_mod = make_mask_mod(block_size=bs, q_block=qb, start=start, end=end, block_table=table, window=window)
+    valid = None if key_valid is None else padded_validity(key_valid, n_pad)
+    mask_mod = make_mask_mod(block_size=bs, q_block=qb, start=start, end=end, block_table=table, window=window,
+                             valid=valid)
     return block_mask_from_tables(partial, full, mask_mod, (qb, bs), n_pad, n_pad)
 
 
@@ -217,12 +247,16 @@ def selection_tables(selection: BlockSelection, n_pad: int, *, key_valid: torch.
                      window: int | None = None):
     """A prefill selection's (partial, full) block tables over n_pad tokens (query blocks of
     selection.q_block_size tokens, key blocks of block_size), the selection table padded to them,
-    and each row's real-key bounds (start, end): tensors only, no host sync."""
+    and each row's real-key bounds (start, end): tensors only, no host sync.  With key_valid, a
+    key block is full only if all its keys are real (padding with holes included)."""
     table = selection.mask
     n, bs = selection.seq_len, selection.block_size
     start, end = _bounds(table.shape[0], n, key_valid, table.device)
+    counts = None
+    if key_valid is not None and not isinstance(n, torch.Tensor):
+        counts = block_valid_counts(key_valid[:, :n], bs, n_pad // bs)
     maybe, full = structural_tables(n, n, bs, start, end, window=window, q_pad=n_pad, kv_pad=n_pad,
-                                    q_block=selection.q_block_size)
+                                    q_block=selection.q_block_size, valid_counts=counts)
     table = _pad_table(table, maybe.shape[1], maybe.shape[2])
     chosen = table & maybe
     full = chosen & full
@@ -241,13 +275,19 @@ def dense_block_mask(
     window: int | None = None,
     bucket: bool = True,
 ) -> BlockMask:
-    """BlockMask of causal attention (+window, +padding), queries at q_offset..q_offset+q_len-1."""
+    """BlockMask of causal attention (+window, +padding, holes too), queries at
+    q_offset..q_offset+q_len-1."""
     start, end = _bounds(batch, kv_len, key_valid, device)
     q_pad = bucket_length(q_len) if bucket else q_len
     kv_pad = bucket_length(kv_len) if bucket else kv_len
+    counts = valid = None
+    if key_valid is not None:
+        counts = block_valid_counts(key_valid[:, :kv_len], block_size, -(-kv_pad // block_size))
+        valid = padded_validity(key_valid[:, :kv_len], kv_pad)
     maybe, full = structural_tables(
-        q_len, kv_len, block_size, start, end, q_offset=q_offset, window=window, q_pad=q_pad, kv_pad=kv_pad
+        q_len, kv_len, block_size, start, end, q_offset=q_offset, window=window, q_pad=q_pad, kv_pad=kv_pad,
+        valid_counts=counts,
     )
     off = None if q_offset == 0 else torch.full((), q_offset, dtype=torch.int64, device=device)
-    mask_mod = make_mask_mod(block_size=block_size, start=start, end=end, q_offset=off, window=window)
+    mask_mod = make_mask_mod(block_size=block_size, start=start, end=end, q_offset=off, window=window, valid=valid)
     return block_mask_from_tables(maybe & ~full, full, mask_mod, block_size, q_pad, kv_pad)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from . import stats
-from .block_mask import _HAS_COMPUTE_Q_BLOCKS, bucket_length, key_bounds, packed
+from .block_mask import _HAS_COMPUTE_Q_BLOCKS, bucket_length, contiguous_rows, key_bounds, packed
 from .config import SketchWalkConfig
 from .selection import LayerSketch, _group_mean, head_reduce, layer_sketch, sketch_matrix, transition_rows
 from .sketch import block_causal_mask, effective_sketch_dim, num_blocks
@@ -32,8 +32,10 @@ from .walk import fraction_count, rank_blocks, walk_combine
 _INT = torch.int32
 
 
-class RightPaddingError(NotImplementedError):
-    """A prompt padded on the right: decode would append after the padding."""
+class DecodePaddingError(NotImplementedError):
+    """A prompt whose padding sparse decode cannot follow: padded on the right (decode would append
+    after the padding) or with padding between real tokens (the decode masks bound each row's
+    real keys by one start)."""
 
 
 def _check_walk_row(walk_row: torch.Tensor | None, batch: int, capacity: int) -> None:
@@ -201,7 +203,8 @@ class DecodeState:
 
         kv_tokens: capacity in tokens (default: the length bucket above n, grown as needed).
         Pass the static cache's length with growable=False for a fixed-size cache.
-        key_valid: [B, n] bool, left padding only (decode appends real tokens on the right).
+        key_valid: [B, n] bool, left padding only (decode appends real tokens on the right; a
+        mask with holes or right padding raises DecodePaddingError).
         sketch: this layer's `layer_sketch(...)` when the prefill already computed it (with the
         same process_group).  process_group: tensor parallelism (see the class docstring).
         softcap: the model's attention logit softcap (used for the pinned blocks' attention mass).
@@ -213,10 +216,10 @@ class DecodeState:
             growable = True if growable is None else growable
         if kv_tokens < n:
             raise ValueError(f"kv_tokens={kv_tokens} is invalid: must be >= the prefill length {n}")
-        if key_valid is not None and not bool(key_valid[:, -1].all()):
-            raise RightPaddingError(
-                "sparse decode after right padding is not supported: the prompt's last token must be real in "
-                "every row (generate() pads on the left)"
+        if key_valid is not None and not bool((key_valid[:, -1] & contiguous_rows(key_valid)).all()):
+            raise DecodePaddingError(
+                "sparse decode needs left padding: the prompt's last token must be real in every row and no row "
+                "may have padding between real tokens (generate() pads on the left)"
             )
         if sketch is None:
             sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale, process_group=process_group)

@@ -57,7 +57,7 @@ def residual_reference(q, k, v, mask, selection: BlockSelection, *, key_valid=No
     g = hq // hkv
     bs = selection.block_size
     start, end = _bounds(bsz, n, key_valid, q.device)
-    k_mean, v_mean, log_count = block_summaries(k, v, start, end, bs)
+    k_mean, v_mean, log_count = block_summaries(k, v, start, end, bs, key_valid=key_valid)
     allowed = residual_allowed(selection.mask, log_count, torch.arange(n, device=q.device),
                                selection.q_block_size, bs)  # [B, n, nb]
     acc = torch.promote_types(q.dtype, torch.float32)

@@ -75,11 +75,13 @@ SUMMARY_KERNEL = "auto"
 
 
 def block_summaries(k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: torch.Tensor, block_size: int,
-                    num_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    num_blocks: int | None = None, *, key_valid: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each key block's mean key and mean value over its real keys, and log(count).
 
     k, v: [B, Hkv, n, D]; start, end: [B] int, each row's real keys.  num_blocks: blocks to
-    return (default ceil(n / block_size); more gives empty blocks past n).  Returns
+    return (default ceil(n / block_size); more gives empty blocks past n).  key_valid: [B, n]
+    bool, for padding with holes inside [start, end) (then torch ops, not the kernel).  Returns
     (k_mean [B, Hkv, nb, D], v_mean [B, Hkv, nb, D], both in k's dtype, and log_count [B, nb]
     float32, -inf for blocks without a real key).  Means are accumulated in float32 (float64
     inputs in float64).
@@ -88,7 +90,7 @@ def block_summaries(k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: 
     nb = -(-n // block_size) if num_blocks is None else num_blocks
     if nb * block_size < n:
         raise ValueError(f"num_blocks={nb} blocks of {block_size} do not cover the {n} keys")
-    if _use_kernel(k, d):
+    if key_valid is None and _use_kernel(k, d):  # the kernel knows [start, end) only
         k_mean = torch.empty(bsz, hkv, nb, d, device=k.device, dtype=k.dtype)
         v_mean = torch.empty(bsz, hkv, nb, d, device=k.device, dtype=v.dtype)
         log_count = torch.empty(bsz, nb, device=k.device, dtype=torch.float32)
@@ -101,6 +103,8 @@ def block_summaries(k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: 
         return k_mean, v_mean, log_count
     pos = torch.arange(n, device=k.device)
     real = (pos[None] >= start.to(pos.dtype)[:, None]) & (pos[None] < end.to(pos.dtype)[:, None])  # [B, n]
+    if key_valid is not None:
+        real = real & key_valid[:, :n]
     (k_mean, counts), (v_mean, _) = (block_means(t, block_size, real) for t in (k, v))
     extra = nb - counts.shape[1]  # blocks past n: empty
     counts = F.pad(counts, (0, extra))

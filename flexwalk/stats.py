@@ -38,6 +38,9 @@ FA4_PREFILL = "fa4_prefill"  # of those sparse_prefill calls, the ones run by Fl
 TRITON_PREFILL = "triton_prefill"  # of those sparse_prefill calls, the ones run by flexwalk.triton_prefill's kernel
 TRITON_SELECTION = "triton_selection"  # prefill selections computed by flexwalk.triton_selection (graph replays too)
 RESIDUAL = "residual"  # of those sparse_prefill calls, the ones whose queries also attended the residual summaries
+PADDING_HOLES = "padding_holes"  # sparse prefill with padding between real tokens: torch selection and flex
+CUSTOM_MASK = "custom_mask"  # a 4D mask or a mask function other than causal: exact dense attention under it
+PACKED_SEQUENCES = "packed_sequences"  # a row holding several documents: each selected and attended on its own
 SELECTION_GRAPH_CAPTURE = "selection_graph_capture"  # a CUDA graph of the prefill selection was captured (once per key)
 
 _REASONS = {
@@ -52,6 +55,16 @@ _REASONS = {
         "decode steps without a SketchWalk decode state run dense attention (the prefill did not run "
         "through sketchwalk_flex with sparse decode enabled, or the state was stale and dropped)"
     ),
+    PADDING_HOLES: (
+        "prefill with padding between real tokens (an attention mask with holes) runs the torch selection and "
+        "flex, whose masks check each key; the Triton and FlashAttention 4 kernels take left/right padding only"
+    ),
+    CUSTOM_MASK: (
+        "a 4D attention mask or a mask function other than (sliding-window) causal runs exact dense attention "
+        "under that mask, as transformers' sdpa would"
+    ),
+    PACKED_SEQUENCES: "packed sequences (one row holding several documents): each document is selected and "
+                      "attended on its own",
     DECODE_STATE_RESET: (
         "a decode state did not continue the current sequence (new cache, crop or reorder) and was dropped; "
         "decode stays dense until the next prefill"

@@ -121,6 +121,10 @@ def _smollm3():
     return transformers.SmolLM3Config(**_common(9, 3, 2), no_rope_layers=[1, 0])
 
 
+def _starcoder2():
+    return transformers.Starcoder2Config(**_common(4, 2, 2), sliding_window=None)
+
+
 def _cohere():
     return transformers.CohereConfig(**_common(4, 2, 2), logit_scale=1.0)
 
@@ -140,6 +144,7 @@ ARCHS: dict[str, Arch] = {
         Arch("olmo2", _olmo2),
         Arch("smollm3", _smollm3),
         Arch("cohere", _cohere),
+        Arch("starcoder2", _starcoder2),
     ]
 }
 

@@ -22,9 +22,9 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 from .. import stats
 from ..attention import dense_attention, masked_attention, sketchwalk_attention
-from ..block_mask import check_contiguous_padding
+from ..block_mask import has_holes
 from ..config import DEFAULT_DENSE_LAYERS, PRESETS, SketchWalkConfig
-from ..decode import DecodeState, RightPaddingError, sketchwalk_decode
+from ..decode import DecodePaddingError, DecodeState, sketchwalk_decode
 from ..selection import layer_sketch
 from ..walk import WalkState
 
@@ -41,13 +41,17 @@ SMALL_QUERY = 32
 class SketchWalkMask:
     """Per-forward context returned by the mask function and seen by every layer.
 
-    key_valid: [B, S] bool (False at padding) or None.  q_offset: absolute position of the
-    first query (int in prefill, possibly a tensor in decode with a static cache).
-    walk_state: WalkState of the last sparse layer of this forward pass; decode_row: the
-    decode walk row of the last sparse layer of this step.
+    key_valid: [B, S] bool (False at padding) or None; holes: whether it has padding between
+    real tokens.  q_offset: absolute position of the first query (int in prefill, possibly a
+    tensor in decode with a static cache).  walk_state: WalkState of the last sparse layer of
+    this forward pass (a list of them, one per document, for packed sequences); decode_row: the
+    decode walk row of the last sparse layer of this step.  A mask function other than
+    (sliding-window) causal is classified once per window (`mask_kind`): packed documents
+    (`documents`) or a custom mask, which runs dense under transformers' own mask.
     """
 
-    def __init__(self, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, mask_function, device):
+    def __init__(self, batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, mask_function, device,
+                 use_vmap: bool = False):
         self.batch_size = batch_size
         self.q_length = q_length
         self.kv_length = kv_length
@@ -55,10 +59,13 @@ class SketchWalkMask:
         self.mask_function = mask_function
         self.attention_mask = attention_mask
         self.device = device
-        self.walk_state: WalkState | None = None
+        self.use_vmap = use_vmap
+        self.walk_state: WalkState | list | None = None
         self.decode_row: torch.Tensor | None = None
         self._small_mask: torch.Tensor | None = None
-        self._checked_windows: set = set()
+        self._full_mask: torch.Tensor | None = None
+        self._kinds: dict = {}
+        self.documents: list[tuple[int, int, int]] | None = None
         if isinstance(q_offset, torch.Tensor):
             # A static cache hands over its live counter, which layer 0's cache update then
             # advances in place: keep this forward's value.
@@ -67,16 +74,18 @@ class SketchWalkMask:
             # One host sync per forward (transformers' own sdpa mask does the same).
             self.q_offset = int(q_offset)
             key_valid = None
+            self.holes = False
             if attention_mask is not None:
                 am = self._key_mask()
                 live = am[:, : self.q_offset + q_length]  # keys written so far
                 if not bool(live.all()):
-                    check_contiguous_padding(live)
+                    self.holes = has_holes(live)
                     key_valid = am
             self.key_valid = key_valid
         else:
             self.q_offset = q_offset
             self.key_valid = None
+            self.holes = False
 
     def known_offset(self) -> int | None:
         """q_offset as an int; None for one-token steps of a static cache (it stays on the device)."""
@@ -115,7 +124,14 @@ class SketchWalkMask:
     def small_mask(self) -> torch.Tensor:
         """transformers' boolean mask for these few query rows, [B, 1, L, S]."""
         if self._small_mask is None:
-            self._small_mask = sdpa_mask(
+            self._small_mask = self.transformers_mask()
+        return self._small_mask
+
+    def transformers_mask(self) -> torch.Tensor:
+        """The boolean mask transformers' sdpa would use for this forward, [B, 1, L, S]: for a
+        few query rows, or for a custom mask function (an n x n tensor, as sdpa builds it)."""
+        if self._full_mask is None:
+            self._full_mask = sdpa_mask(
                 batch_size=self.batch_size,
                 q_length=self.q_length,
                 kv_length=self.kv_length,
@@ -124,39 +140,105 @@ class SketchWalkMask:
                 mask_function=self.mask_function,
                 attention_mask=self.attention_mask,
                 allow_is_causal_skip=False,
+                use_vmap=self.use_vmap,
                 device=self.device,
             )
-        return self._small_mask
+        return self._full_mask
 
-    def check_mask_function(self, window: int | None) -> None:
-        """Refuse mask functions that are not causal (+ this window): never silently wrong."""
-        if window in self._checked_windows:
-            return
-        if not (window is None and self.mask_function is causal_mask_function):
-            _probe_mask_function(self.mask_function, window, self.batch_size, self.device)
-        self._checked_windows.add(window)
+    def mask_kind(self, window: int | None) -> str:
+        """"causal" (the mask function is causal, + this window), "packed" (causal inside each of
+        several documents packed in a row: `documents` lists them) or "custom" (anything else:
+        run under `transformers_mask`).  Found once per forward and window."""
+        kind = self._kinds.get(window)
+        if kind is None:
+            kind = self._kinds[window] = self._classify(window)
+            if kind == "custom":
+                stats.log_once("custom-mask-function", "flexwalk: this model's mask function is not (sliding-window) "
+                               "causal (a bidirectional overlay, chunked attention, ...): its layers run dense "
+                               "under transformers' own mask")
+        return kind
+
+    def _classify(self, window: int | None) -> str:
+        fn = self.mask_function
+        if window is None and fn is causal_mask_function:
+            return "causal"
+        # Every query must see the key before it (in its window): a function that hides it
+        # somewhere (a document boundary, a chunk edge) is not causal, wherever the probes fall.
+        doc = _document_ids(fn, self)
+        if doc is None:
+            return "custom"
+        if not bool(doc[:, -1].any()):
+            return "causal" if _agrees(fn, window, self, None) else "custom"
+        # Packed sequences: transformers builds them for a prefill without padding mask or cache.
+        packable = (self.attention_mask is None and self.q_offset == 0 and self.kv_offset == 0
+                    and self.q_length == self.kv_length)
+        if packable and _agrees(fn, window, self, doc):
+            if self.documents is None:
+                self.documents = _document_spans(doc)
+            return "packed"
+        return "custom"
 
 
-def _probe_mask_function(fn, window: int | None, batch: int, device) -> None:
+def _document_ids(fn, ctx: "SketchWalkMask") -> torch.Tensor | None:
+    """[B, L] int: for each query of this forward, how many times so far a query could not see the
+    key just before it (a document of packed sequences starts there), read off mask function fn
+    with one elementwise call; None if fn cannot be called so (a function written for vmap)."""
+    q0 = int(ctx.q_offset)
+    i = torch.arange(max(q0, ctx.kv_offset + 1), q0 + ctx.q_length, device=ctx.device)[None, None, None, :]
+    b = torch.arange(ctx.batch_size, device=ctx.device)[:, None, None, None]
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=ctx.device)
+    try:
+        sees_prev = fn(b, h, i, i - 1).expand(ctx.batch_size, 1, 1, -1).reshape(ctx.batch_size, -1)
+    except Exception:
+        return None
+    starts = torch.nn.functional.pad(~sees_prev, (ctx.q_length - sees_prev.shape[1], 0), value=False)
+    return starts.long().cumsum(-1)
+
+
+def _document_spans(doc: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, end) of each document of [B, n] document ids (one host sync)."""
+    spans = []
+    for row, ids in enumerate(doc.cpu().tolist()):
+        start = 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or ids[i] != ids[i - 1]:
+                spans.append((row, start, i))
+                start = i
+    return spans
+
+
+def _agrees(fn, window: int | None, ctx: "SketchWalkMask", doc: torch.Tensor | None) -> bool:
+    """Whether mask function fn equals causal (+ window) (+ same document, doc [B, n]) on probe
+    windows of positions spread over this forward's queries and keys (and around every document
+    boundary).  Only positions of this forward are probed: a mask function may index tensors of
+    that length (and on CUDA an index out of range is a device-side assert)."""
     span = 24
     w = window if window is not None else 0
-    anchors = sorted({0, 37, w + 5, 2 * w + 101, 4096 + 3})
-    b = torch.arange(batch, device=device)[:, None, None, None]
-    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
-    for a in anchors:
-        q = torch.arange(a, a + span, device=device)
-        lo = max(0, a - w - span)
-        kv = torch.arange(lo, a + 2 * span, device=device)
-        got = fn(b, h, q[None, None, :, None], kv[None, None, None, :])
-        want = kv[None, :] <= q[:, None]
+    q0 = int(ctx.q_offset)
+    q1, k0, k1 = q0 + ctx.q_length, ctx.kv_offset, ctx.kv_offset + ctx.kv_length
+    anchors = {q0, q0 + 37, q0 + w + 5, q0 + 2 * w + 101, q0 + 4096 + 3, q1 - span}
+    if doc is not None:  # every document boundary too
+        starts = (doc[:, 1:] != doc[:, :-1]).any(0).nonzero().flatten().tolist()
+        anchors |= {q0 + st + 1 - span // 2 for st in starts[:64]}
+    b = torch.arange(ctx.batch_size, device=ctx.device)[:, None, None, None]
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=ctx.device)
+    for a in sorted(anchors):
+        qa, qb, ka, kb = max(a, q0), min(a + span, q1), max(a - w - span, k0), min(a + 2 * span, k1)
+        if qa >= qb or ka >= kb:
+            continue
+        q, kv = torch.arange(qa, qb, device=ctx.device), torch.arange(ka, kb, device=ctx.device)
+        try:
+            got = fn(b, h, q[None, None, :, None], kv[None, None, None, :])
+        except Exception:  # a mask function written for vmap only: not one of ours
+            return False
+        want = (kv[None, :] <= q[:, None])[None, None]
         if window is not None:
-            want = want & (kv[None, :] > q[:, None] - window)
-        if not torch.equal(got.expand(batch, 1, -1, -1), want[None, None].expand(batch, 1, -1, -1)):
-            kind = "sliding-window causal" if window is not None else "causal"
-            raise NotImplementedError(
-                f"sketchwalk_flex supports {kind} masks only; this model built a different mask function "
-                "(packed sequences, chunked attention or a bidirectional overlay): feature not supported"
-            )
+            want = want & (kv[None, :] > q[:, None] - window)[None, None]
+        if doc is not None:
+            want = want & (doc[:, None, q - q0, None] == doc[:, None, None, kv - k0])
+        if not torch.equal(got.expand(ctx.batch_size, 1, len(q), len(kv)), want.expand(ctx.batch_size, 1, -1, -1)):
+            return False
+    return True
 
 
 def sketchwalk_mask_function(
@@ -175,7 +257,8 @@ def sketchwalk_mask_function(
         attention_mask.walk_state = None
         attention_mask.decode_row = None
         return attention_mask
-    return SketchWalkMask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, mask_function, device)
+    return SketchWalkMask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, mask_function, device,
+                          use_vmap=bool(kwargs.get("use_vmap", False)))
 
 
 def resolve_config(module: torch.nn.Module) -> SketchWalkConfig:
@@ -334,14 +417,18 @@ def sketchwalk_flex_attention(
     S = key.shape[2]
     if ctx is None:  # no mask was built: plain causal, queries are the last L keys
         ctx = SketchWalkMask(bsz, L, S, S - L, 0, None, causal_mask_function, query.device)
+    elif isinstance(ctx, torch.Tensor):  # a 4D mask built by the caller: honoured exactly, dense
+        return _custom_mask_attention(module, query, key, value, ctx, scaling, softcap), None
     elif not isinstance(ctx, SketchWalkMask):
-        raise NotImplementedError(
-            f"sketchwalk_flex: a precomputed attention mask of type {type(ctx).__name__} is not supported; "
-            "pass a 2D padding mask (or none) so the mask is built by sketchwalk_flex"
+        raise ValueError(
+            f"sketchwalk_flex: attention_mask of type {type(ctx).__name__} is not supported: pass a 2D padding mask "
+            "[batch, keys], a 4D mask [batch, 1 or heads, queries, keys] (bool, or float added to the logits) or none"
         )
     layer_idx = getattr(module, "layer_idx", None)
-    # Layers that keep a decode state: full-attention layers past dense_layers, sparse decode on.
-    track = not cfg.skip_decode and window is None and layer_idx is not None and layer_idx >= cfg.dense_layer_count
+    # Layers that keep a decode state: full-attention layers past dense_layers, sparse decode on,
+    # under a causal mask function (a custom one would not be followed by the decode masks).
+    track = (not cfg.skip_decode and window is None and layer_idx is not None and layer_idx >= cfg.dense_layer_count
+             and (ctx.mask_function is causal_mask_function or ctx.mask_kind(None) == "causal"))
     if L <= SMALL_QUERY:
         if track:
             out = _tracked_small_query(module, cfg, ctx, query, key, value, scaling, softcap, group)
@@ -351,7 +438,13 @@ def sketchwalk_flex_attention(
             stats.count(_small_query_path(cfg, ctx, layer_idx, window, L, S))
         out = masked_attention(query, key, value, ctx.small_mask()[..., :S], scale=scaling, softcap=softcap)
         return out.transpose(1, 2).contiguous(), None
-    ctx.check_mask_function(window)
+    kind = ctx.mask_kind(window)
+    if kind == "custom":
+        _drop_state(module)
+        return _custom_mask_attention(module, query, key, value, ctx.transformers_mask(), scaling, softcap), None
+    if kind == "packed":
+        _drop_state(module)
+        return _packed_attention(cfg, ctx, layer_idx, query, key, value, scaling, softcap, window, group), None
     key_valid = ctx.key_valid
     static = ctx.q_offset == 0 and L < S
     if static:  # static cache: slots past the prompt are not written yet
@@ -359,7 +452,10 @@ def sketchwalk_flex_attention(
         key_valid = None if key_valid is None else key_valid[:, :L]
         S = L
     if ctx.q_offset != 0 or ctx.kv_offset != 0 or L != S:
-        if track and (state := _matching_state(module, query, key, L, ctx.q_offset)) is not None:
+        if track and ctx.holes:
+            _drop_state(module)
+            _log_decode_padding()
+        elif track and (state := _matching_state(module, query, key, L, ctx.q_offset)) is not None:
             state.absorb(query, key[:, :, ctx.q_offset : ctx.q_offset + L], ctx.new_valid())
             end = ctx.q_offset + L  # a prompt continued in chunks: pin from its new last queries
             state.pin(query, key[:, :, :end], key_valid=None if key_valid is None else key_valid[:, :end],
@@ -378,7 +474,7 @@ def sketchwalk_flex_attention(
                           process_group=group) if track else None
     out, state = sketchwalk_attention(
         query, key, value, cfg, layer_idx, None if window is not None else ctx.walk_state,
-        key_valid=key_valid, scale=scaling, softcap=softcap, window=window, check_padding=False, sketch=sketch,
+        key_valid=key_valid, scale=scaling, softcap=softcap, window=window, holes=ctx.holes, sketch=sketch,
         process_group=group,
     )
     if window is None:
@@ -397,15 +493,54 @@ def _new_state(module, cfg, query, key, key_valid, scaling, sketch, *, kv_tokens
             query, key, cfg, module.layer_idx, key_valid=key_valid, scale=scaling, kv_tokens=kv_tokens,
             growable=kv_tokens is None, sketch=sketch, process_group=process_group, softcap=softcap,
         )
-    except RightPaddingError:
+    except DecodePaddingError:
         _drop_state(module)
-        stats.log_once(
-            "decode-right-padding",
-            "flexwalk: sparse decode needs left padding (generate() pads on the left); this batch is padded on "
-            "the right, so its decode steps run dense",
-        )
+        _log_decode_padding()
         return
     setattr(module, _STATE_ATTR, state)
+
+
+def _log_decode_padding() -> None:
+    stats.log_once(
+        "decode-padding",
+        "flexwalk: sparse decode needs left padding (generate() pads on the left); this batch is padded on the "
+        "right or has padding between real tokens, so its decode steps run dense",
+    )
+
+
+def _custom_mask_attention(module, query, key, value, mask: torch.Tensor, scaling, softcap) -> torch.Tensor:
+    """Exact attention under a 4D mask (bool, or float added to the logits), as transformers' sdpa
+    runs it: the mask's keys cut to the keys given (a static cache's mask is longer).  Counted."""
+    if mask.dim() != 4 or mask.shape[-1] < key.shape[2] or mask.shape[-2] != query.shape[2]:
+        raise ValueError(
+            f"sketchwalk_flex: attention_mask of shape {tuple(mask.shape)} is invalid for {query.shape[2]} queries "
+            f"and {key.shape[2]} keys: a 4D mask must be [batch, 1 or heads, queries, >= keys]"
+        )
+    stats.count(stats.CUSTOM_MASK)
+    out = masked_attention(query, key, value, mask[..., : key.shape[2]], scale=scaling, softcap=softcap)
+    return out.transpose(1, 2).contiguous()
+
+
+def _packed_attention(cfg, ctx, layer_idx, query, key, value, scaling, softcap, window, group) -> torch.Tensor:
+    """Packed sequences (ctx.documents: several documents in a row, transformers' padding-free
+    inputs): each document is selected and attended on its own, as one sequence, and carries its
+    own walk across the layers (ctx.walk_state: one WalkState per document).  [B, L, Hq, D] out."""
+    if layer_idx is None:
+        raise NotImplementedError("sketchwalk_flex: packed sequences need the attention module's layer_idx")
+    stats.count(stats.PACKED_SEQUENCES)
+    out = torch.empty_like(query)
+    docs = ctx.documents
+    prev = ctx.walk_state if isinstance(ctx.walk_state, list) else [None] * len(docs)
+    states = []
+    for (row, s0, s1), state in zip(docs, prev):
+        part = [t[row : row + 1, :, s0:s1].contiguous() for t in (query, key, value)]
+        o, state = sketchwalk_attention(*part, cfg, layer_idx, None if window is not None else state, scale=scaling,
+                                        softcap=softcap, window=window, process_group=group)
+        out[row : row + 1, :, s0:s1] = o
+        states.append(state)
+    if window is None:
+        ctx.walk_state = states
+    return out.transpose(1, 2).contiguous()
 
 
 def _drop_state(module, counted: bool = False) -> None:
