@@ -218,8 +218,8 @@ class DecodeState:
             raise ValueError(f"kv_tokens={kv_tokens} is invalid: must be >= the prefill length {n}")
         if key_valid is not None and not bool((key_valid[:, -1] & contiguous_rows(key_valid)).all()):
             raise DecodePaddingError(
-                "sparse decode needs left padding: the prompt's last token must be real in every row and no row "
-                "may have padding between real tokens (generate() pads on the left)"
+                "sparse decode after right padding or padding between real tokens is not supported: the prompt's "
+                "last token must be real in every row, its real tokens contiguous (generate() pads on the left)"
             )
         if sketch is None:
             sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale, process_group=process_group)

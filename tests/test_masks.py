@@ -23,6 +23,7 @@ import flexwalk
 from flexwalk import SketchWalkConfig
 from flexwalk.attention import masked_attention
 from flexwalk.integrations import transformers as fw_tf
+from flexwalk.integrations.cache_kwarg import cache_kwargs
 from flexwalk.oracle import eager_sketchwalk_attention, reference_attention, token_mask
 from flexwalk.selection import sketchwalk_selection
 
@@ -245,5 +246,5 @@ def test_transformers_packs_only_without_a_padding_mask():
     cfg = _model("llama", "sdpa").config
     emb = torch.zeros(1, 30, 8)
     pos = torch.cat([torch.arange(10), torch.arange(20)])[None]
-    mask = transformers.masking_utils.create_causal_mask(cfg, emb, None, None, position_ids=pos)
+    mask = transformers.masking_utils.create_causal_mask(cfg, emb, None, position_ids=pos, **cache_kwargs(None))
     assert mask is not None and not mask[0, 0, 15, 5]  # document 2 does not see document 1
