@@ -43,7 +43,7 @@ test: setup
 # conversion depends on the transformers that made it (SmolLM2's EOS token differs in 5.6 and 5.25).
 TRANSFORMERS_OLDEST ?= $(shell sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 VENV_OLDEST ?= .venv-transformers-oldest
-TRANSFORMERS_TESTS = $(shell grep -lE '^\s*(import transformers|from transformers|from tiny_models|from flexwalk\.(models|cli|niah|integrations))' tests/test_*.py benchmarks/test_*.py)
+TRANSFORMERS_TESTS = $(shell grep -lE '^\s*(import transformers|from transformers|from tiny_models|from flexwalk\.(models|cli|demo|generation|niah|integrations))' tests/test_*.py benchmarks/test_*.py)
 
 $(VENV_OLDEST)/.installed: pyproject.toml Makefile
 	$(call make_venv,$(VENV_OLDEST),"transformers==$(TRANSFORMERS_OLDEST)")

@@ -5,7 +5,7 @@ GPU; only the launch does.  Under torch's FakeTensorMode, with fake CUDA tensors
 launch, so this runs `flexwalk.fa4_prefill.sparse_prefill_attention` as the library calls it
 (the selection's bucket-wide lists, q / k / v as transposed views) through FA4's checks and its
 Hopper (sm_90a) compile, for several shapes and both ways of masking the diagonal
-(fa4_prefill.MASK), and counts the kernels compiled over ten prompt
+(Options.fa4_mask), and counts the kernels compiled over ten prompt
 lengths (FA4's compile key holds no length, so that should be one per shape).  Nothing is
 computed: numerics and speed need the GPU run (benchmarks/gpu_fa4.py).
 
@@ -25,10 +25,12 @@ import sys
 import time
 
 import torch
+
+import flexwalk
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from flexwalk import fa4_prefill  # noqa: E402
+from flexwalk.kernels import fa4 as fa4_prefill  # noqa: E402
 
 # (name, batch, query heads, KV heads, head dim, query block, key block)
 CASES = [("llama-8b", 1, 32, 8, 128, 128, 128), ("llama-8b batch 2", 2, 32, 8, 128, 128, 128),
@@ -50,7 +52,7 @@ def lists(batch, n, q_block, kv_block, extra_rows=3, extra_cols=2):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--masks", default="causal,mask_mod", help="fa4_prefill.MASK settings to compile")
+    ap.add_argument("--masks", default="causal,mask_mod", help="Options.fa4_mask settings to compile")
     args = ap.parse_args()
     import flash_attn.cute.interface as fa4_interface
 
@@ -60,7 +62,7 @@ def main():
     cache = fa4_interface._flash_attn_fwd.compile_cache.cache
     rows = []
     for mask, (name, batch, hq, hkv, d, qb, kb) in [(m, c) for m in args.masks.split(",") for c in CASES]:
-        fa4_prefill.MASK = mask
+        flexwalk.options.set_options(fa4_mask=mask)
         r = dict(mask=mask, case=name, batch=batch, hq=hq, hkv=hkv, d=d, q_block=qb, kv_block=kb)
         before = len(cache)
         try:

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import flexwalk  # noqa: E402
 from flexwalk import SketchWalkConfig, eager_sketchwalk_attention, sketchwalk_attention, token_mask  # noqa: E402
-from flexwalk.block_mask import selection_block_mask  # noqa: E402
-from flexwalk.oracle import reference_attention  # noqa: E402
+from flexwalk.kernels.flex import selection_block_mask  # noqa: E402
+from flexwalk.reference import reference_attention  # noqa: E402
 
 
 def log(*a):

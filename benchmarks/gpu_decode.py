@@ -32,11 +32,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import flexwalk  # noqa: E402
 from flexwalk import DecodeState, SketchWalkConfig, sketchwalk_decode  # noqa: E402
-from flexwalk.attention import _compiled_flex  # noqa: E402
+from flexwalk.kernels.flex import compiled_flex  # noqa: E402
 import flexwalk.decode  # noqa: E402
-from flexwalk.decode import decode_block_mask  # noqa: E402
+from flexwalk.kernels.flex import decode_block_mask  # noqa: E402
 from flexwalk.integrations.cache_kwarg import cache_kwargs  # noqa: E402
-from flexwalk.triton_decode import sparse_decode_attention  # noqa: E402
+from flexwalk.kernels.triton_decode import sparse_decode_attention  # noqa: E402
 
 RESULTS: dict = {}
 
@@ -112,7 +112,7 @@ def correctness():
             out[key] = {"equal_tokens": bool(torch.equal(a, b)), "counters": flexwalk.counters()}
             log(key, out[key])
     # the tiny model again with the flex decode kernel (the default above is the Triton kernel)
-    flexwalk.decode.DECODE_KERNEL = "flex"
+    flexwalk.options.set_options(decode_kernel="flex")
     try:
         for dtype in (torch.float32, torch.bfloat16):
             ref = build_model("llama", "sdpa", dtype).cuda()
@@ -123,25 +123,19 @@ def correctness():
             out[f"flex_kernel/{dtype}/static"] = bool(torch.equal(a, b))
             log(f"flex kernel {dtype} static equal tokens:", out[f"flex_kernel/{dtype}/static"])
     finally:
-        flexwalk.decode.DECODE_KERNEL = "auto"
+        flexwalk.options.set_options(decode_kernel="auto")
     out["triton_kernel_vs_oracle"] = triton_vs_oracle()
     out["cuda_graph_vs_eager"] = graph_vs_eager(ids, mask, cfg, gen)
     # compiled step core vs eager
-    import flexwalk.decode as dec
-
     q, k, v = (torch.randn(2, h, 600, 128, device="cuda") for h in (32, 8, 8))
     c = SketchWalkConfig(block_size=64, density=0.2)
     st_a = DecodeState.from_prefill(q[:, :, :500], k[:, :, :500], c, 3)
     st_b = DecodeState.from_prefill(q[:, :, :500], k[:, :, :500], c, 3)
     worst = 0.0
-    orig = dec._step_fn
     for t in range(500, 520):
         ra = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], st_a)  # compiled on CUDA
-        dec._step_fn = lambda device: dec._step_core  # eager reference
-        try:
+        with flexwalk.options(compile_decode="never"):  # eager reference
             rb = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], st_b)
-        finally:
-            dec._step_fn = orig
         worst = max(worst, (ra[0] - rb[0]).abs().max().item())
     out["compiled_vs_eager_max_err"] = worst
     log("compiled step core vs eager, max |out| diff:", worst)
@@ -173,12 +167,12 @@ def graph_vs_eager(ids, mask, cfg, gen):
     for t in range(2900, 2940):
         outs = {}
         for g, st in states.items():
-            flexwalk.decode.DECODE_GRAPHS = g
+            flexwalk.options.set_options(decode_graphs=g)
             try:
                 outs[g] = sketchwalk_decode(q[:, :, t : t + 1].clone(), k, v, st, position=torch.tensor(t, device="cuda"))
                 outs[g] = tuple(x.clone() for x in outs[g])
             finally:
-                flexwalk.decode.DECODE_GRAPHS = True
+                flexwalk.options.set_options(decode_graphs=True)
         worst = max(worst, (outs[True][0].float() - outs[False][0].float()).abs().max().item(),
                     (outs[True][1] - outs[False][1]).abs().max().item())
     state_diff = max((getattr(states[True], f) - getattr(states[False], f)).abs().max().item()
@@ -195,14 +189,14 @@ def graph_vs_eager(ids, mask, cfg, gen):
         m = flexwalk.configure(build_model_cuda("llama", dtype), cfg)
         toks = {}
         for g in (True, False):
-            flexwalk.decode.DECODE_GRAPHS = g
+            flexwalk.options.set_options(decode_graphs=g)
             flexwalk.reset_counters()
             try:
                 with torch.no_grad():
                     toks[g] = m.generate(ids, attention_mask=mask, cache_implementation="static",
                                          output_scores=True, return_dict_in_generate=True, **gen)
             finally:
-                flexwalk.decode.DECODE_GRAPHS = True
+                flexwalk.options.set_options(decode_graphs=True)
             res[f"{dtype}/graphs={g}/counters"] = flexwalk.counters()
         same = bool(torch.equal(toks[True].sequences, toks[False].sequences))
         diff = max((a - b).abs().max().item() for a, b in zip(toks[True].scores, toks[False].scores))
@@ -255,7 +249,7 @@ def triton_vs_oracle():
 @section("triton_tune")
 def triton_tune():
     """Launch parameters of the Triton decode kernel at 128K, 20% of blocks: GPU kernel time."""
-    from flexwalk.triton_decode import num_splits
+    from flexwalk.kernels.triton_decode import num_splits
 
     hq, hkv, d, n, bs = 32, 8, 128, 131072, 128
     nb = n // bs
@@ -331,9 +325,9 @@ def decode_attention(quick: bool):
                     bm_rows_h = _one_row_mask(bsz, nb, kept, bs, n, rows=g, heads=hkv)
                     bm_gqa = _one_row_mask(bsz, nb, kept, bs, n, rows=1)
                     qv = q.reshape(bsz, hkv, g, d)
-                    t_rows = cuda_time(lambda: _compiled_flex(qv, k, v, block_mask=bm_rows))
-                    t_rows_h = cuda_time(lambda: _compiled_flex(qv, k, v, block_mask=bm_rows_h))
-                    t_gqa = cuda_time(lambda: _compiled_flex(q, k, v, block_mask=bm_gqa, enable_gqa=True))
+                    t_rows = cuda_time(lambda: compiled_flex(qv, k, v, block_mask=bm_rows))
+                    t_rows_h = cuda_time(lambda: compiled_flex(qv, k, v, block_mask=bm_rows_h))
+                    t_gqa = cuda_time(lambda: compiled_flex(q, k, v, block_mask=bm_gqa, enable_gqa=True))
                     sel = (bm_rows.kv_num_blocks.reshape(bsz), bm_rows.kv_indices.reshape(bsz, -1),
                            torch.zeros(bsz, dtype=torch.int32, device="cuda"),
                            torch.tensor(n, dtype=torch.int32, device="cuda"))
@@ -359,15 +353,15 @@ def decode_attention(quick: bool):
                     t_step = cuda_time(step, iters=30, warmup=5)  # steps: 1 + 35 + 11 (+ 46 flex) < 200 slots
                     new_graphs = dc["stats"]["unique_graphs"] - graphs
                     g_sdpa = gpu_kernel_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-                    g_rows = gpu_kernel_ms(lambda: _compiled_flex(qv, k, v, block_mask=bm_rows))
+                    g_rows = gpu_kernel_ms(lambda: compiled_flex(qv, k, v, block_mask=bm_rows))
                     g_tri = gpu_kernel_ms(tri)
                     g_step = gpu_kernel_ms(step)
-                    flexwalk.decode.DECODE_KERNEL = "flex"  # the whole step with flex, for comparison
+                    flexwalk.options.set_options(decode_kernel="flex")  # the whole step with flex, for comparison
                     try:
                         t_step_flex = cuda_time(step, iters=30, warmup=5)
                         g_step_flex = gpu_kernel_ms(step)
                     finally:
-                        flexwalk.decode.DECODE_KERNEL = "auto"
+                        flexwalk.options.set_options(decode_kernel="auto")
                     r = dict(kv=n, batch=bsz, block=bs, density=density, kept_blocks=kept, sdpa_ms=sdpa,
                              flex_rows_1head_ms=t_rows, flex_rows_hkv_ms=t_rows_h, flex_gqa_ms=t_gqa,
                              sparse_step_ms=t_step, speedup_attention=sdpa / t_rows, speedup_step=sdpa / t_step,

@@ -1,4 +1,4 @@
-"""GPU check and benchmark of the FlashAttention 4 prefill kernel (flexwalk.fa4_prefill, issue 5).
+"""GPU check and benchmark of the FlashAttention 4 prefill kernel (flexwalk.kernels.fa4, issue 5).
 
 FA4 (`flash_attn.cute`) is not in the GPU image: its wheels travel in pieces (benchmarks/gpu_accuracy.sh
 `pieces fa4`, `store`, `wheels`), and this script runs through that script's environment:
@@ -13,7 +13,7 @@ FA4 (`flash_attn.cute`) is not in the GPU image: its wheels travel in pieces (be
 3. dense: dense causal attention alone, cuDNN SDPA against FA4 (no block lists) and against
    FA4 and the Triton kernel on block lists that keep every causal block.
 4. kernel: the attention alone on one layer's 20% selection: Triton kernel and FA4 (both
-   fa4_prefill.MASK settings) on the same lists, against cuDNN, in interleaved rounds.
+   Options.fa4_mask settings) on the same lists, against cuDNN, in interleaved rounds.
 5. rounds: the whole layer (`sketchwalk_attention`: selection, lists, attention) with each kernel
    against cuDNN, interleaved rounds, per-round ratios and their median.
 6. shapes: FA4 on SmolLM2's, Gemma 3's and a 64-token-block 8B shape (attention alone, 20%),
@@ -33,9 +33,10 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import flexwalk
-import flexwalk.attention as attention
+from flexwalk.kernels import flex as flexwalk_flex
 from flexwalk import SketchWalkConfig, fa4_prefill, sketchwalk_attention, triton_prefill
-from flexwalk.attention import _bounds, fused_selection
+from flexwalk.kernels.flex import row_bounds
+from flexwalk.selection.driver import fused_selection
 from gpu_prefill import (_fa4_compiled, _prompt, _sync, bench, env_info, llama8b_qkv, log,  # noqa: E402
                          run_sections, sdpa_ms)
 
@@ -60,7 +61,7 @@ def env():
     q, k, v = llama8b_qkv(4096)
     from flash_attn.cute import flash_attn_func
 
-    attention.PREFILL_KERNEL = "fa4"
+    flexwalk.options.set_options(prefill_kernel="fa4")
     for tag, fn in (("dense_causal", lambda: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2),
                                                              v.transpose(1, 2), causal=True)),
                     ("block_sparse", lambda: sketchwalk_attention(q, k, v, _cfg(), 0))):
@@ -75,7 +76,7 @@ def env():
         qq, kk, vv = llama8b_qkv(n)
         sketchwalk_attention(qq, kk, vv, _cfg(), 0)
     out["fa4_compiled_kernels_before_after_ten_lengths"] = (before, _fa4_compiled())
-    attention.PREFILL_KERNEL = "auto"
+    flexwalk.options.set_options(prefill_kernel="auto")
     log(out)
     return out
 
@@ -97,8 +98,8 @@ def check(cases=CHECK_CASES):
         outs, counts = {}, {}
         try:
             for kernel in ("triton", "fa4", "fa4_mask_mod", "flex"):
-                attention.PREFILL_KERNEL = kernel.split("_")[0]
-                fa4_prefill.MASK = "mask_mod" if kernel == "fa4_mask_mod" else "causal"
+                flexwalk.options.set_options(prefill_kernel=kernel.split("_")[0])
+                flexwalk.options.set_options(fa4_mask="mask_mod" if kernel == "fa4_mask_mod" else "causal")
                 flexwalk.reset_counters()
                 st, o = None, []
                 for layer in range(3):
@@ -107,7 +108,7 @@ def check(cases=CHECK_CASES):
                 outs[kernel] = o
                 counts[kernel] = {c: flexwalk.counters().get(c, 0) for c in ("fa4_prefill", "triton_prefill")}
         finally:
-            attention.PREFILL_KERNEL, fa4_prefill.MASK = "auto", "causal"
+            flexwalk.options.set_options(prefill_kernel="auto", fa4_mask="causal")
         real = slice(None) if kv is None else kv[-1]
         r = dict(batch=batch, n=n, padded=pad, **extra, counters=counts, finite=all(bool(torch.isfinite(x).all()) for x in outs["fa4"]))
         for a_name, b_name in (("fa4", "triton"), ("fa4_mask_mod", "triton"), ("fa4", "flex"), ("triton", "flex")):
@@ -128,7 +129,7 @@ def _lists(q, k, cfg):
 
 def _sparse_fns(q, k, v, tables, block):
     """The attention alone on a selection's tables: {"triton": ..., "fa4": ...} (FA4 with the
-    fa4_prefill.MASK in force when called)."""
+    Options.fa4_mask in force when called)."""
     p_cnt, p_idx, f_cnt, f_idx, _, start, end = tables
     return {
         "triton": lambda: triton_prefill.sparse_prefill_attention(
@@ -157,7 +158,7 @@ def dense(lengths):
     for n in lengths:
         long = n >= 65536
         q, k, v = llama8b_qkv(n)
-        start, end = _bounds(1, n, None, q.device)
+        start, end = row_bounds(1, n, None, q.device)
         f_cnt, f_idx, p_cnt, p_idx = _all_causal_lists(n, q.device)
         r = dict(n=n, cudnn_ms=sdpa_ms(q, k, v, SDPBackend.CUDNN_ATTENTION, long),
                  flash2_ms=sdpa_ms(q, k, v, SDPBackend.FLASH_ATTENTION, long))
@@ -202,16 +203,16 @@ def kernel(lengths, n_rounds=3):
         tables, dens = _lists(q, k, _cfg())
         base = _sparse_fns(q, k, v, tables, 128)
         fns = {"triton": base["triton"]}
-        for mask in fa4_prefill.MASKS:  # FA4 with each way of masking the diagonal (fa4_prefill.MASK)
+        for mask in flexwalk.options.FA4_MASKS:  # FA4 with each way of masking the diagonal (Options.fa4_mask)
             def fa4(mask=mask):
-                fa4_prefill.MASK = mask
+                flexwalk.options.set_options(fa4_mask=mask)
                 return base["fa4"]()
             fns["fa4" if mask == "causal" else f"fa4_{mask}"] = fa4
         ref = fns["triton"]()
         diffs = {f"max_abs_diff_{name}": float((fn().float() - ref.float()).abs().max()) for name, fn in fns.items()
                  if name != "triton"}
         r = dict(n=n, density=dens, **diffs, **_interleaved(q, k, v, fns, n_rounds, n >= 65536))
-        fa4_prefill.MASK = "causal"
+        flexwalk.options.set_options(fa4_mask="causal")
         for name in fns:
             if name != "triton":
                 r[f"{name}_over_triton_speed"] = sorted(t / f for t, f in zip(r["triton_ms"], r[f"{name}_ms"]))[
@@ -232,7 +233,7 @@ def rounds(lengths, n_rounds=5):
 
         def layer(kern):
             def run():
-                attention.PREFILL_KERNEL = kern
+                flexwalk.options.set_options(prefill_kernel=kern)
                 return sketchwalk_attention(q, k, v, cfg, 0)
             return run
 
@@ -240,7 +241,7 @@ def rounds(lengths, n_rounds=5):
         for fn in fns.values():  # compile and capture outside the rounds
             fn()
         r = dict(n=n, **_interleaved(q, k, v, fns, n_rounds, n >= 65536))
-        attention.PREFILL_KERNEL = "auto"
+        flexwalk.options.set_options(prefill_kernel="auto")
         log(f"{n}: " + "; ".join(f"{kern} x{r[f'{kern}_speedup_median']:.2f}" for kern in KERNELS)
             + f"; cudnn {', '.join(f'{x:.2f}' for x in r['cudnn_ms'])} ms")
         rows.append(r)
@@ -254,7 +255,7 @@ SHAPE_CASES = [  # (name, query heads, KV heads, head dim, block, batch, n)
 
 
 def shapes(cases=SHAPE_CASES):
-    """FA4 on the other shapes flexwalk runs (fa4_prefill.SHAPES holds only the measured one): the
+    """FA4 on the other shapes flexwalk runs (fa4.SHAPES holds only the measured one): the
     attention alone on a 20% selection, FA4 against the Triton kernel and flex as shipped, and
     their max |difference|.  FA4 fits its Hopper tile to the sparse block (64-row tiles, 64-key
     tiles), so whether these are worth it is a measurement."""
@@ -266,7 +267,7 @@ def shapes(cases=SHAPE_CASES):
         q, k, v = (torch.randn(batch, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16) for h in (hq, hkv, hkv))
         cfg = SketchWalkConfig(block_size=bs, density=0.2, dense_layers=0, dense_below=0)
         tables, dens = _lists(q, k, cfg)
-        bm = attention.tables_block_mask(tables, cfg, attention.bucket_length(n))  # the same selection's BlockMask
+        bm = flexwalk_flex.tables_block_mask(tables, cfg, flexwalk_flex.bucket_length(n))  # the same selection's BlockMask
         fns = {"flex": _flex_as_shipped(q, k, v, bm, cfg, n), **_sparse_fns(q, k, v, tables, bs)}
         r = dict(case=name, hq=hq, hkv=hkv, d=d, block=bs, batch=batch, n=n, density=dens)
         try:
@@ -300,7 +301,7 @@ def ttft(lengths, reps=2):
                 model.set_attn_implementation("sdpa")
             else:
                 flexwalk.configure(model, sw)
-                attention.PREFILL_KERNEL = impl
+                flexwalk.options.set_options(prefill_kernel=impl)
             times = []
             with torch.no_grad():
                 model(ids, use_cache=False, logits_to_keep=1)  # warm-up: compiles and captures what is new
@@ -316,7 +317,7 @@ def ttft(lengths, reps=2):
                        counters=dict(flexwalk.counters()))
             out[f"{n}/{impl}"] = rec
             log(f"TTFT {n} {impl}: {rec['ttft_s']:.3f} s, peak {rec['peak_gib']:.1f} GiB, {rec['counters']}")
-        attention.PREFILL_KERNEL = "auto"
+        flexwalk.options.set_options(prefill_kernel="auto")
         for impl in ("triton", "fa4"):
             out[f"{n}/{impl}_speedup"] = out[f"{n}/sdpa"]["ttft_s"] / out[f"{n}/{impl}"]["ttft_s"]
         log(f"TTFT {n}: triton x{out[f'{n}/triton_speedup']:.2f}, fa4 x{out[f'{n}/fa4_speedup']:.2f}")

@@ -28,8 +28,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 from flexwalk import SketchWalkConfig, sketchwalk_attention
-from flexwalk.attention import _compiled_flex, fused_selection_mask
-from flexwalk.block_mask import block_mask_from_indices
+from flexwalk.kernels.flex import compiled_flex
+from flexwalk.selection.driver import fused_selection_mask
+from flexwalk.kernels.flex import block_mask_from_indices
 from gpu_prefill import bench, env_info, log  # this folder is on sys.path when run as a script
 
 RESULTS: dict = {}
@@ -78,15 +79,15 @@ def options(sweep_n, other_ns, top):
         cudnn = _sdpa_cudnn(q, k, v, long)
         bm, _, kept, causal = fused_selection_mask(q, k, CFG, 0, None)
         achieved = float(kept.sum() / causal.sum())
-        ref = _compiled_flex(q, k, v, block_mask=bm, enable_gqa=True)
+        ref = compiled_flex(q, k, v, block_mask=bm, enable_gqa=True)
         for name in names:
             opts = OPTIONS[name]
             try:
                 t0 = time.time()
-                out = _compiled_flex(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts or None)
+                out = compiled_flex(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts or None)
                 compile_s = time.time() - t0
                 err = float((out.float() - ref.float()).abs().max())
-                t = bench(lambda: _compiled_flex(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts or None),
+                t = bench(lambda: compiled_flex(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=opts or None),
                           long)
                 r = dict(n=n, option=name, ms=t, cudnn_ms=cudnn, ratio=cudnn / t, achieved=achieved,
                          max_diff_vs_default=err, first_call_s=compile_s)
@@ -95,7 +96,7 @@ def options(sweep_n, other_ns, top):
             rows.append(r)
             log(json.dumps(r))
         plain = _plain_causal(bm)
-        t = bench(lambda: _compiled_flex(q, k, v, block_mask=plain, enable_gqa=True), long)
+        t = bench(lambda: compiled_flex(q, k, v, block_mask=plain, enable_gqa=True), long)
         r = dict(n=n, option="default, plain causal mask_mod", ms=t, cudnn_ms=cudnn, ratio=cudnn / t,
                  achieved=achieved)
         rows.append(r)
@@ -122,7 +123,7 @@ def autotune(n):
     tune_s = time.time() - t0
     long = n >= 65536
     t = bench(lambda: fn(q, k, v, block_mask=bm, enable_gqa=True), long)
-    t_def = bench(lambda: _compiled_flex(q, k, v, block_mask=bm, enable_gqa=True), long)
+    t_def = bench(lambda: compiled_flex(q, k, v, block_mask=bm, enable_gqa=True), long)
     r = dict(n=n, autotuned_ms=t, default_ms=t_def, tune_s=tune_s)
     log(json.dumps(r))
     return r

@@ -30,10 +30,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flexwalk
-import flexwalk.attention as attention
+from flexwalk import prefill
+from flexwalk.kernels import flex as flexwalk_flex
 from flexwalk import SketchWalkConfig, fa4_prefill, sketchwalk_attention, triton_prefill
-from flexwalk.attention import _bounds, _compiled_flex, _kernel_options, flex, fused_selection, fused_selection_mask
-from flexwalk.block_mask import dense_block_mask, kernel_mask_mod
+from flexwalk.kernels.flex import compiled_flex, flex, kernel_options, row_bounds
+from flexwalk.selection.driver import fused_selection, fused_selection_mask
+from flexwalk.kernels.flex import dense_block_mask, kernel_mask_mod
 
 RESULTS: dict = {}
 
@@ -107,26 +109,26 @@ def grid(lengths, batches, densities, budget_s, blocks=("128",)):
             best = min(t_flash, t_cudnn)
             dbm = dense_block_mask(bsz, n, n, 128, q.device)
             qp, kp, vp = (F.pad(x, (0, 0, 0, dbm.seq_lengths[0] - n)) for x in (q, k, v))
-            t_dense_flex = bench(lambda: _compiled_flex(qp, kp, vp, block_mask=dbm, enable_gqa=True), long)
+            t_dense_flex = bench(lambda: compiled_flex(qp, kp, vp, block_mask=dbm, enable_gqa=True), long)
             for density, spec in [(d, b) for d in densities for b in blocks]:
                 cfg = SketchWalkConfig(**block_spec(spec), density=density, dense_layers=0, dense_below=0)
                 sketchwalk_attention(q, k, v, cfg, 0)  # compile / warm
                 # selection + mask as the layer builds them: the tables alone where FA4 or the Triton kernel
                 # runs (they take them without a BlockMask), the BlockMask too where flex does
-                kernel = attention.prefill_kernel(q, k, v, cfg)
+                kernel = prefill.prefill_kernel(q, k, v, cfg)
                 sel_fn = fused_selection if kernel != "flex" else fused_selection_mask
                 t_sel = bench(lambda: sel_fn(q, k, cfg, 0, None), long)
                 tables, _, kept, causal = fused_selection(q, k, cfg, 0, None)
-                bm = attention.tables_block_mask(tables, cfg, attention.bucket_length(n))  # of the same tables
-                tiles = _kernel_options(cfg.block_size, q.device, q_block=cfg.q_block)  # None for 128
-                t_attn = bench(lambda: _compiled_flex(qp, kp, vp, block_mask=bm, enable_gqa=True, kernel_options=tiles),
+                bm = flexwalk_flex.tables_block_mask(tables, cfg, flexwalk_flex.bucket_length(n))  # of the same tables
+                tiles = kernel_options(cfg.block_size, q.device, q_block=cfg.q_block)  # None for 128
+                t_attn = bench(lambda: compiled_flex(qp, kp, vp, block_mask=bm, enable_gqa=True, kernel_options=tiles),
                                long)
                 fast = kernel_mask_mod()
                 t_kernel = bench(lambda: flex(q, k, v, bm, block_size=cfg.block_size, q_block=cfg.q_block,
                                               kernel_mask_mod=fast), long)
                 t_triton = float("nan")  # flexwalk's Triton kernel on the same tables (triton_prefill)
                 if triton_prefill.supported(q, q_block=cfg.q_block, kv_block=cfg.block_size):
-                    se = _bounds(bsz, n, None, q.device)
+                    se = row_bounds(bsz, n, None, q.device)
                     t_triton = bench(lambda: triton_prefill.block_mask_attention(q, k, v, bm, *se), long)
                 t_fa4 = float("nan")  # FlashAttention 4 on the same tables (fa4_prefill), where installed
                 if fa4_prefill.supported(q, k, q_block=cfg.q_block, kv_block=cfg.block_size):
@@ -157,7 +159,7 @@ def _triton_compiled() -> int:
     """Kernels Triton has compiled so far for flexwalk's JIT functions (all devices)."""
     from triton.runtime.jit import JITFunction
 
-    from flexwalk import residual, triton_decode, triton_prefill, triton_selection
+    from flexwalk.kernels import residual, triton_decode, triton_prefill, triton_selection
 
     total = 0
     for mod in (triton_prefill, residual, triton_selection, triton_decode):
@@ -181,15 +183,13 @@ def recompiles():
     the residual: new dynamo graphs and new Triton kernels (both must be 0)."""
     from torch._dynamo.utils import counters
 
-    import flexwalk.attention as attention
-
     lengths = [4100, 4300, 4352, 4500, 4700, 4900, 5000, 5100, 5120, 4600]  # one flex bucket (5120)
     out = {"lengths": lengths}
     try:
         for kernel in ("fa4", "triton", "flex") if fa4_prefill.available() else ("triton", "flex"):
             for residual in (False,) if kernel == "fa4" else (False, True):  # fa4 does not take the residual
                 cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0, residual=residual)
-                attention.PREFILL_KERNEL = kernel
+                flexwalk.options.set_options(prefill_kernel=kernel)
                 flexwalk.reset_counters()
 
                 def run(n):
@@ -216,7 +216,7 @@ def recompiles():
                     f"(of {total_graphs}), {out[name]['new_triton_kernels']} new Triton kernels (of {total_kernels}), "
                     f"{out[name]['new_fa4_kernels']} new FA4 kernels; {out[name]['counters']}")
     finally:
-        attention.PREFILL_KERNEL = "auto"
+        flexwalk.options.set_options(prefill_kernel="auto")
     out["new_graphs"] = sum(v["new_graphs"] for k, v in out.items() if isinstance(v, dict))
     return out
 
@@ -366,19 +366,9 @@ def main():
     ap.add_argument("--grid-blocks", type=block_specs, default="128",
                     help="block configurations of the grid, comma-separated: 128, 64, q128kv64 (query_block_size "
                          "128 over 64-token key blocks) (default: %(default)s)")
-    ap.add_argument("--parts", default=None,
-                    help="triton_selection.block_parts' heads per program, tokens per load and warps, e.g. 4,32,8 "
-                         "(default: the shipped PARTS_*; gpu_selection_profile.py --sweep measures them)")
     ap.add_argument("--skip", default="")
     args = ap.parse_args()
-    if args.parts:
-        from flexwalk import triton_selection
-
-        (triton_selection.PARTS_HEADS, triton_selection.PARTS_TOKENS,
-         triton_selection.PARTS_WARPS) = (int(x) for x in args.parts.split(","))
     RESULTS["env"] = env_info()
-    if args.parts:
-        RESULTS["env"]["block_parts"] = args.parts
     log(RESULTS["env"])
     skip = set(filter(None, args.skip.split(",")))
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/gpu_selection.py --out DIR [--sections check,speed,cold] [--blocks 128,64,q128kv64]
 
-1. check: graph path == compiled path (flexwalk.attention.GRAPH_SELECTION on / off): the same
+1. check: graph path == compiled path (flexwalk.options.Options.graph_selection on / off): the same
    BlockMask tables, walk and attention output, over three layers with the walk carried, batch
    2 with left padding, lengths off the bucket grid, head dims 64 and 128, bf16, blocks 128,
    64 and q128kv64 (128-row query blocks over 64-token key blocks); and, without padding, the
@@ -35,12 +35,14 @@ import tempfile
 import time
 
 import torch
+
+import flexwalk
 from torch.nn.attention import SDPBackend
 
-import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig, sketchwalk_attention
-from flexwalk.attention import flex, fused_selection_mask
-from flexwalk.block_mask import block_mask_from_tables, kernel_mask_mod
+from flexwalk.kernels.flex import flex
+from flexwalk.selection.driver import fused_selection_mask
+from flexwalk.kernels.flex import block_mask_from_tables, kernel_mask_mod
 from gpu_prefill import bench, block_spec, block_specs, env_info, llama8b_qkv, log, sdpa_ms, sdpa_times  # this folder is on sys.path as a script
 
 
@@ -61,7 +63,7 @@ def check(blocks=tuple(CHECK_CASES)):
             kv[1, : n // 7] = False
             res = {}
             for mode in (True, False):
-                attention.GRAPH_SELECTION = mode
+                flexwalk.options.set_options(graph_selection=mode)
                 st, outs, walks, tables = None, [], [], []
                 for layer in range(3):
                     bm, _, _, _ = fused_selection_mask(q, k, cfg, layer, st, key_valid=kv)
@@ -70,7 +72,7 @@ def check(blocks=tuple(CHECK_CASES)):
                     outs.append(out)
                     walks.append(st.transition)
                 res[mode] = (outs, walks, tables)
-            attention.GRAPH_SELECTION = True
+            flexwalk.options.set_options(graph_selection=True)
             real = kv[:, None, :, None]
             out_err = max(float(((a - b) * real).abs().max()) for a, b in zip(res[True][0], res[False][0]))
             nb = -(-n // bs)
@@ -114,11 +116,11 @@ def _speed_row(q, k, v, n, long, spec, t_flash, t_cudnn, modes=tuple(MODES)):
     r = dict(n=n, blocks=spec, block_size=cfg.block_size, query_block_size=cfg.q_block, sdpa_flash_ms=t_flash,
              sdpa_cudnn_ms=t_cudnn)
     # graph: the eager selection captured in a CUDA graph (the default); graph_compiled: the
-    # inductor-compiled one captured (COMPILE_GRAPHED_SELECTION); compiled: no graph, the
+    # inductor-compiled one captured (Options.compile_graphed_selection); compiled: no graph, the
     # selection compiled with a dynamic length
     for tag in modes:
         graph, comp = MODES[tag]
-        attention.GRAPH_SELECTION, attention.COMPILE_GRAPHED_SELECTION = graph, comp
+        flexwalk.options.set_options(graph_selection=graph, compile_graphed_selection=comp)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         sketchwalk_attention(q, k, v, cfg, 0)  # compiles (capture) what is new for this length
@@ -141,7 +143,7 @@ def _speed_row(q, k, v, n, long, spec, t_flash, t_cudnn, modes=tuple(MODES)):
     r["attention_full_mask_ms"] = bench(lambda: flex(q, k, v, bm, **tiles), long)
     log(f"{n:>6} {spec:>8} attention: kernel mask {r['attention_kernel_mask_ms']:.3f} ms, full mask "
         f"{r['attention_full_mask_ms']:.3f} ms")
-    attention.GRAPH_SELECTION, attention.COMPILE_GRAPHED_SELECTION = True, False
+    flexwalk.options.set_options(graph_selection=True, compile_graphed_selection=False)
     return r
 
 
@@ -188,10 +190,10 @@ def tail(lengths):
                                            longest_row_blocks=int(counts.max()))
             if tail_blocks:
                 # the whole layer with the dense tail inside the block-sparse kernel (as before) and
-                # apart, on a side stream (attention.SPLIT_DENSE_TAIL, the default), and their outputs
+                # apart, on a side stream (Options.split_dense_tail, the default), and their outputs
                 try:
                     for split in (False, True):  # True: split at every length (8K too)
-                        attention.SPLIT_DENSE_TAIL = split
+                        flexwalk.options.set_options(split_dense_tail={True: "always", False: "never"}.get(split, split))
                         sketchwalk_attention(q, k, v, cfg, 0)
                         r[f"tail1_total_split_{split}_ms"] = bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long)
                         r[f"tail1_select_mask_split_{split}_ms"] = bench(
@@ -199,7 +201,7 @@ def tail(lengths):
                     a = flex(q, k, v, bm, kernel_mask_mod=fast, block_size=128)
                     b = sketchwalk_attention(q, k, v, cfg, 0)[0]
                 finally:
-                    attention.SPLIT_DENSE_TAIL = "cuda"
+                    flexwalk.options.set_options(split_dense_tail="cuda")
                 r["tail1_split_max_abs_diff"] = float((a.float() - b.float()).abs().max())
                 r["tail1_split_finite"] = bool(torch.isfinite(b).all())
                 log(f"tail {n:>6} whole layer: tail inside {r['tail1_total_split_False_ms']:.3f} ms, apart "
@@ -214,10 +216,10 @@ def tail(lengths):
 
 
 COLD = r"""
-import json, sys, time, torch, flexwalk, flexwalk.attention as A
+import json, sys, time, torch, flexwalk
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
-A.GRAPH_SELECTION = sys.argv[1] == "on"
+flexwalk.options.set_options(graph_selection=sys.argv[1] == "on")
 cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True)
 torch.manual_seed(0)

@@ -19,12 +19,15 @@ import pstats
 import sys
 
 import torch
+
+import flexwalk
 from triton.testing import do_bench
 
-import flexwalk.attention as A
+from flexwalk.kernels import flex as flexwalk_flex
+from flexwalk.selection import driver
 from flexwalk import SketchWalkConfig
-from flexwalk.attention import fused_selection
-from flexwalk.selection import sketch_matrix
+from flexwalk.selection.driver import fused_selection
+from flexwalk.selection.sketch import sketch_matrix
 from gpu_selection_profile import host_us  # this folder is on sys.path as a script
 
 
@@ -41,15 +44,15 @@ def main():
         print("do_bench first", do_bench(first), "walk", do_bench(walk), flush=True)
     for _ in range(2):
         print("host first", host_us(first), "walk", host_us(walk), flush=True)
-    print("graphs", [(key[-1], key[7]) for key in A._SELECTION_GRAPHS])
+    print("graphs", [(key[-1], key[7]) for key in driver._SELECTION_GRAPHS])
     p = sketch_matrix(cfg, 1, 128, q.device)
-    for g in list(A._SELECTION_GRAPHS.values()):
+    for g in list(driver._SELECTION_GRAPHS.values()):
         prev = st.transition if g.prev is not None else None
         print("has_prev", prev is not None, "fill", host_us(lambda: g.fill(q, k, p, prev, None)),
               "replay", host_us(lambda: g.graph.replay()), "kept_outputs", host_us(lambda: g.kept_outputs()), flush=True)
     print("sketch_matrix", host_us(lambda: sketch_matrix(cfg, 1, 128, q.device)))
-    print("bucket", host_us(lambda: A.bucket_length(n)))
-    print("graphable", host_us(lambda: A._graphable(q, cfg, A.bucket_length(n))))
+    print("bucket", host_us(lambda: flexwalk_flex.bucket_length(n)))
+    print("graphable", host_us(lambda: driver._graphable(q, cfg, flexwalk_flex.bucket_length(n), flexwalk.current_options())))
     for name, fn in (("first", first), ("walk", walk)):
         torch.cuda.synchronize()
         torch.cuda._sleep(3_000_000_000)

@@ -15,7 +15,7 @@ and batch:
   length and batch (the shipped values are triton_selection.PARTS_*);
 - `--row-warps 1,2,4,8`: the softmax and rank kernels' warps (one row of blocks per program),
   each setting with fresh CUDA graphs: the whole selection (first layer and with the walk) and
-  those two kernels' times (the shipped rule is triton_selection._row_warps).
+  those two kernels' times (the shipped rule is triton_selection.row_warps).
 
     PYTHONPATH=. python benchmarks/gpu_selection_profile.py --out DIR [--lengths 32768,131072]
         [--batches 1,4] [--sweep] [--row-warps 1,2,4,8]
@@ -33,11 +33,13 @@ import os
 import time
 
 import torch
+
+import flexwalk
 from triton.testing import do_bench
 
-import flexwalk.attention as attention
+from flexwalk.kernels import flex as flexwalk_flex
 from flexwalk import SketchWalkConfig, triton_selection
-from flexwalk.attention import fused_selection
+from flexwalk.selection.driver import fused_selection
 
 SWEEP = dict(heads=(1, 2, 4), tokens=(32, 64), warps=(4, 8))
 
@@ -70,30 +72,22 @@ def host_us(fn, reps: int = 50) -> float:
     return t
 
 
-def parts_fn(q, k, nb):
-    return lambda: triton_selection.block_parts(q, k, None, 128, nb)
+def parts_fn(q, k, nb, **parts):
+    return lambda: triton_selection.block_parts(q, k, None, 128, nb, **parts)
 
 
 def sweep(q, k, nb) -> dict:
-    keep = (triton_selection.PARTS_HEADS, triton_selection.PARTS_TOKENS, triton_selection.PARTS_WARPS)
     out = {}
-    try:
-        for h, t, w in itertools.product(SWEEP["heads"], SWEEP["tokens"], SWEEP["warps"]):
-            triton_selection.PARTS_HEADS, triton_selection.PARTS_TOKENS, triton_selection.PARTS_WARPS = h, t, w
-            out[f"heads{h}_tokens{t}_warps{w}"] = do_bench(parts_fn(q, k, nb))
-    finally:
-        triton_selection.PARTS_HEADS, triton_selection.PARTS_TOKENS, triton_selection.PARTS_WARPS = keep
+    for h, t, w in itertools.product(SWEEP["heads"], SWEEP["tokens"], SWEEP["warps"]):
+        out[f"heads{h}_tokens{t}_warps{w}"] = do_bench(parts_fn(q, k, nb, heads=h, tokens=t, warps=w))
     return out
 
 
 def row_warps(q, k, state, cfg, settings) -> dict:
-    keep = triton_selection.ROW_WARPS
     out = {}
     try:
         for w in settings:
-            triton_selection.ROW_WARPS = lambda nb2, w=w: w
-            attention._SELECTION_GRAPHS.clear()  # the warps are captured in the graphs: new graphs,
-            attention._GRAPH_POOL = None  # in a new pool (the old one's graphs are gone)
+            flexwalk.options.set_options(selection_row_warps=w)  # graphs are captured per warps setting
             first = lambda: fused_selection(q, k, cfg, 0, None)  # noqa: E731
             walk = lambda: fused_selection(q, k, cfg, 1, state)  # noqa: E731
             ks = kernels(walk)
@@ -101,9 +95,7 @@ def row_warps(q, k, state, cfg, settings) -> dict:
                                     rank_us=ks.get("_rank_kernel"), softmax_us=ks.get("_softmax_kernel"))
             print("row warps", w, out[f"warps{w}"], flush=True)
     finally:
-        triton_selection.ROW_WARPS = keep
-        attention._SELECTION_GRAPHS.clear()
-        attention._GRAPH_POOL = None
+        flexwalk.options.set_options(selection_row_warps=None)
     return out
 
 
@@ -123,7 +115,7 @@ def main():
                                     [int(x) for x in args.lengths.split(",")]):
         q = torch.randn(bsz, 32, n, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(bsz, 8, n, 128, device="cuda", dtype=torch.bfloat16)
-        nb = attention.bucket_length(n) // 128
+        nb = flexwalk_flex.bucket_length(n) // 128
         _, state, _, _ = fused_selection(q, k, cfg, 0, None)
         row = {"q_plus_k_bytes": (q.numel() + k.numel()) * 2}
         row["read_q_k_once_ms"] = do_bench(lambda: (q.sum(), k.sum()))
@@ -136,15 +128,15 @@ def main():
         # the graph with the walk (layers after the first), the graph of a first layer (no walk:
         # what gpu_prefill's select_mask_ms times), and the Triton path without a graph
         for tag, graph, prev in (("graph", True, state), ("graph_first_layer", True, None), ("no_graph", False, state)):
-            old = attention.GRAPH_SELECTION
-            attention.GRAPH_SELECTION = graph
+            old = flexwalk.current_options().graph_selection
+            flexwalk.options.set_options(graph_selection=graph)
             try:
                 fn = lambda: fused_selection(q, k, cfg, 1 if prev is not None else 0, prev)  # noqa: E731
                 row[f"selection_{tag}_ms"] = do_bench(fn)
                 row[f"selection_{tag}_host_us"] = host_us(fn)
                 row[f"kernels_{tag}_us"] = kernels(fn)
             finally:
-                attention.GRAPH_SELECTION = old
+                flexwalk.options.set_options(graph_selection=old)
         if args.row_warps:
             row["row_warps"] = row_warps(q, k, state, cfg, [int(x) for x in args.row_warps.split(",")])
         res[f"B{bsz}_{n}"] = row

@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/gpu_triton_prefill.py --out DIR [--sections check,tune,speed,rounds,tune_small,layout]
         [--lengths 8192,32768,131072] [--tune-lengths 32768,131072]
 
-1. check: the Triton kernel (flexwalk.attention.PREFILL_KERNEL = "triton") against compiled flex
+1. check: the Triton kernel (flexwalk.options.Options.prefill_kernel = "triton") against compiled flex
    ("flex") on the same selection: three layers with the walk carried, batch 2 with and without
    left padding, lengths off the bucket grid, head dims 64 and 128, bf16, blocks 128, 64 and
    q128kv64, dense tail 2.  Max |difference| and finiteness.
@@ -33,11 +33,13 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import flexwalk
-import flexwalk.attention as attention
+from flexwalk import prefill
 from flexwalk import SketchWalkConfig, sketchwalk_attention
-from flexwalk.attention import _bounds, dense_tail_start, flex, fused_selection_mask
-from flexwalk.block_mask import dense_block_mask, kernel_mask_mod
-from flexwalk.triton_prefill import block_mask_attention
+from flexwalk.kernels.flex import flex, row_bounds
+from flexwalk.prefill import dense_tail_start
+from flexwalk.selection.driver import fused_selection_mask
+from flexwalk.kernels.flex import dense_block_mask, kernel_mask_mod
+from flexwalk.kernels.triton_prefill import block_mask_attention
 from gpu_prefill import bench, block_spec, env_info, llama8b_qkv, log, run_sections, sdpa_ms, sdpa_times  # this folder is on sys.path as a script
 
 RESULTS: dict = {}
@@ -64,7 +66,7 @@ def outputs_by_kernel(q, k, v, cfg, key_valid, layers=3):
     outs, counts = {}, {}
     try:
         for kernel in ("flex", "triton"):
-            attention.PREFILL_KERNEL = kernel
+            flexwalk.options.set_options(prefill_kernel=kernel)
             flexwalk.reset_counters()
             st, o = None, []
             for layer in range(layers):
@@ -72,7 +74,7 @@ def outputs_by_kernel(q, k, v, cfg, key_valid, layers=3):
                 o.append(out)
             outs[kernel], counts[kernel] = o, dict(flexwalk.counters())
     finally:
-        attention.PREFILL_KERNEL = "auto"
+        flexwalk.options.set_options(prefill_kernel="auto")
     return outs, counts
 
 
@@ -113,7 +115,7 @@ def _flex_as_shipped(q, k, v, bm, cfg, n):
     r0 = dense_tail_start(cfg, n, q.device)
     if r0 is None:
         return lambda: flex(q, k, v, bm, kernel_mask_mod=fast, **tiles)
-    return lambda: attention._with_dense_tail(q, k, v, bm, r0, None, fast, tiles)
+    return lambda: prefill._with_dense_tail(q, k, v, bm, r0, None, fast, tiles)
 
 
 TILINGS = [  # (BLOCK_N, num_warps, num_stages, reverse)
@@ -133,7 +135,7 @@ def tune(lengths, tilings=TILINGS, spec="128"):
         r["blocks"] = spec
         bm, _, kept, causal = fused_selection_mask(q, k, cfg, 0, None)
         r["density"] = float(kept.sum() / causal.sum())
-        start, end = _bounds(1, n, None, q.device)
+        start, end = row_bounds(1, n, None, q.device)
         flex_fn = _flex_as_shipped(q, k, v, bm, cfg, n)
         r["flex_ms"] = bench(flex_fn, long)
         ref = flex_fn()
@@ -178,7 +180,7 @@ def tune_small(lengths, tilings=SMALL_TILINGS):
         t_cudnn = sdpa_ms(q, k, v, SDPBackend.CUDNN_ATTENTION)
         cfg = SketchWalkConfig(block_size=64, density=0.2, dense_layers=0, dense_below=0)
         bm, _, kept, causal = fused_selection_mask(q, k, cfg, 0, None)
-        start, end = _bounds(16, n, None, q.device)
+        start, end = row_bounds(16, n, None, q.device)
         tiles = dict(block_size=64, q_block=64, scale=None, softcap=None)
         r = dict(n=n, batch=16, sdpa_cudnn_ms=t_cudnn, density=float(kept.sum() / causal.sum()),
                  flex_ms=bench(lambda: flex(q, k, v, bm, kernel_mask_mod=kernel_mask_mod(), **tiles)))
@@ -207,7 +209,7 @@ def layout(lengths):
         qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (qc, kc, vc))
         cfg = SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0)
         bm, _, _, _ = fused_selection_mask(qc, kc, cfg, 0, None)
-        start, end = _bounds(1, n, None, qc.device)
+        start, end = row_bounds(1, n, None, qc.device)
         r = dict(n=n)
         for tag, (q, k, v) in (("contiguous", (qc, kc, vc)), ("strided", (qs, ks, vs))):
             r[f"flex_{tag}_ms"] = bench(_flex_as_shipped(q, k, v, bm, cfg, n), long)
@@ -230,9 +232,9 @@ def speed(lengths):
         r = dict(n=n, sdpa_flash_ms=t_flash, sdpa_cudnn_ms=t_cudnn)
         cfg = SketchWalkConfig(**block_spec("128"), density=0.2, dense_layers=0, dense_below=0)
         for comp in (False, True):
-            attention.COMPILE_GRAPHED_SELECTION = comp
+            flexwalk.options.set_options(compile_graphed_selection=comp)
             for kernel in ("flex", "triton"):
-                attention.PREFILL_KERNEL = kernel
+                flexwalk.options.set_options(prefill_kernel=kernel)
                 tag = f"{kernel}{'_compiled_graph' if comp else ''}"
                 _sync()
                 t0 = time.perf_counter()
@@ -246,7 +248,7 @@ def speed(lengths):
                     f"x{t_cudnn / t_total:.2f}")
             r[f"select_mask{'_compiled_graph' if comp else ''}_ms"] = bench(
                 lambda: fused_selection_mask(q, k, cfg, 0, None), long)
-        attention.PREFILL_KERNEL, attention.COMPILE_GRAPHED_SELECTION = "auto", False
+        flexwalk.options.set_options(prefill_kernel="auto", compile_graphed_selection=False)
         rows.append(r)
         del q, k, v
         _empty_cache()
@@ -262,15 +264,15 @@ def rounds(lengths, n_rounds=7):
         long = n >= 65536
         q, k, v = _llama8b_qkv(n)
         for kernel in ("triton", "flex"):  # compile and capture outside the rounds
-            attention.PREFILL_KERNEL = kernel
+            flexwalk.options.set_options(prefill_kernel=kernel)
             sketchwalk_attention(q, k, v, cfg, 0)
         r = dict(n=n, cudnn_ms=[], triton_ms=[], flex_ms=[])
         for _ in range(n_rounds):
             r["cudnn_ms"].append(sdpa_ms(q, k, v, SDPBackend.CUDNN_ATTENTION, long))
             for kernel in ("triton", "flex"):
-                attention.PREFILL_KERNEL = kernel
+                flexwalk.options.set_options(prefill_kernel=kernel)
                 r[f"{kernel}_ms"].append(bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long))
-        attention.PREFILL_KERNEL = "auto"
+        flexwalk.options.set_options(prefill_kernel="auto")
         for kernel in ("triton", "flex"):
             ratios = sorted(c / t for c, t in zip(r["cudnn_ms"], r[f"{kernel}_ms"]))
             r[f"{kernel}_speedup_per_round"] = ratios

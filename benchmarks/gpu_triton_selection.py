@@ -1,10 +1,10 @@
-"""GPU check and benchmark of the Triton selection (flexwalk.triton_selection, issue 5): one device call.
+"""GPU check and benchmark of the Triton selection (flexwalk.kernels.triton_selection, issue 5): one device call.
 
     PYTHONPATH=. python benchmarks/gpu_triton_selection.py --out DIR [--sections check,compiles,rounds,per_head]
         [--lengths 8192,16384,32768,65536,131072]
 
 1. check: the selection's tables from the Triton kernels against the torch selection, both captured
-   in the CUDA graph (flexwalk.attention.TRITON_SELECTION on / off), on the same bf16 inputs: three
+   in the CUDA graph (flexwalk.options.Options.triton_selection on / off), on the same bf16 inputs: three
    layers with the walk carried, batch 2 with left padding (and batch 1 without: the graph
    holds no validity then), blocks 128, 64 and q128kv64, lengths
    off the bucket grid, and 200K tokens (above GRAPH_SELECTION_MAX_TOKENS: the Triton selection
@@ -33,10 +33,9 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import flexwalk
-import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig, sketchwalk_attention
-from flexwalk import triton_selection
-from flexwalk.attention import fused_selection
+from flexwalk.kernels import triton_selection
+from flexwalk.selection.driver import fused_selection
 from gpu_prefill import bench, block_spec, env_info, llama8b_qkv, log, run_sections, sdpa_ms  # this folder is on sys.path as a script
 
 RESULTS: dict = {}
@@ -47,13 +46,13 @@ CHECK_CASES = [("128", 32, 8, 128, 30000, "mean-unpadded"), ("64", 9, 3, 64, 200
 
 
 def _tables(q, k, cfg, kv, triton: bool):
-    attention.TRITON_SELECTION = triton
+    flexwalk.options.set_options(triton_selection=triton)
     st, outs = None, []
     for layer in range(3):
         tables, st, kept, causal = fused_selection(q, k, cfg, layer, st, key_valid=kv)
         outs.append(([t.clone() for t in tables], st.transition.clone(), kept.clone(), causal.clone()))
         q, k = q.roll(4099, 2), k.roll(4099, 2)  # other layers' inputs
-    attention.TRITON_SELECTION = True
+    flexwalk.options.set_options(triton_selection=True)
     return outs
 
 
@@ -89,13 +88,13 @@ def check(cases=CHECK_CASES):
                 kept=float(kg.sum()), kept_torch=float(kr.sum()), causal_equal=bool((cg == cr).all())))
         outs = {}
         for tri in (True, False):
-            attention.TRITON_SELECTION = tri
+            flexwalk.options.set_options(triton_selection=tri)
             st, o = None, []
             for layer in range(3):
                 out, st = sketchwalk_attention(q, k, v, cfg, layer, st, key_valid=kv)
                 o.append(out)
             outs[tri] = o
-        attention.TRITON_SELECTION = True
+        flexwalk.options.set_options(triton_selection=True)
         r["out_max_abs_diff"] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(outs[True], outs[False]))
         r["finite"] = all(bool(torch.isfinite(o).all()) for o in outs[True])
         log(r)
@@ -150,16 +149,16 @@ def rounds(lengths, n_rounds=7):
         q, k, v = llama8b_qkv(n, "cuda")
         kinds = {"triton_sel": True, "torch_sel": False}
         for tri in kinds.values():  # capture outside the rounds
-            attention.TRITON_SELECTION = tri
+            flexwalk.options.set_options(triton_selection=tri)
             sketchwalk_attention(q, k, v, cfg, 0)
         r = dict(n=n, cudnn_ms=[], **{f"{kd}_ms": [] for kd in kinds}, **{f"{kd}_select_ms": [] for kd in kinds})
         for _ in range(n_rounds):
             r["cudnn_ms"].append(sdpa_ms(q, k, v, SDPBackend.CUDNN_ATTENTION, long))
             for kd, tri in kinds.items():
-                attention.TRITON_SELECTION = tri
+                flexwalk.options.set_options(triton_selection=tri)
                 r[f"{kd}_ms"].append(bench(lambda: sketchwalk_attention(q, k, v, cfg, 0), long))
                 r[f"{kd}_select_ms"].append(bench(lambda: fused_selection(q, k, cfg, 0, None), long))
-        attention.TRITON_SELECTION = True
+        flexwalk.options.set_options(triton_selection=True)
         for kd in kinds:
             ratios = sorted(c / t for c, t in zip(r["cudnn_ms"], r[f"{kd}_ms"]))
             r[f"{kd}_speedup_per_round"] = ratios
@@ -184,7 +183,7 @@ def per_head(lengths):
     for n in lengths:
         long = n >= 65536
         for tri in (True, False):
-            attention.TRITON_SELECTION = tri
+            flexwalk.options.set_options(triton_selection=tri)
             r = dict(n=n, selection="triton" if tri else "inductor", first_calls_s=[])
             for bsz, pad in ((1, False), (2, False), (2, True)):
                 q, k, v = llama8b_qkv(n, "cuda", batch=bsz)
@@ -203,7 +202,7 @@ def per_head(lengths):
             log(r)
             rows.append(r)
             torch.cuda.empty_cache()
-    attention.TRITON_SELECTION = True
+    flexwalk.options.set_options(triton_selection=True)
     return rows
 
 

@@ -4,7 +4,7 @@
         [--kernels triton,flex] [--dense-layers 2] [--profile-length 131072]
 
 For each length: sdpa, then sketchwalk_flex with each kernel of --kernels
-(flexwalk.attention.PREFILL_KERNEL), one warm-up forward then two timed ones (the minimum
+(flexwalk.options.Options.prefill_kernel), one warm-up forward then two timed ones (the minimum
 counts), logits of the last position only; block 128, density 0.2, dense_below 8192.  Then one
 forward of each at --profile-length under torch.profiler: the CUDA kernels with the most total
 time (DIR/profile_<impl>.txt), so the non-attention share can be compared kernel by kernel.
@@ -21,7 +21,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import flexwalk
-import flexwalk.attention as attention
 from flexwalk import SketchWalkConfig
 from gpu_prefill import _prompt, env_info, log, time_prompts  # this folder is on sys.path as a script
 
@@ -49,7 +48,7 @@ def main():
     res["config"] = sw.to_dict()
     lengths = [int(x) for x in args.lengths.split(",") if x]
     for kernel in args.kernels.split(","):
-        attention.PREFILL_KERNEL = kernel
+        flexwalk.options.set_options(prefill_kernel=kernel)
         out, _ = time_prompts(model, lengths, sw, reps=2, warmup=1)
         flexwalk.reset_counters()
         with torch.no_grad():
@@ -60,7 +59,7 @@ def main():
         log(kernel, {k: v for k, v in out.items() if k.endswith("speedup")}, out["counters_last_length"])
         with open(os.path.join(args.out, "gpu_ttft_profile.json"), "w") as f:
             json.dump(res, f, indent=1)
-    attention.PREFILL_KERNEL = "auto"
+    flexwalk.options.set_options(prefill_kernel="auto")
     if args.profile_length:
         ids = _prompt(args.profile_length, model.config.vocab_size, "cuda")
         for impl in ("sdpa", "sketchwalk_flex"):

@@ -3,7 +3,7 @@
 One dense forward records every layer's q and k (flexwalk.niah.fidelity.capture_attention_inputs).
 For each full-attention layer from `dense_layers` on, the exact attention mass of every
 (query block, key block) pair is computed per query head; then each block score below picks the
-top blocks of every query block under the library's budget rule (config.block_budget, sink 1,
+top blocks of every query block under the library's budget rule (selection.topk.kept_blocks, sink 1,
 local 1, the last query block dense), and the recall is the share of the heads' mass inside them.
 
 Scores (no walk: one layer at a time):
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from flexwalk import SketchWalkConfig
-from flexwalk.config import block_budget
+from flexwalk.selection.topk import kept_blocks
 from flexwalk.models import load_model
-from flexwalk.niah.data import dataset_path, parse_length, read_jsonl
+from flexwalk.niah.dataset import dataset_path, parse_length, read_jsonl
 from flexwalk.niah.fidelity import capture_attention_inputs
 
 SCORES = ("mean", "minmax", "keylse", "qtok", "oracle", "oracle_kv", "oracle_q")
@@ -92,7 +92,8 @@ def top_blocks(score: torch.Tensor, config: SketchWalkConfig) -> torch.Tensor:
     sc[:, idx, idx] = float("inf")
     out = torch.zeros(x, nb, nb, dtype=torch.bool, device=score.device)
     for i in range(nb):
-        kept = i + 1 if i == nb - 1 else block_budget(config, i + 1, min(i + 1, 2))
+        kept = i + 1 if i == nb - 1 else int(kept_blocks(torch.tensor(i + 1), torch.tensor(min(i + 1, 2)), top_k=config.top_k_blocks,
+                                                              density=config.density))
         out[:, i].scatter_(-1, sc[:, i, : i + 1].topk(kept, -1).indices, True)
     return out
 

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from flexwalk import SketchWalkConfig, sketchwalk_attention, sketchwalk_selection
-from flexwalk.block_mask import selection_block_mask
+from flexwalk.kernels.flex import selection_block_mask
 
 SHAPE = dict(batch=1, hq=8, hkv=2, d=64)
 LENGTHS = [1024, 2048]

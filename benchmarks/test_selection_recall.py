@@ -3,7 +3,7 @@
 import torch
 
 from flexwalk import SketchWalkConfig
-from flexwalk.oracle import token_mask
+from flexwalk.reference import token_mask
 from selection_recall import block_mass, block_scores, layer_recall, top_blocks
 
 
@@ -43,7 +43,11 @@ def test_top_blocks_budget_and_forced_blocks():
     sel = top_blocks(score, cfg)[0]
     assert torch.all(sel.triu(1) == 0) and torch.all(sel[:, 0]) and torch.all(sel.diagonal())
     assert sel[-1].sum() == nb
-    from flexwalk.config import block_budget
+    from flexwalk.selection.topk import kept_blocks
+
+    def block_budget(cfg, n_causal, forced):
+        return int(kept_blocks(torch.tensor(n_causal), torch.tensor(forced), top_k=cfg.top_k_blocks,
+                               density=cfg.density))
     for i in range(nb - 1):
         assert sel[i].sum() == block_budget(cfg, i + 1, min(i + 1, 2))
 

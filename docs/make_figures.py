@@ -93,7 +93,7 @@ def density_figure(path: Path) -> None:
 @contextlib.contextmanager
 def record_selections(store: dict):
     """Wrap the selection the compiled sparse path calls; record each layer's block table."""
-    import flexwalk.attention as attention
+    import flexwalk.prefill as attention
 
     original = attention.sketchwalk_selection
 
@@ -121,7 +121,8 @@ def mask_figure(path: Path, length: int, depth: float) -> None:
     import torch
 
     import flexwalk
-    from flexwalk.cli import _eos_ids, greedy, needle_prompt
+    from flexwalk.demo import needle_prompt
+    from flexwalk.generation import eos_ids as _eos_ids, greedy
     from flexwalk.config import SketchWalkConfig
     from flexwalk.models import load_model
 

@@ -6,14 +6,19 @@
 Importing flexwalk registers "sketchwalk_flex" with transformers (when it is installed).
 """
 
-from .attention import dense_attention, sketchwalk_attention
-from .block_mask import dense_block_mask, selection_block_mask
-from .config import PRESETS, SketchWalkConfig, expected_density
-from .decode import DecodeState, sketchwalk_decode
-from .oracle import eager_sketchwalk_attention, reference_attention, token_mask
-from .selection import sketchwalk_selection
+from .config import PRESETS, SketchWalkConfig
+from .decode.state import DecodeState
+from .decode.step import sketchwalk_decode
+from .kernels.dense import dense_attention
+from .kernels.flex import dense_block_mask, selection_block_mask
+from . import options  # the module, callable as a scope: `with flexwalk.options(prefill_kernel="flex"):`
+from .options import Options, current_options
+from .prefill import sketchwalk_attention
+from .reference import eager_sketchwalk_attention, reference_attention, token_mask
+from .selection.driver import sketchwalk_selection
+from .selection.topk import BlockSelection, expected_density
+from .selection.walk import WalkState
 from .stats import counters, density_report, reset_counters
-from .walk import BlockSelection, WalkState
 
 __version__ = "0.1.0"
 
@@ -21,16 +26,19 @@ __all__ = [
     "PRESETS",
     "BlockSelection",
     "DecodeState",
+    "Options",
     "SketchWalkConfig",
     "WalkState",
     "configure",
     "counters",
+    "current_options",
     "decode_states",
     "dense_attention",
     "dense_block_mask",
     "density_report",
     "eager_sketchwalk_attention",
     "expected_density",
+    "options",
     "reference_attention",
     "reset_counters",
     "reset_decode_state",

@@ -1,9 +1,9 @@
 """SketchWalkConfig: every knob of the method, validated and frozen.
 
 The config is pure data: it holds no tensors and knows nothing of models, so it can be
-stored on a transformers config, hashed, compared and printed.  `expected_density` predicts
-the fraction of the causal block triangle a sparse layer computes for a given length, using
-exactly the budget rule the selection applies (tests check the two agree).
+stored on a transformers config, hashed, compared and printed.  The budget rule it describes
+lives with the top-k (flexwalk.selection.topk), which also predicts a layer's density from it
+(`expected_density`).
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class SketchWalkConfig:
     paper's, raised in a model that mixes sliding-window and full-attention layers so that its
     first full-attention layer is dense too (Gemma 3: 6, its first full layer being index 5;
     Gemma 2's, index 1, already is).  On Gemma 3 270M that was level with dense at every length
-    from 2K to 32K, worst task -2, for at most 4% of prefill from 4K (docs/results.md, "Session
-    20").  Decided per model like residual (`for_model`); 2 outside a model."""
+    from 2K to 32K, worst task -2, for at most 4% of prefill from 4K (docs/results.md).  Decided
+    per model like residual (`for_model`); 2 outside a model."""
     walk: WalkMode = "damped"
     """'walk': R_l = R_{l-1} W_l; 'damped': (1-beta) W_l + beta R_{l-1} W_l; 'one_hop': R_l = W_l;
     'oracle': each layer ranks key blocks by their exact attention mass (an evaluation upper
@@ -107,7 +107,7 @@ class SketchWalkConfig:
     each query head against each block's channel-wise maximum and minimum key of its KV head,
     sum_d max(q_d * kmax_d, q_d * kmin_d), an upper bound on every logit in the block (Quest's
     estimate); the token's row is the mean over heads of softmax(scale * bound), then walked
-    as under 'sketch'.  'sketch': ALGORITHM.md's rule, the token's query (head mean, or per head
+    as under 'sketch'.  'sketch': the prefill's rule on one row, the token's query (head mean, or per head
     under head_scoring) against the sketched block-mean keys, softmax(s * scale * a).  A needle
     of a few tokens is averaged away in a block mean but stands out in a block's extremes: on
     SmolLM2 niah_single_1 at 8K (H100, 50 samples, density 0.22) sparse decode scored 88%
@@ -123,12 +123,12 @@ class SketchWalkConfig:
     """Prefill: every query also attends one summary entry per whole key block before its query
     block that the selection dropped (the block's mean key and mean value, weighted by its number
     of keys), so the dropped blocks keep an estimate of their share of the softmax instead of
-    none (flexwalk.residual; decode steps do not use it).  "auto" (the default): on in models
+    none (flexwalk.kernels.residual; decode steps do not use it).  "auto" (the default): on in models
     that mix sliding-window and full-attention layers (Gemma 2 and 3, ...: the few full layers
     are the model's only long-range path), off elsewhere, and off when `sketchwalk_attention`
     is called outside a model.  On Gemma 3 270M it took SketchWalk from up to 4.6 points below
     dense to within 1.75 at every length from 2K to 32K; on SmolLM2-135M (every layer full
-    attention) it cost 3.1 and 1.6 points at 2K and 4K (docs/results.md, "Session 19")."""
+    attention) it cost 3.1 and 1.6 points at 2K and 4K (docs/results.md)."""
 
     @property
     def dense_layer_count(self) -> int:
@@ -282,50 +282,3 @@ PRESETS: dict[str, SketchWalkConfig] = {
     # Long prompts: 128-token blocks, a wider local window, dense only under 8K.
     "long-context": SketchWalkConfig(block_size=128, density=0.15, local_blocks=2, dense_below=8192),
 }
-
-
-def block_budget(config: SketchWalkConfig, n_causal: int, forced: int) -> int:
-    """Blocks kept for one query block with `n_causal` causal key blocks, `forced` of them forced."""
-    if config.top_k_blocks is not None:
-        budget = config.top_k_blocks
-    else:
-        budget = math.ceil(config.density * n_causal - 1e-9)
-    return min(n_causal, max(forced, budget))
-
-
-def expected_density(config: SketchWalkConfig, seq_len: int, num_layers: int | None = None, device: Any = "cpu") -> float:
-    """Fraction of the causal block triangle computed at `seq_len` tokens (no padding).
-
-    With ``num_layers`` the dense layers and the dense-below rule are included, giving the
-    model-wide fraction; without it, the fraction of one sparse layer.  Counts blocks, as
-    the kernel does (a partly filled last block counts as one): with query_block_size, the
-    (query_block_size x block_size) tiles of the kernel's query blocks.  device: where the model runs
-    (it sets dense_below="auto").
-    """
-    _check_int_arg("seq_len", seq_len, 1)
-    nb = math.ceil(seq_len / config.block_size)
-    m = config.q_block // config.block_size  # walk rows pooled per kernel query block
-    nq = -(-nb // m)
-    kept = causal = 0
-    for i in range(nq):
-        n_causal = min(i * m + m, nb)  # key blocks up to the block's last sub-row
-        causal += n_causal
-        if i >= nq - config.dense_tail_blocks:
-            kept += n_causal
-            continue
-        sink = set(range(min(config.sink_blocks, n_causal)))
-        local = set(range(max(0, (i - config.local_blocks + 1) * m), n_causal))
-        kept += block_budget(config, n_causal, len(sink | local))
-    sparse = kept / causal
-    if num_layers is None:
-        return sparse
-    _check_int_arg("num_layers", num_layers, 1)
-    if seq_len < config.min_sparse_length(device):
-        return 1.0
-    n_dense = min(config.dense_layer_count, num_layers)
-    return (n_dense + (num_layers - n_dense) * sparse) / num_layers
-
-
-def _check_int_arg(name: str, value: Any, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name}={value!r} is invalid: must be an int >= {lo}")

@@ -8,8 +8,10 @@ the last selection of each layer as tensors, so recording never synchronises the
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
+from typing import Any, Iterator
 
 import torch
 
@@ -34,13 +36,16 @@ DENSE_DECODE_NO_STATE = "dense_decode_no_state"  # decode step without a usable 
 DECODE_STATE_RESET = "decode_state_reset"  # a state was found stale (not continuing this sequence) and dropped
 DECODE_GRAPH_STEPS = "decode_graph_steps"  # sparse decode steps replayed from a CUDA graph (static cache)
 DECODE_STALE_STEPS = "decode_stale_steps"  # static-cache steps whose position disagreed with the state: dense
-FA4_PREFILL = "fa4_prefill"  # of those sparse_prefill calls, the ones run by FlashAttention 4 (flexwalk.fa4_prefill)
-TRITON_PREFILL = "triton_prefill"  # of those sparse_prefill calls, the ones run by flexwalk.triton_prefill's kernel
+FA4_PREFILL = "fa4_prefill"  # of those sparse_prefill calls, the ones run by FlashAttention 4 (flexwalk.kernels.fa4)
+TRITON_PREFILL = "triton_prefill"  # of those sparse_prefill calls, the ones run by flexwalk.kernels.triton_prefill's kernel
 TRITON_SELECTION = "triton_selection"  # prefill selections computed by flexwalk.triton_selection (graph replays too)
 RESIDUAL = "residual"  # of those sparse_prefill calls, the ones whose queries also attended the residual summaries
 PADDING_HOLES = "padding_holes"  # sparse prefill with padding between real tokens: torch selection and flex
 CUSTOM_MASK = "custom_mask"  # a 4D mask or a mask function other than causal: exact dense attention under it
 PACKED_SEQUENCES = "packed_sequences"  # a row holding several documents: each selected and attended on its own
+DENSE_TAIL_SPLIT = "dense_tail_split"  # of the flex sparse_prefill calls, those whose dense tail ran as a call of its own
+COMPILED_SELECTION = "compiled_selection"  # prefill selections by the inductor-compiled torch selection (no graph)
+TRITON_DECODE = "triton_decode"  # sparse decode steps attended by flexwalk's split-KV Triton kernel
 SELECTION_GRAPH_CAPTURE = "selection_graph_capture"  # a CUDA graph of the prefill selection was captured (once per key)
 
 _REASONS = {
@@ -135,6 +140,43 @@ def density_report(phase: str = "prefill") -> dict[int, float]:
     with _lock:
         items = sorted((layer, v) for (ph, layer), v in _density.items() if ph == phase)
     return {layer: float(k.sum() / c.sum().clamp_min(1)) for layer, (k, c) in items}
+
+
+_launch_logs: list[list[dict[str, Any]]] = []
+
+
+@contextlib.contextmanager
+def launch_log() -> Iterator[list[dict[str, Any]]]:
+    """Log the launches of flexwalk's Triton prefill kernel made inside the block (tests, GPU
+    checks): yields a list that gets one dict per launch, its launch parameters (tiles, warps,
+    stages, ...), its "kernel" name and "shared", the compiled kernel's shared memory in bytes
+    (None under triton's interpreter, or when the launch failed)."""
+    log: list[dict[str, Any]] = []
+    with _lock:
+        _launch_logs.append(log)
+    try:
+        yield log
+    finally:
+        with _lock:
+            _launch_logs.remove(log)
+
+
+def log_launch(kernel: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The entry of a launch about to happen in every open `launch_log` (one dict, shared), or
+    None when none is open (the usual case: nothing is kept)."""
+    if not _launch_logs:
+        return None
+    entry = dict(params, kernel=kernel, shared=None)
+    with _lock:
+        for log in _launch_logs:
+            log.append(entry)
+    return entry
+
+
+def forget_logged() -> None:
+    """Forget which messages were logged once, so that each is logged again (tests of the logs)."""
+    with _lock:
+        _logged.clear()
 
 
 def reset_counters() -> None:

@@ -13,7 +13,7 @@ import pathlib
 # Compiled flex kernels are cached on disk between runs (first compile ~5-10 s on a CPU).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "inductor"))
 
-# Without a GPU, Triton kernels (flexwalk.triton_decode) run in triton's interpreter on CPU
+# Without a GPU, Triton kernels (flexwalk.kernels.triton_decode) run in triton's interpreter on CPU
 # tensors; it is chosen when triton is imported, so before torch.
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import flexwalk  # noqa: E402
-from flexwalk.oracle import reference_attention  # noqa: E402
+from flexwalk.reference import reference_attention  # noqa: E402
+from flexwalk.selection.topk import kept_blocks  # noqa: E402
 
 
 
@@ -119,29 +120,19 @@ def assert_matches_reference(q, k, v, mask, out, **kw):
     assert err <= allowed, f"max error {err:.3e} exceeds budget {allowed:.3e} (2x the same-dtype reference's error)"
 
 
+def block_budget(config, n_causal: int, forced: int) -> int:
+    """Blocks a row with n_causal causal blocks, `forced` of them forced, keeps under the
+    config's budget (the selection's own rule, selection.topk.kept_blocks, on ints)."""
+    return int(kept_blocks(torch.tensor(n_causal), torch.tensor(forced), top_k=config.top_k_blocks,
+                           density=config.density))
+
+
 FP32_FLOOR = 2e-5  # absolute floor on logits of magnitude ~1 (two fp32 computations of one function)
 
 
 def floor_tol(ref: torch.Tensor) -> float:
     """fp32 floor for two fp32 computations of the same function (logits of magnitude ~1)."""
     return FP32_FLOOR * max(1.0, ref.abs().max().item())
-
-
-class LaunchRecorder:
-    """Stands in for a Triton kernel (a JITFunction, `kernel[grid](...)`): records each launch's
-    keyword arguments (tiles, warps, stages) and, where it compiled for a GPU, the compiled
-    kernel's shared memory (bytes; None under the interpreter)."""
-
-    def __init__(self, jit):
-        self.jit, self.launches = jit, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kw):
-            self.launches.append(dict(kw, shared=None))  # before the launch: a failed one is recorded too
-            kernel = self.jit[grid](*args, **kw)
-            self.launches[-1]["shared"] = getattr(getattr(kernel, "metadata", None), "shared", None)
-            return kernel
-        return launch
 
 
 @pytest.fixture(autouse=True)
@@ -159,7 +150,7 @@ def random_qkv(batch, hq, hkv, n, d, *, dtype=torch.float32, seed=0):
 
 
 def graph_inputs(q, k, kv, n_pad):
-    """What the CUDA graph of the selection holds (attention._SelectionGraph): head means [B, 1,
+    """What the CUDA graph of the selection holds (selection.driver._SelectionGraph): head means [B, 1,
     n_pad, D] zero past n, validity [B, n_pad] False past n."""
     bsz, _, n, d = q.shape
     qm = torch.zeros(bsz, 1, n_pad, d)
@@ -180,13 +171,11 @@ def left_padding(batch, n, pads):
 
 
 @pytest.fixture(params=["flex", "triton"])
-def decode_kernel(request, monkeypatch):
+def decode_kernel(request):
     """Run a decode test through both attention kernels: compiled flex with a one-row BlockMask,
     and the split-KV Triton kernel (through triton's interpreter on CPU)."""
-    import flexwalk.decode
-
-    monkeypatch.setattr(flexwalk.decode, "DECODE_KERNEL", request.param)
-    return request.param
+    with flexwalk.options(decode_kernel=request.param):
+        yield request.param
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -9,7 +9,7 @@ from torch.nn.attention.flex_attention import create_mask, flex_attention
 
 from conftest import assert_matches_reference, left_padding, random_qkv
 from flexwalk import SketchWalkConfig, sketchwalk_attention, sketchwalk_selection, token_mask
-from flexwalk.block_mask import bucket_length, dense_block_mask, selection_block_mask
+from flexwalk.kernels.flex import bucket_length, dense_block_mask, selection_block_mask
 
 
 def _dense_blocks(bm, kind):
@@ -99,7 +99,7 @@ def test_no_recompiles_across_prompt_lengths_after_warmup():
 def test_key_bounds_recovers_each_rows_interval(intervals):
     """Left, right and two-sided padding, rows with no real key, bounds past 127 (an int8
     argmax once wrapped there when compiled on CUDA)."""
-    from flexwalk.block_mask import key_bounds
+    from flexwalk.kernels.flex import key_bounds
 
     s = 300
     kv = torch.zeros(len(intervals), s, dtype=torch.bool)

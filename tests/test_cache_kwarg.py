@@ -16,7 +16,7 @@ import transformers
 
 import flexwalk
 from flexwalk import SketchWalkConfig
-from flexwalk.cli import greedy, greedy_batch
+from flexwalk.generation import greedy, greedy_batch
 from flexwalk.integrations.cache_kwarg import cache_kwarg, cache_kwargs, returned_cache
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from flexwalk import PRESETS, SketchWalkConfig, expected_density
-from flexwalk.config import block_budget
+from conftest import block_budget
 
 
 @pytest.mark.parametrize(
@@ -141,6 +141,7 @@ def test_dense_below_auto_depends_on_the_device(monkeypatch):
 
     import flexwalk
     from flexwalk import config as cmod
+    from flexwalk.selection.topk import expected_density
 
     cfg = SketchWalkConfig()
     assert cfg.dense_below == "auto"
@@ -148,7 +149,7 @@ def test_dense_below_auto_depends_on_the_device(monkeypatch):
     assert cfg.min_sparse_length("cpu") == cfg.min_sparse_length(torch.device("cpu")) == 2048
     assert SketchWalkConfig(dense_below=300).min_sparse_length("cuda") == 300
     assert SketchWalkConfig.from_dict(cfg.to_dict()) == cfg
-    assert cmod.expected_density(cfg, 4096, 30, device="cuda") == 1.0 > cmod.expected_density(cfg, 4096, 30)
+    assert expected_density(cfg, 4096, 30, device="cuda") == 1.0 > expected_density(cfg, 4096, 30)
     q = torch.randn(1, 2, 600, 16)
     k = torch.randn(1, 2, 600, 16)
     sparse = SketchWalkConfig(block_size=16, dense_layers=0)

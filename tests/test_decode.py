@@ -9,11 +9,9 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters as dynamo_counters
 
 import flexwalk
-import flexwalk.decode
-from conftest import assert_matches_reference, left_padding
+from conftest import assert_matches_reference, block_budget, left_padding
 from flexwalk import DecodeState, SketchWalkConfig, sketchwalk_decode
-from flexwalk.config import block_budget
-from flexwalk.decode import decode_select
+from flexwalk.decode.step import decode_select
 
 EPS = torch.finfo(torch.float32).eps
 STATE_FIELDS = ("k_sum", "k_count", "k_sketch", "q_sum", "q_count", "transition")
@@ -163,8 +161,12 @@ def test_decode_steps_match_the_oracle(walk, walk_steps, softcap, decode_kernel,
 # triton's interpreter (the Triton kernel on CPU) has no bfloat16: fp16 stands in for it here
 @pytest.mark.parametrize("kernel, dtype", [("flex", torch.float32), ("flex", torch.bfloat16),
                                            ("triton", torch.float32), ("triton", torch.float16)])
-def test_full_budget_decode_equals_dense(kernel, dtype, monkeypatch):
-    monkeypatch.setattr(flexwalk.decode, "DECODE_KERNEL", kernel)
+def test_full_budget_decode_equals_dense(kernel, dtype):
+    with flexwalk.options(decode_kernel=kernel):
+        _full_budget_decode_equals_dense(dtype)
+
+
+def _full_budget_decode_equals_dense(dtype):
     cfg = SketchWalkConfig(block_size=32, density=1.0)
     n, total = 100, 140
     q, k, v = (x.to(dtype) for x in _qkv(2, 4, 4, total, 16, seed=5))
@@ -268,20 +270,18 @@ def test_no_recompiles_over_64_decode_steps_after_warmup():
     assert dynamo_counters["stats"]["unique_graphs"] == before, "a decode step or prompt length recompiled flex"
 
 
-def test_compiled_step_core_matches_eager(monkeypatch):
+def test_compiled_step_core_matches_eager():
     """The step core compiled (as on CUDA) gives the eager selection, state and output."""
-    import flexwalk.decode as dec
-
     cfg = SketchWalkConfig(block_size=16, density=0.3)
     q, k, v = _qkv(2, 6, 2, 120, 16, seed=12)
     key_valid = left_padding(2, 120, [0, 13])
     eager = DecodeState.from_prefill(q[:, :, :100], k[:, :, :100], cfg, 2, key_valid=key_valid[:, :100])
     compiled = DecodeState.from_prefill(q[:, :, :100], k[:, :, :100], cfg, 2, key_valid=key_valid[:, :100])
     for t in range(100, 120):
-        monkeypatch.setattr(dec, "COMPILE_STEP_ON_CPU", False)
-        out_e, row_e = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], eager)
-        monkeypatch.setattr(dec, "COMPILE_STEP_ON_CPU", True)
-        out_c, row_c = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], compiled)
+        with flexwalk.options(compile_decode="never"):
+            out_e, row_e = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], eager)
+        with flexwalk.options(compile_decode="always"):
+            out_c, row_c = sketchwalk_decode(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], compiled)
         torch.testing.assert_close(row_c, row_e, rtol=0, atol=1e-5)
         torch.testing.assert_close(out_c, out_e, rtol=0, atol=1e-5)
     assert_state_equal(compiled, eager, cfg, "compiled vs eager")
@@ -290,27 +290,27 @@ def test_compiled_step_core_matches_eager(monkeypatch):
 def test_cuda_graph_key_and_invalidation():
     """The captured step is specialised to the cache tensors, the optional inputs and options:
     (CPU) logic of the key, and absorb/grow dropping a capture (they replace state tensors)."""
-    from flexwalk.decode import _graph_key, _graphable
+    from flexwalk.decode.step import graph_key, graphable
 
     k, v = torch.zeros(1, 2, 64, 16), torch.zeros(1, 2, 64, 16)
-    kw = dict(scale=None, softcap=None, force_dense=False, kernel="triton")
-    base = _graph_key(k, v, None, None, torch.tensor(3), kw)
-    assert base == _graph_key(k, v, None, None, torch.tensor(9), kw)  # a new position value: same graph
-    assert base != _graph_key(k.clone(), v, None, None, torch.tensor(3), kw)  # another cache
-    assert base != _graph_key(k, v, torch.ones(1, 4), None, torch.tensor(3), kw)  # a walk row now
-    assert base != _graph_key(k, v, None, None, None, kw)
-    assert base != _graph_key(k, v, None, None, torch.tensor(3), {**kw, "force_dense": True})
+    kw = dict(scale=None, softcap=None, force_dense=False, kernel="triton", compiled=True)
+    base = graph_key(k, v, None, None, torch.tensor(3), kw)
+    assert base == graph_key(k, v, None, None, torch.tensor(9), kw)  # a new position value: same graph
+    assert base != graph_key(k.clone(), v, None, None, torch.tensor(3), kw)  # another cache
+    assert base != graph_key(k, v, torch.ones(1, 4), None, torch.tensor(3), kw)  # a walk row now
+    assert base != graph_key(k, v, None, None, None, kw)
+    assert base != graph_key(k, v, None, None, torch.tensor(3), {**kw, "force_dense": True})
     cfg = SketchWalkConfig(block_size=16)
     q, kk, _ = _qkv(1, 2, 2, 40, 16, seed=1)
     state = DecodeState.from_prefill(q[:, :, :30], kk[:, :, :30], cfg, 2, kv_tokens=64, growable=False)
-    assert not _graphable(state, q, kw)  # CPU: never captured
-    state._graph = object()
+    assert not graphable(state, q, kw, flexwalk.current_options())  # CPU: never captured
+    state.captured_step = object()
     state.absorb(q[:, :, 30:31], kk[:, :, 30:31])
-    assert state._graph is None
+    assert state.captured_step is None
     state2 = DecodeState.from_prefill(q[:, :, :30], kk[:, :, :30], cfg, 2)
-    state2._graph = object()
+    state2.captured_step = object()
     state2.grow(1024)
-    assert state2._graph is None
+    assert state2.captured_step is None
 
 
 def test_decode_mask_mod_carries_the_selection():
@@ -321,7 +321,7 @@ def test_decode_mask_mod_carries_the_selection():
 
     from torch.nn.attention.flex_attention import flex_attention
 
-    from flexwalk.decode import decode_block_mask
+    from flexwalk.kernels.flex import decode_block_mask
 
     g = torch.Generator().manual_seed(3)
     bsz, bs, s, d = 2, 16, 96, 8
@@ -368,7 +368,7 @@ def test_prompt_block_mass_equals_dense_softmax(n, bs, lq, pad, softcap, seed):
     """The pinned blocks' score (exact mass from the last queries, chunked over keys, GQA 3,
     left padding, softcap) equals a dense softmax written out; tolerance: the fp32
     reference's own error against fp64."""
-    from flexwalk.decode import prompt_block_mass
+    from flexwalk.decode.scoring import prompt_block_mass
 
     lq = min(lq, n)
     q, k, _ = _qkv(2, 6, 2, n, 8, seed)
@@ -416,7 +416,8 @@ def test_key_bounds_are_block_extremes_and_bound_every_logit(n, bs, pad, softcap
     real keys (left padding out, empty blocks +-inf), and every real key's logit, for every
     query head of its KV head (GQA 3, softcap), is at most its block's bound logit.  Tolerance:
     fp32 rounding of a D-term dot product summed in another order."""
-    from flexwalk.decode import block_key_bounds, bound_logits
+    from flexwalk.decode.scoring import bound_logits
+    from flexwalk.decode.state import block_key_bounds
 
     q, k, _ = _qkv(2, 6, 2, n, 8, seed)
     q = q[:, :, -1:] * 3

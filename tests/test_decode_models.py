@@ -113,12 +113,14 @@ def test_full_budget_static_cache(name):
 
 
 @pytest.mark.parametrize("name, cache", [("llama", "dynamic"), ("gemma2", "dynamic"), ("llama", "static")])
-def test_full_budget_triton_kernel_equals_dense(name, cache, monkeypatch):
+def test_full_budget_triton_kernel_equals_dense(name, cache):
     """The split-KV Triton decode kernel (CUDA's default; here through triton's interpreter)
     inside generate(): the sdpa tokens and logits, softcap (gemma2) and static cache included."""
-    import flexwalk.decode
+    with flexwalk.options(decode_kernel="triton"):
+        _full_budget_triton_kernel_equals_dense(name, cache)
 
-    monkeypatch.setattr(flexwalk.decode, "DECODE_KERNEL", "triton")
+
+def _full_budget_triton_kernel_equals_dense(name, cache):
     kw = {} if cache == "dynamic" else {"cache_implementation": "static"}
     cfg = decode_cfg()
     ids, mask = left_padded_batch(seed=3)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import flexwalk
-from flexwalk.cli import DENSE, SPARSE, needle_prompt, run_demo
-from flexwalk.config import SketchWalkConfig, expected_density
+from flexwalk.demo import DENSE, SPARSE, needle_prompt, run_demo
+from flexwalk import SketchWalkConfig, expected_density
 from flexwalk.models import load_model
 
 pytestmark = pytest.mark.slow

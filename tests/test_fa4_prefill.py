@@ -1,4 +1,4 @@
-"""flexwalk.fa4_prefill: the hand-over of a selection to FlashAttention 4 (`flash_attn.cute`).
+"""flexwalk.kernels.fa4: the hand-over of a selection to FlashAttention 4 (`flash_attn.cute`).
 
 FA4 needs a Hopper GPU, so here a stand-in module takes its place.  `fake_fa4` implements FA4's
 block-sparse semantics (flash_attn/cute/block_sparsity.py, flash_fwd_sm90.py, 4.0.0b36): per query
@@ -26,11 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flexwalk
-import flexwalk.attention as A
 from conftest import assert_matches_reference, left_padding, random_qkv
 from flexwalk import SketchWalkConfig, eager_sketchwalk_attention, sketchwalk_attention, token_mask
-from flexwalk import fa4_prefill as FA4
-from flexwalk.selection import layer_sketch
+from flexwalk.kernels import fa4 as FA4
+from flexwalk.selection.sketch import layer_sketch
 
 
 class BlockSparseTensorsTorch(NamedTuple):  # the fields of flash_attn.cute.block_sparsity's, in order
@@ -112,12 +111,13 @@ def fake_fa4(monkeypatch):
     for name, mod in (("flash_attn", pkg), ("flash_attn.cute", cute), ("flash_attn.cute.block_sparsity", bsp)):
         monkeypatch.setitem(sys.modules, name, mod)
     FA4.available.cache_clear()
-    monkeypatch.setattr(FA4, "device_ok", lambda device: True)
-    monkeypatch.setattr(FA4, "SHAPES", {(d, b, b) for d in (16, 32) for b in (16, 32)} | {(32, 64, 32)})
-    monkeypatch.setattr(A, "PREFILL_KERNEL", "fa4")
     CALLS.clear()
-    yield
+    with flexwalk.options(fa4_on_cpu=True, fa4_shapes=FAKE_SHAPES, prefill_kernel="fa4"):
+        yield
     FA4.available.cache_clear()
+
+
+FAKE_SHAPES = {(d, b, b) for d in (16, 32) for b in (16, 32)} | {(32, 64, 32)}
 
 
 def _config(bs, density, tail, m=1, **kw):
@@ -160,17 +160,29 @@ def test_fa4_path_with_a_mask_function_instead_of_causal(fake_fa4, monkeypatch):
     """MASK="mask_mod": causal=False and FA4 applies the mask function (kv <= q) to the partial
     blocks only; the output still equals the oracle's.  (The real function is CuTe code: here a
     torch one with FA4's signature stands in.)"""
-    monkeypatch.setattr(FA4, "MASK", "mask_mod")
-    monkeypatch.setattr(FA4, "causal_mask_mod", lambda: lambda b, h, q, kv, seqlen, aux: kv <= q)
+    cutlass = types.ModuleType("cutlass")
+    cute = types.ModuleType("cutlass.cute")
+    cute.jit = lambda fn: fn  # the CuTe function, run as torch code
+    cutlass.cute = cute
+    monkeypatch.setitem(sys.modules, "cutlass", cutlass)
+    monkeypatch.setitem(sys.modules, "cutlass.cute", cute)
+    FA4.causal_mask_mod.cache_clear()
+    try:
+        with flexwalk.options(fa4_mask="mask_mod"):
+            _fa4_path_with_a_mask_function()
+    finally:
+        FA4.causal_mask_mod.cache_clear()
+    with pytest.raises(ValueError, match=r"flexwalk option fa4_mask='tril' is invalid: allowed causal, mask_mod"):
+        flexwalk.options(fa4_mask="tril").__enter__()
+
+
+def _fa4_path_with_a_mask_function():
     cfg = _config(16, 0.3, 1)
     q, k, v = random_qkv(2, 4, 2, 170, 32, dtype=torch.float16, seed=11)
     out, _ = sketchwalk_attention(q, k, v, cfg, 0, None)
     _, _, sel = eager_sketchwalk_attention(q, k, v, cfg, 0, None)
     assert_matches_reference(q, k, v, token_mask(170, selection=sel), out)
     assert CALLS[-1]["causal"] is False and CALLS[-1]["mask_mod"] is True
-    monkeypatch.setattr(FA4, "MASK", "tril")
-    with pytest.raises(ValueError, match=r"MASK='tril': allowed causal, mask_mod"):
-        sketchwalk_attention(q, k, v, cfg, 0, None)
 
 
 def test_fa4_path_with_a_kernel_query_block_of_two_key_blocks(fake_fa4):
@@ -235,8 +247,8 @@ def test_block_sparse_lists_drop_bucket_rows_and_keep_one_head():
 
 
 @pytest.mark.parametrize("case", ["padding", "residual", "softcap", "flex", "triton", "auto_off", "fp32", "shape"])
-def test_fa4_not_used_where_it_does_not_apply(fake_fa4, monkeypatch, case):
-    """Padding, the residual, soft-capping, the kernel forced to flex or triton, FA4_AUTO off,
+def test_fa4_not_used_where_it_does_not_apply(fake_fa4, case):
+    """Padding, the residual, soft-capping, the kernel forced to flex or triton, fa4_auto off,
     float32 and an unmeasured shape all run another kernel, still exactly the
     selection (the oracle), and the fa4 counter stays 0."""
     n, batch = 120, 2
@@ -244,12 +256,12 @@ def test_fa4_not_used_where_it_does_not_apply(fake_fa4, monkeypatch, case):
     dtype = torch.float32 if case == "fp32" else torch.float16
     q, k, v = random_qkv(batch, 4, 2, n, 32 if case != "shape" else 16, dtype=dtype, seed=3)
     if case == "shape":
-        monkeypatch.setattr(FA4, "SHAPES", {(32, 16, 16)})
+        shapes = {(32, 16, 16)} if case == "shape" else FAKE_SHAPES
     kv = left_padding(batch, n, [0, 17]) if case == "padding" else None
-    monkeypatch.setattr(A, "PREFILL_KERNEL", {"flex": "flex", "triton": "triton", "auto_off": "auto"}.get(case, "fa4"))
-    monkeypatch.setattr(A, "FA4_AUTO", False)
+    kernel = {"flex": "flex", "triton": "triton", "auto_off": "auto"}.get(case, "fa4")
     kw = dict(softcap=20.0) if case == "softcap" else {}
-    out, _ = sketchwalk_attention(q, k, v, cfg, 0, None, key_valid=kv, **kw)
+    with flexwalk.options(prefill_kernel=kernel, fa4_auto=False, fa4_shapes=shapes):
+        out, _ = sketchwalk_attention(q, k, v, cfg, 0, None, key_valid=kv, **kw)
     assert flexwalk.counters().get("fa4_prefill", 0) == 0 and flexwalk.counters()["sparse_prefill"] == 1
     assert not CALLS
     if case not in ("residual", "softcap"):  # those change the attention itself: their own tests
@@ -257,24 +269,23 @@ def test_fa4_not_used_where_it_does_not_apply(fake_fa4, monkeypatch, case):
         assert_matches_reference(q, k, v, token_mask(n, selection=sel, key_valid=kv), out)
 
 
-def test_auto_takes_fa4_only_when_fa4_auto_is_on(fake_fa4, monkeypatch):
-    """FA4_AUTO True (the default since FA4 ran on an H100): "auto" takes FA4 where supported;
+def test_auto_takes_fa4_only_when_fa4_auto_is_on(fake_fa4):
+    """fa4_auto True (the default since FA4 ran on an H100): "auto" takes FA4 where supported;
     False: "auto" leaves it alone."""
-    assert A.FA4_AUTO is True
-    monkeypatch.setattr(A, "PREFILL_KERNEL", "auto")
+    assert flexwalk.Options().fa4_auto is True
     q, k, v = random_qkv(1, 4, 2, 100, 32, dtype=torch.float16, seed=2)
-    sketchwalk_attention(q, k, v, _config(16, 0.3, 1), 0, None)
-    assert flexwalk.counters()["fa4_prefill"] == 1
-    monkeypatch.setattr(A, "FA4_AUTO", False)
-    sketchwalk_attention(q, k, v, _config(16, 0.3, 1), 0, None)
-    assert flexwalk.counters()["fa4_prefill"] == 1
-
-
-def test_an_unknown_kernel_name_is_an_error(monkeypatch):
-    monkeypatch.setattr(A, "PREFILL_KERNEL", "cutlass")
-    q, k, v = random_qkv(1, 2, 2, 64, 16, seed=0)
-    with pytest.raises(ValueError, match=r"PREFILL_KERNEL='cutlass': allowed auto, fa4, triton, flex"):
+    with flexwalk.options(prefill_kernel="auto"):
         sketchwalk_attention(q, k, v, _config(16, 0.3, 1), 0, None)
+        assert flexwalk.counters()["fa4_prefill"] == 1
+        with flexwalk.options(fa4_auto=False):
+            sketchwalk_attention(q, k, v, _config(16, 0.3, 1), 0, None)
+        assert flexwalk.counters()["fa4_prefill"] == 1
+
+
+def test_an_unknown_kernel_name_is_an_error():
+    with pytest.raises(ValueError, match=r"prefill_kernel='cutlass' is invalid: allowed auto, fa4, triton, flex"):
+        with flexwalk.options(prefill_kernel="cutlass"):
+            pass
 
 
 def test_fa4_is_not_available_without_flash_attn(monkeypatch):

@@ -6,9 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexwalk
-import flexwalk.attention as A
 from conftest import assert_matches_reference, left_padding, random_qkv
 from flexwalk import SketchWalkConfig, dense_attention, eager_sketchwalk_attention, sketchwalk_attention, token_mask
+from flexwalk.prefill import dense_tail_start, rows_dropped
+from flexwalk.selection.driver import fused_selection_mask
 
 
 def sparse_cfg(**kw):
@@ -38,11 +39,9 @@ def _check_flex_against_the_oracle(cfg, n, hkv, g, batch, pad, seed):
     """Two layers (walk carried) of compiled flex against the oracle's token mask of the same
     selection, through SDPA; the walk equals the eager one."""
     flexwalk.reset_counters()
-    A.SPLIT_DENSE_TAIL = bool(seed % 2)  # the dense tail inside the block-sparse kernel and apart
-    try:
+    # the dense tail inside the block-sparse kernel and apart
+    with flexwalk.options(split_dense_tail="always" if seed % 2 else "never"):
         _flex_against_the_oracle(cfg, n, hkv, g, batch, pad, seed)
-    finally:
-        A.SPLIT_DENSE_TAIL = "cuda"
 
 
 def _flex_against_the_oracle(cfg, n, hkv, g, batch, pad, seed):
@@ -83,25 +82,23 @@ def test_pooled_query_blocks_flex_equals_oracle(n, bs, m, hkv, g, batch, density
 
 
 @pytest.mark.parametrize("tail, qbs, pad", [(1, None, 0), (2, 64, 0), (1, None, 50), (2, 64, 50)])
-def test_the_dense_tail_runs_outside_the_block_sparse_kernel(monkeypatch, tail, qbs, pad):
+def test_the_dense_tail_runs_outside_the_block_sparse_kernel(tail, qbs, pad):
     """The tail's query blocks visit no key block in the block-sparse flex call (its longest
-    programs, computed by a dense call of their own); every other row keeps the selection's
-    blocks; the output is the oracle's."""
+    programs, computed by a dense call of their own, counted as dense_tail_split); every other
+    row keeps the selection's blocks; the output is the oracle's."""
     n = 300
-    monkeypatch.setattr(A, "SPLIT_DENSE_TAIL", True)  # the CUDA default, here on the CPU
     q, k, v = random_qkv(2, 4, 2, n, 16, seed=11)
     kv = left_padding(2, n, [0, pad]) if pad else None
     cfg = sparse_cfg(block_size=32, query_block_size=qbs, density=0.2, dense_tail_blocks=tail)
-    calls = []
-    real_flex = A.flex
-    monkeypatch.setattr(A, "flex", lambda *a, **kw: calls.append(a[3]) or real_flex(*a, **kw))
-    out, _ = sketchwalk_attention(q, k, v, cfg, 0, key_valid=kv)
-    bm, _, _, _ = A.fused_selection_mask(q, k, cfg, 0, None, key_valid=kv)
-    sparse = [m for m in calls if m.seq_lengths[0] == bm.seq_lengths[0]]
-    assert len(sparse) == 1 and len(calls) == 2  # the block-sparse call and the tail's dense one
-    r0 = -(-n // cfg.q_block) - tail
-    assert r0 == A.dense_tail_start(cfg, n, "cpu") == A.dense_tail_start(cfg, n, q.device)
-    visits = sparse[0].kv_num_blocks + sparse[0].full_kv_num_blocks
+    with flexwalk.options(split_dense_tail="always") as opts:  # the CUDA default, here on the CPU
+        out, _ = sketchwalk_attention(q, k, v, cfg, 0, key_valid=kv)
+        assert flexwalk.counters()["dense_tail_split"] == 1 and flexwalk.counters()["sparse_prefill"] == 1
+        bm, _, _, _ = fused_selection_mask(q, k, cfg, 0, None, key_valid=kv)
+        r0 = -(-n // cfg.q_block) - tail
+        assert r0 == dense_tail_start(cfg, n, "cpu") == dense_tail_start(cfg, n, q.device, opts)
+    sparse = rows_dropped(bm, r0)  # the mask of the block-sparse call
+    assert sparse.seq_lengths == bm.seq_lengths
+    visits = sparse.kv_num_blocks + sparse.full_kv_num_blocks
     assert (visits[..., r0:] == 0).all()
     assert torch.equal(visits[..., :r0], (bm.kv_num_blocks + bm.full_kv_num_blocks)[..., :r0])
     assert ((bm.kv_num_blocks + bm.full_kv_num_blocks)[..., r0:-(-n // cfg.q_block)] > 0).all()
@@ -113,19 +110,23 @@ def test_the_dense_tail_runs_outside_the_block_sparse_kernel(monkeypatch, tail, 
 
 def test_the_dense_tail_is_split_where_the_setting_says():
     cfg = sparse_cfg(block_size=32, dense_tail_blocks=1)
-    assert A.SPLIT_DENSE_TAIL == "cuda"
-    n = A.SPLIT_DENSE_TAIL_MIN_TOKENS
-    assert A.dense_tail_start(cfg, n, "cuda") == n // 32 - 1 and A.dense_tail_start(cfg, n, "cpu") is None
-    assert A.dense_tail_start(cfg, n - 1, "cuda") is None  # short prompts: the launches cost more than the tail
-    assert A.dense_tail_start(cfg.replace(dense_tail_blocks=0), n, "cuda") is None
+    assert flexwalk.current_options().split_dense_tail == "cuda"
+    n = flexwalk.current_options().split_dense_tail_min_tokens
+    assert dense_tail_start(cfg, n, "cuda") == n // 32 - 1 and dense_tail_start(cfg, n, "cpu") is None
+    assert dense_tail_start(cfg, n - 1, "cuda") is None  # short prompts: the launches cost more than the tail
+    assert dense_tail_start(cfg.replace(dense_tail_blocks=0), n, "cuda") is None
+    with flexwalk.options(split_dense_tail="never"):
+        assert dense_tail_start(cfg, n, "cuda") is None
+    with flexwalk.options(split_dense_tail_min_tokens=n // 2):
+        assert dense_tail_start(cfg, n // 2, "cuda") == n // 64 - 1
 
 
-def test_a_dense_tail_longer_than_the_prompt_is_dense_attention(monkeypatch):
-    monkeypatch.setattr(A, "SPLIT_DENSE_TAIL", True)
+def test_a_dense_tail_longer_than_the_prompt_is_dense_attention():
     n = 200
     q, k, v = random_qkv(1, 4, 2, n, 16, seed=12)
-    out, _ = sketchwalk_attention(q, k, v, sparse_cfg(block_size=32, density=0.1, dense_tail_blocks=50), 0)
-    assert A.dense_tail_start(sparse_cfg(block_size=32, dense_tail_blocks=50), n, "cpu") == 0
+    with flexwalk.options(split_dense_tail="always"):
+        out, _ = sketchwalk_attention(q, k, v, sparse_cfg(block_size=32, density=0.1, dense_tail_blocks=50), 0)
+        assert dense_tail_start(sparse_cfg(block_size=32, dense_tail_blocks=50), n, "cpu") == 0
     assert_matches_reference(q, k, v, token_mask(n, batch=1), out)
 
 
@@ -232,8 +233,8 @@ def test_kernel_mask_mod_agrees_with_the_full_one_on_every_visited_block(n, bs, 
     every element of every partial block of a padding-free selection, for the rows kept; and
     (ROWS_GUARANTEED_SAFE) each real query block's first partial block holds the block's
     first key position, which every row of the block attends.  Query blocks of m * bs rows."""
-    from flexwalk.block_mask import bucket_length, kernel_mask_mod, selection_block_mask
-    from flexwalk.selection import sketchwalk_selection
+    from flexwalk.kernels.flex import bucket_length, kernel_mask_mod, selection_block_mask
+    from flexwalk.selection.driver import sketchwalk_selection
 
     qb = min(bs * m, 256)
     q, k, _ = random_qkv(1, 2, 1, n, 16, seed=seed)
@@ -260,22 +261,22 @@ def test_kernel_mask_mod_agrees_with_the_full_one_on_every_visited_block(n, bs, 
 def test_kernel_mask_mod_is_not_used_where_flex_would_run_eagerly():
     """Forced-eager or disabled dynamo runs flex's unfused path, which evaluates mask_mod on every
     element: there the full mask_mod (selection included) must be used, or the layer would be dense."""
-    from flexwalk.attention import _kernel_mask_ok
+    from flexwalk.kernels.flex import kernel_mask_ok
 
     q, k, v = random_qkv(1, 4, 2, 300, 16, seed=4)
     cfg = sparse_cfg(block_size=32, density=0.2)
     ref, _, sel = eager_sketchwalk_attention(q, k, v, cfg, 0)
     mask = token_mask(300, selection=sel)
-    assert _kernel_mask_ok()
+    assert kernel_mask_ok()
     with torch.compiler.set_stance("force_eager"):
-        assert not _kernel_mask_ok()
+        assert not kernel_mask_ok()
         out, _ = sketchwalk_attention(q, k, v, cfg, 0)
     assert_matches_reference(q, k, v, mask, out)
     with torch._dynamo.config.patch(disable=True):  # (flex itself refuses to run then)
-        assert not _kernel_mask_ok()
+        assert not kernel_mask_ok()
 
 
-def test_the_kernel_mask_path_compiles_once_per_shape(monkeypatch):
+def test_the_kernel_mask_path_compiles_once_per_shape():
     """Each padding-free sparse flex signature has a compiled function of its own, compiled once:
     dynamo's recompile limit (past which flex would run eagerly) is never approached.
 
@@ -283,15 +284,15 @@ def test_the_kernel_mask_path_compiles_once_per_shape(monkeypatch):
     by earlier tests in the same process can hold a second entry that is no fault of the key (torch
     guards every compiled frame on the number of registered pytree node types, and transformers
     registers its cache classes on first use, which recompiles each function once)."""
-    from flexwalk.block_mask import bucket_length
+    from flexwalk.kernels.flex import bucket_length, clear_kernel_flex, kernel_flex_functions
 
-    table: dict = {}
-    monkeypatch.setattr(A, "_KERNEL_FLEX", table)
+    clear_kernel_flex()
     cfg = sparse_cfg(block_size=32, density=0.3)
     lengths = (300, 310, 600, 300, 700)
     for n in lengths:
         q, k, v = random_qkv(1, 4, 2, n, 16, seed=n)
         sketchwalk_attention(q, k, v, cfg, 0)
+    table = kernel_flex_functions()
     assert len(table) == len({bucket_length(n) for n in lengths})  # one function per length bucket
     for fn in table.values():
         code = fn._torchdynamo_orig_callable.__code__
@@ -301,15 +302,15 @@ def test_the_kernel_mask_path_compiles_once_per_shape(monkeypatch):
 def test_kernel_tiles_divide_the_mask_blocks():
     """CUDA tiles (BLOCK_M x BLOCK_N) for (query block x key block) masks: they must divide them,
     and 128-row tiles over 64-key blocks are what query_block_size=128 with block_size=64 is for."""
-    from flexwalk.attention import _kernel_options
+    from flexwalk.kernels.flex import kernel_options
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert _kernel_options(64, cpu, q_block=128) is None
-    assert _kernel_options(64, cuda) == {"BLOCK_M": 64, "BLOCK_N": 64}  # square blocks: as before
-    assert _kernel_options(128, cuda) is None and _kernel_options(256, cuda) is None
-    assert _kernel_options(64, cuda, q_block=128) == {"BLOCK_M": 128, "BLOCK_N": 64}
-    assert _kernel_options(16, cuda, q_block=32) == {"BLOCK_M": 32, "BLOCK_N": 16}
-    assert _kernel_options(64, cuda, q_block=256) == {"BLOCK_M": 128, "BLOCK_N": 64}  # two tiles per block
-    assert _kernel_options(128, cuda, q_block=256) is None  # triton's tiles (<= 128) divide both
-    assert _kernel_options(32, cuda, rows_safe=True, q_block=128) == {"BLOCK_M": 128, "BLOCK_N": 32,
+    assert kernel_options(64, cpu, q_block=128) is None
+    assert kernel_options(64, cuda) == {"BLOCK_M": 64, "BLOCK_N": 64}  # square blocks: as before
+    assert kernel_options(128, cuda) is None and kernel_options(256, cuda) is None
+    assert kernel_options(64, cuda, q_block=128) == {"BLOCK_M": 128, "BLOCK_N": 64}
+    assert kernel_options(16, cuda, q_block=32) == {"BLOCK_M": 32, "BLOCK_N": 16}
+    assert kernel_options(64, cuda, q_block=256) == {"BLOCK_M": 128, "BLOCK_N": 64}  # two tiles per block
+    assert kernel_options(128, cuda, q_block=256) is None  # triton's tiles (<= 128) divide both
+    assert kernel_options(32, cuda, rows_safe=True, q_block=128) == {"BLOCK_M": 128, "BLOCK_N": 32,
                                                                       "ROWS_GUARANTEED_SAFE": True}

@@ -8,31 +8,30 @@ import torch
 from torch._dynamo.utils import counters as dynamo_counters
 
 import flexwalk
-import flexwalk.attention as attention
+from flexwalk.selection import driver
 from conftest import graph_inputs, random_qkv
 from flexwalk import SketchWalkConfig
-from flexwalk.oracle import eager_sketchwalk_attention
+from flexwalk.reference import eager_sketchwalk_attention
 
 
 @pytest.fixture
-def compiled_on_cpu(monkeypatch):
-    monkeypatch.setattr(attention, "COMPILE_SELECTION_ON_CPU", True)
+def compiled_on_cpu():
+    with flexwalk.options(compile_selection="always"):
+        yield
 
 
-def test_oracle_selection_is_never_compiled(compiled_on_cpu, monkeypatch):
-    """walk="oracle" runs the eager selection where the others compile: compiling its chunk loop
-    over a dynamic length took minutes per process on the GPU."""
-    def refuse(config):
-        raise AssertionError(f"compiled selection requested for walk={config.walk!r}")
-
-    monkeypatch.setattr(attention, "_compiled_selection_tables", refuse)
+def test_oracle_selection_is_never_compiled(compiled_on_cpu):
+    """walk="oracle" runs the eager selection where the others compile (counted as
+    compiled_selection): compiling its chunk loop over a dynamic length took minutes per process
+    on the GPU."""
     q, k, v = random_qkv(1, 4, 2, 200, 16, seed=1)
     oracle = SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=0, walk="oracle")
     out, _ = flexwalk.sketchwalk_attention(q, k, v, oracle, 0, None)
     ref, _, _ = eager_sketchwalk_attention(q, k, v, oracle, 0, None)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(AssertionError, match="walk='damped'"):
-        flexwalk.sketchwalk_attention(q, k, v, oracle.replace(walk="damped"), 0, None)
+    assert "compiled_selection" not in flexwalk.counters()
+    flexwalk.sketchwalk_attention(q, k, v, oracle.replace(walk="damped"), 0, None)
+    assert flexwalk.counters()["compiled_selection"] == 1
 
 
 @pytest.mark.parametrize("walk,qbs", [("damped", None), ("oracle", None), ("damped", 32)])
@@ -75,15 +74,15 @@ def test_one_compile_across_lengths(compiled_on_cpu, qbs):
                                                      (333, 40, True, None), (301, 0, False, 32),
                                                      (270, 133, False, 64), (333, 40, True, 32)])
 def test_bucket_padded_selection_equals_the_exact_length_one(n, pad_left, compiled, qbs):
-    """The CUDA-graph path (attention._SelectionGraph) runs `_selection_tables` on head-mean
+    """The CUDA-graph path (driver.SelectionGraph) runs `torch_selection_tables` on head-mean
     inputs padded to the bucket, with the real length as a 0-d tensor and key_valid False past
     it, so that one graph serves every length of a bucket.  CPU check of that logic: over three
     layers (walk carried, dense tail on) every output equals the exact-length selection's.
     compiled: the function the graph captures with COMPILE_GRAPHED_SELECTION (inductor, the
     bucket's static shapes, a code object of its own).  qbs: query_block_size, the tables then
     have query blocks of qbs tokens over key blocks of 16."""
-    from flexwalk.block_mask import bucket_length
-    from flexwalk.selection import sketch_matrix
+    from flexwalk.kernels.flex import bucket_length
+    from flexwalk.selection.sketch import sketch_matrix
 
     cfg = SketchWalkConfig(block_size=16, density=0.25, dense_below=0, dense_layers=0, dense_tail_blocks=2,
                            local_blocks=2, query_block_size=qbs)
@@ -96,14 +95,14 @@ def test_bucket_padded_selection_equals_the_exact_length_one(n, pad_left, compil
     nq = -(-n // cfg.q_block)  # real kernel query blocks
     qm, km, valid = graph_inputs(q, k, kv, n_pad)  # the graph's static inputs
     prev = prev_pad = None
-    graphed = torch.compile(attention._own_code(cfg), dynamic=False) if compiled else None
+    graphed = torch.compile(driver.own_selection_tables(cfg), dynamic=False) if compiled else None
     for layer in range(3):
         p = sketch_matrix(cfg, layer, d, "cpu")
-        ref = attention._selection_tables(q, k, p, prev, kv, cfg, layer, None, n_pad)
+        ref = driver.torch_selection_tables(q, k, p, prev, kv, cfg, layer, None, n_pad)
         if compiled:
             got = graphed(qm, km, p, prev_pad, valid, layer, None, n_pad, torch.tensor(n))
         else:
-            got = attention._selection_tables(qm, km, p, prev_pad, valid, cfg, layer, None, n_pad,
+            got = driver.torch_selection_tables(qm, km, p, prev_pad, valid, cfg, layer, None, n_pad,
                                               seq_len=torch.tensor(n))
         names = ["p_cnt", "p_idx", "f_cnt", "f_idx", "table", "start", "end"]
         for name, a, b in zip(names, ref[:7], got[:7]):
@@ -139,18 +138,18 @@ def test_compiled_selection_keeps_each_configuration_static(compiled_on_cpu):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_torch_selection_graph_fill_holds_the_head_means(padded):
-    """attention._SelectionGraph of the torch kind (the graph when Triton is off) without its
+    """driver.SelectionGraph of the torch kind (the graph when Triton is off) without its
     CUDA graph: `fill` writes the head means, validity, length, P and walk into the static
     inputs, and `_run` (what the graph captures) gives the selection of those inputs, across two
     lengths of one bucket (longer, then shorter: nothing of the longer prompt stays) and two
     layers with the walk carried, whatever the sketch width."""
-    from flexwalk.block_mask import bucket_length
-    from flexwalk.selection import sketch_matrix
+    from flexwalk.kernels.flex import bucket_length
+    from flexwalk.selection.sketch import sketch_matrix
 
     cfg = SketchWalkConfig(block_size=16, density=0.25, dense_below=0, dense_layers=0, sketch_dim=8)
     bsz, d, hq, hk = 2, 16, 6, 2
     n_pad = bucket_length(250)
-    graph = attention._SelectionGraph(bsz, n_pad, 1, 1, d, 8, cfg, True, True, None, torch.device("cpu"), "torch",
+    graph = driver.SelectionGraph(bsz, n_pad, 1, 1, d, 8, cfg, True, True, None, torch.device("cpu"), "torch",
                                       capture=False)
     for n in (250, 170):
         q, k, _ = random_qkv(bsz, hq, hk, n, d, seed=n)
@@ -160,7 +159,7 @@ def test_torch_selection_graph_fill_holds_the_head_means(padded):
         for layer in range(2):
             qm, km, valid = graph_inputs(q, k, kv if padded else torch.ones(bsz, n, dtype=torch.bool), n_pad)
             p = sketch_matrix(cfg, layer, d, "cpu")
-            ref = attention._selection_tables(qm, km, p, prev, valid, cfg, 0, None, n_pad, seq_len=torch.tensor(n))
+            ref = driver.torch_selection_tables(qm, km, p, prev, valid, cfg, 0, None, n_pad, seq_len=torch.tensor(n))
             graph.fill(q, k, p, prev, kv if padded else None)
             assert int(graph.n) == n and torch.equal(graph.valid, valid) and torch.equal(graph.p, p)
             torch.testing.assert_close(graph.qm, qm, rtol=0, atol=0)

@@ -24,11 +24,12 @@ import pytest
 import torch
 
 import flexwalk
-import flexwalk.attention as A
-from conftest import LaunchRecorder, assert_matches_reference, random_qkv
+from conftest import assert_matches_reference, random_qkv
 from flexwalk import SketchWalkConfig, eager_sketchwalk_attention, sketchwalk_attention, token_mask
-from flexwalk import triton_decode as TD
-from flexwalk import triton_prefill as TP
+from flexwalk.kernels import triton_decode as TD
+from flexwalk.kernels import triton_prefill as TP
+from flexwalk.kernels.triton_runtime import HOPPER_SMEM
+from flexwalk.prefill import prefill_kernel
 
 pytestmark = pytest.mark.skipif(not TP.HAS_TRITON, reason="triton is not installed")
 
@@ -157,66 +158,64 @@ def test_float32_launches():
 
 @pytest.mark.parametrize("smem", [TP.HOPPER_SMEM, 166912, 101376, 65536, 49152, 24576, 8192])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: _NAMES[t])
-def test_launches_that_do_not_fit_are_refused(monkeypatch, dtype, smem):
+def test_launches_that_do_not_fit_are_refused(dtype, smem):
     """With a device's shared memory of `smem` bytes (Hopper, A100, consumer cards, smaller):
     `supported` says yes exactly where some launch fits smem less the margin, and the launch
     chosen then fits; where none does, `supported` is False before anything is launched."""
-    monkeypatch.setattr(TP, "device_smem", lambda device: smem)
     for d in HEAD_DIMS:
         q = torch.empty(1, 1, 1, d, dtype=dtype)
         for q_block, kv_block in BLOCKS:
             cfg = TP.launch_config(dtype, d, q_block, kv_block, smem)
             smallest = TP.shared_memory(dtype, d, 16, 16, 1)
-            assert TP.supported(q, q_block=q_block, kv_block=kv_block) == (cfg is not None)
+            assert TP.supported(q, q_block=q_block, kv_block=kv_block, smem=smem) == (cfg is not None)
             assert (cfg is None) == (smallest > smem - TP.SMEM_MARGIN)
             if cfg is not None:
                 assert TP.shared_memory(dtype, d, cfg[0], cfg[1], cfg[3]) <= smem - TP.SMEM_MARGIN
 
 
-def test_a_refused_launch_falls_back_to_flex(monkeypatch):
+def test_a_refused_launch_falls_back_to_flex():
     """Where no tile fits, the caller runs flex even with PREFILL_KERNEL = "triton", and the
     kernel itself raises a ValueError naming the shared memory instead of launching."""
-    monkeypatch.setattr(A, "PREFILL_KERNEL", "triton")
     cfg = SketchWalkConfig(block_size=16, density=0.5, dense_layers=0, dense_below=0, sketch_dim=16)
     q, k, v = random_qkv(1, 2, 1, 64, 16, seed=4)
-    assert A.prefill_kernel(q, k, v, cfg) == "triton"
-    monkeypatch.setattr(TP, "device_smem", lambda device: TP.SMEM_MARGIN + 1024)
-    assert A.prefill_kernel(q, k, v, cfg) == "flex"
-    flexwalk.reset_counters()
-    out, _ = sketchwalk_attention(q, k, v, cfg, 0)
+    with flexwalk.options(prefill_kernel="triton"):
+        assert prefill_kernel(q, k, v, cfg) == "triton"
+    small = TP.SMEM_MARGIN + 1024
+    with flexwalk.options(prefill_kernel="triton", triton_smem_limit=small):
+        assert prefill_kernel(q, k, v, cfg) == "flex"
+        flexwalk.reset_counters()
+        out, _ = sketchwalk_attention(q, k, v, cfg, 0)
     assert "triton_prefill" not in flexwalk.counters() and flexwalk.counters()["sparse_prefill"] == 1
     _, _, sel = eager_sketchwalk_attention(q, k, v, cfg, 0)
     assert_matches_reference(q, k, v, token_mask(64, selection=sel), out)
     z = torch.zeros(1, 1, dtype=torch.int32)
     zi = torch.zeros(1, 1, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="shared memory"):
-        TP.sparse_prefill_attention(q, k, v, z, zi, z, zi, z[0], z[0] + 64, q_block=16, kv_block=16)
+        TP.sparse_prefill_attention(q, k, v, z, zi, z, zi, z[0], z[0] + 64, q_block=16, kv_block=16, smem=small)
 
 
 @pytest.mark.parametrize("d,block,q_block", [(128, 128, 128), (256, 64, 128)])
 @pytest.mark.parametrize("density", [1.0, 0.4])
-def test_float32_tiles_compute_the_attention(monkeypatch, d, block, q_block, density):
+def test_float32_tiles_compute_the_attention(d, block, q_block, density):
     """float32 through the Triton kernel (the interpreter) with the tiles chosen for it: at
     head dim 128 with 128-token blocks (the H200's failing case: now 128 x 64 tiles)
     and at head dim 256 with a 128-row query block over 64-token key blocks (64-row programs,
     two per query block), GQA 4:1, left padding, against the eager oracle; at full budget
     also against plain causal attention."""
-    monkeypatch.setattr(A, "PREFILL_KERNEL", "triton")
-    rec = LaunchRecorder(TP._jit)
-    monkeypatch.setattr(TP, "_jit", rec)
     cfg = SketchWalkConfig(block_size=block, query_block_size=q_block if q_block != block else None,
                            density=density, dense_layers=0, dense_below=0)
     n = 2 * q_block + 45
     q, k, v = random_qkv(2, 4, 1, n, d, seed=d + block)
     kv = torch.ones(2, n, dtype=torch.bool)
     kv[1, :37] = False
-    out, _ = sketchwalk_attention(q, k, v, cfg, 0, key_valid=kv)
+    with flexwalk.options(prefill_kernel="triton"), flexwalk.stats.launch_log() as launches:
+        out, _ = sketchwalk_attention(q, k, v, cfg, 0, key_valid=kv)
     _, _, sel = eager_sketchwalk_attention(q, k, v, cfg, 0, key_valid=kv)
     assert flexwalk.counters()["triton_prefill"] == 1
     assert_matches_reference(q, k, v, token_mask(n, selection=sel, key_valid=kv), out)
     if density == 1.0:
         assert_matches_reference(q, k, v, token_mask(n, key_valid=kv), out)
-    (launch,) = rec.launches
+    (launch,) = launches
     bm, bn, warps, stages = TP.launch_config(torch.float32, d, q_block, block)
     assert (launch["BLOCK_M"], launch["BLOCK_N"], launch["num_warps"], launch["num_stages"]) == (bm, bn, warps, stages)
     assert launch["M_SPLIT"] == q_block // bm and launch["PRECISION"] == "ieee"
@@ -237,7 +236,7 @@ def test_decode_tiles_fit_hopper(elem, block_g):
         for block in (16, 32, 64, 128, 256):
             sub, stages = TD.tiling(block, d, elem, cpu, block_g=block_g)
             assert block % sub == 0 and sub >= 16 and stages >= 1
-            assert TD.shared_memory(elem, d, block_g, sub, stages) <= TD.HOPPER_SMEM - 8 * 1024, (d, block, sub, stages)
+            assert TD.shared_memory(elem, d, block_g, sub, stages) <= HOPPER_SMEM - 8 * 1024, (d, block, sub, stages)
     assert TD.tiling(128, 256, 4, cpu, block_g=32) == (32, 3)
     assert TD.tiling(128, 256, 4, cpu, block_g=128) == (32, 2)
 
@@ -256,7 +255,9 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from flexwalk import triton_prefill as TP
+from flexwalk.kernels import triton_prefill as TP
+from flexwalk.kernels.triton_runtime import HOPPER_SMEM
+from flexwalk.prefill import prefill_kernel
 
 class Allocated(Exception):
     pass

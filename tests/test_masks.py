@@ -21,11 +21,11 @@ from transformers.masking_utils import and_masks, causal_mask_function, sdpa_mas
 
 import flexwalk
 from flexwalk import SketchWalkConfig
-from flexwalk.attention import masked_attention
+from flexwalk.kernels.dense import masked_attention
 from flexwalk.integrations import transformers as fw_tf
 from flexwalk.integrations.cache_kwarg import cache_kwargs
-from flexwalk.oracle import eager_sketchwalk_attention, reference_attention, token_mask
-from flexwalk.selection import sketchwalk_selection
+from flexwalk.reference import eager_sketchwalk_attention, reference_attention, token_mask
+from flexwalk.selection.driver import sketchwalk_selection
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import floor_tol, random_qkv, reference_error_budget  # noqa: E402

@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 
-from flexwalk import cli, models
+from flexwalk import cli, demo, models
 from flexwalk.models import MARKER, PackagedModel, is_cached, resolve_model
 
 # --------------------------------------------------------------------------- resolve_model
@@ -170,7 +170,7 @@ def _words(text):
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9, 1.0])
 def test_needle_is_placed_at_requested_depth(depth):
     needle = "The special magic number is 7391."
-    text = cli.build_haystack(2000, depth, needle, _words, seed=3)
+    text = demo.build_haystack(2000, depth, needle, _words, seed=3)
     words = text.split()
     start = text[: text.index(needle)].split()
     filler = len(words) - _words(needle)
@@ -181,24 +181,24 @@ def test_needle_is_placed_at_requested_depth(depth):
 
 
 def test_haystack_is_deterministic_under_seed():
-    a = cli.build_haystack(500, 0.5, "NEEDLE.", _words, seed=1)
-    assert a == cli.build_haystack(500, 0.5, "NEEDLE.", _words, seed=1)
-    assert a != cli.build_haystack(500, 0.5, "NEEDLE.", _words, seed=2)
+    a = demo.build_haystack(500, 0.5, "NEEDLE.", _words, seed=1)
+    assert a == demo.build_haystack(500, 0.5, "NEEDLE.", _words, seed=1)
+    assert a != demo.build_haystack(500, 0.5, "NEEDLE.", _words, seed=2)
 
 
 def test_needle_prompt_is_deterministic_and_near_length():
     tok = WordTokenizer()
-    a = cli.needle_prompt(tok, 1024, 0.3, seed=5)
-    b = cli.needle_prompt(tok, 1024, 0.3, seed=5)
+    a = demo.needle_prompt(tok, 1024, 0.3, seed=5)
+    b = demo.needle_prompt(tok, 1024, 0.3, seed=5)
     assert a == b
     assert abs(len(a.input_ids) - 1024) <= 16
     assert f"The special magic number is {a.answer}." in a.haystack
-    assert cli.needle_prompt(tok, 1024, 0.3, seed=6).answer != a.answer
+    assert demo.needle_prompt(tok, 1024, 0.3, seed=6).answer != a.answer
 
 
 def test_sample_depths():
-    assert cli.sample_depths(1) == [0.5]
-    assert cli.sample_depths(3) == pytest.approx([0.1, 0.5, 0.9])
+    assert demo.sample_depths(1) == [0.5]
+    assert demo.sample_depths(3) == pytest.approx([0.1, 0.5, 0.9])
 
 
 # --------------------------------------------------------------------------- argparse

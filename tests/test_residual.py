@@ -1,7 +1,7 @@
-"""The residual (flexwalk.residual, `SketchWalkConfig.residual`): each query also attends one
+"""The residual (flexwalk.kernels.residual, `SketchWalkConfig.residual`): each query also attends one
 summary entry per dropped key block before its query block (mean key, mean value, logit raised
 by log(count)).  Both kernels (compiled flex on CPU; the Triton kernel through triton's
-interpreter) against the oracle's dense version of the same rule (oracle.residual_reference),
+interpreter) against the oracle's dense version of the same rule (reference.residual_reference),
 with error budgets from the dtype: twice the same-dtype reference's own error against float64."""
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexwalk
-import flexwalk.attention as A
 from conftest import left_padding, random_qkv
 from flexwalk import SketchWalkConfig, dense_attention, eager_sketchwalk_attention, sketchwalk_attention
-from flexwalk.oracle import residual_reference, token_mask
-from flexwalk import residual as R
-from flexwalk.residual import block_summaries, residual_allowed
-from flexwalk.triton_prefill import HAS_TRITON
+from flexwalk.reference import residual_reference, token_mask
+from flexwalk.kernels.residual import block_summaries, residual_allowed
+from flexwalk.kernels.triton_prefill import HAS_TRITON
 
 
 def _assert_matches_residual_reference(q, k, v, sel, kv, out, softcap=None):
@@ -36,18 +34,17 @@ def _assert_matches_residual_reference(q, k, v, sel, kv, out, softcap=None):
 
 
 @pytest.mark.parametrize("summary_kernel", ["torch", "triton"])
-def test_block_summaries_are_means_over_real_keys(summary_kernel, monkeypatch):
+def test_block_summaries_are_means_over_real_keys(summary_kernel):
     """Mean key / value and log count per block, over the keys inside [start, end) only (left
     and right padding, a partial last block, empty blocks -inf, values strided as transformers
     passes them), against a loop; torch ops and the Triton kernel (the interpreter on CPU)."""
     if summary_kernel == "triton" and not HAS_TRITON:
         pytest.skip("triton is not installed")
-    monkeypatch.setattr(R, "SUMMARY_KERNEL", summary_kernel)
     q, k, v = random_qkv(2, 2, 2, 37, 8, seed=1)
     v = v.transpose(1, 2).contiguous().transpose(1, 2)
     start = torch.tensor([0, 11], dtype=torch.int32)
     end = torch.tensor([37, 30], dtype=torch.int32)
-    km, vm, lc = block_summaries(k, v, start, end, 8, num_blocks=6)
+    km, vm, lc = block_summaries(k, v, start, end, 8, num_blocks=6, kernel=summary_kernel)
     assert km.shape == (2, 2, 6, 8) and lc.shape == (2, 6)
     for b in range(2):
         for j in range(6):
@@ -74,11 +71,11 @@ def test_allowed_summaries_are_the_dropped_blocks_before_the_query_block():
 
 
 @pytest.fixture(params=["flex", "triton"])
-def kernel(request, monkeypatch):
+def kernel(request):
     if request.param == "triton" and not HAS_TRITON:
         pytest.skip("triton is not installed")
-    monkeypatch.setattr(A, "PREFILL_KERNEL", request.param)
-    return request.param
+    with flexwalk.options(prefill_kernel=request.param):
+        yield request.param
 
 
 def _run_layers(q, k, v, cfg, kv, softcap=None, layers=2):
@@ -115,12 +112,9 @@ def test_residual_equals_oracle(kernel_name, n, bs, m, g, batch, density, pad, h
     kv = left_padding(batch, n, [0, pad][:batch]) if pad else None
     if kernel_name == "triton" and not HAS_TRITON:
         pytest.skip("triton is not installed")
-    A.PREFILL_KERNEL = kernel_name
-    try:
+    with flexwalk.options(prefill_kernel=kernel_name):
         flexwalk.reset_counters()
         _run_layers(q, k, v, cfg, kv)
-    finally:
-        A.PREFILL_KERNEL = "auto"
     c = flexwalk.counters()
     assert c["residual"] == 2 and c["sparse_prefill"] == 2
     assert c.get("triton_prefill", 0) == (2 if kernel_name == "triton" else 0)
@@ -130,7 +124,7 @@ def test_residual_on_the_sketch_path_equals_oracle(kernel):
     """The path that keeps the layer's sketch (prefill before sparse decode, tensor parallelism):
     its selection table is padded to the bucket for the summaries; against the oracle at 20%,
     with left padding and a length off the block grid."""
-    from flexwalk.selection import layer_sketch
+    from flexwalk.selection.sketch import layer_sketch
 
     cfg = SketchWalkConfig(block_size=16, density=0.2, dense_layers=0, dense_below=0, sketch_dim=16, residual=True)
     q, k, v = random_qkv(2, 4, 2, 233, 16, seed=11)
@@ -148,13 +142,16 @@ def test_residual_with_softcap_on_flex():
     _run_layers(q * 3, k, v, cfg, left_padding(2, 200, [0, 37]), softcap=5.0)
 
 
-def test_residual_is_exact_when_blocks_are_constant(kernel, monkeypatch):
+def test_residual_is_exact_when_blocks_are_constant(kernel):
     """When every key block holds one repeated key, a block's summary carries its exact softmax
     mass and value sum: with the residual, any selection gives dense attention.  Without it, the
     same selection does not.  (The Triton kernel case also computes the summaries with their
     Triton kernel, as on a GPU.)"""
-    if kernel == "triton":
-        monkeypatch.setattr(R, "SUMMARY_KERNEL", "triton")
+    with flexwalk.options(summary_kernel="triton" if kernel == "triton" else "auto"):
+        _residual_is_exact_when_blocks_are_constant()
+
+
+def _residual_is_exact_when_blocks_are_constant():
     n, bs = 256, 16
     q, k, v = random_qkv(2, 4, 2, n, 16, seed=7)
     k = k[:, :, ::bs].repeat_interleave(bs, 2)  # constant keys per block, values vary
@@ -223,7 +220,7 @@ def test_auto_residual_is_off_outside_a_model():
 
 
 def test_model_is_hybrid_reads_layer_types():
-    from flexwalk.integrations.transformers import model_is_hybrid
+    from flexwalk.integrations.settings import model_is_hybrid
     from tiny_models import ARCHS
 
     assert model_is_hybrid(ARCHS["gemma3"].config()) and model_is_hybrid(ARCHS["gemma2"].config())
@@ -233,7 +230,7 @@ def test_model_is_hybrid_reads_layer_types():
 
 
 @pytest.mark.parametrize("name", ["gemma3", "llama"])
-def test_auto_residual_through_transformers(name, caplog, monkeypatch):
+def test_auto_residual_through_transformers(name, caplog):
     """residual="auto" (the default) in a model: on in every sparse full-attention layer of a model
     that mixes sliding-window and full-attention layers (tiny Gemma 3: counted, logged once, and
     the same logits as residual=True), off in a model of full-attention layers only (tiny Llama:
@@ -243,7 +240,7 @@ def test_auto_residual_through_transformers(name, caplog, monkeypatch):
     from flexwalk import stats
     from tiny_models import ARCHS, build_model, random_ids
 
-    monkeypatch.setattr(stats, "_logged", set())
+    stats.forget_logged()
     hybrid = name == "gemma3"
     n_sparse = sum(not s for s in ARCHS[name].layer_is_sliding())
     ids = random_ids(2, 100, seed=3)
@@ -257,7 +254,7 @@ def test_auto_residual_through_transformers(name, caplog, monkeypatch):
             want = n_sparse if setting is True or (setting == "auto" and hybrid) else 0
             assert flexwalk.counters().get("residual", 0) == want, (setting, flexwalk.counters())
     assert torch.equal(logits["auto"], logits[True if hybrid else False])
-    from flexwalk.integrations.transformers import effective_config, resolve_config
+    from flexwalk.integrations.settings import effective_config, resolve_config
 
     attn = next(m for m in model.modules() if hasattr(m, "layer_idx"))
     flexwalk.configure(model, cfg)
@@ -267,7 +264,7 @@ def test_auto_residual_through_transformers(name, caplog, monkeypatch):
     assert logged == (1 if hybrid else 0)
 
 
-def test_residual_through_transformers_prefill_and_sparse_decode(caplog, monkeypatch):
+def test_residual_through_transformers_prefill_and_sparse_decode(caplog):
     """A tiny Llama with residual=True and sparse decode: at full budget nothing is dropped, so
     generate() reproduces sdpa's tokens; every sparse prefill layer counts 'residual', and the
     decode steps log once that the residual is prefill-only."""
@@ -280,7 +277,7 @@ def test_residual_through_transformers_prefill_and_sparse_decode(caplog, monkeyp
     sys.path.insert(0, os.path.dirname(__file__))
     from tiny_models import build_model, random_ids
 
-    monkeypatch.setattr(stats, "_logged", set())
+    stats.forget_logged()
     ids = random_ids(2, 100, seed=1)
     cfg = SketchWalkConfig(block_size=16, density=1.0, dense_below=0, dense_layers=1, skip_decode=False,
                            residual=True)
@@ -310,7 +307,7 @@ def test_dense_layers_auto_is_decided_per_model():
     assert expected_density(cfg, 4096, num_layers=10) == expected_density(cfg.replace(dense_layers=2), 4096, 10)
 
 
-def test_dense_layers_auto_through_transformers(caplog, monkeypatch):
+def test_dense_layers_auto_through_transformers(caplog):
     """A tiny Gemma 3 whose first full-attention layer is index 3 (of full layers 3 and 5): with
     dense_layers="auto" layer 3 runs dense and only layer 5 sparse (counted, logged once, the
     same logits as dense_layers=4); the tiny Llama keeps 2 dense layers."""
@@ -319,10 +316,10 @@ def test_dense_layers_auto_through_transformers(caplog, monkeypatch):
     import transformers
 
     from flexwalk import stats
-    from flexwalk.integrations.transformers import effective_config, first_full_attention_layer
+    from flexwalk.integrations.settings import effective_config, first_full_attention_layer
     from tiny_models import ARCHS, build_model, random_ids
 
-    monkeypatch.setattr(stats, "_logged", set())
+    stats.forget_logged()
     mc = ARCHS["gemma3"].config()
     mc.num_hidden_layers = 6
     mc.layer_types = ["sliding_attention"] * 3 + ["full_attention", "sliding_attention", "full_attention"]

@@ -1,4 +1,4 @@
-"""Properties of the block selection (ALGORITHM.md steps 1-7)."""
+"""Properties of the block selection: sketch, walk and top-k."""
 
 import math
 
@@ -7,11 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import left_padding, random_qkv
+from conftest import block_budget, left_padding, random_qkv
 from flexwalk import SketchWalkConfig, expected_density, sketchwalk_selection
-from flexwalk.config import block_budget
-from flexwalk.sketch import block_causal_mask
-from flexwalk.walk import select_blocks, transition_matrix, walk_combine, walk_step
+from flexwalk.selection.sketch import block_causal_mask
+from flexwalk.selection.sketch import transition_matrix
+from flexwalk.selection.topk import select_blocks
+from flexwalk.selection.walk import walk_combine, walk_step
 
 configs = st.builds(
     SketchWalkConfig,
@@ -162,7 +163,7 @@ def test_transition_and_walk_modes():
     assert torch.all(w.triu(1) == 0)
     torch.testing.assert_close(w, torch.softmax(8.0 * scores, -1))
     prev = transition_matrix(torch.randn(1, nb, nb).masked_fill(~allowed, float("-inf")), 1.0)
-    from flexwalk.walk import WalkState
+    from flexwalk.selection.walk import WalkState
 
     st_ = WalkState(prev, 0, 16, nb * 16)
     walked = prev @ w
@@ -184,7 +185,7 @@ def test_walk_steps_compose_the_one_step_rule(nb, steps, beta, mode, seed):
     allowed = block_causal_mask(torch.ones(2, nb, dtype=torch.bool))
     w = transition_matrix(torch.randn(2, nb, nb, generator=g).masked_fill(~allowed, float("-inf")), 4.0)
     prev = transition_matrix(torch.randn(2, nb, nb, generator=g).masked_fill(~allowed, float("-inf")), 1.0)
-    from flexwalk.walk import WalkState
+    from flexwalk.selection.walk import WalkState
 
     cfg = SketchWalkConfig(walk=mode, damping=beta, walk_steps=steps)
     got = walk_step(w, WalkState(prev, 0, 16, nb * 16), cfg)

@@ -2,7 +2,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flexwalk.sketch import block_means, effective_sketch_dim, srht_matrix
+from flexwalk.selection.sketch import block_means, effective_sketch_dim, srht_matrix
 
 
 def test_srht_preserves_inner_products_in_expectation():
@@ -27,7 +27,7 @@ def test_default_sketch_is_exact_at_any_head_dim():
     """sketch_dim=None (the default) is the padded head dim: the sketch preserves every inner
     product, so the selection's block scores carry no sketch error."""
     from flexwalk import SketchWalkConfig
-    from flexwalk.selection import sketch_matrix
+    from flexwalk.selection.sketch import sketch_matrix
 
     assert SketchWalkConfig().sketch_dim is None
     assert [effective_sketch_dim(d, None) for d in (64, 80, 128, 256)] == [64, 128, 128, 256]

@@ -99,7 +99,7 @@ def _tp_worker(rank: int, world: int, store: str, model_dir: str, out_dir: str) 
     try:
         from transformers import AutoModelForCausalLM
 
-        from flexwalk.integrations.transformers import _GROUP_ATTR
+        from flexwalk.integrations.settings import set_process_group
 
         cfg = SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=1)
         try:  # transformers >= 5.17 takes the plan in a DistributedConfig
@@ -118,8 +118,7 @@ def _tp_worker(rank: int, world: int, store: str, model_dir: str, out_dir: str) 
             flexwalk.reset_counters()
             mesh_logits = tp(ids, attention_mask=mask).logits
             counts = flexwalk.counters()
-            for mod in tp.modules():  # no recorded group: the default world of tp_plan="auto"
-                setattr(mod, _GROUP_ATTR, None)
+            set_process_group(tp, None)  # no recorded group: the default world of tp_plan="auto"
             world_logits = tp(ids, attention_mask=mask).logits
         flexwalk.configure(tp, DECODE_CFG)
         decode_logits, decode_counts = _decode_steps(tp, ids, mask)
@@ -181,14 +180,14 @@ def test_sharded_heads_without_a_group_raise():
 
     import pytest
 
-    from flexwalk.integrations.transformers import _tensor_parallel_group
+    from flexwalk.integrations.settings import process_group
 
     module = types.SimpleNamespace(config=types.SimpleNamespace(num_attention_heads=8))
-    assert _tensor_parallel_group(module, torch.zeros(1, 8, 4, 16)) is None  # every head: no TP
+    assert process_group(module, torch.zeros(1, 8, 4, 16)) is None  # every head: no TP
     with pytest.raises(NotImplementedError, match="tensor parallelism: this rank holds 4 of 8 query heads"):
-        _tensor_parallel_group(module, torch.zeros(1, 4, 4, 16))
+        process_group(module, torch.zeros(1, 4, 4, 16))
     with pytest.raises(NotImplementedError, match="unequal head shares"):
-        _tensor_parallel_group(module, torch.zeros(1, 3, 4, 16))
+        process_group(module, torch.zeros(1, 3, 4, 16))
     per_head = SketchWalkConfig(skip_decode=False, head_scoring="per_head")
     with pytest.raises(NotImplementedError, match="sparse decode.* under tensor parallelism with head_scoring='per_head'"):
         flexwalk.DecodeState(per_head, 0, batch=1, q_heads=4, k_heads=2, head_dim=16, scale=0.25, kv_tokens=64,

@@ -23,6 +23,7 @@ import flexwalk
 from flexwalk import PRESETS, SketchWalkConfig
 from flexwalk.integrations import transformers as fw_tf
 from flexwalk.integrations.cache_kwarg import cache_kwargs
+from flexwalk.integrations.settings import coerce_config, resolve_config
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import FP32_FLOOR, floor_tol  # noqa: E402
@@ -288,23 +289,25 @@ def _expand_kv_heads(gqa_model, mha_model, n_rep: int, head_dim: int) -> None:
     mha_model.load_state_dict(sd)
 
 
-def test_gqa_9_query_3_kv_heads(models, monkeypatch):
+def test_gqa_9_query_3_kv_heads(models):
     name = "smollm2"
     gqa = models(name, "sketchwalk_flex")
     assert (gqa.config.num_attention_heads, gqa.config.num_key_value_heads) == (9, 3)
     seen = []
-    real = fw_tf.sketchwalk_attention
 
-    def spy(q, k, v, *args, **kwargs):
+    def spy(module, q, k, v, *args, **kwargs):  # sketchwalk_flex's attention function, watched
         seen.append((q.shape[1], k.shape[1], v.shape[1]))
-        return real(q, k, v, *args, **kwargs)
+        return fw_tf.sketchwalk_flex_attention(module, q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(fw_tf, "sketchwalk_attention", spy)
     ids = random_ids(BATCH, SEQ, seed=9)
 
-    # full budget: equals eager
+    # full budget: equals eager; q, k, v reach the attention function with 9 / 3 / 3 heads
     ref, tol = reference_logits(models, name, ids)
-    out = flexwalk.configure(gqa, SPARSE.replace(density=1.0))(ids).logits
+    transformers.AttentionInterface.register(fw_tf.ATTN_IMPLEMENTATION, spy)
+    try:
+        out = flexwalk.configure(gqa, SPARSE.replace(density=1.0))(ids).logits
+    finally:
+        fw_tf.register()
     assert_close(out, ref, tol)
     assert seen and set(seen) == {(9, 3, 3)}, seen
 
@@ -357,8 +360,8 @@ def test_two_models_do_not_interfere():
     for _ in range(2):
         assert torch.equal(a(ids).logits, alone_a)
         assert torch.equal(b(ids).logits, alone_b)
-    assert fw_tf.resolve_config(a.model.layers[1].self_attn) == cfg_a
-    assert fw_tf.resolve_config(b.model.layers[1].self_attn) == cfg_b
+    assert resolve_config(a.model.layers[1].self_attn) == cfg_a
+    assert resolve_config(b.model.layers[1].self_attn) == cfg_b
     # a fresh model built alone with cfg_b gives the same as b
     c = flexwalk.configure(build_model("llama", "sketchwalk_flex"), cfg_b)
     assert torch.equal(c(ids).logits, alone_b)
@@ -414,7 +417,7 @@ def test_from_config_and_config_attribute(models):
 
     # a preset name
     model.config.sketchwalk_config = "speed"
-    assert fw_tf.resolve_config(model.model.layers[0].self_attn) == PRESETS["speed"]
+    assert resolve_config(model.model.layers[0].self_attn) == PRESETS["speed"]
     flexwalk.reset_counters()
     out = model(ids).logits  # 100 tokens < dense_below: dense, hence equal to eager
     assert flexwalk.counters() == {"dense_layer": 2}
@@ -422,7 +425,7 @@ def test_from_config_and_config_attribute(models):
 
     # configure() wins over the config attribute
     flexwalk.configure(model, SPARSE)
-    assert fw_tf.resolve_config(model.model.layers[0].self_attn) == SPARSE
+    assert resolve_config(model.model.layers[0].self_attn) == SPARSE
 
 
 def test_auto_from_config_direct(models):
@@ -446,7 +449,7 @@ def test_from_pretrained_sketchwalk_config_kwarg(models, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(
         tmp_path, attn_implementation="sketchwalk_flex", sketchwalk_config=SPARSE.to_dict()
     ).eval()
-    assert fw_tf.resolve_config(model.model.layers[0].self_attn) == SPARSE
+    assert resolve_config(model.model.layers[0].self_attn) == SPARSE
     ids = random_ids(BATCH, SEQ, seed=15)
     want = flexwalk.configure(models(name, "sketchwalk_flex"), SPARSE)(ids).logits
     assert torch.equal(model(ids).logits, want)
@@ -460,7 +463,7 @@ def test_config_object_survives_save_pretrained(models, tmp_path):
     model(ids)  # first forward stores the config as a plain dict
     model.save_pretrained(tmp_path / "again")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", attn_implementation="sketchwalk_flex")
-    assert fw_tf.resolve_config(again.model.layers[0].self_attn) == SPARSE
+    assert resolve_config(again.model.layers[0].self_attn) == SPARSE
 
 
 def _saved(models, tmp_path):
@@ -657,15 +660,15 @@ def test_attention_function_without_a_mask_is_plain_causal(models):
 
 
 def test_dict_config_is_validated_once_and_errors_still_raise():
-    a = fw_tf.coerce_config({"density": 0.3, "block_size": 32})
+    a = coerce_config({"density": 0.3, "block_size": 32})
     assert a == SketchWalkConfig(density=0.3, block_size=32)
-    assert fw_tf.coerce_config({"block_size": 32, "density": 0.3}) is a  # cached, key order irrelevant
+    assert coerce_config({"block_size": 32, "density": 0.3}) is a  # cached, key order irrelevant
     with pytest.raises(ValueError, match=r"SketchWalkConfig.block_size=48"):
-        fw_tf.coerce_config({"block_size": 48})
+        coerce_config({"block_size": 48})
     with pytest.raises(ValueError, match="unknown field"):
-        fw_tf.coerce_config({"blocksize": 64})
+        coerce_config({"blocksize": 64})
     with pytest.raises(ValueError, match="config=3"):
-        fw_tf.coerce_config(3)
+        coerce_config(3)
 
 
 def test_head_sharded_attention_refused():

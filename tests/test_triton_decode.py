@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import assert_matches_reference
-from flexwalk.triton_decode import num_splits, sparse_decode_attention, tiling
+from flexwalk.kernels.triton_decode import num_splits, sparse_decode_attention, tiling
 
 cases = st.fixed_dictionaries(
     {

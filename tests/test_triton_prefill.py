@@ -11,17 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexwalk
-import flexwalk.attention as A
 from conftest import assert_matches_reference, left_padding, random_qkv
 from flexwalk import SketchWalkConfig, eager_sketchwalk_attention, sketchwalk_attention, token_mask
-from flexwalk import triton_prefill as TP
+from flexwalk.kernels import triton_prefill as TP
 
 pytestmark = pytest.mark.skipif(not TP.HAS_TRITON, reason="triton is not installed")
 
 
 @pytest.fixture
-def triton_kernel(monkeypatch):
-    monkeypatch.setattr(A, "PREFILL_KERNEL", "triton")
+def triton_kernel():
+    with flexwalk.options(prefill_kernel="triton"):
+        yield
 
 
 @settings(max_examples=12)
@@ -42,11 +42,8 @@ def test_triton_prefill_equals_oracle(n, bs, m, hkv, g, batch, density, pad, d, 
     """Two layers (walk carried) through the Triton kernel against the oracle's token mask of the
     same selection: any block and query-block size, GQA, left padding (padding rows attend to
     themselves), dense tails of 0-2 blocks, float32 and float16."""
-    A.PREFILL_KERNEL = "triton"
-    try:
+    with flexwalk.options(prefill_kernel="triton"):
         _triton_against_the_oracle(n, bs, m, hkv, g, batch, density, pad, d, half, seed)
-    finally:
-        A.PREFILL_KERNEL = "auto"
 
 
 def _triton_against_the_oracle(n, bs, m, hkv, g, batch, density, pad, d, half, seed):
@@ -131,7 +128,7 @@ def test_sketch_path_equals_oracle(triton_kernel):
     """The path that keeps the layer's sketch (prefill before sparse decode, tensor parallelism)
     hands the kernel a BlockMask and the rows' key bounds (block_mask_attention): against the
     oracle with left padding and a length off the block grid."""
-    from flexwalk.selection import layer_sketch
+    from flexwalk.selection.sketch import layer_sketch
 
     cfg = SketchWalkConfig(block_size=16, density=0.2, dense_layers=0, dense_below=0, sketch_dim=16)
     q, k, v = random_qkv(2, 4, 2, 233, 16, seed=12)
@@ -156,20 +153,22 @@ def test_padding_rows_attend_to_themselves(triton_kernel):
     assert torch.equal(out[:, :, 37:], out2[:, :, 37:])
 
 
-def test_the_kernel_setting_picks_the_path(monkeypatch):
+def test_the_kernel_setting_picks_the_path():
     """"auto" runs flex on CPU and "triton" the Triton kernel (the interpreter); soft-capping and
     tensors that need grad always run flex; "flex" never runs triton."""
+    from flexwalk.prefill import prefill_kernel
+
     cfg = SketchWalkConfig(block_size=16, density=0.3, dense_layers=0, dense_below=0, sketch_dim=16)
     q, k, v = random_qkv(1, 2, 1, 64, 16, seed=1)
     for kernel, softcap, grad, expect in (("auto", None, False, False), ("triton", None, False, True),
                                           ("triton", 5.0, False, False), ("triton", None, True, False),
                                           ("flex", None, False, False)):
-        monkeypatch.setattr(A, "PREFILL_KERNEL", kernel)
         qq = q.clone().requires_grad_(grad)
-        assert A._use_triton_prefill(qq, k, v, cfg, softcap) is expect, (kernel, softcap, grad)
-    monkeypatch.setattr(A, "PREFILL_KERNEL", "triton")
+        with flexwalk.options(prefill_kernel=kernel):
+            assert (prefill_kernel(qq, k, v, cfg, softcap) == "triton") is expect, (kernel, softcap, grad)
     flexwalk.reset_counters()
-    out, _ = sketchwalk_attention(q, k, v, cfg, 0, None, softcap=5.0)
+    with flexwalk.options(prefill_kernel="triton"):
+        out, _ = sketchwalk_attention(q, k, v, cfg, 0, None, softcap=5.0)
     assert "triton_prefill" not in flexwalk.counters() and flexwalk.counters()["sparse_prefill"] == 1
     assert torch.isfinite(out).all()
 
@@ -177,7 +176,9 @@ def test_the_kernel_setting_picks_the_path(monkeypatch):
 def test_auto_uses_triton_only_for_the_measured_shapes():
     """The "auto" policy's shapes (head dim, query block, key block) are the ones the H100 runs
     measured faster than flex (docs/benchmarks.md 4f); other shapes keep flex."""
-    assert A.TRITON_AUTO_SHAPES == {(128, 128, 128)}
+    from flexwalk.prefill import TRITON_AUTO_SHAPES
+
+    assert TRITON_AUTO_SHAPES == {(128, 128, 128)}
 
 
 def test_unsupported_shapes_raise_with_the_values():

@@ -1,4 +1,4 @@
-"""flexwalk.triton_selection against the torch selection it replaces (attention._selection_tables)
+"""flexwalk.kernels.triton_selection against the torch selection it replaces (selection.driver.torch_selection_tables)
 and, through sparse prefill, against the eager oracle.  On CPU the kernels run in triton's
 interpreter (conftest); the CUDA graph that captures them on a GPU is checked by
 benchmarks/gpu_triton_prefill.py, section check."""
@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexwalk
-import flexwalk.attention as A
+from flexwalk.selection import driver
 from conftest import assert_matches_reference, graph_inputs, random_qkv
 from flexwalk import SketchWalkConfig, eager_sketchwalk_attention, token_mask
-from flexwalk import triton_selection as TS
-from flexwalk.block_mask import bucket_length
-from flexwalk.selection import sketch_matrix
-from flexwalk.walk import pool_rows
+from flexwalk.kernels import triton_selection as TS
+from flexwalk.kernels.flex import bucket_length
+from flexwalk.selection.sketch import sketch_matrix
+from flexwalk.selection.topk import pool_rows
 
 pytestmark = pytest.mark.skipif(not TS.HAS_TRITON, reason="triton is not installed")
 
@@ -93,7 +93,7 @@ def test_triton_selection_equals_torch(n, bs, m, walk, steps, budget, sink, loca
     prev = None
     for layer in range(3):
         p = sketch_matrix(cfg, layer, d, "cpu")
-        ref = A._selection_tables(qm, km, p, prev, valid, cfg, layer, None, n_pad, seq_len=torch.tensor(n))
+        ref = driver.torch_selection_tables(qm, km, p, prev, valid, cfg, layer, None, n_pad, seq_len=torch.tensor(n))
         got = TS.selection_tables(qm, km, p, prev, valid, cfg, None, n_pad, seq_len=torch.tensor(n))
         _assert_same_selection(ref, got, cfg)
         prev = ref[7]
@@ -112,7 +112,7 @@ def test_exact_length_inputs(with_valid):
     n_pad = bucket_length(n)
     qm, km, valid = graph_inputs(q, k, kv, n_pad)
     p = sketch_matrix(cfg, 4, 32, "cpu")
-    ref = A._selection_tables(qm, km, p, None, valid, cfg, 4, None, n_pad, seq_len=torch.tensor(n))
+    ref = driver.torch_selection_tables(qm, km, p, None, valid, cfg, 4, None, n_pad, seq_len=torch.tensor(n))
     got = TS.selection_tables(q, k, p, None, kv if with_valid else None, cfg, None, n_pad)  # heads reduced inside
     _assert_same_selection(ref, got, cfg)
 
@@ -131,7 +131,7 @@ def test_ties_go_to_the_lower_block():
     for i in range(16):
         want = sorted({*range(min(3, i)), i})  # three lowest blocks plus the forced diagonal
         assert table[i].nonzero().flatten().tolist() == want, i
-    ref = A._selection_tables(qm, km, p, None, None, cfg, 0, None, n_pad)
+    ref = driver.torch_selection_tables(qm, km, p, None, None, cfg, 0, None, n_pad)
     assert torch.equal(ref[4], table[None])
 
 
@@ -153,7 +153,7 @@ def test_per_head_scoring_equals_torch(n, pad, m, walk):
     prev = None
     for layer in range(3):
         p = sketch_matrix(cfg, layer, 16, "cpu")
-        ref = A._selection_tables(qp, kp, p, prev, valid, cfg, layer, None, n_pad, seq_len=torch.tensor(n))
+        ref = driver.torch_selection_tables(qp, kp, p, prev, valid, cfg, layer, None, n_pad, seq_len=torch.tensor(n))
         got = TS.selection_tables(qp, kp, p, prev, valid, cfg, None, n_pad, seq_len=torch.tensor(n))
         _assert_same_selection(ref, got, cfg)
         got_exact = TS.selection_tables(q, k, p, prev, kv, cfg, None, n_pad)  # real length only, as the GPU runs it
@@ -162,12 +162,15 @@ def test_per_head_scoring_equals_torch(n, pad, m, walk):
 
 
 @pytest.mark.parametrize("scoring", ["mean", "per_head"])
-def test_sparse_prefill_with_triton_selection_equals_the_oracle(scoring, monkeypatch):
-    """The whole CUDA pipeline on CPU: the Triton selection (TRITON_SELECTION_ON_CPU: the path
+def test_sparse_prefill_with_triton_selection_equals_the_oracle(scoring):
+    """The whole CUDA pipeline on CPU: the Triton selection (triton_selection_on_cpu: the path
     without a graph) feeding the Triton prefill kernel its tables directly, no BlockMask, over
     three layers with left padding, against the eager oracle's token mask of the same selection."""
-    monkeypatch.setattr(A, "TRITON_SELECTION_ON_CPU", True)
-    monkeypatch.setattr(A, "PREFILL_KERNEL", "triton")
+    with flexwalk.options(triton_selection_on_cpu=True, prefill_kernel="triton"):
+        _triton_pipeline_equals_the_oracle(scoring)
+
+
+def _triton_pipeline_equals_the_oracle(scoring):
     cfg = SketchWalkConfig(block_size=16, query_block_size=32, density=0.3, dense_below=0, dense_layers=0,
                            head_scoring=scoring)
     n = 200
@@ -202,9 +205,9 @@ def test_supported_and_errors():
 
 
 def test_budget_table_is_the_budget_rule_and_cached():
-    """The kernel's budget per causal-block count is walk.rank_blocks' rule (float64 ceil: 20, not
+    """The kernel's budget per causal-block count is selection.topk.block_budget's rule (float64 ceil: 20, not
     the 21 a float32 0.2 would give at 100 blocks), built once per configuration and block count."""
-    from flexwalk.walk import fraction_count
+    from flexwalk.selection.topk import fraction_count
 
     cfg = SketchWalkConfig(block_size=16, density=0.2)
     table = TS.budget_table(cfg, 300, torch.device("cpu"))
@@ -235,7 +238,7 @@ def test_block_parts_are_the_block_sums_of_the_head_means(n, hq, hk, d, bs, layo
     last one short), head dim, storage layout ([B, n, H, D] memory, as transformers' RoPE leaves
     it) and left padding; blocks past n (a bucket's) are zero with count 0.  The validity and
     the length written for the graph (valid_out, n_out) are the input's, False past n."""
-    from flexwalk.sketch import block_means
+    from flexwalk.selection.sketch import block_means
 
     g = torch.Generator().manual_seed(seed)
     shape = lambda h: (2, h, n, d) if layout == "bhnd" else (2, n, h, d)  # noqa: E731
@@ -262,7 +265,7 @@ def test_block_parts_are_the_block_sums_of_the_head_means(n, hq, hk, d, bs, layo
 
 @pytest.mark.parametrize("padded,qbs,r", [(False, None, None), (True, 32, 8)])
 def test_selection_graph_halves_equal_the_torch_selection(padded, qbs, r):
-    """attention._SelectionGraph of the Triton kind without its CUDA graph: `fill` (one
+    """selection.driver.SelectionGraph of the Triton kind without its CUDA graph: `fill` (one
     block_parts launch into the static inputs) then `_run` (what the graph captures), reused
     across two lengths of one bucket, longer then shorter, and two layers with the walk carried: the tables equal
     the torch selection's on the bucket-padded head means (what the other graph kinds hold), and
@@ -282,14 +285,14 @@ def test_selection_graph_halves_equal_the_torch_selection(padded, qbs, r):
         kv = kv if padded else None
         if graph is None:
             p0 = sketch_matrix(cfg, 0, d, "cpu")
-            graph = A._SelectionGraph(bsz, n_pad, hq, hk, d, p0.shape[1], cfg, True, padded, None,
+            graph = driver.SelectionGraph(bsz, n_pad, hq, hk, d, p0.shape[1], cfg, True, padded, None,
                                       torch.device("cpu"), "triton", capture=False)
             assert (graph.valid is not None) == padded
         prev = None
         for layer in range(2):
             qm, km, valid = graph_inputs(q, k, kv if padded else torch.ones(bsz, n, dtype=torch.bool), n_pad)
             p = sketch_matrix(cfg, layer, d, "cpu")
-            ref = A._selection_tables(qm, km, p, prev, valid, cfg, layer, None, n_pad, seq_len=torch.tensor(n))
+            ref = driver.torch_selection_tables(qm, km, p, prev, valid, cfg, layer, None, n_pad, seq_len=torch.tensor(n))
             graph.fill(q, k, p, prev if prev is not None else torch.eye(n_pad // 16).expand(bsz, -1, -1), kv)
             if prev is None:  # the graph was built with a walk input: the first layer runs one-hop
                 got = TS.parts_selection_tables(graph.qp, graph.kp, graph.counts, hq, hk, graph.p, None,

@@ -1,4 +1,4 @@
-"""`flexwalk niah run`: evaluate attention methods on RULER NIAH data with one model.
+"""Evaluate attention methods on RULER NIAH data with one model (`flexwalk niah run`, niah.cli).
 
 One run directory per method (the format flexwalk.niah.report reads, docs/niah-report.md):
 
@@ -21,23 +21,22 @@ sparse methods batch only prompts of one token count), see docs/niah.md.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as _dt
 import json
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from ..config import PRESETS, SketchWalkConfig
-from ..cli import _positive_int
-from .data import TASKS, _lengths_arg, _tasks_arg, dataset_path, read_jsonl
+from .. import stats
+from ..config import SketchWalkConfig
+from ..generation import eos_ids, greedy_batch, pad_id
+from ..integrations.transformers import configure, reset_decode_state
+from .dataset import dataset_path, read_jsonl
 from .metrics import score_prediction
-from .report import _mean  # mean of the non-None values, as the report computes it
+from .report.summary import mean  # mean of the non-None values, as the report computes it
 
 METHODS = ("sdpa", "flex", "sketchwalk", "one_hop", "oracle")
 DENSE_METHODS = ("sdpa", "flex")
@@ -62,7 +61,7 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _samples(data: Path, tasks: Sequence[str], lengths: Sequence[int], limit: int | None) -> list[dict[str, Any]]:
+def load_samples(data: Path, tasks: Sequence[str], lengths: Sequence[int], limit: int | None) -> list[dict[str, Any]]:
     out = []
     for length in lengths:
         for task in tasks:
@@ -78,7 +77,7 @@ def _samples(data: Path, tasks: Sequence[str], lengths: Sequence[int], limit: in
     return out
 
 
-def _done(path: Path) -> set[tuple[str, int, int]]:
+def done_samples(path: Path) -> set[tuple[str, int, int]]:
     if not path.is_file():
         return set()
     seen = set()
@@ -109,10 +108,10 @@ def summarise(run_dir: Path) -> dict[str, Any]:
     for (task, length), group in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         rows.append({
             "task": task, "length": length, "n": len(group),
-            "string_match_all": _mean([g["score_all"] for g in group]),
-            "string_match_part": _mean([g["score_part"] for g in group]),
-            "prefill_s": _mean([g["prefill_s"] for g in group]), "decode_s": _mean([g["decode_s"] for g in group]),
-            "density": _mean([g["density"] for g in group]),
+            "string_match_all": mean([g["score_all"] for g in group]),
+            "string_match_part": mean([g["score_part"] for g in group]),
+            "prefill_s": mean([g["prefill_s"] for g in group]), "decode_s": mean([g["decode_s"] for g in group]),
+            "density": mean([g["density"] for g in group]),
         })
     per_layer: dict[str, dict[str, list[float]]] = {"prefill": {}, "decode": {}}
     for s in samples:
@@ -121,9 +120,9 @@ def summarise(run_dir: Path) -> dict[str, Any]:
                 per_layer[phase].setdefault(str(layer), []).append(d)
     summary = {
         "run": run, "cells": rows,
-        "overall": {"n": len(samples), "string_match_all": _mean([s["score_all"] for s in samples]),
-                    "string_match_part": _mean([s["score_part"] for s in samples]),
-                    "density": _mean([s["density"] for s in samples])},
+        "overall": {"n": len(samples), "string_match_all": mean([s["score_all"] for s in samples]),
+                    "string_match_part": mean([s["score_part"] for s in samples]),
+                    "density": mean([s["density"] for s in samples])},
         "density_per_layer": {ph: {k: sum(v) / len(v) for k, v in sorted(d.items(), key=lambda kv: int(kv[0]))}
                               for ph, d in per_layer.items()},
     }
@@ -135,15 +134,7 @@ def summarise(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _pad_id(tokenizer, eos: set[int]) -> int:
-    """The token that left-pads a batch: the tokenizer's pad token, else EOS, else 0."""
-    for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(i, int):
-            return i
-    return min(eos) if eos else 0
-
-
-def _batches(todo: list[dict], tokenize, batch_size: int, same_tokens: bool):
+def batches(todo: list[dict], tokenize, batch_size: int, same_tokens: bool):
     """Yield batches [(sample, ids)] of up to batch_size samples of one (task, length) cell.
 
     Cells keep their order in `todo`; inside a cell samples keep theirs.  same_tokens: only
@@ -176,10 +167,7 @@ def run_method(model, tokenizer, method: str, config: SketchWalkConfig | None, s
     token count).  A record's prefill_s / decode_s are then its batch's times divided by the
     batch size, and its density and counters are the batch's (density_scope "batch").
     """
-    import flexwalk
     from tqdm.auto import tqdm
-
-    from ..cli import _eos_ids, greedy_batch
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: must be an int >= 1")
@@ -201,14 +189,14 @@ def run_method(model, tokenizer, method: str, config: SketchWalkConfig | None, s
     else:
         run_json.write_text(json.dumps(info, indent=1))
     sample_file = run_dir / "samples.jsonl"
-    done = _done(sample_file)
+    done = done_samples(sample_file)
     todo = [s for s in samples if (s["task"], s["target_length"], int(s["index"])) not in done]
     if config is None:
         model.set_attn_implementation("sdpa")
     else:
-        flexwalk.configure(model, config)
-    eos = _eos_ids(model, tokenizer)
-    pad = _pad_id(tokenizer, eos)
+        configure(model, config)
+    eos = eos_ids(model, tokenizer)
+    pad = pad_id(tokenizer, eos)
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=method, disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
 
@@ -216,15 +204,15 @@ def run_method(model, tokenizer, method: str, config: SketchWalkConfig | None, s
         return tokenizer(s["input"] + s.get("answer_prefix", "")).input_ids
 
     # Full-budget flex keeps every block whatever the padding; the sparse methods' selection does not.
-    batches = _batches(todo, tokenize, batch_size, same_tokens=config is not None and method != "flex")
+    todo_batches = batches(todo, tokenize, batch_size, same_tokens=config is not None and method != "flex")
     with sample_file.open("a") as f:
-        for batch in batches:
-            flexwalk.reset_counters()
-            flexwalk.reset_decode_state(model)
+        for batch in todo_batches:
+            stats.reset_counters()
+            reset_decode_state(model)
             rows, prefill, total = greedy_batch(model, [ids for _, ids in batch], max_new_tokens, eos, pad)
-            layers = {ph: {str(k): v for k, v in flexwalk.density_report(ph).items()} for ph in ("prefill", "decode")}
+            layers = {ph: {str(k): v for k, v in stats.density_report(ph).items()} for ph in ("prefill", "decode")}
             dens = layers["prefill"]
-            counters = flexwalk.counters()
+            counters = stats.counters()
             n = len(batch)
             for (s, ids), (new, finite) in zip(batch, rows):
                 pred = tokenizer.decode(new, skip_special_tokens=True)
@@ -246,83 +234,3 @@ def run_method(model, tokenizer, method: str, config: SketchWalkConfig | None, s
     model.set_attn_implementation("sdpa")
     summarise(run_dir)
     return run_dir
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _methods_arg(text: str) -> list[str]:
-    items = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in items if m not in METHODS]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"--methods {text!r}: allowed {', '.join(METHODS)} (comma-separated)")
-    return items
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", default="smollm2-135m", help="packaged name or local model directory (default: %(default)s)")
-    parser.add_argument("--data", type=Path, required=True, help="root written by `flexwalk niah generate`")
-    parser.add_argument("--out", type=Path, required=True, help="results root; one directory per method")
-    parser.add_argument("--methods", type=_methods_arg, default=list(METHODS),
-                        help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
-    parser.add_argument("--tasks", type=_tasks_arg, default=list(TASKS), help="comma-separated tasks or 'all'")
-    parser.add_argument("--lengths", type=_lengths_arg, default=[4096], help="lengths to evaluate (default: 4k)")
-    parser.add_argument("--limit", type=_positive_int, default=None, help="at most this many samples per task and length")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="SketchWalk preset (default: %(default)s)")
-    parser.add_argument("--config", default=None,
-                        help="SketchWalk fields overriding the preset, as JSON, e.g. '{\"density\": 0.1, \"block_size\": 128}'")
-    parser.add_argument("--sparse-decode", action="store_true", help="sketchwalk and one_hop decode sparsely too")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=32, help="greedy tokens per answer (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1,
-                        help="samples decoded together, left-padded (default: %(default)s); per-sample times are then "
-                        "batch means and density/counters the batch's")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
-    return parser
-
-
-def run_main(args: argparse.Namespace) -> int:
-    from ..models import load_model
-
-    prog = "flexwalk niah run"
-    try:
-        overrides = json.loads(args.config) if args.config else {}
-        if not isinstance(overrides, dict):
-            raise ValueError("must be a JSON object")
-        base = SketchWalkConfig.preset(args.preset, **overrides)
-    except (ValueError, TypeError) as exc:
-        print(f"{prog}: error: --config {args.config!r}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        samples = _samples(args.data, args.tasks, args.lengths, args.limit)
-    except FileNotFoundError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        model, tokenizer = load_model(args.model, attn_implementation="sdpa", device=args.device, dtype=args.dtype)
-    except (ValueError, FileNotFoundError, ImportError, OSError) as exc:
-        print(f"{prog}: error: --model {args.model!r}: {exc}", file=sys.stderr)
-        return 2
-    for method in args.methods:
-        cfg = method_config(method, base, args.sparse_decode)
-        t0 = time.perf_counter()
-        try:
-            run_dir = run_method(model, tokenizer, method, cfg, samples, args.out, model_name=args.model, data=args.data,
-                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        except ValueError as exc:
-            print(f"{prog}: error: {exc}", file=sys.stderr)
-            return 2
-        s = json.loads((run_dir / "summary.json").read_text())["overall"]
-        if method not in DENSE_METHODS and s["density"] is None:
-            print(f"{prog}: warning: {method} ran no sparse layer: every prompt is shorter than dense_below "
-                  f"({cfg.dense_below!r}: {cfg.min_sparse_length(model.device)} tokens on {model.device.type}), "
-                  "so these are dense results; lower it with --config '{\"dense_below\": N}'", file=sys.stderr)
-        dens = "" if s["density"] is None else f", density {s['density']:.3f}"
-        print(f"{method}: {s['n']} samples, string_match_all {s['string_match_all']:.1f}{dens} "
-              f"({time.perf_counter() - t0:.0f} s) -> {run_dir}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    p = add_run_arguments(argparse.ArgumentParser(prog="flexwalk niah run"))
-    sys.exit(run_main(p.parse_args()))

@@ -11,7 +11,7 @@ key/value heads (GQA 4:1).  Two checks each:
 
 - full: density 1.0 (every causal block kept) against torch SDPA with is_causal=True;
 - oracle: the default density (0.2), two layers with the walk carried, against the eager oracle
-  (flexwalk.oracle: the same selection as a token mask, through SDPA).
+  (flexwalk.reference: the same selection as a token mask, through SDPA).
 
 The error allowed is the dtype's reference error, as in the CPU tests (conftest.error_budget:
 twice the error of the same reference computed in the dtype, against float64, plus 4 ulps).
@@ -33,10 +33,9 @@ import torch
 import torch.nn.functional as F
 
 import flexwalk
-import flexwalk.attention as A
-from conftest import LaunchRecorder, error_budget, reference_error_budget
+from conftest import error_budget, reference_error_budget
 from flexwalk import SketchWalkConfig, eager_sketchwalk_attention, sketchwalk_attention, token_mask
-from flexwalk import triton_prefill as TP
+from flexwalk.kernels import triton_prefill as TP
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -78,35 +77,34 @@ def _inputs(n, d, dtype, seed):
     return tuple(torch.randn(shape(h), device=DEVICE, generator=g).to(dtype) for h in (HQ, HKV, HKV))
 
 
-def _launch(rec: LaunchRecorder, dtype, d) -> dict | None:
-    if not rec.launches:
+def _launch(launches: list[dict], dtype, d) -> dict | None:
+    if not launches:
         return None
-    kw = rec.launches[-1]
+    kw = launches[-1]
     keep = {k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "M_SPLIT", "num_warps", "num_stages")}
     keep["smem_formula"] = TP.shared_memory(dtype, d, kw["BLOCK_M"], kw["BLOCK_N"], kw["num_stages"])
     keep["smem_compiled"] = kw["shared"]
     return keep
 
 
-def _run(check, name, d, block, n, setting, monkeypatch, body):
+def _run(check, name, d, block, n, setting, body):
     """Runs body() -> (err, budget, extra) under the kernel setting; records the line (also when
     body raises), then asserts."""
     dtype = DTYPES[name]
-    monkeypatch.setattr(A, "PREFILL_KERNEL", setting)
-    rec = LaunchRecorder(TP._jit)
-    monkeypatch.setattr(TP, "_jit", rec)
     row = dict(check=check, dtype=name, head_dim=d, block=block, n=n, setting=setting, batch=BATCH, hq=HQ, hkv=HKV)
     flexwalk.reset_counters()
-    try:
-        err, budget, extra = body(dtype)
-        row.update(kernel=_kernel_ran(), launch=_launch(rec, dtype, d), err=err, budget=budget, **extra)
-        row["ok"] = bool(err <= budget and extra.get("finite", True) and extra.get("same_selection", True))
-    except Exception as e:
-        row.update(kernel=_kernel_ran(), launch=_launch(rec, dtype, d), ok=False, error=f"{type(e).__name__}: {e}"[:500])
-        _record(row)
-        raise
-    finally:
-        torch.cuda.empty_cache()
+    with flexwalk.options(prefill_kernel=setting), flexwalk.stats.launch_log() as launches:
+        try:
+            err, budget, extra = body(dtype)
+            row.update(kernel=_kernel_ran(), launch=_launch(launches, dtype, d), err=err, budget=budget, **extra)
+            row["ok"] = bool(err <= budget and extra.get("finite", True) and extra.get("same_selection", True))
+        except Exception as e:
+            row.update(kernel=_kernel_ran(), launch=_launch(launches, dtype, d), ok=False,
+                       error=f"{type(e).__name__}: {e}"[:500])
+            _record(row)
+            raise
+        finally:
+            torch.cuda.empty_cache()
     _record(row)
     if setting == "triton" and TP.supported(torch.empty(1, 1, 1, d, dtype=dtype, device=DEVICE), q_block=block,
                                             kv_block=block):
@@ -120,7 +118,7 @@ _grid = pytest.mark.parametrize("name,d,block,n,setting", COMBOS,
 
 
 @_grid
-def test_full_budget_equals_sdpa(name, d, block, n, setting, monkeypatch):
+def test_full_budget_equals_sdpa(name, d, block, n, setting):
     def body(dtype):
         q, k, v = _inputs(n, d, dtype, seed=d + block + n)
         cfg = SketchWalkConfig(block_size=block, density=1.0, dense_layers=0, dense_below=0)
@@ -130,11 +128,11 @@ def test_full_budget_equals_sdpa(name, d, block, n, setting, monkeypatch):
         err, budget = error_budget(out, ref_lp, ref_hp)
         return err, budget, dict(finite=bool(torch.isfinite(out).all()))
 
-    _run("full", name, d, block, n, setting, monkeypatch, body)
+    _run("full", name, d, block, n, setting, body)
 
 
 @_grid
-def test_default_density_equals_the_oracle(name, d, block, n, setting, monkeypatch):
+def test_default_density_equals_the_oracle(name, d, block, n, setting):
     def body(dtype):
         q, k, v = _inputs(n, d, dtype, seed=3 * d + block + n)
         cfg = SketchWalkConfig(block_size=block, dense_layers=0, dense_below=0)
@@ -155,4 +153,4 @@ def test_default_density_equals_the_oracle(name, d, block, n, setting, monkeypat
             extra["density"].append(round(sel.density(), 4))
         return worst[0], worst[1], extra
 
-    _run("oracle", name, d, block, n, setting, monkeypatch, body)
+    _run("oracle", name, d, block, n, setting, body)

@@ -1,6 +1,6 @@
 """The prefill selection in five Triton kernels and two cuBLAS products, no inductor.
 
-The selection (selection.select + block_mask.selection_tables + walk.table_to_indices) written
+The selection (selection.driver.select + kernels.flex.selection_tables + selection.topk.table_to_indices) written
 with torch ops is about 140 small kernels; inside the CUDA graph that replays it they still take
 ~0.4 ms of GPU time at 8K (H100), more than a third of the whole sparse layer.  inductor fuses
 them into about a dozen, but compiles each length bucket for 7-72 s first.  These kernels do
@@ -13,31 +13,31 @@ second, cached on disk):
                     valid counts (block_parts).  The CUDA graph's static inputs are these sums:
                     this launch, before each replay, writes them, the length, the validity and
                     the previous walk in place
-  _bounds_kernel    each row's real keys [start, end) from the validity (block_mask.key_bounds);
+  _bounds_kernel    each row's real keys [start, end) from the validity (kernels.flex.key_bounds);
                     only for a padded batch (without padding they are [0, n))
   _sketch_kernel    the groups' sums / (heads x count): block means of the head-mean q and k
-                    over valid tokens (sketch.block_means of selection.head_reduce), times the
+                    over valid tokens (selection.sketch.block_means of head_reduce), times the
                     SRHT matrix (`@ p`); at full width (the default: P is the exact sketch
                     [I 0], selection.sketch_matrix) the means themselves, no product
   torch.bmm         block scores A = Qs Ks^T
   _softmax_kernel   W = softmax(s * scale * A) over the allowed (causal, valid) blocks
-                    (selection.transition_rows, sketch.block_causal_mask); zeroes the density sums
+                    (selection.sketch.transition_rows, block_causal_mask); zeroes the density sums
   torch.bmm         R_{l-1} W (the walk; skipped for one_hop and the first sparse layer)
-  _rank_kernel      per kernel query block: the walk rows (walk.walk_combine), pooled over its
+  _rank_kernel      per kernel query block: the walk rows (selection.walk.walk_combine), pooled over its
                     block_size sub-rows, the budget with sink, local and dense-tail blocks
-                    (walk.rank_blocks), the top `kept` blocks (a bisection on the scores'
+                    (selection.topk.rank_blocks), the top `kept` blocks (a bisection on the scores'
                     ordered bit patterns: ties go to the lower index, as a stable sort), the
                     partial/full split against causality and padding (structural_tables), the
                     BlockMask's index lists (table_to_indices), and the kept and causal block
                     counts added (atomically; integers in fp32, so exact in any order) to the
                     density sums.  The walk and the sums share one buffer: one copy takes both
 
-Outputs are those of attention._selection_tables, with the same meaning; the float sums run
+Outputs are those of selection.driver.torch_selection_tables, with the same meaning; the float sums run
 in another order, so the walk matches to float32 rounding and a block whose score ties the
 row's threshold to rounding may be swapped for its equal (tests/test_triton_selection.py).
 
 With head_scoring="per_head" the block means, sketches and per-head scores are torch ops on the
-layer's q and k (as selection.layer_sketch computes them), and the softmax kernel averages the
+layer's q and k (as selection.sketch.layer_sketch computes them), and the softmax kernel averages the
 heads' softmax rows; the rest is the same.
 
 `selection_tables` runs on CUDA tensors, or on CPU tensors under triton's interpreter (tests).
@@ -50,10 +50,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import SketchWalkConfig
-from .sketch import block_means, is_exact
-from .triton_decode import HAS_TRITON, interpreted
-from .walk import fraction_count, walk_combine
+from ..config import SketchWalkConfig
+from ..selection.sketch import block_means, is_exact
+from ..selection.topk import block_budget
+from ..selection.walk import walk_combine
+from .triton_runtime import HAS_TRITON, interpreted
 
 if HAS_TRITON:
     import triton
@@ -178,7 +179,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _allowed_row(COUNTS, b, i, NB, NB_POW2: tl.constexpr):
-        """Block i's allowed key blocks (sketch.block_causal_mask) and the valid blocks."""
+        """Block i's allowed key blocks (selection.sketch.block_causal_mask) and the valid blocks."""
         j = tl.arange(0, NB_POW2)
         inr = j < NB
         bv = (tl.load(COUNTS + b * NB + j, mask=inr, other=0.0) > 0) & inr
@@ -258,7 +259,7 @@ if HAS_TRITON:
             pooled += r
         if M > 1:
             pooled = pooled / M
-        # walk.rank_blocks for this row
+        # selection.topk.rank_blocks for this row
         causal_valid = allowed & bv
         valid_rank = tl.cumsum(bv.to(tl.int32), 0) - 1
         q_blk = qi * M + (M - 1)
@@ -294,7 +295,7 @@ if HAS_TRITON:
         tl.store(TABLE + rq.to(tl.int64) * NB + j, sel.to(tl.int8), mask=inr)
         tl.atomic_add(SUMS + b, tl.sum((sel & bv).to(tl.int32), 0).to(tl.float32))
         tl.atomic_add(SUMS + tl.num_programs(0) + b, n_causal.to(tl.float32))
-        # partial / full against causality and each row's real keys (block_mask.structural_tables)
+        # partial / full against causality and each row's real keys (kernels.flex.structural_tables)
         if WRITE_BOUNDS:
             start = 0
             end = n
@@ -320,7 +321,7 @@ if HAS_TRITON:
     @triton.jit
     def _index_list(flag, inr, CNT, IDX, rq, NB, j):
         """The row's flagged block ids ascending, then the others ascending (a stable argsort of
-        ~flag, as walk.table_to_indices)."""
+        ~flag, as selection.topk.table_to_indices)."""
         f = flag.to(tl.int32)
         cnt = tl.sum(f, 0)
         rest = (~flag & inr).to(tl.int32)
@@ -346,7 +347,7 @@ _BUDGETS: dict[tuple, torch.Tensor] = {}
 
 
 def budget_table(config: SketchWalkConfig, nb: int, device: torch.device) -> torch.Tensor:
-    """[nb + 1] int32: the budget of a row with c causal blocks (walk.rank_blocks' rule, in float64).
+    """[nb + 1] int32: the budget of a row with c causal blocks (selection.topk.block_budget).
 
     A constant, cached per (configuration, blocks, device).  Never stored during a CUDA-graph
     capture: captured kernels do not run then, so a table built there holds garbage until the
@@ -356,10 +357,7 @@ def budget_table(config: SketchWalkConfig, nb: int, device: torch.device) -> tor
     table = _BUDGETS.get(key)
     if table is None:
         c = torch.arange(nb + 1, device=device, dtype=torch.int32)
-        if config.top_k_blocks is not None:
-            table = torch.full_like(c, config.top_k_blocks)
-        else:
-            table = fraction_count(c, config.density)
+        table = block_budget(c, top_k=config.top_k_blocks, density=config.density)
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             _BUDGETS[key] = table
     return table
@@ -376,23 +374,21 @@ PARTS_TOKENS = 32
 PARTS_WARPS = 4
 
 
-def _row_warps(nb2: int) -> int:
+def row_warps(nb2: int) -> int:
     """Warps of the softmax and rank kernels, one row of nb2 (a power of two) blocks per program."""
     return 4 if nb2 <= 1024 else 8
 
 
-ROW_WARPS = _row_warps  # benchmarks/gpu_selection_profile.py --row-warps swaps it
-
-
-def parts_groups(hq: int, hk: int) -> tuple[int, int]:
-    """(GQ, GK): the head groups of q and k that `block_parts` sums apart."""
-    return -(-hq // PARTS_HEADS), -(-hk // PARTS_HEADS)
+def parts_groups(hq: int, hk: int, heads: int = PARTS_HEADS) -> tuple[int, int]:
+    """(GQ, GK): the head groups of `heads` heads of q and k that `block_parts` sums apart."""
+    return -(-hq // heads), -(-hk // heads)
 
 
 def block_parts(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None, block_size: int, nb: int,
                 out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 valid_out: torch.Tensor | None = None, n_out: torch.Tensor | None = None,
-                prev: torch.Tensor | None = None, prev_out: torch.Tensor | None = None):
+                prev: torch.Tensor | None = None, prev_out: torch.Tensor | None = None, *,
+                heads: int = PARTS_HEADS, tokens: int = PARTS_TOKENS, warps: int = PARTS_WARPS):
     """One pass over q [B, Hq, n, D] and k [B, Hkv, n, D] (one float dtype, any strides with a
     contiguous head dim): per group of PARTS_HEADS heads, the sum of each block's valid tokens
     (key_valid [B, n] bool or None: all valid), fp32 (QP [B, GQ, nb, D], KP [B, GK, nb, D]), and
@@ -401,7 +397,8 @@ def block_parts(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None
 
     out: buffers to write into (the selection graph's static inputs); valid_out [B, nb *
     block_size] bool gets the validity, False past n; n_out (0-d int64) gets n; prev [B, nb, nb]
-    fp32 is copied into prev_out (the graph's previous walk).  One launch."""
+    fp32 is copied into prev_out (the graph's previous walk).  One launch.  heads / tokens /
+    warps: heads summed per program, tokens per load and warps (tuning; see PARTS_HEADS)."""
     bsz, hq, n, d = q.shape
     hk = k.shape[1]
     if k.shape[0] != bsz or k.shape[2:] != (n, d) or k.dtype != q.dtype:
@@ -410,7 +407,7 @@ def block_parts(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None
         raise ValueError(f"block_parts: nb={nb} blocks of {block_size} tokens cover fewer than n={n}")
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
-    gq, gk = parts_groups(hq, hk)
+    gq, gk = parts_groups(hq, hk, heads)
     if out is None:
         f32 = dict(device=q.device, dtype=torch.float32)
         out = (torch.empty(bsz, gq, nb, d, **f32), torch.empty(bsz, gk, nb, d, **f32), torch.empty(bsz, nb, **f32))
@@ -425,16 +422,16 @@ def block_parts(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None
                              f"({bsz}, {nb}, {nb}), prev_out contiguous")
         prev = prev.contiguous()
     d2 = _pow2(d)
-    tc = min(block_size, PARTS_TOKENS, max(8, 4096 // d2))
+    tc = min(block_size, tokens, max(8, 4096 // d2))
     _parts_kernel[(bsz, nb, gq + gk)](
         q, k, valid if valid is not None else counts, qp, kp, counts, vo if vo is not None else counts,
         n_out if n_out is not None else counts, prev if prev is not None else counts,
         prev_out if prev_out is not None else counts,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         0 if valid is None else valid.stride(0), 0 if vo is None else vo.stride(0), n, nb, hq, hk, gq, gk, d,
-        BS=block_size, TC=tc, HPG=PARTS_HEADS, D_POW2=d2, HAS_VALID=valid is not None,
+        BS=block_size, TC=tc, HPG=heads, D_POW2=d2, HAS_VALID=valid is not None,
         WRITE_VALID=vo is not None, WRITE_N=n_out is not None, COPY_PREV=prev is not None,
-        NB_POW2=_pow2(nb) if prev is not None else 1, num_warps=PARTS_WARPS,
+        NB_POW2=_pow2(nb) if prev is not None else 1, num_warps=warps,
     )
     return qp, kp, counts
 
@@ -478,8 +475,8 @@ def _sketches(qp, kp, counts, hq: int, hk: int, p: torch.Tensor):
 
 def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_walk: torch.Tensor | None,
                      key_valid: torch.Tensor | None, config: SketchWalkConfig, scale: float | None, n_pad: int,
-                     seq_len: int | torch.Tensor | None = None):
-    """attention._selection_tables in Triton.
+                     seq_len: int | torch.Tensor | None = None, row_warps: int | None = None):
+    """selection.driver.torch_selection_tables in Triton.
 
     qm, km: [B, Hq, n, D], [B, Hkv, n, D] over n <= n_pad tokens, one float dtype.  Head-mean
     scoring sums each block's tokens and heads in one pass (`block_parts`, no [B, n, D] head
@@ -493,6 +490,7 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
     partial indices, full counts, full indices, selection table, start, end, walk, kept, causal)
     over n_pad tokens: counts [B, nq] int32, indices [B, nq, nb] int32, table [B, nq, nb] bool,
     start / end [B] int32, walk [B, nb, nb] fp32, kept / causal [B] fp32.  No host sync.
+    row_warps: warps of the softmax and rank kernels (None: `row_warps` of the row width).
     """
     bsz, hq, n, d = qm.shape
     hk = km.shape[1]
@@ -500,7 +498,7 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
     seq_len = n if seq_len is None else seq_len
     p = p.float().contiguous()
     bounds = _bounds(key_valid, bsz, qm.device)
-    if config.head_scoring == "per_head":  # each head's own (selection.layer_sketch): scores [B, Hq, nb, nb]
+    if config.head_scoring == "per_head":  # each head's own (selection.sketch.layer_sketch): scores [B, Hq, nb, nb]
         q_means, counts = block_means(qm, config.block_size, key_valid)
         k_means, _ = block_means(km, config.block_size, key_valid)
         grow = nb - q_means.shape[2]  # blocks of the bucket past the real ones: empty
@@ -509,14 +507,15 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
         counts = F.pad(counts.expand(bsz, -1), (0, grow)).contiguous()
         r = p.shape[1]
         a = torch.matmul(qs.reshape(bsz, hk, (hq // hk) * nb, r), ks.transpose(-1, -2)).reshape(bsz, hq, nb, nb)
-        return _rank_tables(a, hq, counts, bounds, prev_walk, config, scale, d, n_pad, seq_len)
+        return _rank_tables(a, hq, counts, bounds, prev_walk, config, scale, d, n_pad, seq_len, row_warps)
     qp, kp, counts = block_parts(qm, km, key_valid, config.block_size, nb)
-    return parts_selection_tables(qp, kp, counts, hq, hk, p, prev_walk, bounds, config, scale, n_pad, seq_len)
+    return parts_selection_tables(qp, kp, counts, hq, hk, p, prev_walk, bounds, config, scale, n_pad, seq_len,
+                                  row_warps)
 
 
 def parts_selection_tables(qp: torch.Tensor, kp: torch.Tensor, counts: torch.Tensor, hq: int, hk: int,
                            p: torch.Tensor, prev_walk: torch.Tensor | None, bounds, config: SketchWalkConfig,
-                           scale: float | None, n_pad: int, seq_len: int | torch.Tensor):
+                           scale: float | None, n_pad: int, seq_len: int | torch.Tensor, row_warps: int | None = None):
     """`selection_tables` from `block_parts`' sums (what the selection graph captures: its static
     inputs are the parts, filled by one `block_parts` launch before each replay).  bounds:
     (start, end) [B] int32, or the validity [B, n_pad] bool (the bounds kernel runs), or None
@@ -526,11 +525,11 @@ def parts_selection_tables(qp: torch.Tensor, kp: torch.Tensor, counts: torch.Ten
         bounds = _bounds(bounds, qp.shape[0], qp.device)
     qs, ks = _sketches(qp, kp, counts, hq, hk, p.float().contiguous())
     a = torch.bmm(qs, ks.transpose(1, 2))
-    return _rank_tables(a, 1, counts, bounds, prev_walk, config, scale, d, n_pad, seq_len)
+    return _rank_tables(a, 1, counts, bounds, prev_walk, config, scale, d, n_pad, seq_len, row_warps)
 
 
 def _rank_tables(a, heads: int, counts, bounds, prev_walk, config: SketchWalkConfig, scale, d: int, n_pad: int,
-                 seq_len):
+                 seq_len, warps: int | None = None):
     """Scores a [B, heads, nb, nb] (or [B, nb, nb]) -> the tables: softmax, walk, rank.  bounds:
     (start, end) [B] int32, or None: [0, n) for every row, written by _rank_kernel."""
     bsz, dev = a.shape[0], a.device
@@ -542,7 +541,7 @@ def _rank_tables(a, heads: int, counts, bounds, prev_walk, config: SketchWalkCon
 
     # W = softmax over the allowed blocks of the scaled scores (the heads' mean for per_head)
     nb2 = _pow2(nb)
-    warps = ROW_WARPS(nb2)
+    warps = warps or row_warps(nb2)
     w = torch.empty(bsz, nb, nb, **f32)
     tail = torch.empty(bsz * (nb * nb + 2), **f32)  # the walk and the density sums: one buffer, one copy
     walk, kept, causal = split_tail(tail, bsz, nb)
@@ -555,7 +554,7 @@ def _rank_tables(a, heads: int, counts, bounds, prev_walk, config: SketchWalkCon
     pw = w
     if prev_walk is not None and config.walk != "one_hop":
         mode = 1 if config.walk == "walk" else 2
-        # walk_steps > 1: all but the last step here (walk.walk_combine), the last in _rank_kernel
+        # walk_steps > 1: all but the last step here (selection.walk.walk_combine), the last in _rank_kernel
         prev_walk = walk_combine(w, prev_walk, w, config.walk, float(config.damping), config.walk_steps - 1)
         pw = torch.bmm(prev_walk, w)
     p_cnt, f_cnt = torch.empty(bsz, nq, **i32), torch.empty(bsz, nq, **i32)

@@ -1,8 +1,10 @@
-"""Stage 3: block tables -> FlexAttention BlockMask (always through from_kv_blocks).
+"""FlexAttention: block tables -> BlockMask (always through from_kv_blocks), and the compiled
+flex_attention call every flex path goes through (`flex`).
 
 Two block tables describe a mask: `partial` blocks run mask_mod on every element, `full`
 blocks skip it (about 11-15% faster).  The mask_mod itself also encodes the selection, so
-flex's eager path computes the same function as the compiled kernel (FLEX_AND_HF_FACTS.md).
+flex's eager path (which evaluates mask_mod on every element) computes the same function as
+the compiled kernel.
 Every tensor here is block-level ([B, nq, nk]) or per row ([B]); none is n x n.  The mask
 has one head: the selection is shared by all query heads.
 
@@ -10,16 +12,22 @@ Length buckets: masks are built for lengths rounded up to `bucket_length(n)` (at
 buckets per octave, a multiple of 256).  Flex then compiles once per bucket instead of once
 per prompt length; the extra query blocks get no key block at all and the extra keys sit
 outside every row's [start, end) interval, so the padding costs a copy, not attention.
+All flex calls go through compiled functions with static shapes.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .walk import BlockSelection, table_to_indices
+from ..compiled import with_own_code
+from ..config import SketchWalkConfig
+from ..selection.topk import BlockSelection, table_to_indices
 
 _HAS_COMPUTE_Q_BLOCKS = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
 BUCKET_GRANULE = 256
@@ -78,8 +86,10 @@ def block_valid_counts(key_valid: torch.Tensor, block_size: int, num_blocks: int
     return v.reshape(v.shape[0], num_blocks, block_size).sum(-1, dtype=torch.int32)
 
 
-def _bounds(batch: int, kv_len: int | torch.Tensor, key_valid: torch.Tensor | None,
-            device) -> tuple[torch.Tensor, torch.Tensor]:
+def row_bounds(batch: int, kv_len: int | torch.Tensor, key_valid: torch.Tensor | None,
+               device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's real keys [start, end) as [B] int32: [0, kv_len) without key_valid, else
+    `key_bounds` of its first kv_len keys (kv_len a 0-d tensor: a padded bucket, all of them)."""
     if isinstance(kv_len, torch.Tensor):  # a padded bucket: key_valid is False past the real length
         if key_valid is None:
             raise ValueError("a tensor kv_len needs key_valid covering the padded length")
@@ -137,7 +147,7 @@ def kernel_mask_mod(*, window: int | None = None):
     there the selection and the [0, n) bounds of `make_mask_mod` are always true for the rows
     that are kept, and leaving out their per-element loads makes the kernel 5-14% faster on an H100
     (docs/benchmarks.md).  Only for compiled flex: uncompiled flex evaluates mask_mod on every
-    element and needs `make_mask_mod`'s selection term (attention.flex swaps this one in)."""
+    element and needs `make_mask_mod`'s selection term (`flex` swaps this one in)."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         keep = kv_idx <= q_idx
@@ -217,7 +227,8 @@ def structural_tables(
     return maybe, full
 
 
-def _pad_table(table: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+def pad_table(table: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+    """A [B, nq', nk'] bool block table padded with False to [B, nq, nk]."""
     return torch.nn.functional.pad(table, (0, nk - table.shape[-1], 0, nq - table.shape[-2]), value=False)
 
 
@@ -231,7 +242,7 @@ def selection_block_mask(
     """BlockMask for a prefill selection (queries and keys both cover tokens 0..n-1).
 
     With bucket=True the mask covers bucket_length(n) tokens: pad q, k, v to
-    `block_mask.seq_lengths` (attention.flex does this) and drop the extra rows.  key_valid may
+    `block_mask.seq_lengths` (`flex` does this) and drop the extra rows.  key_valid may
     have holes: its mask_mod checks each key's validity.
     """
     n, bs, qb = selection.seq_len, selection.block_size, selection.q_block_size
@@ -251,13 +262,13 @@ def selection_tables(selection: BlockSelection, n_pad: int, *, key_valid: torch.
     key block is full only if all its keys are real (padding with holes included)."""
     table = selection.mask
     n, bs = selection.seq_len, selection.block_size
-    start, end = _bounds(table.shape[0], n, key_valid, table.device)
+    start, end = row_bounds(table.shape[0], n, key_valid, table.device)
     counts = None
     if key_valid is not None and not isinstance(n, torch.Tensor):
         counts = block_valid_counts(key_valid[:, :n], bs, n_pad // bs)
     maybe, full = structural_tables(n, n, bs, start, end, window=window, q_pad=n_pad, kv_pad=n_pad,
                                     q_block=selection.q_block_size, valid_counts=counts)
-    table = _pad_table(table, maybe.shape[1], maybe.shape[2])
+    table = pad_table(table, maybe.shape[1], maybe.shape[2])
     chosen = table & maybe
     full = chosen & full
     return chosen & ~full, full, table, start, end
@@ -277,7 +288,7 @@ def dense_block_mask(
 ) -> BlockMask:
     """BlockMask of causal attention (+window, +padding, holes too), queries at
     q_offset..q_offset+q_len-1."""
-    start, end = _bounds(batch, kv_len, key_valid, device)
+    start, end = row_bounds(batch, kv_len, key_valid, device)
     q_pad = bucket_length(q_len) if bucket else q_len
     kv_pad = bucket_length(kv_len) if bucket else kv_len
     counts = valid = None
@@ -291,3 +302,195 @@ def dense_block_mask(
     off = None if q_offset == 0 else torch.full((), q_offset, dtype=torch.int64, device=device)
     mask_mod = make_mask_mod(block_size=block_size, start=start, end=end, q_offset=off, window=window, valid=valid)
     return block_mask_from_tables(maybe & ~full, full, mask_mod, block_size, q_pad, kv_pad)
+
+
+def tables_block_mask(tables: tuple, config: SketchWalkConfig, n_pad: int) -> BlockMask:
+    """The BlockMask of `fused_selection`'s tables over n_pad tokens."""
+    p_cnt, p_idx, f_cnt, f_idx, table, start, end = tables
+    bs, qb = config.block_size, config.q_block
+    # fresh standard-layout copies: the compiled flex kernel specialises on these tensors
+    start, end, table = (packed(t) for t in (start, end, table))
+    mask_mod = make_mask_mod(block_size=bs, q_block=qb, start=start, end=end, block_table=table)
+    return block_mask_from_indices(p_cnt, p_idx, f_cnt, f_idx, mask_mod, (qb, bs), n_pad, n_pad)
+
+
+def _decode_mask_mod(start: torch.Tensor, end: torch.Tensor, kept: torch.Tensor, block_size: int):
+    """Keys in [start[b], end) of the selected blocks (kept [B, C] bool): left padding and
+    unwritten cache slots are out.  The selection is in the mask_mod too, not only in the
+    block tables: flex_attention run without compile (which dynamo falls back to once its
+    recompile limit is reached) reads only the mask_mod, and would otherwise attend densely."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= start[b]) & (kv_idx < end) & kept[b, kv_idx // block_size]
+
+    return mask_mod
+
+
+def decode_block_mask(kv_num: torch.Tensor, kv_idx: torch.Tensor, start, end, *, rows: int, kv_tokens: int,
+                      block_size: int, zeros: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlockMask:
+    """One-row BlockMask: `rows` query rows (the query heads of one KV head) share one selection.
+
+    zeros: (full_kv_num_blocks, full_kv_indices) all-zero tensors to reuse (CPU flex needs them).
+    """
+    bsz, c = kv_idx.shape
+    num = kv_num.reshape(bsz, 1, 1)
+    ind = kv_idx.reshape(bsz, 1, 1, c)
+    # [B, C] bool of the selected blocks (entries of kv_idx past kv_num are not selected)
+    live = (torch.arange(c, device=kv_idx.device) < kv_num.reshape(bsz, 1)).to(torch.int32)
+    kept = torch.zeros(bsz, c, dtype=torch.int32, device=kv_idx.device).scatter_add_(1, kv_idx.long(), live) > 0
+    if zeros is None:
+        zeros = (torch.zeros_like(num), torch.zeros_like(ind))
+    # Forward-only: skip the q-major transpose (a scatter over all blocks, the costliest part of
+    # building the mask on the host) where this torch can.
+    extra = {"compute_q_blocks": False} if _HAS_COMPUTE_Q_BLOCKS else {}
+    return BlockMask.from_kv_blocks(
+        num, ind, zeros[0], zeros[1],  # no full blocks (every block checks [start, end))
+        BLOCK_SIZE=(block_size, block_size),
+        mask_mod=_decode_mask_mod(start, end, kept, block_size),
+        seq_lengths=(rows, kv_tokens),
+        **extra,
+    )
+
+
+# ----------------------------------------------------------------------------- the compiled call
+
+# Static shapes, one compile per length bucket (`bucket_length`): automatic dynamic
+# shapes miscompile torch 2.13's CPU flex kernel (undeclared cur_kvSplitSize in the C++).
+compiled_flex = torch.compile(flex_attention, dynamic=False)
+
+
+# Each distinct (bucket, block size, mask variant, softcap) is one compiled kernel; a model
+# sees more than dynamo's default of 8 over its lifetime, after which flex would silently drop
+# to its eager path (correct, since our mask_mod encodes the selection, but dense-cost).
+_RECOMPILE_LIMIT = 64
+
+
+def _raise_recompile_limit() -> None:
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name) < _RECOMPILE_LIMIT:
+        setattr(cfg, name, _RECOMPILE_LIMIT)
+
+
+_raise_recompile_limit()
+
+
+@functools.lru_cache(maxsize=64)
+def softcap_score_mod(softcap: float):
+    """score_mod for logit soft-capping (Gemma 2): softcap * tanh(score / softcap)."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return score_mod
+
+
+def kernel_options(block_size: int, device: torch.device, rows_safe: bool = False,
+                    q_block: int | None = None) -> dict | None:
+    """Triton kernel options of a prefill flex call (CUDA only; None elsewhere).
+
+    The kernel's tiles (BLOCK_M query rows x BLOCK_N keys) must divide the mask's blocks
+    (q_block x block_size; q_block defaults to block_size).  Triton's default tiles are 128 x 64
+    or 128 x 128 (an H100 at head dim 64), at most 128 x 128, so blocks of 128 tokens and more
+    keep them; smaller key blocks get BLOCK_N = block_size and BLOCK_M = the query block, at most
+    128 (a 256-row query block runs as two 128-row tiles, each visiting the block's key list).
+    rows_safe: every row's first visited tile holds a key it may attend (see `flex`), so the
+    kernel may skip its fully-masked-row guards (ROWS_GUARANTEED_SAFE: 1-3% on an H100,
+    docs/benchmarks.md)."""
+    if device.type != "cuda":
+        return None
+    opts = {}
+    if block_size < 128:
+        opts.update(BLOCK_M=min(block_size if q_block is None else q_block, 128), BLOCK_N=block_size)
+    if rows_safe:
+        opts["ROWS_GUARANTEED_SAFE"] = True
+    return opts or None
+
+
+def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decode=False,
+         kernel_mask_mod=None, q_block=None, score_mod=None) -> torch.Tensor:
+    """Compiled flex_attention with GQA and optional soft-capping; [B, Hq, L, D] out.
+
+    q, k, v are zero-padded to the mask's (bucket) lengths and the output cut back.
+    block_size / q_block: the mask's key / query block (q_block None: block_size), for the tiles.
+    kernel_mask_mod: a cheaper mask_mod that agrees with block_mask's own on every partial
+    block of its tables, for a selection without padding (`kernel_mask_mod`).  It is
+    used only where flex surely compiles to its fused kernel (`kernel_mask_ok`), through a
+    compiled function of its own per shape, so dynamo's recompile limit (past which flex would
+    run its eager path, which evaluates mask_mod everywhere) is never reached; and with it the
+    kernel also skips its guards for fully masked rows, since every row's first visited tile
+    holds a key it may attend: flex visits a query block's partial blocks first, in ascending
+    order (table_to_indices), and without padding the partial blocks of query block I are the
+    key blocks it overlaps, the first of them (key block I * q_block / block_size) forced by
+    the selection (local blocks cover the query block's own keys) and starting at key
+    I * q_block, which every row of block I attends causally; BLOCK_N <= block_size, so the
+    first tile starts there too.  (With q_block 128 and block_size 64: query block I visits
+    key block 2I first, keys 128I..128I+63; with square blocks it is the diagonal block.)  Rows
+    of the bucket padding may then come out NaN; they are cut off here.  score_mod: used
+    instead of the soft-capping one (it must then apply softcap itself).
+    """
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise NotImplementedError(
+            "sketchwalk_flex: backward (training) through flex attention on CPU is not supported by torch; "
+            "run inference under torch.no_grad() or torch.inference_mode()"
+        )
+    L, S = q.shape[2], k.shape[2]
+    Lp, Sp = block_mask.seq_lengths
+    if Lp != L:
+        q = F.pad(q, (0, 0, 0, Lp - L))
+    if Sp != S:
+        k, v = F.pad(k, (0, 0, 0, Sp - S)), F.pad(v, (0, 0, 0, Sp - S))
+    fn, rows_safe = compiled_flex, False
+    if kernel_mask_mod is not None and kernel_mask_ok():
+        block_mask = copy.copy(block_mask)
+        block_mask.mask_mod = kernel_mask_mod
+        fn, rows_safe = _kernel_flex(q, k, v, block_mask, scale, softcap), True
+    out = fn(
+        q,
+        k,
+        v,
+        score_mod=score_mod if score_mod is not None or softcap is None else softcap_score_mod(float(softcap)),
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+        kernel_options=None if decode else kernel_options(block_size, q.device, rows_safe, q_block),
+    )
+    return out[:, :, :L] if Lp != L else out
+
+
+def kernel_mask_ok() -> bool:
+    """Whether a flex call from here surely runs inductor's fused kernel: not inside another
+    dynamo trace (whose backend may be eager), dynamo not disabled, no forced-eager stance."""
+    if torch.compiler.is_compiling() or torch._dynamo.config.disable:
+        return False
+    stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default")
+    return stance == "default"
+
+
+_KERNEL_FLEX: dict[tuple, object] = {}
+
+
+def kernel_flex_functions() -> dict[tuple, object]:
+    """A copy of the table of compiled per-signature flex functions (`flex` with kernel_mask_mod):
+    {signature: compiled function}."""
+    return dict(_KERNEL_FLEX)
+
+
+def clear_kernel_flex() -> None:
+    """Forget the compiled per-signature flex functions: later calls compile new ones."""
+    _KERNEL_FLEX.clear()
+
+
+def _kernel_flex(q, k, v, block_mask, scale, softcap):
+    """flex_attention compiled for one input signature (what its guards check: shapes, strides,
+    dtype, constants, grad mode), with a code object of its own."""
+    key = (q.device, q.dtype, tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), v.stride(), k is v,
+           block_mask.BLOCK_SIZE, tuple(block_mask.kv_indices.shape), scale, softcap, torch.is_grad_enabled(),
+           q.requires_grad or k.requires_grad or v.requires_grad)
+    fn = _KERNEL_FLEX.get(key)
+    if fn is None:
+        def kernel_flex(q, k, v, **kw):
+            return flex_attention(q, k, v, **kw)
+
+        fn = _KERNEL_FLEX[key] = torch.compile(with_own_code(kernel_flex, "kernel_flex"), dynamic=False)
+    return fn

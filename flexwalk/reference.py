@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from .attention import masked_attention
-from .block_mask import _bounds
 from .config import SketchWalkConfig
-from .residual import block_summaries, residual_allowed
-from .selection import sketchwalk_selection
-from .walk import BlockSelection, WalkState
+from .kernels.dense import masked_attention
+from .kernels.flex import row_bounds
+from .kernels.residual import block_summaries, residual_allowed
+from .selection.driver import sketchwalk_selection
+from .selection.topk import BlockSelection
+from .selection.walk import WalkState
 
 
 def token_mask(
@@ -49,14 +50,14 @@ def reference_attention(q, k, v, mask, *, scale=None, softcap=None) -> torch.Ten
 
 def residual_reference(q, k, v, mask, selection: BlockSelection, *, key_valid=None, scale=None,
                        softcap=None) -> torch.Tensor:
-    """Attention under the dense token mask plus the residual's summary entries (flexwalk.residual):
+    """Attention under the dense token mask plus the residual's summary entries (flexwalk.kernels.residual):
     the summaries appended to the keys and values, their logits raised by log(count), all in one
     float32 softmax (float64 for float64 inputs).  Rows with nothing to attend return 0."""
     bsz, hq, n, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     bs = selection.block_size
-    start, end = _bounds(bsz, n, key_valid, q.device)
+    start, end = row_bounds(bsz, n, key_valid, q.device)
     k_mean, v_mean, log_count = block_summaries(k, v, start, end, bs, key_valid=key_valid)
     allowed = residual_allowed(selection.mask, log_count, torch.arange(n, device=q.device),
                                selection.q_block_size, bs)  # [B, n, nb]

@@ -8,7 +8,7 @@ of the G query heads of that KV head over them (tl.dot on a [G, block] tile, G p
 and writes a partial (max, sum, output).  A second small kernel merges the splits.  Work and
 memory traffic scale with the selection, not the cache.
 
-The block list is the decode selection's (`decode.decode_select`): kv_idx [B, C] int32 with
+The block list is the decode selection's (`decode.step.decode_select`): kv_idx [B, C] int32 with
 the first kv_num[b] entries valid; keys outside [start[b], end) are masked (left padding,
 unwritten cache slots).  Shapes are static per cache capacity and nothing syncs with the host.
 
@@ -18,22 +18,15 @@ Triton's interpreter on CPU tensors (used by the tests; slow, for small shapes o
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-try:  # triton ships with CUDA builds of torch; CPU-only installs may lack it
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    HAS_TRITON = False
-
-_LOG2E = 1.4426950408889634
+from .triton_runtime import HAS_TRITON, LOG2E, device_smem, interpreted, sm_count
 
 if HAS_TRITON:
+    import triton
+    import triton.language as tl
 
     def _split_kernel(
         Q, K, V, KV_NUM, KV_IDX, START, END, O_PART, M_PART, L_PART,
@@ -127,12 +120,6 @@ if HAS_TRITON:
     }
 
 
-def interpreted() -> bool:
-    """True when triton runs kernels in its interpreter (TRITON_INTERPRET=1 set before import)."""
-    return HAS_TRITON and bool(getattr(getattr(triton, "knobs", None), "runtime", None)
-                               and triton.knobs.runtime.interpret)
-
-
 def _kernel(name: str, device: torch.device):
     if device.type != "cuda" and not interpreted():
         raise RuntimeError(
@@ -142,11 +129,6 @@ def _kernel(name: str, device: torch.device):
     return _jit[name]
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def num_splits(batch: int, kv_heads: int, capacity_blocks: int, device: torch.device) -> int:
     """Splits of the selected block list per (row, KV head): about one program per SM.
 
@@ -154,19 +136,8 @@ def num_splits(batch: int, kv_heads: int, capacity_blocks: int, device: torch.de
     one program per SM beat two (0.054 vs 0.071 ms at batch 1) and four (0.097 ms).  A function
     of static shapes only, so a step never recompiles or syncs.
     """
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+    sms = sm_count(device.index or 0) if device.type == "cuda" else 4
     return max(1, min(capacity_blocks, 64, math.ceil(sms / max(1, batch * kv_heads))))
-
-
-# Shared memory per thread block on Hopper (H100, H200: 227 KiB with the opt-in): the budget of
-# CPU runs (the interpreter), so that the tests check what an H100 would launch.
-HOPPER_SMEM = 232448
-
-
-@functools.cache
-def _smem_bytes(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
 
 
 def shared_memory(elem: int, head_dim: int, block_g: int, sub_n: int, num_stages: int) -> int:
@@ -192,7 +163,7 @@ def tiling(block_size: int, head_dim: int, elem: int, device: torch.device,
     (block_g) make `shared_memory` exceed the device's limit less 8 KiB, fewer stages, then
     smaller tiles.
     """
-    smem = _smem_bytes(device.index or 0) if device.type == "cuda" else HOPPER_SMEM
+    smem = device_smem(device)
     budget = smem - 16 * 1024
     want = 3 if num_stages is None else num_stages
     sub = block_size
@@ -263,7 +234,7 @@ def sparse_decode_attention(
     kv_num = kv_num.reshape(bsz).to(torch.int32)
     start = start.reshape(bsz).to(torch.int32)
     # log2-domain softmax: the kernel uses exp2 (softcap is applied before the log2 scaling)
-    qk_scale = scale * _LOG2E
+    qk_scale = scale * LOG2E
     sub_n, stages = tiling(block_size, d, k.element_size(), q.device, num_stages, block_g)
     if sub_tile is not None:
         if sub_tile < 16 or block_size % sub_tile or sub_tile & (sub_tile - 1):

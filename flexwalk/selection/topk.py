@@ -1,39 +1,19 @@
-"""Stage 2 of the selection: transition matrices, the cross-layer walk and top-k blocks.
-
-`WalkState` is the only thing carried from one sparse layer to the next inside one forward
-pass.  Its lifetime is one forward (prefill) pass: the transformers integration keeps it on
-the per-forward mask context, the functional API hands it back to the caller.
+"""Selection, stage 3: the top-k.  Walk scores -> the key blocks each query block keeps: the
+budget rule (density or top_k_blocks, at least the forced sink and local blocks, every causal
+block in the dense tail), the top blocks by score (ties to the lower index) and the
+`BlockSelection` they make.  Prefill (torch), the Triton selection's budget table, sparse decode
+and `expected_density` all use this one rule.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .config import SketchWalkConfig
-
-
-@dataclass(frozen=True)
-class WalkState:
-    """Walk matrix R of the last sparse layer of this forward pass.
-
-    transition: [B, nb, nb] fp32, row-stochastic and block-lower-triangular.
-    """
-
-    transition: torch.Tensor
-    layer_idx: int
-    block_size: int
-    seq_len: int
-
-    def check_compatible(self, batch: int, seq_len: int, block_size: int) -> None:
-        if (self.transition.shape[0], self.seq_len, self.block_size) != (batch, seq_len, block_size):
-            raise ValueError(
-                f"state: WalkState from layer {self.layer_idx} was built for batch="
-                f"{self.transition.shape[0]}, seq_len={self.seq_len}, block_size={self.block_size}; "
-                f"this layer has batch={batch}, seq_len={seq_len}, block_size={block_size}. "
-                "A WalkState lives for one forward pass: pass state=None to start a new one."
-            )
+from ..config import SketchWalkConfig
 
 
 @dataclass(frozen=True)
@@ -85,44 +65,43 @@ def table_to_indices(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, order.to(torch.int32)
 
 
-def transition_matrix(scores: torch.Tensor, exponent: float) -> torch.Tensor:
-    """W = row_softmax(exponent * A), fp32; -inf entries get probability 0."""
-    return torch.softmax(scores.float() * exponent, dim=-1)
-
-
-def _normalise_rows(x: torch.Tensor) -> torch.Tensor:
-    return x / x.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-
-
-def walk_combine(w: torch.Tensor, prev: torch.Tensor | None, transition: torch.Tensor, mode: str,
-                 damping: float, steps: int = 1) -> torch.Tensor:
-    """The walk rule on rows: w (one_hop, or no previous layer), normalise(prev @ transition)
-    (walk), or (1 - beta) w + beta normalise(prev @ transition) (damped), applied `steps` times
-    with prev replaced by the result (config.walk_steps).
-
-    Prefill: w = W_l, prev = R_{l-1}, transition = W_l.  Decode: w = the token's row,
-    prev = the previous layer's row, transition = this layer's W_l.  All [B, m, nb].  A row of
-    the result depends only on the same rows of w and prev, so decode's single row follows
-    prefill's rule exactly.
-    """
-    if prev is None or mode == "one_hop":
-        return w
-    r = prev
-    for _ in range(steps):
-        walked = _normalise_rows(torch.bmm(r, transition))
-        r = walked if mode == "walk" else (1.0 - damping) * w + damping * walked
-    return r
-
-
-def walk_step(w: torch.Tensor, state: WalkState | None, config: SketchWalkConfig) -> torch.Tensor:
-    """R_l from this layer's transition W_l and the previous sparse layer's R_{l-1}."""
-    prev = None if state is None else state.transition
-    return walk_combine(w, prev, w, config.walk, config.damping, config.walk_steps)
-
-
 def fraction_count(count: torch.Tensor, fraction: float) -> torch.Tensor:
-    """ceil(fraction * count) in count's dtype (the budget rule of `config.block_budget`, on tensors)."""
+    """ceil(fraction * count) in count's dtype, computed in float64 (1e-9 below the ceiling, so
+    that a product that is a whole number up to rounding stays that number)."""
     return torch.ceil(count.to(torch.float64) * fraction - 1e-9).to(count.dtype)
+
+
+def block_budget(n_causal: torch.Tensor, *, top_k: int | None, density: float | None) -> torch.Tensor:
+    """The budget of a row with n_causal causal blocks, forced blocks not yet counted: top_k
+    blocks, or ceil(density * n_causal).  In n_causal's dtype."""
+    if top_k is not None:
+        return torch.full_like(n_causal, top_k)
+    return fraction_count(n_causal, density)
+
+
+def kept_blocks(n_causal: torch.Tensor, n_forced: torch.Tensor, *, top_k: int | None,
+                density: float | None) -> torch.Tensor:
+    """The blocks a row keeps: its budget, at least its forced blocks, at most its causal ones."""
+    return torch.minimum(n_causal, torch.maximum(n_forced, block_budget(n_causal, top_k=top_k, density=density)))
+
+
+def descending_order(score: torch.Tensor) -> torch.Tensor:
+    """Indices sorting each row of `score` from the highest, ties towards the lower index."""
+    return torch.sort(score, dim=-1, descending=True, stable=True).indices
+
+
+def first_in_order(order: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """[..., n] bool: True at the first count[...] entries of each row's order (`descending_order`)."""
+    take = torch.arange(order.shape[-1], device=order.device) < count[..., None]
+    return torch.zeros_like(take).scatter_(-1, order, take)
+
+
+def top_fraction(score: torch.Tensor, valid: torch.Tensor, fraction: float) -> torch.Tensor:
+    """[B, nb] bool: the ceil(fraction * valid blocks) valid blocks of each row with the largest
+    score (ties towards the lower index).  No host sync."""
+    count = fraction_count(valid.sum(-1), fraction)  # [B]
+    order = descending_order(score.float().masked_fill(~valid, float("-inf")))
+    return first_in_order(order, count) & valid
 
 
 def rank_blocks(
@@ -158,20 +137,14 @@ def rank_blocks(
     if pinned is not None:
         forced = forced | (causal_valid & pinned[:, None, :])
     n_causal = causal_valid.sum(-1)  # [B, m]
-    n_forced = forced.sum(-1)
-    if top_k is not None:
-        budget = torch.full_like(n_causal, top_k)
-    else:
-        budget = fraction_count(n_causal, density)
-    kept = torch.minimum(n_causal, torch.maximum(n_forced, budget))
+    kept = kept_blocks(n_causal, forced.sum(-1), top_k=top_k, density=density)
     if dense_rows is not None:
         kept = torch.where(dense_rows[None], n_causal, kept)
     # Rows without any valid key (fully padded query blocks) keep their diagonal only.
     kept = torch.where(n_causal == 0, torch.ones_like(kept), kept)
     score = walk.float().masked_fill(~allowed, float("-inf"))
     score = score.masked_fill(forced, float("inf"))
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    return kept, order, n_causal
+    return kept, descending_order(score), n_causal
 
 
 def pool_rows(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -226,10 +199,48 @@ def select_blocks(
         walk, allowed, block_valid, q_blocks, sink_blocks=config.sink_blocks,
         local_blocks=config.local_blocks * m, top_k=config.top_k_blocks, density=config.density, dense_rows=tail,
     )
-    take = idx[None, None, :] < kept[..., None]
-    mask = torch.zeros_like(allowed).scatter_(-1, order, take)
-    mask = mask & allowed
+    mask = first_in_order(order, kept) & allowed
     kept_total = (mask & block_valid[:, None, :]).sum((-1, -2)).float()
     causal_total = n_causal.sum(-1).float()
     return BlockSelection(mask=mask, block_size=config.block_size, seq_len=seq_len, kept=kept_total,
                           causal=causal_total, q_block_size=config.q_block)
+
+
+def expected_density(config: SketchWalkConfig, seq_len: int, num_layers: int | None = None,
+                     device: Any = "cpu") -> float:
+    """Fraction of the causal block triangle computed at `seq_len` tokens (no padding).
+
+    With ``num_layers`` the dense layers and the dense-below rule are included, giving the
+    model-wide fraction; without it, the fraction of one sparse layer.  Counts blocks, as
+    the kernel does (a partly filled last block counts as one): with query_block_size, the
+    (query_block_size x block_size) tiles of the kernel's query blocks.  device: where the model runs
+    (it sets dense_below="auto").  The selection's own budget rule (`kept_blocks`) decides each row.
+    """
+    _check_int_arg("seq_len", seq_len, 1)
+    nb = math.ceil(seq_len / config.block_size)
+    m = config.q_block // config.block_size  # walk rows pooled per kernel query block
+    nq = -(-nb // m)
+    causal, forced, tail = [], [], []
+    for i in range(nq):
+        n_causal = min(i * m + m, nb)  # key blocks up to the block's last sub-row
+        sink = set(range(min(config.sink_blocks, n_causal)))
+        local = set(range(max(0, (i - config.local_blocks + 1) * m), n_causal))
+        causal.append(n_causal)
+        forced.append(len(sink | local))
+        tail.append(i >= nq - config.dense_tail_blocks)
+    n_causal = torch.tensor(causal)
+    kept = kept_blocks(n_causal, torch.tensor(forced), top_k=config.top_k_blocks, density=config.density)
+    kept = torch.where(torch.tensor(tail), n_causal, kept)
+    sparse = int(kept.sum()) / int(n_causal.sum())
+    if num_layers is None:
+        return sparse
+    _check_int_arg("num_layers", num_layers, 1)
+    if seq_len < config.min_sparse_length(device):
+        return 1.0
+    n_dense = min(config.dense_layer_count, num_layers)
+    return (n_dense + (num_layers - n_dense) * sparse) / num_layers
+
+
+def _check_int_arg(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name}={value!r} is invalid: must be an int >= {lo}")

@@ -1,6 +1,6 @@
 """Block-sparse prefill kernel (Triton): exact attention of each query block over its selected key blocks.
 
-The same computation as the compiled flex call of `attention.flex` on a selection's BlockMask,
+The same computation as the compiled flex call of `kernels.flex.flex` on a selection's BlockMask,
 in a kernel of our own, for three things flex's template does not do:
 
 - **Longest rows first.**  Row I of a causal selection keeps about density * I key blocks and
@@ -18,13 +18,13 @@ in a kernel of our own, for three things flex's template does not do:
 
 The block lists are a BlockMask's: full blocks (every element allowed: no mask is evaluated)
 and partial blocks (the blocks a query block overlaps, and edges touched by padding), where
-the mask of `block_mask.make_mask_mod` is applied: causal, keys inside [start[b], end[b]), and
+the mask of `kernels.flex.make_mask_mod` is applied: causal, keys inside [start[b], end[b]), and
 a query always sees its own key (padding rows stay finite).  The selection table term of that
 mask_mod is implied by the lists themselves.  Query blocks of q_block rows (the mask's query
 block, BLOCK_M rows per program), key blocks of kv_block keys read in tiles of BLOCK_N.
 
 Soft-capping, sliding windows and score_mods are not handled here: `supported` says where this
-kernel applies, and the caller (attention.sparse_prefill) uses flex elsewhere.  On CPU tensors
+kernel applies, and the caller (prefill.sparse_prefill) uses flex elsewhere.  On CPU tensors
 the kernel runs through Triton's interpreter (tests; slow, small shapes only).
 """
 
@@ -34,7 +34,8 @@ import functools
 
 import torch
 
-from .triton_decode import _LOG2E, HAS_TRITON, HOPPER_SMEM, _smem_bytes, interpreted
+from .. import stats
+from .triton_runtime import HAS_TRITON, HOPPER_SMEM, LOG2E, device_smem, interpreted
 
 if HAS_TRITON:
     import triton
@@ -119,7 +120,7 @@ if HAS_TRITON:
             v = tl.load(v_base + start_n.to(tl.int64) * svn + v_off, mask=inside[:, None], other=0.0)
             acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, v, qk_scale, True, PRECISION)
 
-        if RESIDUAL:  # one summary per dropped key block before this query block (flexwalk.residual)
+        if RESIDUAL:  # one summary per dropped key block before this query block (flexwalk.kernels.residual)
             first = (row * (M_SPLIT * BLOCK_M)) // KV_BLOCK
             km_base = KM + b.to(tl.int64) * skmb + hk.to(tl.int64) * skmh
             vm_base = VM + b.to(tl.int64) * svmb + hk.to(tl.int64) * svmh
@@ -219,23 +220,19 @@ def launch_config(dtype: torch.dtype, head_dim: int, q_block: int, kv_block: int
     return None
 
 
-def device_smem(device: torch.device) -> int:
-    """Shared memory per thread block that a launch on `device` may use: the CUDA device's
-    opt-in limit, HOPPER_SMEM elsewhere (the interpreter: CPU tests check the Hopper limit)."""
-    return _smem_bytes(device.index or 0) if device.type == "cuda" else HOPPER_SMEM
-
-
-def supported(q: torch.Tensor, *, q_block: int, kv_block: int, softcap=None, window=None) -> bool:
+def supported(q: torch.Tensor, *, q_block: int, kv_block: int, softcap=None, window=None,
+              smem: int | None = None) -> bool:
     """Whether `sparse_prefill_attention` handles this call: triton present, a CUDA tensor (or
     the interpreter), a power-of-two head dim 16..256, blocks of 16..256 tokens, a
     float16/bfloat16/float32 dtype, no soft-capping, no sliding window, and a launch
-    configuration whose shared memory fits the device (`launch_config`)."""
+    configuration whose shared memory fits the device (`launch_config`; smem: the bytes to plan
+    for instead of the device's, Options.triton_smem_limit)."""
     d = q.shape[-1]
     on = q.device.type == "cuda" or interpreted()
     pow2 = all(x & (x - 1) == 0 for x in (d, q_block, kv_block))
     return (HAS_TRITON and on and softcap is None and window is None and pow2 and 16 <= d <= 256
             and 16 <= kv_block <= q_block <= 256 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and launch_config(q.dtype, d, q_block, kv_block, device_smem(q.device)) is not None)
+            and launch_config(q.dtype, d, q_block, kv_block, smem or device_smem(q.device)) is not None)
 
 
 def sparse_prefill_attention(
@@ -257,6 +254,7 @@ def sparse_prefill_attention(
     num_stages: int | None = None,
     reverse: bool = True,
     residual: tuple | None = None,
+    smem: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of q over the listed key blocks.
 
@@ -267,9 +265,10 @@ def sparse_prefill_attention(
     (kv_block keys each), the first count entries valid and unique.  start, end: [B] int32, each row's real keys (partial blocks only).  Returns
     [B, Hq, n, D], a view of a [B, n, Hq, D] tensor.  block_n / num_warps / num_stages /
     reverse override the launch parameters (tuning, tests).  residual: (k_mean, v_mean,
-    log_count, table) of flexwalk.residual (block_summaries over the table's key blocks, and
+    log_count, table) of flexwalk.kernels.residual (block_summaries over the table's key blocks, and
     the [B, nq', nb'] bool selection table): each query also attends the summaries of the key
-    blocks before its query block that the table does not keep.
+    blocks before its query block that the table does not keep.  smem: shared memory bytes to
+    plan the tiles for (None: the device's).
     """
     if not HAS_TRITON:
         raise RuntimeError("sparse_prefill_attention needs triton (pip install triton)")
@@ -282,13 +281,14 @@ def sparse_prefill_attention(
     hkv = k.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    if not supported(q, q_block=q_block, kv_block=kv_block):
+    smem = smem or device_smem(q.device)
+    if not supported(q, q_block=q_block, kv_block=kv_block, smem=smem):
         raise ValueError(
             f"head_dim={d}, q_block={q_block}, kv_block={kv_block}, dtype={q.dtype}: need a power-of-two head dim "
             "16..256, power-of-two blocks with 16 <= kv_block <= q_block <= 256, a float16/bfloat16/float32 dtype "
-            f"and tiles that fit {device_smem(q.device)} bytes of shared memory"
+            f"and tiles that fit {smem} bytes of shared memory"
         )
-    block_m, bn, warps, stages = launch_config(q.dtype, d, q_block, kv_block, device_smem(q.device))
+    block_m, bn, warps, stages = launch_config(q.dtype, d, q_block, kv_block, smem)
     bn = min(block_n or bn, kv_block)
     nq = -(-n // block_m)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -307,17 +307,20 @@ def sparse_prefill_attention(
     else:
         k_mean = v_mean = log_count = tbl = q  # unused (RESIDUAL is off)
         res_strides = (0,) * 9
-    _jit[(bsz * hq, nq)](
+    meta = dict(D=d, BLOCK_M=block_m, BLOCK_N=bn, KV_BLOCK=kv_block, M_SPLIT=q_block // block_m, REVERSE=reverse,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", RESIDUAL=residual is not None,
+                num_warps=num_warps or warps, num_stages=num_stages or stages)
+    entry = stats.log_launch("triton_prefill", meta)  # before the launch: a failed one is logged too
+    kernel = _jit[(bsz * hq, nq)](
         q, k, v, out, full_num, full_idx, part_num, part_idx, start, end, k_mean, v_mean, log_count, tbl,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         full_num.stride(0), full_num.stride(-1), full_idx.stride(0), full_idx.stride(-2),
         part_num.stride(0), part_num.stride(-1), part_idx.stride(0), part_idx.stride(-2), *res_strides,
-        hq, hq // hkv, n, nq, scale * _LOG2E,
-        D=d, BLOCK_M=block_m, BLOCK_N=bn, KV_BLOCK=kv_block, M_SPLIT=q_block // block_m, REVERSE=reverse,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", RESIDUAL=residual is not None,
-        num_warps=num_warps or warps, num_stages=num_stages or stages,
+        hq, hq // hkv, n, nq, scale * LOG2E, **meta,
     )
+    if entry is not None:
+        entry["shared"] = getattr(getattr(kernel, "metadata", None), "shared", None)
     return out.transpose(1, 2)
 
 

@@ -19,8 +19,8 @@ Here: `block_summaries` (each block's mean key, mean value and log count, one pa
 and V, shared by every path) and `residual_allowed` (which summaries a query attends).  The
 Triton prefill kernel reads the summaries in a loop of its own
 (triton_prefill.sparse_prefill_attention); the flex path appends them to the keys and values
-of the same call, with a mask_mod and a score_mod for them (attention._residual_flex); the
-oracle (oracle.residual_reference) appends them to the dense reference's keys.  Decode steps do
+of the same call, with a mask_mod and a score_mod for them (`residual_flex`); the
+reference (reference.residual_reference) appends them to the dense reference's keys.  Decode steps do
 not use the residual (a log line says so once).
 """
 
@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 
-from .sketch import block_means
-from .triton_decode import HAS_TRITON, interpreted
+from ..config import SketchWalkConfig
+from ..selection.sketch import block_means
+from .flex import block_mask_from_indices, flex, make_mask_mod, packed, padded_validity, softcap_score_mod
+from .triton_runtime import HAS_TRITON, interpreted
 
 if HAS_TRITON:
     import triton
@@ -69,14 +72,9 @@ if HAS_TRITON:
         if h == 0:
             tl.store(LC + b * slb + j, tl.where(cnt > 0, tl.log(denom), float("-inf")))
 
-# Where block_summaries runs its Triton kernel: "auto" (CUDA tensors with triton installed),
-# "triton" (also CPU tensors, through triton's interpreter: tests), "torch".
-SUMMARY_KERNEL = "auto"
-
-
 def block_summaries(k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: torch.Tensor, block_size: int,
                     num_blocks: int | None = None, *, key_valid: torch.Tensor | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each key block's mean key and mean value over its real keys, and log(count).
 
     k, v: [B, Hkv, n, D]; start, end: [B] int, each row's real keys.  num_blocks: blocks to
@@ -84,13 +82,15 @@ def block_summaries(k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: 
     bool, for padding with holes inside [start, end) (then torch ops, not the kernel).  Returns
     (k_mean [B, Hkv, nb, D], v_mean [B, Hkv, nb, D], both in k's dtype, and log_count [B, nb]
     float32, -inf for blocks without a real key).  Means are accumulated in float32 (float64
-    inputs in float64).
+    inputs in float64).  kernel: "auto" (the Triton kernel for CUDA tensors where triton is
+    installed), "triton" (also CPU tensors, through triton's interpreter) or "torch"
+    (Options.summary_kernel).
     """
     bsz, hkv, n, d = k.shape
     nb = -(-n // block_size) if num_blocks is None else num_blocks
     if nb * block_size < n:
         raise ValueError(f"num_blocks={nb} blocks of {block_size} do not cover the {n} keys")
-    if key_valid is None and _use_kernel(k, d):  # the kernel knows [start, end) only
+    if key_valid is None and _use_kernel(k, d, kernel):  # the kernel knows [start, end) only
         k_mean = torch.empty(bsz, hkv, nb, d, device=k.device, dtype=k.dtype)
         v_mean = torch.empty(bsz, hkv, nb, d, device=k.device, dtype=v.dtype)
         log_count = torch.empty(bsz, nb, device=k.device, dtype=torch.float32)
@@ -112,10 +112,10 @@ def block_summaries(k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: 
     return F.pad(k_mean, (0, 0, 0, extra)).to(k.dtype), F.pad(v_mean, (0, 0, 0, extra)).to(v.dtype), log_count
 
 
-def _use_kernel(k: torch.Tensor, d: int) -> bool:
-    if SUMMARY_KERNEL == "torch" or not HAS_TRITON or d & (d - 1) or k.stride(-1) != 1:
+def _use_kernel(k: torch.Tensor, d: int, kernel: str) -> bool:
+    if kernel == "torch" or not HAS_TRITON or d & (d - 1) or k.stride(-1) != 1:
         return False
-    if SUMMARY_KERNEL == "triton":
+    if kernel == "triton":
         return k.is_cuda or interpreted()
     return k.is_cuda
 
@@ -132,3 +132,62 @@ def residual_allowed(table: torch.Tensor, log_count: torch.Tensor, rows: torch.T
     before = j[None, :] < first[:, None]  # [rows, nb]
     kept = table[:, qrow, :nb]  # [B, rows, nb]
     return before[None] & ~kept & torch.isfinite(log_count)[:, None, :]
+
+
+def residual_flex(q, k, v, bm: BlockMask, res: tuple, config: SketchWalkConfig, start, end, tiles,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Compiled flex over the selection plus the residual's summaries (flexwalk.kernels.residual), in one
+    call: the summaries are appended to the keys and values after the bucket's n_pad tokens
+    (nb of them, in ceil(nb / block_size) extra key blocks), each query block's partial list
+    gains the summary blocks before it, the mask_mod admits summary j for query q when key
+    block j lies wholly before q's query block, was not selected and holds a real key, and
+    the score_mod adds log(count) to the summaries' logits.  valid: [B, n] key validity, for
+    padding with holes."""
+    k_mean, v_mean, log_count, table = res
+    bs, qb = config.block_size, config.q_block
+    n = k.shape[2]
+    n_pad = bm.seq_lengths[0]
+    nbp = table.shape[-1]  # key blocks of the bucket (n_pad / bs)
+    extra_blocks = -(-nbp // bs)
+    kk = torch.cat([F.pad(k, (0, 0, 0, n_pad - n)), F.pad(k_mean, (0, 0, 0, extra_blocks * bs - nbp))], 2)
+    vv = torch.cat([F.pad(v, (0, 0, 0, n_pad - n)), F.pad(v_mean, (0, 0, 0, extra_blocks * bs - nbp))], 2)
+    p_cnt, p_idx = bm.kv_num_blocks[:, 0], bm.kv_indices[:, 0]
+    nq, width = p_idx.shape[1], p_idx.shape[2]
+    rows = torch.arange(nq, device=q.device)
+    extra = -(-(rows * (qb // bs)) // bs)  # summary blocks holding the key blocks before each query block
+    pos = torch.arange(width + extra_blocks, device=q.device)
+    rel = pos[None, None, :] - p_cnt[..., None]
+    use = (rel >= 0) & (rel < extra[None, :, None])
+    idx = torch.where(use, n_pad // bs + rel, F.pad(p_idx, (0, extra_blocks))).to(torch.int32)
+    f_idx = F.pad(bm.full_kv_indices[:, 0], (0, extra_blocks))
+    tok_mask = make_mask_mod(block_size=bs, q_block=qb, start=packed(start), end=packed(end),
+                             block_table=packed(table),
+                             valid=None if valid is None else packed(padded_validity(valid, n_pad)))
+    has = packed(torch.isfinite(log_count))
+    lc = packed(torch.where(torch.isfinite(log_count), log_count, torch.zeros_like(log_count)))
+    tbl = packed(table)
+    softcap = tiles["softcap"]
+
+    def summary_index(kv_idx):
+        """(whether kv_idx is a summary, its key block: 0 where it is not one or past nbp)."""
+        summary = kv_idx >= n_pad
+        j = torch.where(summary, kv_idx - n_pad, 0)
+        return summary, torch.where(j < nbp, j, 0)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        summary, j = summary_index(kv_idx)
+        qrow = q_idx // qb
+        ok = (j < qrow * (qb // bs)) & ~tbl[b, qrow, j] & has[b, j]
+        return torch.where(summary, ok, tok_mask(b, h, q_idx, torch.where(summary, 0, kv_idx)))
+
+    cap = None if softcap is None else softcap_score_mod(float(softcap))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if cap is not None:
+            score = cap(score, b, h, q_idx, kv_idx)
+        summary, j = summary_index(kv_idx)
+        return score + torch.where(summary, lc[b, j], 0.0)
+
+    rbm = block_mask_from_indices(p_cnt + extra[None].to(p_cnt.dtype), idx, bm.full_kv_num_blocks[:, 0], f_idx,
+                                  mask_mod, (qb, bs), n_pad, n_pad + extra_blocks * bs)
+    return flex(q, kk, vv, rbm, score_mod=score_mod, **tiles)

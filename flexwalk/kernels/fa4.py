@@ -4,19 +4,19 @@ FlashAttention 4 (`pip install flash-attn-4`, Hopper and Blackwell; imported as
 `flash_attn.cute`) runs a block-sparse pattern given, per query tile, two lists of key blocks:
 "mask" blocks, where a mask is applied (here FA4's own causal mask and sequence end), and "full"
 blocks, where none is.  A SketchWalk selection produces exactly these lists (the BlockMask's
-partial and full blocks; `attention.fused_selection`'s tables), so this module hands them over
+partial and full blocks; `selection.driver.fused_selection`'s tables), so this module hands them over
 unchanged: the partial blocks of a selection without padding are the causal diagonal, which FA4
-masks itself (`causal=True`, the default `MASK`) or through a two-line CuTe mask function
-(`MASK = "mask_mod"`).
+masks itself (`causal=True`, Options.fa4_mask="causal") or through a two-line CuTe mask function
+(fa4_mask="mask_mod").
 
-What it does not handle, so that `attention.sparse_prefill` runs flexwalk's Triton kernel or
+What it does not handle, so that `prefill.sparse_prefill` runs flexwalk's Triton kernel or
 flex instead (see `supported`): padded batches (keys outside [start, end) per row), the
 residual's summary keys, soft-capping, gradients, query lengths other than the
 key length, dtypes other than bf16 / fp16, and shapes outside SHAPES (those measured faster than
-flexwalk's other kernels on an H100).  On an H100 (session 22, docs/benchmarks.md 4l) it matched
+flexwalk's other kernels on an H100).  On an H100 (docs/benchmarks.md 4l) it matched
 the Triton kernel and flex to bf16 rounding and ran the 8B shape's 20% attention 1.40x faster
 than the Triton kernel at 128K, which took the 8B-shaped model's TTFT at 128K from 1.89x to
-2.10x sdpa's; `attention.FA4_AUTO` is on since.  The CPU tests run the wiring through a
+2.10x sdpa's; Options.fa4_auto is on since.  The CPU tests run the wiring through a
 stand-in that implements FA4's block-sparse semantics (tests/test_fa4_prefill.py).
 
 The inputs stay in transformers' layout: q [B, Hq, n, D] and k, v [B, Hkv, n, D] are passed as
@@ -40,15 +40,6 @@ SHAPES = {(128, 128, 128), (128, 64, 64), (256, 64, 64)}
 # Compute capabilities (major) where FA4's block-sparse query block equals one 128-row tile.
 # Blackwell (10.x) runs two tiles per CTA, so its query block would be 256 rows: not used.
 ARCHS = {9}
-# How the diagonal blocks get their causal mask: "causal" (FA4's causal=True: its own row-limit
-# mask, also applied, to no effect, on every full block, and its longest-first tile order) or
-# "mask_mod" (causal=False with a CuTe mask function on the partial blocks only: full blocks
-# unmasked, but FA4's tile order is then not longest-first).  Which is faster is a GPU
-# measurement (benchmarks/gpu_fa4.py, kernel section).
-MASK = "causal"
-MASKS = ("causal", "mask_mod")
-
-
 @functools.lru_cache(maxsize=1)
 def causal_mask_mod():
     """kv <= q as a CuTe mask function (FA4's signature: batch, head, q, kv, seqlen info, aux)."""
@@ -75,19 +66,22 @@ def _arch(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def device_ok(device: torch.device) -> bool:
-    """A CUDA device whose architecture is in ARCHS (tests replace this to run the wiring on CPU)."""
+def device_ok(device: torch.device, on_cpu: bool = False) -> bool:
+    """A CUDA device whose architecture is in ARCHS; with on_cpu, the CPU too (Options.fa4_on_cpu:
+    the tests run the wiring through a stand-in of flash_attn.cute)."""
     if device.type != "cuda":
-        return False
+        return on_cpu and device.type == "cpu"
     return _arch(device.index if device.index is not None else torch.cuda.current_device()) in ARCHS
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, *, q_block: int, kv_block: int, softcap=None,
-              padded: bool = False) -> bool:
-    """Whether `sparse_prefill_attention` handles this call (see the module docstring)."""
-    return (available() and device_ok(q.device) and not padded and softcap is None
+              padded: bool = False, shapes=None, on_cpu: bool = False) -> bool:
+    """Whether `sparse_prefill_attention` handles this call (see the module docstring).
+    shapes: the (head dim, query block, key block) shapes to run (None: SHAPES); on_cpu: see
+    `device_ok`."""
+    return (available() and device_ok(q.device, on_cpu) and not padded and softcap is None
             and q.dtype in (torch.bfloat16, torch.float16) and q.shape[2] == k.shape[2]
-            and (q.shape[-1], q_block, kv_block) in SHAPES)
+            and (q.shape[-1], q_block, kv_block) in (SHAPES if shapes is None else shapes))
 
 
 def block_sparse_lists(
@@ -137,11 +131,16 @@ def sparse_prefill_attention(
     q_block: int,
     kv_block: int,
     scale: float | None = None,
+    mask: str = "causal",
 ) -> torch.Tensor:
     """Causal attention of q over the listed key blocks, by FlashAttention 4.
 
     q: [B, Hq, n, D]; k, v: [B, Hkv, n, D]; the block lists as in `block_sparse_lists` (partial
-    blocks get the causal mask, full blocks none; `MASK` says how).  Returns [B, Hq, n, D], a view of FA4's
+    blocks get the causal mask, full blocks none).  mask: how the diagonal blocks are masked,
+    "causal" (FA4's causal=True: its own row-limit mask, also applied, to no effect, on every
+    full block, and its longest-first tile order) or "mask_mod" (causal=False with a CuTe mask
+    function on the partial blocks only: full blocks unmasked, but FA4's tile order is then not
+    longest-first); which is faster is a GPU measurement (Options.fa4_mask).  Returns [B, Hq, n, D], a view of FA4's
     [B, n, Hq, D] output."""
     from flash_attn.cute import flash_attn_func
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
@@ -149,9 +148,9 @@ def sparse_prefill_attention(
     mc, mi, fc, fi = block_sparse_lists(full_num, full_idx, part_num, part_idx, q.shape[2], q_block, kv_block)
     lists = BlockSparseTensorsTorch(mask_block_cnt=mc, mask_block_idx=mi, full_block_cnt=fc, full_block_idx=fi,
                                     block_size=(q_block, kv_block))
-    if MASK not in MASKS:
-        raise ValueError(f"flexwalk.fa4_prefill.MASK={MASK!r}: allowed {', '.join(MASKS)}")
-    how = dict(causal=True) if MASK == "causal" else dict(causal=False, mask_mod=causal_mask_mod())
+    if mask not in ("causal", "mask_mod"):
+        raise ValueError(f"mask={mask!r} is invalid: allowed causal, mask_mod")
+    how = dict(causal=True) if mask == "causal" else dict(causal=False, mask_mod=causal_mask_mod())
     res = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
                           block_sparse_tensors=lists, **how)
     out = res[0] if isinstance(res, tuple) else res

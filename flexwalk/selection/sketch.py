@@ -1,15 +1,22 @@
-"""Stage 1 of the selection: head means, block means, SRHT sketches and block scores.
+"""Selection, stage 1: the layer's sketch.  q and k of one layer -> block means (head means
+first, or per head), SRHT sketches of them and the block transition matrix W_l = softmax(s * A)
+over the causal, valid blocks.
 
 Everything here runs in fp32 whatever the model dtype, reads q and k once, and produces
 block-level tensors only ([B, nb, D], [B, nb, r], [B, nb, nb]); no token-by-token matrix.
+The decode state (flexwalk.decode) starts from a prefill's `LayerSketch`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
+
+from ..config import SketchWalkConfig
+from ..distributed import group_mean
 
 
 def num_blocks(seq_len: int, block_size: int) -> int:
@@ -131,9 +138,97 @@ def block_causal_mask(block_valid: torch.Tensor, q_blocks: torch.Tensor | None =
     return allowed | (empty & (kidx[None, :] == qidx[:, None])[None])
 
 
-def block_scores(q_sketch: torch.Tensor, k_sketch: torch.Tensor, scale: float, allowed: torch.Tensor) -> torch.Tensor:
-    """A[i, j] = Qs[i].Ks[j] * scale, -inf where not allowed.  [.., nb, r] x2 -> [.., nb, nb] fp32."""
-    a = torch.matmul(q_sketch, k_sketch.transpose(-1, -2)) * scale
-    if a.dim() == 4:  # per-head scores [B, H, nb, nb]
-        allowed = allowed[:, None]
-    return a.masked_fill(~allowed, float("-inf"))
+@dataclass(frozen=True)
+class LayerSketch:
+    """The sketch of one layer: block means, sketches and the block transition matrix.
+
+    Head dims are explicit: 1 for head_scoring="mean", the model's heads for "per_head".
+    q_means: [B, Hq', nb, D], k_means: [B, Hk', nb, D] fp32; counts: [B, nb] valid tokens per
+    block; k_sketch: [B, Hk', nb, r]; transition: [B, nb, nb] (W_l, head-averaged);
+    allowed: [B, nb, nb] causal/valid block pairs; block_valid: [B, nb].
+    """
+
+    q_means: torch.Tensor
+    k_means: torch.Tensor
+    counts: torch.Tensor
+    k_sketch: torch.Tensor
+    transition: torch.Tensor
+    allowed: torch.Tensor
+    block_valid: torch.Tensor
+
+
+def sketch_matrix(config: SketchWalkConfig, layer_idx: int, head_dim: int, device) -> torch.Tensor:
+    """The layer's SRHT matrix P [head_dim, r]; at full width (r = the padded head dim, the
+    default) the exact sketch [I 0] (`exact_sketch`), which every layer shares: the
+    scores a random rotation would give, without its rounding or its product (the Triton
+    selection skips it)."""
+    r = effective_sketch_dim(head_dim, config.sketch_dim)
+    if is_exact(head_dim, r):
+        return exact_sketch(head_dim, device)
+    return srht_matrix(head_dim, r, sketch_seed(config.seed, layer_idx), device)
+
+
+def head_reduce(x: torch.Tensor, head_scoring: str) -> torch.Tensor:
+    """[B, H, n, D] -> fp32 [B, 1, n, D] ("mean") or [B, H, n, D] ("per_head" scoring).
+
+    One head is its own mean: returned as is (fp32), no copy (the CUDA-graph selection passes
+    head means it computed already)."""
+    return x.float().mean(1, keepdim=True) if head_scoring == "mean" and x.shape[1] > 1 else x.float()
+
+
+def transition_matrix(scores: torch.Tensor, exponent: float) -> torch.Tensor:
+    """W = row_softmax(exponent * A), fp32; -inf entries get probability 0."""
+    return torch.softmax(scores.float() * exponent, dim=-1)
+
+
+def transition_rows(
+    q_sketch: torch.Tensor, k_sketch: torch.Tensor, allowed: torch.Tensor, scale: float, exponent: float
+) -> torch.Tensor:
+    """Rows of W = softmax(s * A) averaged over heads.
+
+    q_sketch: [B, Hq', m, r]; k_sketch: [B, Hk', nk, r] (Hq' a multiple of Hk');
+    allowed: [B, m, nk] bool.  Returns [B, m, nk] fp32.
+    """
+    bsz, hq, m, r = q_sketch.shape
+    hk = k_sketch.shape[1]
+    qs = q_sketch.reshape(bsz, hk, (hq // hk) * m, r)
+    a = torch.matmul(qs, k_sketch.transpose(-1, -2)).reshape(bsz, hq, m, -1) * scale
+    a = a.masked_fill(~allowed[:, None], float("-inf"))
+    return transition_matrix(a, exponent).mean(1)
+
+
+def layer_sketch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SketchWalkConfig,
+    layer_idx: int,
+    *,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    p: torch.Tensor | None = None,
+    process_group=None,
+) -> LayerSketch:
+    """The sketch of one prefill layer (q [B, Hq, n, D], k [B, Hkv, n, D]); no host sync.
+
+    p: the layer's SRHT matrix (sketch_matrix), when the caller holds it already.
+    process_group: tensor parallelism, each rank holding an equal share of the heads: the
+    head-mean block means (head_scoring="mean") or the head-mean transition ("per_head") are
+    averaged over the group with one all-reduce of [B, nb, D] or [B, nb, nb] per layer, so
+    every rank selects exactly what one process holding every head would."""
+    bsz, hq, n, d = q.shape
+    scale = d**-0.5 if scale is None else float(scale)
+    if p is None:
+        p = sketch_matrix(config, layer_idx, d, q.device)
+    qb, counts = block_means(head_reduce(q, config.head_scoring), config.block_size, key_valid)  # [B, Hq', nb, D]
+    kb, _ = block_means(head_reduce(k, config.head_scoring), config.block_size, key_valid)  # [B, Hk', nb, D]
+    if counts.shape[0] != bsz:
+        counts = counts.expand(bsz, -1)
+    if process_group is not None and config.head_scoring == "mean":
+        qb, kb = group_mean(qb, process_group), group_mean(kb, process_group)
+    block_valid = counts > 0  # [B, nb]
+    allowed = block_causal_mask(block_valid)
+    ks = kb @ p
+    w = transition_rows(qb @ p, ks, allowed, scale, config.sparsity_exponent)
+    if process_group is not None and config.head_scoring == "per_head":
+        w = group_mean(w, process_group)
+    return LayerSketch(qb, kb, counts, ks, w, allowed, block_valid)

@@ -1,0 +1,34 @@
+"""Argument types shared by the command lines (`flexwalk demo`, `flexwalk niah ...`)."""
+
+from __future__ import annotations
+
+import argparse
+
+def density(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def token_lengths(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated token counts like 1024,2048, got {text!r}") from None
+    if not values or min(values) < 128:
+        raise argparse.ArgumentTypeError(f"must be comma-separated token counts >= 128, got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
