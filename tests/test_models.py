@@ -211,7 +211,9 @@ def test_raw_slices_missing_part_names_it_and_the_pip_command(tmp_path, fake_sli
 def test_raw_slices_model_joins_into_the_conversion_and_keys_the_entry_by_checksum(tmp_path, monkeypatch, fake_slices):
     """resolve_model on a raw-slices model: the conversion reads the joined file from its own
     working directory (nothing left beside the entry), and the marker names the pinned sha256."""
-    _, slices, joined = fake_slices
+    import shutil
+
+    site, slices, joined = fake_slices
     spec = models._raw_slices_model("fake-slices", "fake.gguf", slices)
     monkeypatch.setitem(models.PACKAGED, "fake-slices", spec)
     seen = []
@@ -229,6 +231,8 @@ def test_raw_slices_model_joins_into_the_conversion_and_keys_the_entry_by_checks
     assert json.loads((entry / MARKER).read_text())["source"] == f"fake.gguf@sha256:{slices.sha256}"
     assert resolve_model("fake-slices", cache_dir=cache) == entry and len(seen) == 1
     assert _leftovers(cache) == []
+    shutil.rmtree(site)  # the converted entry does not need the parts any more
+    assert resolve_model("fake-slices", cache_dir=cache) == entry and len(seen) == 1
 
 
 def test_raw_slices_model_without_parts_names_the_pip_command(tmp_path, monkeypatch):
