@@ -33,7 +33,7 @@ import flexwalk
 from flexwalk import prefill
 from flexwalk.kernels import flex as flexwalk_flex
 from flexwalk import SketchWalkConfig, fa4_prefill, sketchwalk_attention, triton_prefill
-from flexwalk.kernels.flex import compiled_flex, flex, kernel_options, row_bounds
+from flexwalk.kernels.flex import compiled_flex, flex, flex_kernel_options, row_bounds
 from flexwalk.selection.driver import fused_selection, fused_selection_mask
 from flexwalk.kernels.flex import dense_block_mask, kernel_mask_mod
 
@@ -120,7 +120,7 @@ def grid(lengths, batches, densities, budget_s, blocks=("128",)):
                 t_sel = bench(lambda: sel_fn(q, k, cfg, 0, None), long)
                 tables, _, kept, causal = fused_selection(q, k, cfg, 0, None)
                 bm = flexwalk_flex.tables_block_mask(tables, cfg, flexwalk_flex.bucket_length(n))  # of the same tables
-                tiles = kernel_options(cfg.block_size, q.device, q_block=cfg.q_block)  # None for 128
+                tiles = flex_kernel_options(cfg.block_size, q.device, dtype=q.dtype, head_dim=q.shape[-1], q_block=cfg.q_block)  # None for 128
                 t_attn = bench(lambda: compiled_flex(qp, kp, vp, block_mask=bm, enable_gqa=True, kernel_options=tiles),
                                long)
                 fast = kernel_mask_mod()

@@ -169,7 +169,13 @@ def resolve(*layers: dict[str, Any]) -> Options:
     merged: dict[str, Any] = {}
     for layer in layers:
         merged.update(layer)
-    return _resolved(_freeze(merged)) if merged else DEFAULT
+    if not merged:
+        return DEFAULT
+    try:
+        return _resolved(_freeze(merged))
+    except ValueError:
+        Options(**merged)  # raises again, naming the value as the caller gave it
+        raise
 
 
 _SCOPE: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("flexwalk_options", default={})

@@ -255,8 +255,7 @@ def test_fa4_not_used_where_it_does_not_apply(fake_fa4, case):
     cfg = _config(16, 0.3, 1, residual=case == "residual")
     dtype = torch.float32 if case == "fp32" else torch.float16
     q, k, v = random_qkv(batch, 4, 2, n, 32 if case != "shape" else 16, dtype=dtype, seed=3)
-    if case == "shape":
-        shapes = {(32, 16, 16)} if case == "shape" else FAKE_SHAPES
+    shapes = {(32, 16, 16)} if case == "shape" else FAKE_SHAPES
     kv = left_padding(batch, n, [0, 17]) if case == "padding" else None
     kernel = {"flex": "flex", "triton": "triton", "auto_off": "auto"}.get(case, "fa4")
     kw = dict(softcap=20.0) if case == "softcap" else {}

@@ -1,5 +1,7 @@
 """The compiled flex path computes exactly what the eager oracle defines."""
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -284,15 +286,15 @@ def test_the_kernel_mask_path_compiles_once_per_shape():
     by earlier tests in the same process can hold a second entry that is no fault of the key (torch
     guards every compiled frame on the number of registered pytree node types, and transformers
     registers its cache classes on first use, which recompiles each function once)."""
-    from flexwalk.kernels.flex import bucket_length, clear_kernel_flex, kernel_flex_functions
+    from flexwalk.kernels.flex import bucket_length, clear_flex_functions, flex_functions
 
-    clear_kernel_flex()
+    clear_flex_functions()
     cfg = sparse_cfg(block_size=32, density=0.3)
     lengths = (300, 310, 600, 300, 700)
     for n in lengths:
         q, k, v = random_qkv(1, 4, 2, n, 16, seed=n)
         sketchwalk_attention(q, k, v, cfg, 0)
-    table = kernel_flex_functions()
+    table = flex_functions()
     assert len(table) == len({bucket_length(n) for n in lengths})  # one function per length bucket
     for fn in table.values():
         code = fn._torchdynamo_orig_callable.__code__
@@ -302,15 +304,41 @@ def test_the_kernel_mask_path_compiles_once_per_shape():
 def test_kernel_tiles_divide_the_mask_blocks():
     """CUDA tiles (BLOCK_M x BLOCK_N) for (query block x key block) masks: they must divide them,
     and 128-row tiles over 64-key blocks are what query_block_size=128 with block_size=64 is for."""
-    from flexwalk.kernels.flex import kernel_options
+    from flexwalk.kernels.flex import flex_kernel_options
+    from flexwalk.kernels.triton_runtime import HOPPER_SMEM
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert kernel_options(64, cpu, q_block=128) is None
-    assert kernel_options(64, cuda) == {"BLOCK_M": 64, "BLOCK_N": 64}  # square blocks: as before
-    assert kernel_options(128, cuda) is None and kernel_options(256, cuda) is None
-    assert kernel_options(64, cuda, q_block=128) == {"BLOCK_M": 128, "BLOCK_N": 64}
-    assert kernel_options(16, cuda, q_block=32) == {"BLOCK_M": 32, "BLOCK_N": 16}
-    assert kernel_options(64, cuda, q_block=256) == {"BLOCK_M": 128, "BLOCK_N": 64}  # two tiles per block
-    assert kernel_options(128, cuda, q_block=256) is None  # triton's tiles (<= 128) divide both
-    assert kernel_options(32, cuda, rows_safe=True, q_block=128) == {"BLOCK_M": 128, "BLOCK_N": 32,
-                                                                      "ROWS_GUARANTEED_SAFE": True}
+    opts = functools.partial(flex_kernel_options, smem=HOPPER_SMEM)
+    assert opts(64, cpu, q_block=128) is None
+    assert opts(64, cuda) == {"BLOCK_M": 64, "BLOCK_N": 64}  # square blocks: as before
+    assert opts(128, cuda) is None and opts(256, cuda) is None
+    assert opts(64, cuda, q_block=128) == {"BLOCK_M": 128, "BLOCK_N": 64}
+    assert opts(16, cuda, q_block=32) == {"BLOCK_M": 32, "BLOCK_N": 16}
+    assert opts(64, cuda, q_block=256) == {"BLOCK_M": 128, "BLOCK_N": 64}  # two tiles per block
+    assert opts(128, cuda, q_block=256) is None  # triton's tiles (<= 128) divide both
+    assert opts(32, cuda, rows_safe=True, q_block=128) == {"BLOCK_M": 128, "BLOCK_N": 32,
+                                                           "ROWS_GUARANTEED_SAFE": True}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("block,q_block", [(16, 32), (32, 128), (64, 64), (64, 128), (64, 256)])
+def test_flex_tiles_fit_hopper_shared_memory(dtype, head_dim, block, q_block):
+    """Every forced flex launch fits a Hopper GPU's shared memory by the kernel's formula, keeping
+    flex's three stages wherever they fit and its tiles dividing the
+    mask's blocks; float32 at head dim 256 with 64 x 64 tiles (344064 bytes at three stages, an
+    H100 compiled 344320 and refused it) drops to two."""
+    from flexwalk.kernels.flex import FLEX_STAGES, flex_kernel_options
+    from flexwalk.kernels.triton_prefill import SMEM_MARGIN, shared_memory
+    from flexwalk.kernels.triton_runtime import HOPPER_SMEM
+
+    opts = flex_kernel_options(block, torch.device("cuda"), dtype=dtype, head_dim=head_dim, q_block=q_block,
+                               smem=HOPPER_SMEM)
+    bm, bn, stages = opts["BLOCK_M"], opts["BLOCK_N"], opts.get("num_stages", FLEX_STAGES)
+    assert min(q_block, 128) % bm == 0 and block % bn == 0
+    assert shared_memory(dtype, head_dim, bm, bn, stages) <= HOPPER_SMEM - SMEM_MARGIN
+    if dtype != torch.float32:  # 16-bit keeps its tiles, pipelined (3 stages but at head dim 256 over 128 rows)
+        assert (bm, bn) == (min(q_block, 128), block) and stages >= 2
+    if (dtype, head_dim, block, q_block) == (torch.float32, 256, 64, 64):
+        assert shared_memory(dtype, head_dim, 64, 64, 3) == 344064
+        assert (bm, bn, stages) == (64, 64, 2)

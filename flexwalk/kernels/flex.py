@@ -28,6 +28,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ..compiled import with_own_code
 from ..config import SketchWalkConfig
 from ..selection.topk import BlockSelection, table_to_indices
+from .triton_prefill import SMEM_MARGIN, shared_memory
+from .triton_runtime import device_smem
 
 _HAS_COMPUTE_Q_BLOCKS = "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
 BUCKET_GRANULE = 256
@@ -385,15 +387,20 @@ def softcap_score_mod(softcap: float):
     return score_mod
 
 
-def kernel_options(block_size: int, device: torch.device, rows_safe: bool = False,
-                    q_block: int | None = None) -> dict | None:
-    """Triton kernel options of a prefill flex call (CUDA only; None elsewhere).
+def flex_kernel_options(block_size: int, device: torch.device, *, dtype: torch.dtype = torch.bfloat16,
+                        head_dim: int = 128, rows_safe: bool = False, q_block: int | None = None,
+                        smem: int | None = None) -> dict | None:
+    """Triton kernel options of a prefill flex call (CUDA only; None elsewhere).  smem: the
+    device's shared memory per block (None: asked of the device).
 
     The kernel's tiles (BLOCK_M query rows x BLOCK_N keys) must divide the mask's blocks
     (q_block x block_size; q_block defaults to block_size).  Triton's default tiles are 128 x 64
     or 128 x 128 (an H100 at head dim 64), at most 128 x 128, so blocks of 128 tokens and more
     keep them; smaller key blocks get BLOCK_N = block_size and BLOCK_M = the query block, at most
     128 (a 256-row query block runs as two 128-row tiles, each visiting the block's key list).
+    Those tiles keep flex's 3 pipeline stages where their shared memory fits the device, else
+    fewer, else smaller tiles (`flex_tiles`: float32 at head dim 256 with 64-token blocks needs
+    344064 bytes at 3 stages, more than a Hopper GPU's 232448).
     rows_safe: every row's first visited tile holds a key it may attend (see `flex`), so the
     kernel may skip its fully-masked-row guards (ROWS_GUARANTEED_SAFE: 1-3% on an H100,
     docs/benchmarks.md)."""
@@ -401,10 +408,39 @@ def kernel_options(block_size: int, device: torch.device, rows_safe: bool = Fals
         return None
     opts = {}
     if block_size < 128:
-        opts.update(BLOCK_M=min(block_size if q_block is None else q_block, 128), BLOCK_N=block_size)
+        bm, bn = min(block_size if q_block is None else q_block, 128), block_size
+        smem = device_smem(device) if smem is None else smem
+        opts.update(zip(("BLOCK_M", "BLOCK_N", "num_stages"), flex_tiles(dtype, head_dim, bm, bn, smem)))
+        if opts["num_stages"] == FLEX_STAGES:
+            del opts["num_stages"]  # flex's own choice
     if rows_safe:
         opts["ROWS_GUARANTEED_SAFE"] = True
     return opts or None
+
+
+FLEX_STAGES = 3  # the pipeline depth of flex's forward kernel on Hopper
+
+
+@functools.cache
+def flex_tiles(dtype: torch.dtype, head_dim: int, block_m: int, block_n: int, smem: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_stages) for a flex launch of block_m x block_n tiles whose shared
+    memory fits `smem` bytes: fewer stages first, then halved tiles (which still divide the
+    mask's blocks).  flex's forward kernel keeps the same tiles as flexwalk's Triton kernel (a
+    Q tile, pipelined K and V tiles, P in float32), so `triton_prefill.shared_memory` gives its
+    need: float32 at head dim 256 with 64 x 64 tiles and 3 stages is 344064 bytes by it, 344320
+    as an H100 compiled it."""
+    budget = smem - SMEM_MARGIN
+    bm, bn = block_m, block_n
+    while True:
+        for stages in range(FLEX_STAGES, 0, -1):
+            if shared_memory(dtype, head_dim, bm, bn, stages) <= budget:
+                return bm, bn, stages
+        if bm == bn == 16:
+            return bm, bn, 1
+        if bm >= bn:
+            bm //= 2
+        else:
+            bn //= 2
 
 
 def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decode=False,
@@ -440,21 +476,18 @@ def flex(q, k, v, block_mask, *, scale=None, softcap=None, block_size=128, decod
         q = F.pad(q, (0, 0, 0, Lp - L))
     if Sp != S:
         k, v = F.pad(k, (0, 0, 0, Sp - S)), F.pad(v, (0, 0, 0, Sp - S))
-    fn, rows_safe = compiled_flex, False
+    rows_safe = False
     if kernel_mask_mod is not None and kernel_mask_ok():
         block_mask = copy.copy(block_mask)
         block_mask.mask_mod = kernel_mask_mod
-        fn, rows_safe = _kernel_flex(q, k, v, block_mask, scale, softcap), True
-    out = fn(
-        q,
-        k,
-        v,
-        score_mod=score_mod if score_mod is not None or softcap is None else softcap_score_mod(float(softcap)),
-        block_mask=block_mask,
-        scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-        kernel_options=None if decode else kernel_options(block_size, q.device, rows_safe, q_block),
-    )
+        rows_safe = True
+    if score_mod is None and softcap is not None:
+        score_mod = softcap_score_mod(float(softcap))
+    options = None if decode else flex_kernel_options(
+        block_size, q.device, dtype=q.dtype, head_dim=q.shape[-1], rows_safe=rows_safe, q_block=q_block)
+    fn = flex_function(q, k, v, block_mask, scale, score_mod, options) if kernel_mask_ok() else compiled_flex
+    out = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+             kernel_options=options)
     return out[:, :, :L] if Lp != L else out
 
 
@@ -467,30 +500,56 @@ def kernel_mask_ok() -> bool:
     return stance == "default"
 
 
-_KERNEL_FLEX: dict[tuple, object] = {}
+_FLEX_FUNCTIONS: dict[tuple, object] = {}
 
 
-def kernel_flex_functions() -> dict[tuple, object]:
-    """A copy of the table of compiled per-signature flex functions (`flex` with kernel_mask_mod):
-    {signature: compiled function}."""
-    return dict(_KERNEL_FLEX)
+def flex_functions() -> dict[tuple, object]:
+    """A copy of the table of compiled per-signature flex functions: {signature: function}.  Its
+    size is the number of flex kernels compiled in this process."""
+    return dict(_FLEX_FUNCTIONS)
 
 
-def clear_kernel_flex() -> None:
+def clear_flex_functions() -> None:
     """Forget the compiled per-signature flex functions: later calls compile new ones."""
-    _KERNEL_FLEX.clear()
+    _FLEX_FUNCTIONS.clear()
 
 
-def _kernel_flex(q, k, v, block_mask, scale, softcap):
+def _cell(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def _signature(value, depth: int = 0):
+    """What dynamo guards on in a mask_mod / score_mod: its code, and in its closure the
+    constants' values, the tensors' dtype and shape, and nested functions the same way."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, tuple(value.shape), value.device)
+    if callable(value) and hasattr(value, "__code__") and depth < 4:
+        cells = tuple(_signature(_cell(c), depth + 1) for c in (value.__closure__ or ()))
+        return (value.__code__, cells)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(x, depth + 1) for x in value)
+    return ("object", type(value))
+
+
+def flex_function(q, k, v, block_mask, scale, score_mod, options):
     """flex_attention compiled for one input signature (what its guards check: shapes, strides,
-    dtype, constants, grad mode), with a code object of its own."""
-    key = (q.device, q.dtype, tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), v.stride(), k is v,
-           block_mask.BLOCK_SIZE, tuple(block_mask.kv_indices.shape), scale, softcap, torch.is_grad_enabled(),
-           q.requires_grad or k.requires_grad or v.requires_grad)
-    fn = _KERNEL_FLEX.get(key)
+    dtype, the mask_mod and score_mod functions, constants, grad mode), with a code object of
+    its own.  A process sees many signatures (length buckets, batch sizes, block sizes, masks);
+    one shared compiled function would recompile for each and, past dynamo's recompile limit,
+    run flex's eager path (dense cost) instead.  Each function here compiles once."""
+    key = (q.device, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.stride(), k.stride(), v.stride(),
+           k is v, block_mask.BLOCK_SIZE, tuple(block_mask.kv_indices.shape), block_mask.full_kv_indices is None,
+           _signature(block_mask.mask_mod), _signature(score_mod), scale, tuple(sorted((options or {}).items())),
+           torch.is_grad_enabled(), q.requires_grad or k.requires_grad or v.requires_grad)
+    fn = _FLEX_FUNCTIONS.get(key)
     if fn is None:
-        def kernel_flex(q, k, v, **kw):
+        def signature_flex(q, k, v, **kw):
             return flex_attention(q, k, v, **kw)
 
-        fn = _KERNEL_FLEX[key] = torch.compile(with_own_code(kernel_flex, "kernel_flex"), dynamic=False)
+        fn = _FLEX_FUNCTIONS[key] = torch.compile(with_own_code(signature_flex, "flex"), dynamic=False)
     return fn
