@@ -210,15 +210,16 @@ def format_table(results: Sequence[RunResult]) -> str:
 
 def demo_main(args: argparse.Namespace) -> int:
     """Run `flexwalk demo` (arguments: cli.build_parser); the exit code."""
-    from .models import PACKAGED, is_cached, load_model
+    from .models import first_use_notice, load_model
 
     # The default dense_below (2048) would keep the demo lengths dense: sparse must really run.
     dense_below = min(512, min(args.lengths) // 2)
     config = SketchWalkConfig.preset(
         args.preset, density=args.density, block_size=args.block_size, dense_below=dense_below, seed=args.seed
     )
-    if args.model in PACKAGED and not is_cached(args.model):
-        print(f"flexwalk: first use of {args.model}: converting its GGUF file once (~20-60 s)", file=sys.stderr)
+    notice = first_use_notice(args.model)
+    if notice:
+        print(f"flexwalk: {notice}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
         model, tokenizer = load_model(args.model, attn_implementation=DENSE, sketchwalk=config, device=args.device)

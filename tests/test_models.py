@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 from flexwalk import cli, demo, models
-from flexwalk.models import MARKER, PackagedModel, is_cached, resolve_model
+from flexwalk.models import MARKER, PACKAGED, PackagedModel, first_use_notice, is_cached, resolve_model
 
 # --------------------------------------------------------------------------- resolve_model
 
@@ -59,6 +59,20 @@ def fake_packaged(monkeypatch):
 def _with_conversion(monkeypatch, name, convert):
     """The packaged model `name` with another conversion (its spec replaced in models.PACKAGED)."""
     monkeypatch.setitem(models.PACKAGED, name, dataclasses.replace(models.PACKAGED[name], convert=convert))
+
+
+def test_first_use_notice_names_the_model_until_it_is_converted(tmp_path, fake_packaged):
+    notice = first_use_notice("fake", tmp_path)
+    assert notice is not None and "fake" in notice and "once" in notice
+    resolve_model("fake", cache_dir=tmp_path)
+    assert first_use_notice("fake", tmp_path) is None
+    assert first_use_notice("not-a-packaged-model", tmp_path) is None
+
+
+def test_every_packaged_model_says_what_its_first_use_costs(tmp_path):
+    notices = {name: first_use_notice(name, tmp_path) for name in PACKAGED}
+    assert all(n and name in n for name, n in notices.items()), notices
+    assert "9 GB" in notices["qwen2.5-coder-1.5b"]  # the largest says its memory
 
 
 def _leftovers(root):

@@ -14,6 +14,7 @@ import torch
 
 from ..argtypes import positive_int
 from ..config import PRESETS, SketchWalkConfig
+from ..models import PACKAGED
 from .dataset import dataset_path, generate_dataset, parse_length, read_jsonl
 from .fidelity import ABLATIONS, grid, run_ablation
 from .report.compare import compare
@@ -92,7 +93,7 @@ def _labels(text: str) -> list[str]:
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `flexwalk niah generate` (see generate_main)."""
     parser.add_argument("--model", default="smollm2-135m",
-                        help="packaged model name (smollm2-135m, gemma3-270m) or a local model/tokenizer directory; "
+                        help=f"packaged model name ({', '.join(PACKAGED)}) or a local model/tokenizer directory; "
                         "only its tokenizer is loaded (default: %(default)s)")
     parser.add_argument("--tasks", type=_tasks_arg, default=list(TASKS),
                         help=f"comma-separated tasks or 'all' (default: all): {', '.join(TASKS)}")
@@ -126,11 +127,12 @@ def load_tokenizer(model: str) -> Any:
 
 def generate_main(args: argparse.Namespace) -> int:
     """Run `flexwalk niah generate`: 0 on success, 2 on a bad model or argument (message on stderr)."""
-    from ..models import PACKAGED, is_cached
+    from ..models import first_use_notice
 
     prog = "flexwalk niah generate"
-    if args.model in PACKAGED and not is_cached(args.model):
-        print(f"{prog}: first use of {args.model}: converting its GGUF file once (~20-60 s)", file=sys.stderr)
+    notice = first_use_notice(args.model)
+    if notice:
+        print(f"{prog}: {notice}", file=sys.stderr)
     try:
         tokenizer = load_tokenizer(args.model)
     except (ValueError, FileNotFoundError, ImportError, OSError) as exc:
