@@ -21,9 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import flexwalk
 from flexwalk import SketchWalkConfig, sketchwalk_attention
 from flexwalk.kernels import fa4
-from flexwalk.reference import reference_error_budget, token_mask
-from flexwalk.selection.driver import fused_selection
-from flexwalk.selection.topk import BlockSelection
+from flexwalk.reference import rows_error_budget, sample_rows, token_mask
+from flexwalk.selection.driver import fused_block_selection
 
 
 @dataclass(frozen=True)
@@ -102,48 +101,23 @@ def kernel_ran() -> str:
     return "fa4" if c.get("fa4_prefill") else "triton" if c.get("triton_prefill") else "flex"
 
 
-def check_rows(n: int, device, count: int = 256) -> torch.Tensor:
-    """Query rows the check compares: every row up to `count` tokens, else `count` rows spread
-    over the prompt, the first and the last 16 (the dense tail) among them."""
-    if n <= count:
-        return torch.arange(n, device=device)
-    spread = torch.linspace(0, n - 1, count - 16, device=device).round().long()
-    return torch.unique(torch.cat([spread, torch.arange(n - 16, n, device=device)]))
-
-
-def _worst(q, k, v, mask_of, out, rows: torch.Tensor, chunk: int) -> tuple[float, float]:
-    """(error, budget) of the chunk of rows whose error is largest against its budget
-    (flexwalk.reference.reference_error_budget on `chunk` rows at a time: the float64 reference of
-    a 128K prompt holds [B, Hq, chunk, n] scores)."""
-    worst = (0.0, 1.0)
-    for i in range(0, len(rows), chunk):
-        r = rows[i:i + chunk]
-        err, budget = reference_error_budget(q[:, :, r], k, v, mask_of(r), out[:, :, r])
-        if err / budget > worst[0] / worst[1]:
-            worst = (err, budget)
-    return worst
-
-
-def check_layer(q, k, v, config: SketchWalkConfig, *, chunk: int | None = None) -> dict:
+def check_layer(q, k, v, config: SketchWalkConfig) -> dict:
     """Run one sparse layer under the options in force and compare it with the eager oracle:
     the layer's own selection as a token mask through SDPA (`flexwalk.reference`), in float64 and
-    in the inputs' dtype, on `check_rows`; and the same kernel at full budget (density 1) against
-    dense causal attention.  Returns {kernel, density, err, budget, full_err, full_budget, ok}."""
+    in the inputs' dtype, on `sample_rows`; and the same kernel at full budget (density 1) against
+    dense causal attention.  Returns {kernel, density, err, budget, full_err, full_budget, rows,
+    finite, ok}."""
     n = q.shape[2]
-    chunk = chunk or max(1, 2**31 // (q.shape[0] * q.shape[1] * n * 8))  # 2 GiB of float64 scores
-    rows = check_rows(n, q.device)
+    rows = sample_rows(n, device=q.device)
     flexwalk.reset_counters()
     out, _ = sketchwalk_attention(q, k, v, config, 0)
     ran = kernel_ran()
     density = flexwalk.density_report()[0]
-    tables, _, kept, causal = fused_selection(q, k, config, 0, None)  # the selection the layer ran on
-    nq, nk = -(-n // config.q_block), -(-n // config.block_size)
-    sel = BlockSelection(mask=tables[4][:, :nq, :nk].bool(), block_size=config.block_size, seq_len=n, kept=kept,
-                         causal=causal, q_block_size=config.q_block)
-    err, budget = _worst(q, k, v, lambda r: token_mask(n, selection=sel, rows=r), out, rows, chunk)
+    sel, _ = fused_block_selection(q, k, config, 0, None)  # the blocks the layer attended
+    err, budget = rows_error_budget(q, k, v, out, lambda r: token_mask(n, selection=sel, rows=r), rows)
     full, _ = sketchwalk_attention(q, k, v, config.replace(density=1.0), 0)
-    full_err, full_budget = _worst(q, k, v, lambda r: token_mask(n, batch=q.shape[0], rows=r, device=q.device), full,
-                                   rows, chunk)
+    full_err, full_budget = rows_error_budget(
+        q, k, v, full, lambda r: token_mask(n, batch=q.shape[0], rows=r, device=q.device), rows)
     finite = bool(torch.isfinite(out).all() and torch.isfinite(full).all())
     ok = finite and err <= budget and full_err <= full_budget
     return dict(kernel=ran, density=density, err=err, budget=budget, full_err=full_err, full_budget=full_budget,

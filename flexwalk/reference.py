@@ -75,6 +75,32 @@ def reference_error_budget(q, k, v, mask, out, *, scale=None, softcap=None, fact
     return error_budget(out, ref_lp, ref_hp, factor=factor, extra=capped)
 
 
+def sample_rows(n: int, count: int = 256, device=None) -> torch.Tensor:
+    """[R] int64 query rows to check a long prompt on: every row up to `count`, else `count`
+    rows spread over the prompt, the first and the last 16 (the dense tail) among them."""
+    if n <= count:
+        return torch.arange(n, device=device)
+    spread = torch.linspace(0, n - 1, count - 16, device=device).round().long()
+    return torch.unique(torch.cat([spread, torch.arange(n - 16, n, device=device)]))
+
+
+def rows_error_budget(q, k, v, out, mask_of, rows: torch.Tensor, *, chunk: int | None = None, scale=None,
+                      softcap=None) -> tuple[float, float]:
+    """`reference_error_budget` of `out` on the query `rows` only, `chunk` rows at a time (the
+    float64 reference holds [B, Hq, chunk, n] scores; None: 2 GiB of them), where mask_of(r)
+    gives the rows' mask [B, 1, len(r), n] (`token_mask(..., rows=r)`).  Returns the (error,
+    budget) of the chunk with the largest error against its budget."""
+    bsz, hq, n, _ = q.shape
+    chunk = chunk or max(1, 2**31 // (bsz * hq * n * 8))
+    worst = (0.0, 1.0)
+    for i in range(0, len(rows), chunk):
+        r = rows[i:i + chunk]
+        err, budget = reference_error_budget(q[:, :, r], k, v, mask_of(r), out[:, :, r], scale=scale, softcap=softcap)
+        if err / budget > worst[0] / worst[1]:
+            worst = (err, budget)
+    return worst
+
+
 def residual_reference(q, k, v, mask, selection: BlockSelection, *, key_valid=None, scale=None,
                        softcap=None) -> torch.Tensor:
     """Attention under the dense token mask plus the residual's summary entries (flexwalk.kernels.residual):
