@@ -127,7 +127,7 @@ def test_compiled_selection_keeps_each_configuration_static(compiled_on_cpu):
     stay correct.  On CUDA, passing the configuration as an argument let automatic dynamic shapes
     make the block size symbolic on the second configuration and inductor failed (CantSplit); CPU
     inductor tiles it anyway, so the regression itself is checked on the GPU
-    (benchmarks/gpu_selection.py, section check)."""
+    (tests/gpu/test_gpu_selection.py, the graphed against the ungraphed selection)."""
     q, k, v = random_qkv(1, 4, 2, 300, 16, seed=1)
     for bs in (16, 32, 16, 32):
         cfg = SketchWalkConfig(block_size=bs, density=0.3, dense_below=0, dense_layers=0)
