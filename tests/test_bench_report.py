@@ -119,3 +119,26 @@ def test_a_tiny_run_on_the_cpu_measures_checks_and_writes_everything(tmp_path):
     (dec,) = saved["decode"]
     assert dec["ok"] and dec["sketchwalk"]["counters"]["sparse_decode"] == 2 * 5  # 2 sparse layers x 5 steps
     assert set(saved["figures"]) == {"layer", "ttft", "decode"}
+
+
+@pytest.mark.parametrize("wrong", ["sparse", "full"])
+def test_the_check_before_timing_fails_a_wrong_layer(wrong, monkeypatch):
+    """workload.check_layer passes the layer as it is and fails it when one query row of the
+    sparse output, or of the full-budget one, is off by 1e-3 (batch 2: each row is checked)."""
+    q, k, v = workload.qkv(workload.SMALL, 700, batch=2)
+    config = workload.layer_config(64, 0.2)
+    assert workload.check_layer(q, k, v, config)["ok"]
+    layer = workload.sketchwalk_attention
+
+    def off_by_a_little(q, k, v, cfg, layer_idx):
+        out, state = layer(q, k, v, cfg, layer_idx)
+        if (cfg.density == 1.0) == (wrong == "full"):
+            out = out.clone()
+            out[1, :, 699] += 1e-3  # the last row of the second batch row, a row the check samples
+        return out, state
+
+    monkeypatch.setattr(workload, "sketchwalk_attention", off_by_a_little)
+    check = workload.check_layer(q, k, v, config)
+    assert not check["ok"]
+    err, budget = (check["err"], check["budget"]) if wrong == "sparse" else (check["full_err"], check["full_budget"])
+    assert err > budget and err == pytest.approx(1e-3, rel=0.05)
