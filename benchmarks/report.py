@@ -141,6 +141,7 @@ def _free(device: str) -> None:
 # ----------------------------------------------------------------------------- sections
 
 
+@torch.no_grad()
 def layer_section(args, record) -> None:
     """One row per (batch, length, block, density, kernel), handed to `record` as it is measured."""
     device, shape = args.device, workload.shape_for(args.device)
@@ -198,6 +199,7 @@ def model_config(args, **fields) -> SketchWalkConfig:
     return SketchWalkConfig(block_size=args.model_block, density=0.2, dense_below=args.dense_below, **fields)
 
 
+@torch.no_grad()
 def ttft_section(args, model, record) -> None:
     config = model_config(args)
     for n in args.ttft_lengths:
@@ -245,6 +247,7 @@ def _decode_run(model, ids, steps: int) -> dict:
     return dict(ms_per_token=ms, tokens_per_s=1e3 / ms, steps=steps, counters=flexwalk.counters(), finite=finite)
 
 
+@torch.no_grad()
 def decode_section(args, model, record) -> None:
     config = model_config(args, skip_decode=False)
     for n in args.decode_lengths:
