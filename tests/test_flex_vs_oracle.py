@@ -11,6 +11,7 @@ import flexwalk
 from conftest import assert_matches_reference, left_padding, random_qkv
 from flexwalk import SketchWalkConfig, dense_attention, eager_sketchwalk_attention, sketchwalk_attention, token_mask
 from flexwalk.prefill import dense_tail_start, rows_dropped
+from flexwalk.reference import reference_error_budget, rows_error_budget, sample_rows
 from flexwalk.selection.driver import fused_selection_mask
 
 
@@ -342,3 +343,25 @@ def test_flex_tiles_fit_hopper_shared_memory(dtype, head_dim, block, q_block):
     if (dtype, head_dim, block, q_block) == (torch.float32, 256, 64, 64):
         assert shared_memory(dtype, head_dim, 64, 64, 3) == 344064
         assert (bm, bn, stages) == (64, 64, 2)
+
+def test_the_oracle_on_sampled_rows_is_the_full_oracle_on_those_rows():
+    """rows_error_budget (the oracle of prompts too long for an n x n mask) agrees with the full
+    reference check on the same rows, chunk by chunk, and catches one wrong row among them."""
+    n = 700
+    q, k, v = random_qkv(2, 4, 2, n, 16, seed=3)
+    cfg = sparse_cfg(block_size=32, density=0.25)
+    out, _ = sketchwalk_attention(q, k, v, cfg, 0)
+    _, _, sel = eager_sketchwalk_attention(q, k, v, cfg, 0)
+    rows = sample_rows(n, count=64)
+    assert 48 < len(rows) <= 64 and rows[0] == 0 and rows[-16:].tolist() == list(range(n - 16, n))
+    assert torch.equal(sample_rows(50), torch.arange(50))
+    mask_of = lambda r: token_mask(n, selection=sel, rows=r)  # noqa: E731
+    err, budget = rows_error_budget(q, k, v, out, mask_of, rows)
+    whole = reference_error_budget(q[:, :, rows], k, v, token_mask(n, selection=sel)[:, :, rows], out[:, :, rows])
+    assert (err, budget) == pytest.approx(whole) and err <= budget
+    err8, budget8 = rows_error_budget(q, k, v, out, mask_of, rows, chunk=8)
+    assert err8 <= err and err8 / budget8 >= err / budget - 1e-12  # the worst chunk, not a better one
+    wrong = out.clone()
+    wrong[1, :, rows[40]] += 0.01
+    err, budget = rows_error_budget(q, k, v, wrong, mask_of, rows, chunk=8)
+    assert err > budget

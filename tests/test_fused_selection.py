@@ -127,7 +127,7 @@ def test_compiled_selection_keeps_each_configuration_static(compiled_on_cpu):
     stay correct.  On CUDA, passing the configuration as an argument let automatic dynamic shapes
     make the block size symbolic on the second configuration and inductor failed (CantSplit); CPU
     inductor tiles it anyway, so the regression itself is checked on the GPU
-    (benchmarks/gpu_selection.py, section check)."""
+    (tests/gpu/test_gpu_selection.py, the graphed against the ungraphed selection)."""
     q, k, v = random_qkv(1, 4, 2, 300, 16, seed=1)
     for bs in (16, 32, 16, 32):
         cfg = SketchWalkConfig(block_size=bs, density=0.3, dense_below=0, dense_layers=0)
@@ -169,3 +169,21 @@ def test_torch_selection_graph_fill_holds_the_head_means(padded):
                 assert torch.equal(a, b)
             prev = ref[7]
             q, k = q.roll(7, 2), k.roll(5, 2)
+
+
+@pytest.mark.parametrize("qbs", [None, 64])
+def test_fused_block_selection_is_the_selection_the_tables_hold(qbs):
+    """fused_block_selection (the oracle's view of a layer's own selection) holds the blocks of
+    the fused tables: on the CPU, the torch selection's, padding included."""
+    n = 333
+    q, k, _ = random_qkv(2, 4, 2, n, 16, seed=4)
+    kv = torch.ones(2, n, dtype=torch.bool)
+    kv[1, :50] = False
+    cfg = SketchWalkConfig(block_size=32, density=0.3, dense_below=0, dense_layers=0, query_block_size=qbs)
+    st_a = st_b = None
+    for layer in range(2):
+        got, st_a = driver.fused_block_selection(q, k, cfg, layer, st_a, key_valid=kv)
+        ref, st_b = flexwalk.sketchwalk_selection(q, k, cfg, layer, st_b, key_valid=kv)
+        assert got.mask.shape == ref.mask.shape == (2, -(-n // cfg.q_block), -(-n // 32))
+        assert torch.equal(got.mask, ref.mask) and got.q_block_size == cfg.q_block and got.seq_len == n
+        assert got.density() == pytest.approx(ref.density()) and not got.mask.all()

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -33,10 +31,9 @@ from hypothesis import strategies as st
 
 import flexwalk
 from flexwalk import SketchWalkConfig
-from flexwalk.reference import eager_sketchwalk_attention, reference_attention, token_mask
+from flexwalk.reference import (eager_sketchwalk_attention, error_budget, reference_attention, reference_error_budget,
+                                token_mask)
 
-sys.path.insert(0, os.path.dirname(__file__))
-from conftest import error_budget, reference_error_budget  # noqa: E402
 
 BLOCK = SketchWalkConfig().block_size
 HEAD_DIM = 32

@@ -24,11 +24,11 @@ from flexwalk import SketchWalkConfig
 from flexwalk.kernels.dense import masked_attention
 from flexwalk.integrations import transformers as fw_tf
 from flexwalk.integrations.cache_kwarg import cache_kwargs
-from flexwalk.reference import eager_sketchwalk_attention, reference_attention, token_mask
+from flexwalk.reference import eager_sketchwalk_attention, reference_attention, reference_error_budget, token_mask
 from flexwalk.selection.driver import sketchwalk_selection
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import floor_tol, random_qkv, reference_error_budget  # noqa: E402
+from conftest import floor_tol, random_qkv  # noqa: E402
 from tiny_models import ARCHS, VOCAB, build_model, random_ids  # noqa: E402
 
 BS = 16

@@ -24,7 +24,7 @@ cases = st.fixed_dictionaries(
         "sub_tile": st.sampled_from([None, 16]),  # blocks read in 16-key tiles (large head dims)
         "softcap": st.sampled_from([None, 5.0]),
         # triton's interpreter computes in NumPy, which has no bfloat16: bf16 is checked on the GPU
-        # (benchmarks/gpu_decode.py, section correctness)
+        # (tests/gpu/test_gpu_decode.py)
         "dtype": st.sampled_from([torch.float32, torch.float16]),
         "seed": st.integers(0, 2**16),
     }

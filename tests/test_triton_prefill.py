@@ -1,7 +1,7 @@
 """The Triton block-sparse prefill kernel against the eager oracle (SDPA under the selection
 expanded to a token mask).  On CPU the kernel runs through triton's interpreter (conftest), in
 float32 and float16 (the interpreter computes in NumPy, which has no bfloat16: bf16 is checked on
-the GPU, benchmarks/gpu_triton_prefill.py section check)."""
+the GPU, tests/gpu/test_gpu_prefill.py)."""
 
 from __future__ import annotations
 

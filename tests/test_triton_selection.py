@@ -1,7 +1,7 @@
 """flexwalk.kernels.triton_selection against the torch selection it replaces (selection.driver.torch_selection_tables)
 and, through sparse prefill, against the eager oracle.  On CPU the kernels run in triton's
 interpreter (conftest); the CUDA graph that captures them on a GPU is checked by
-benchmarks/gpu_triton_prefill.py, section check."""
+tests/gpu/test_gpu_selection.py."""
 
 from __future__ import annotations
 

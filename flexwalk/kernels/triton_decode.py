@@ -132,7 +132,7 @@ def _kernel(name: str, device: torch.device):
 def num_splits(batch: int, kv_heads: int, capacity_blocks: int, device: torch.device) -> int:
     """Splits of the selected block list per (row, KV head): about one program per SM.
 
-    Measured on the H100 at 128K, 20% of blocks (benchmarks/gpu_decode.py, section triton_tune):
+    Measured on the H100 at 128K, 20% of blocks (docs/design-notes.md, "The decode kernel"):
     one program per SM beat two (0.054 vs 0.071 ms at batch 1) and four (0.097 ms).  A function
     of static shapes only, so a step never recompiles or syncs.
     """

@@ -150,7 +150,7 @@ if HAS_TRITON:
 
 
 # Launch parameters of CUDA runs: (BLOCK_N, num_warps, num_stages) by head dim, from the H100
-# sweep of benchmarks/gpu_triton_prefill.py in bf16 (docs/benchmarks.md 4f: 128 x 128 tiles, 8
+# sweep in bf16 (docs/design-notes.md, "The Triton prefill kernel": 128 x 128 tiles, 8
 # warps and 3 stages at head dim 128).  They are where `launch_config` starts: a BLOCK_N above
 # the key block is cut to it, and tiles whose shared memory would not fit are made smaller.
 TILES = {64: (128, 4, 3), 128: (128, 8, 3), 256: (32, 8, 2)}

@@ -366,7 +366,7 @@ def budget_table(config: SketchWalkConfig, nb: int, device: torch.device) -> tor
 # Heads summed per program of _parts_kernel, tokens per load and warps: programs = B x blocks x
 # (ceil(Hq / HPG) + ceil(Hkv / HPG)), enough to keep every SM's loads in flight (the kernel
 # reads all of q and k once: the selection's memory floor).  H100, 8B shape, block 128
-# (docs/benchmarks.md 4m, gpu_selection_profile.py --sweep): 2 / 32 / 4 was the fastest of 12
+# (docs/design-notes.md, "Head means before the graph"): 2 / 32 / 4 was the fastest of 12
 # settings, 0.127 ms at 32K (2.66 TB/s; torch's `q.sum(), k.sum()` 0.137 ms, torch.mean's head
 # means 0.146 ms) and 0.456 ms at 128K (2.94 TB/s); one head per program was the slowest (1.33x).
 PARTS_HEADS = 2

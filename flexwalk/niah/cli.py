@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..argtypes import positive_int
+from ..argtypes import comma_choices, positive_int
 from ..config import PRESETS, SketchWalkConfig
 from ..models import PACKAGED
 from .dataset import dataset_path, generate_dataset, parse_length, read_jsonl
@@ -73,14 +73,6 @@ def _template_arg(text: str) -> str:
         return text
     raise argparse.ArgumentTypeError(
         f"{text!r}: use one of {', '.join([*MODEL_TEMPLATES, CHAT_TEMPLATE])} or a string containing '{{task_template}}'")
-
-
-def _methods_arg(text: str) -> list[str]:
-    items = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in items if m not in METHODS]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"--methods {text!r}: allowed {', '.join(METHODS)} (comma-separated)")
-    return items
 
 
 def _labels(text: str) -> list[str]:
@@ -159,7 +151,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--model", default="smollm2-135m", help="packaged name or local model directory (default: %(default)s)")
     parser.add_argument("--data", type=Path, required=True, help="root written by `flexwalk niah generate`")
     parser.add_argument("--out", type=Path, required=True, help="results root; one directory per method")
-    parser.add_argument("--methods", type=_methods_arg, default=list(METHODS),
+    parser.add_argument("--methods", type=comma_choices(METHODS, "--methods"), default=list(METHODS),
                         help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
     parser.add_argument("--tasks", type=_tasks_arg, default=list(TASKS), help="comma-separated tasks or 'all'")
     parser.add_argument("--lengths", type=_lengths_arg, default=[4096], help="lengths to evaluate (default: 4k)")

@@ -347,3 +347,18 @@ def fused_selection_mask(q, k, config: SketchWalkConfig, layer_idx: int, state: 
     tables, state, kept, causal = fused_selection(q, k, config, layer_idx, state, key_valid=key_valid, scale=scale,
                                                   options=options)
     return tables_block_mask(tables, config, bucket_length(q.shape[2])), state, kept, causal
+
+
+def fused_block_selection(q, k, config: SketchWalkConfig, layer_idx: int, state: WalkState | None, *,
+                          key_valid=None, scale=None, options: Options | None = None
+                          ) -> tuple[BlockSelection, WalkState]:
+    """The blocks `fused_selection` keeps (what a prefill layer attends: on CUDA the graphed
+    Triton selection), as a BlockSelection over the real blocks.  The oracle of a long prompt is
+    built from it (`reference.token_mask(..., selection=..., rows=...)`): the torch selection
+    (`sketchwalk_selection`) may break a tie at the budget's edge the other way."""
+    tables, state, kept, causal = fused_selection(q, k, config, layer_idx, state, key_valid=key_valid, scale=scale,
+                                                  options=options)
+    n = q.shape[2]
+    table = tables[4][:, : -(-n // config.q_block), : -(-n // config.block_size)].bool()
+    return BlockSelection(mask=table, block_size=config.block_size, seq_len=n, kept=kept, causal=causal,
+                          q_block_size=config.q_block), state

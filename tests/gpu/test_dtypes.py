@@ -13,7 +13,7 @@ key/value heads (GQA 4:1).  Two checks each:
 - oracle: the default density (0.2), two layers with the walk carried, against the eager oracle
   (flexwalk.reference: the same selection as a token mask, through SDPA).
 
-The error allowed is the dtype's reference error, as in the CPU tests (conftest.error_budget:
+The error allowed is the dtype's reference error, as in the CPU tests (flexwalk.reference.error_budget:
 twice the error of the same reference computed in the dtype, against float64, plus 4 ulps).
 Each test prints one line: the kernel that ran (flexwalk.counters(): fa4_prefill, triton_prefill,
 else flex), the Triton launch (tiles, stages) with the shared memory the formula gives and the
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 import flexwalk
-from conftest import error_budget, reference_error_budget
 from flexwalk import SketchWalkConfig, eager_sketchwalk_attention, sketchwalk_attention, token_mask
+from flexwalk.reference import error_budget, reference_error_budget
 from flexwalk.kernels import triton_prefill as TP
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
