@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None, device: str | None = None) -> argp
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="directory of report.json, report.md and the figures")
     ap.add_argument("--quick", action="store_true",
-                    help=f"a short run: {', '.join(f'{k} {v}' for k, v in QUICK.items())} (under 4 minutes on an H100)")
+                    help=f"a short run: {', '.join(f'{k} {v}' for k, v in QUICK.items())}")
     ap.add_argument("--sections", type=comma_choices(SECTIONS, "--sections"), default=list(SECTIONS))
     ap.add_argument("--lengths", type=token_lengths, help="prompt lengths of the layer section")
     ap.add_argument("--densities", type=_densities)
