@@ -60,9 +60,13 @@ def _config(raw: Any, source: str) -> SketchWalkConfig:
     if raw is None:
         return PRESETS["default"]
     try:
-        return coerce_config(raw, source)
+        cfg = coerce_config(raw, source)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{source}: {err}") from None
+    if not cfg.skip_decode:  # decode steps read vLLM's paged cache: no SketchWalk decode state there
+        raise ValueError(f"{source}: SketchWalkConfig.skip_decode=False (sparse decode) is not supported in vLLM; "
+                         "decode steps run vLLM's attention")
+    return cfg
 
 
 def _options(raw: Any, source: str) -> dict[str, Any]:
