@@ -8,7 +8,7 @@ skipped where vllm is not importable.
   transformers integration's (attn_implementation="sketchwalk_flex", same config), prompt by
   prompt, and differ from dense somewhere; the counters read inside the engine show the sparse
   prefill ran there, the short prompt ran dense, decode and a prefix-cache hit ran vLLM's attention;
-- two tensor-parallel ranks give the one-rank tokens;
+- two tensor-parallel ranks give the one-rank tokens and prompt log-probabilities;
 - an invalid FLEXWALK_CONFIG stops the engine at start-up, naming the field.
 """
 
@@ -36,7 +36,7 @@ from flexwalk.integrations.vllm_settings import engine_settings, environment_set
 ENGINE = Path(__file__).with_name("vllm_engine.py")
 LAYERS = 4
 DENSE_BELOW = 256
-SPARSE = {"density": 0.2, "dense_below": DENSE_BELOW}
+SPARSE = {"density": 0.2, "dense_below": DENSE_BELOW, "block_size": 32}
 MAX_TOKENS = 6
 
 
@@ -79,7 +79,7 @@ def run_engine(spec: dict, env: dict | None = None, expect_ok: bool = True) -> d
 def sparse_run(model_dir) -> dict:
     """density 0.2: the mixed batch, then the longest prompt again (a prefix-cache hit)."""
     return run_engine({"model": model_dir, "batches": [MIXED, [LONG_A]], "max_tokens": MAX_TOKENS,
-                       "prefix_caching": True, "additional_config": {"sketchwalk": SPARSE}})
+                       "prefix_caching": True, "prompt_logprobs": True, "additional_config": {"sketchwalk": SPARSE}})
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,12 @@ def test_invalid_config_fails_at_start_up(model_dir):
 def test_two_tensor_parallel_ranks(model_dir, sparse_run):
     # vLLM binds each CPU rank's threads to a NUMA node of its own unless told which cores to use
     tp = run_engine({"model": model_dir, "prompts": MIXED, "max_tokens": MAX_TOKENS, "tensor_parallel_size": 2,
-                     "additional_config": {"sketchwalk": SPARSE}}, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+                     "prompt_logprobs": True, "additional_config": {"sketchwalk": SPARSE}},
+                    env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     assert tp["tokens"][0] == sparse_run["tokens"][0]
+    # Every prompt position's log-probability as one rank computed it: tokens alone agree even when
+    # each rank selects from its own heads (no all-reduce); these do not.
+    for got, ref in zip(tp["prompt_logprobs"], sparse_run["prompt_logprobs"]):
+        assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-3
     assert len(tp["counters"]) == 2
     assert all(c["sparse_prefill"] == 2 * (LAYERS - 2) for c in tp["counters"])

@@ -4,8 +4,10 @@ process (vLLM keeps process-wide state).
 
     python tests/vllm_engine.py '{"model": DIR, "prompts": [[ids]], "max_tokens": 4, ...}'
 
-Fields: model, prompts, max_tokens, max_model_len, tensor_parallel_size (default 1),
-additional_config (vLLM's), plugin (False: flexwalk's plugin is not loaded: vLLM's own backend).
+Fields: model, prompts (or batches: a list of prompt lists, generated one after the other),
+max_tokens, max_model_len, tensor_parallel_size (default 1), additional_config (vLLM's),
+prefix_caching, prompt_logprobs (the first batch's), plugin (False: flexwalk's plugin is not
+loaded: vLLM's own backend).
 """
 
 import json
@@ -31,11 +33,16 @@ def main(spec: dict) -> dict:
     plugin = spec.get("plugin", True)
     if plugin:
         llm.collective_rpc("flexwalk_reset_counters")
-    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, detokenize=False)
-    result = {"tokens": [], "counters": [], "density": []}
-    for batch in spec.get("batches", [spec.get("prompts", [])]):
+    result = {"tokens": [], "counters": [], "density": [], "prompt_logprobs": []}
+    for i, batch in enumerate(spec.get("batches", [spec.get("prompts", [])])):
+        logprobs = spec.get("prompt_logprobs", False) and i == 0  # the first batch only: no prefix-cache hit
+        params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, detokenize=False,
+                                prompt_logprobs=0 if logprobs else None)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
         result["tokens"].append([list(o.outputs[0].token_ids) for o in outs])
+        if logprobs:  # the log-probability of each prompt token after the first, as the prefill computed it
+            result["prompt_logprobs"] = [[d[t].logprob for t, d in zip(p[1:], o.prompt_logprobs[1:])]
+                                         for p, o in zip(batch, outs)]
     if plugin:
         result["counters"] = llm.collective_rpc("flexwalk_counters")
         result["density"] = llm.collective_rpc("flexwalk_density_report")
