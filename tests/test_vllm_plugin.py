@@ -161,11 +161,13 @@ def test_settings_sources_and_errors():
 # --- engines --------------------------------------------------------------------------------------
 
 def test_full_budget_equals_vllm_default_backend(model_dir, dense_tokens):
-    full = run_engine({"model": model_dir, "prompts": MIXED, "max_tokens": MAX_TOKENS,
+    # the mixed batch (vLLM's attention runs, then the sparse rows are replaced), then LONG_B alone
+    # (every request sparse: vLLM's attention is not called in layers 2 and 3)
+    full = run_engine({"model": model_dir, "batches": [MIXED, [LONG_B]], "max_tokens": MAX_TOKENS,
                        "additional_config": {"sketchwalk": {"density": 1.0, "dense_below": DENSE_BELOW}}})
-    assert full["tokens"][0] == dense_tokens
+    assert full["tokens"] == [dense_tokens, [dense_tokens[2]]]
     (counts,) = full["counters"]
-    assert counts["sparse_prefill"] == 2 * (LAYERS - 2)  # the two long prompts, layers 2 and 3
+    assert counts["sparse_prefill"] == 3 * (LAYERS - 2)  # the long prompts, layers 2 and 3
 
 
 def test_sparse_tokens_equal_transformers(model_dir, sparse_run, dense_tokens):
