@@ -159,6 +159,16 @@ def test_one_triton_launch_per_batch():
     assert flexwalk.counters() == {"varlen_prefill": 1, "sparse_prefill": 2, "dense_short": 1, "triton_prefill": 1}
 
 
+def test_triton_selection_reads_each_sequence_in_place():
+    """The Triton selection (what runs on CUDA) reads each sequence as a strided view of the
+    packed tensors; two layers equal the solo runs and the oracle."""
+    cfg = SketchWalkConfig(density=0.3, dense_below=DENSE_BELOW, dense_layers=0, block_size=BS)
+    flexwalk.reset_counters()
+    with flexwalk.options(prefill_kernel="triton", triton_selection_on_cpu=True):
+        check_batch([90, 20, 160], 4, 2, torch.float32, 4, cfg)
+    assert flexwalk.counters()["triton_selection"] == 8  # two sparse sequences, packed and solo, two layers
+
+
 def test_counters_and_density():
     lens = [100, 30, 200]
     cfg = SketchWalkConfig(density=0.3, dense_below=DENSE_BELOW, dense_layers=1, block_size=BS)
