@@ -10,7 +10,7 @@ kernel (Triton through its interpreter on the CPU).  For every sequence of the b
   dtype's reference error budget;
 - at full budget it equals SDPA's causal attention over that sequence within the same budget.
 
-FlashAttention 4 is checked through the stand-in of tests/test_fa4_prefill.py (its call's block
+Tensor parallelism runs on two gloo ranks.  FlashAttention 4 is checked through the stand-in of tests/test_fa4_prefill.py (its call's block
 lists and the output).  Flex runs eagerly in the fuzz (each draw is a new shape); one test runs
 it compiled and checks that one kernel serves batches of other lengths in the same bucket.
 """
@@ -18,9 +18,12 @@ it compiled and checks that one kernel serves batches of other lengths in the sa
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -258,3 +261,41 @@ def test_bad_shapes_max_seqlen_and_state_name_the_parameter():
             sketchwalk_varlen_attention(q, k, v, cu_seqlens([20, 10]), 20, cfg, 1, state)
     with pytest.raises(ValueError, match="state of type WalkState is invalid"):
         sketchwalk_varlen_attention(q, k, v, cu, 20, cfg, 1, state.states[0])
+
+
+def _tp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.set_grad_enabled(False)
+        result = _tp_run(dist.group.WORLD, rank, world)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+TP_LENS = [90, 30, 150]
+
+
+def _tp_run(group=None, rank=0, world=1):
+    """Two sparse layers of the packed batch on this rank's share of the heads."""
+    cfg = SketchWalkConfig(density=0.3, dense_below=DENSE_BELOW, dense_layers=0, block_size=BS)
+    state, outs = None, []
+    with torch.compiler.set_stance("force_eager"), flexwalk.options(prefill_kernel="flex"):
+        for layer in range(2):
+            q, k, v = packed_inputs(TP_LENS, 4, 2, torch.float32, 9, layer)
+            hq, hkv = 4 // world, 2 // world
+            q, k, v = q[:, rank * hq:(rank + 1) * hq], k[:, rank * hkv:(rank + 1) * hkv], v[:, rank * hkv:(rank + 1) * hkv]
+            out, state = sketchwalk_varlen_attention(q, k, v, cu_seqlens(TP_LENS), None, cfg, layer, state,
+                                                     process_group=group)
+            outs.append(out)
+    return outs
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    """Tensor parallelism: each rank holds half the heads and selects with the head means
+    all-reduced; the ranks' outputs, heads put back together, equal one process's."""
+    mp.spawn(_tp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for layer, ref in enumerate(_tp_run()):
+        out = torch.cat([ranks[0][layer], ranks[1][layer]], dim=1)
+        assert (out - ref).abs().max().item() <= 1e-5, f"layer {layer}"
