@@ -19,6 +19,7 @@ from .selection.driver import sketchwalk_selection
 from .selection.topk import BlockSelection, expected_density
 from .selection.walk import WalkState
 from .stats import counters, density_report, reset_counters
+from .varlen import VarlenWalkState, sketchwalk_varlen_attention
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "DecodeState",
     "Options",
     "SketchWalkConfig",
+    "VarlenWalkState",
     "WalkState",
     "configure",
     "counters",
@@ -46,6 +48,7 @@ __all__ = [
     "sketchwalk_attention",
     "sketchwalk_decode",
     "sketchwalk_selection",
+    "sketchwalk_varlen_attention",
     "token_mask",
 ]
 

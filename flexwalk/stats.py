@@ -43,6 +43,7 @@ RESIDUAL = "residual"  # of those sparse_prefill calls, the ones whose queries a
 PADDING_HOLES = "padding_holes"  # sparse prefill with padding between real tokens: torch selection and flex
 CUSTOM_MASK = "custom_mask"  # a 4D mask or a mask function other than causal: exact dense attention under it
 PACKED_SEQUENCES = "packed_sequences"  # a row holding several documents: each selected and attended on its own
+VARLEN_PREFILL = "varlen_prefill"  # a call of the varlen API (a packed batch of sequences, each counted on its own too)
 DENSE_TAIL_SPLIT = "dense_tail_split"  # of the flex sparse_prefill calls, those whose dense tail ran as a call of its own
 COMPILED_SELECTION = "compiled_selection"  # prefill selections by the inductor-compiled torch selection (no graph)
 TRITON_DECODE = "triton_decode"  # sparse decode steps attended by flexwalk's split-KV Triton kernel

@@ -164,15 +164,22 @@ def test_holes_turn_sparse_decode_off_for_that_prompt(caplog):
 
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_packed_documents_each_run_alone(name):
-    """Padding-free inputs: three documents in one row, position ids restarting.  Each document
-    equals its own run (sparse: selected on its own) and, at full budget, sdpa's packed output."""
+    """Padding-free inputs: three documents in one row, position ids restarting.  They go through
+    the varlen path, one call per layer; each document equals its own run (sparse: selected on its
+    own; the 25-token one below dense_below: dense) and, at full budget, sdpa's packed output."""
     lengths = [70, 25, 85]
     ids = random_ids(1, sum(lengths), seed=9)
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
-    model = _sketchwalk(name, SPARSE)
+    cfg = SPARSE.replace(dense_below=40)
+    model = _sketchwalk(name, cfg)
     flexwalk.reset_counters()
     out = model(ids, position_ids=pos, use_cache=False).logits
-    assert flexwalk.counters().get("packed_sequences", 0) > 0
+    c = flexwalk.counters()
+    layers = model.config.num_hidden_layers
+    assert c["packed_sequences"] == c["varlen_prefill"] == layers
+    if name == "llama":
+        assert c == {"packed_sequences": layers, "varlen_prefill": layers, "sparse_prefill": 2 * layers,
+                     "dense_short": layers}
     start = 0
     for n in lengths:
         alone = model(ids[:, start:start + n], use_cache=False).logits
@@ -183,6 +190,36 @@ def test_packed_documents_each_run_alone(name):
     got = model(ids, position_ids=pos, use_cache=False).logits
     ref = _model(name, "sdpa")(ids, position_ids=pos, use_cache=False).logits
     assert (got - ref).abs().max().item() <= 4 * floor_tol(ref)
+
+
+def test_flattening_collator_batches_run_per_document():
+    """transformers' DataCollatorWithFlattening (its padding-free batches: one row, position ids
+    restarting; with return_flash_attn_kwargs the attention function also receives cu_seq_lens_q
+    / _k and max_length_q / _k, which flexwalk does not need: the mask function's documents are
+    the same boundaries).  Each document equals its solo run, and at full budget sdpa's output on
+    the same batch, in two rows of packed documents too."""
+    docs = [random_ids(1, n, seed=20 + n)[0].tolist() for n in (60, 30, 90, 45)]
+    collate = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    batch = collate([{"input_ids": d} for d in docs])
+    assert batch["cu_seq_lens_q"].tolist() == [0, 60, 90, 180, 225] and batch["max_length_q"] == 90
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model = _sketchwalk("llama", SPARSE.replace(dense_below=40))
+    flexwalk.reset_counters()
+    out = model(**inputs, use_cache=False).logits
+    assert flexwalk.counters()["varlen_prefill"] == model.config.num_hidden_layers
+    start = 0
+    for d in docs:
+        alone = model(torch.tensor([d]), use_cache=False).logits
+        got = out[:, start:start + len(d)]
+        assert (got - alone).abs().max().item() <= floor_tol(alone)
+        start += len(d)
+    model = _sketchwalk("llama", FULL)
+    two_rows = {"input_ids": inputs["input_ids"][:, :220].reshape(2, 110),
+                "position_ids": torch.cat([torch.arange(60), torch.arange(30), torch.arange(20)]).expand(2, -1)}
+    for kw in (inputs, two_rows):
+        got = model(**kw, use_cache=False).logits
+        ref = _model("llama", "sdpa")(**kw, use_cache=False).logits
+        assert (got - ref).abs().max().item() <= 4 * floor_tol(ref)
 
 
 @pytest.mark.parametrize("float_mask", [False, True])

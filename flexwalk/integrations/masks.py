@@ -14,6 +14,7 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask
 from .. import stats
 from ..kernels.flex import has_holes
 from ..selection.walk import WalkState
+from ..varlen import VarlenWalkState
 
 # Queries of at most this many tokens (decode, short continuations) use transformers' own
 # mask, built for those rows only ([B, 1, L, S]): exact for every cache layout.
@@ -26,7 +27,7 @@ class SketchWalkMask:
     key_valid: [B, S] bool (False at padding) or None; holes: whether it has padding between
     real tokens.  q_offset: absolute position of the first query (int in prefill, possibly a
     tensor in decode with a static cache).  walk_state: WalkState of the last sparse layer of
-    this forward pass (a list of them, one per document, for packed sequences); decode_row: the
+    this forward pass (a VarlenWalkState, one walk per document, for packed sequences); decode_row: the
     decode walk row of the last sparse layer of this step.  A mask function other than
     (sliding-window) causal is classified once per window (`mask_kind`): packed documents
     (`documents`) or a custom mask, which runs dense under transformers' own mask.
@@ -42,7 +43,7 @@ class SketchWalkMask:
         self.attention_mask = attention_mask
         self.device = device
         self.use_vmap = use_vmap
-        self.walk_state: WalkState | list | None = None
+        self.walk_state: WalkState | VarlenWalkState | None = None
         self.decode_row: torch.Tensor | None = None
         self._small_mask: torch.Tensor | None = None
         self._full_mask: torch.Tensor | None = None

@@ -29,6 +29,7 @@ from ..decode.step import sketchwalk_decode
 from ..kernels.dense import dense_attention, masked_attention
 from ..prefill import sketchwalk_attention
 from ..selection.sketch import layer_sketch
+from ..varlen import VarlenWalkState, sketchwalk_varlen_attention
 from .masks import SMALL_QUERY, SketchWalkMask, sketchwalk_mask_function
 from .settings import CONFIG_ATTR, configure_modules, effective_config, module_options, process_group
 
@@ -180,24 +181,22 @@ def _custom_mask_attention(module, query, key, value, mask: torch.Tensor, scalin
 
 def _packed_attention(cfg, ctx, layer_idx, query, key, value, scaling, softcap, window, group, opts) -> torch.Tensor:
     """Packed sequences (ctx.documents: several documents in a row, transformers' padding-free
-    inputs): each document is selected and attended on its own, as one sequence, and carries its
-    own walk across the layers (ctx.walk_state: one WalkState per document).  [B, L, Hq, D] out."""
+    inputs) through the varlen path: the rows flattened into FlashAttention's packed layout, one
+    sequence per document, each selected and attended on its own in one kernel launch, with its
+    own walk across the layers (ctx.walk_state: a VarlenWalkState).  [B, L, Hq, D] out."""
     if layer_idx is None:
         raise NotImplementedError("sketchwalk_flex: packed sequences need the attention module's layer_idx")
     stats.count(stats.PACKED_SEQUENCES)
-    out = torch.empty_like(query)
-    docs = ctx.documents
-    prev = ctx.walk_state if isinstance(ctx.walk_state, list) else [None] * len(docs)
-    states = []
-    for (row, s0, s1), state in zip(docs, prev):
-        part = [t[row : row + 1, :, s0:s1].contiguous() for t in (query, key, value)]
-        o, state = sketchwalk_attention(*part, cfg, layer_idx, None if window is not None else state, scale=scaling,
-                                        softcap=softcap, window=window, process_group=group, options=opts)
-        out[row : row + 1, :, s0:s1] = o
-        states.append(state)
+    bsz, hq, L, d = query.shape
+    ends = [row * L + end for row, _, end in ctx.documents]
+    cu = torch.tensor([0, *ends], dtype=torch.int32, device=query.device)
+    q, k, v = (t.transpose(1, 2).reshape(bsz * L, t.shape[1], d) for t in (query, key, value))
+    state = ctx.walk_state if isinstance(ctx.walk_state, VarlenWalkState) else None
+    out, state = sketchwalk_varlen_attention(q, k, v, cu, None, cfg, layer_idx, state, scale=scaling,
+                                             softcap=softcap, window=window, process_group=group, options=opts)
     if window is None:
-        ctx.walk_state = states
-    return out.transpose(1, 2).contiguous()
+        ctx.walk_state = state
+    return out.reshape(bsz, L, hq, d)
 
 
 def _drop_state(module, counted: bool = False) -> None:
