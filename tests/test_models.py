@@ -9,6 +9,7 @@ import zlib
 import pytest
 
 from flexwalk import cli, demo, models
+from flexwalk.raw_slices import RawSlices
 from flexwalk.models import MARKER, PACKAGED, PackagedModel, first_use_notice, is_cached, resolve_model
 
 # --------------------------------------------------------------------------- resolve_model
@@ -189,7 +190,7 @@ def fake_slices(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
     joined = b"".join(data)
-    slices = models.RawSlices(
+    slices = RawSlices(
         distribution="fwfake-slice-part{}", count=3, version="0.1.0", size=len(joined),
         sha256=hashlib.sha256(joined).hexdigest(),
     )
@@ -241,7 +242,7 @@ def test_raw_slices_model_joins_into_the_conversion_and_keys_the_entry_by_checks
         seen.append((gguf, gguf.read_bytes()))
         (out / "config.json").write_text("{}")
 
-    spec = dataclasses.replace(models._raw_slices_model("fake-slices", "fake.gguf", slices), convert=convert)
+    spec = dataclasses.replace(models.raw_slices_model("fake-slices", "fake.gguf", slices), convert=convert)
     monkeypatch.setitem(models.PACKAGED, "fake-slices", spec)
     cache = tmp_path / "cache"
     entry = resolve_model("fake-slices", cache_dir=cache)
@@ -255,8 +256,8 @@ def test_raw_slices_model_joins_into_the_conversion_and_keys_the_entry_by_checks
 
 
 def test_raw_slices_model_without_parts_names_the_pip_command(tmp_path, monkeypatch):
-    slices = models.RawSlices(distribution="fwabsent-part{}", count=2, version="1.0", size=1, sha256="0" * 64)
-    monkeypatch.setitem(models.PACKAGED, "absent", models._raw_slices_model("absent", "a.gguf", slices))
+    slices = RawSlices(distribution="fwabsent-part{}", count=2, version="1.0", size=1, sha256="0" * 64)
+    monkeypatch.setitem(models.PACKAGED, "absent", models.raw_slices_model("absent", "a.gguf", slices))
     with pytest.raises(ImportError, match="none is installed") as err:
         resolve_model("absent", cache_dir=tmp_path)
     assert "packaged model 'absent'" in str(err.value)
