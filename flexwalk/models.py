@@ -315,7 +315,7 @@ def _convert_gguf(spec: PackagedModel, out: Path) -> None:
     gguf = spec.gguf_path(out / ".gguf")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kwargs)
     if model.config.model_type in _GEMMA_SENTENCEPIECE:
-        tokenizer = _gemma_tokenizer_from_gguf(gguf)
+        tokenizer = gemma_tokenizer_from_gguf(gguf)
     else:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if getattr(model, "hf_quantizer", None) is not None:
@@ -329,7 +329,7 @@ _GEMMA_SENTENCEPIECE = {"gemma", "gemma2", "gemma3", "gemma3_text"}
 """Model types whose GGUF tokenizer flexwalk rebuilds itself (not gemma4: its BOS rule differs)."""
 
 
-def _gemma_tokenizer_from_gguf(gguf_path):
+def gemma_tokenizer_from_gguf(gguf_path):
     """GemmaTokenizer rebuilt from a Gemma GGUF's vocabulary, as transformers 5.23 does.
 
     transformers <= 5.17 turns Gemma GGUF vocabularies into a Unigram model scored by the file's

@@ -370,7 +370,7 @@ def test_gemma_tokenizer_is_rebuilt_from_the_gguf_vocabulary(tmp_path):
     answered with repeated digits)."""
     import gguf
 
-    from flexwalk.models import _gemma_tokenizer_from_gguf
+    from flexwalk.models import gemma_tokenizer_from_gguf
 
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581", "a", "b", "\u2581a", "ab", "\u2581ab", "  ", "<mark>"]
     types = [3, 3, 3, 2, 1, 1, 1, 1, 1, 1, 1, 4]
@@ -384,7 +384,7 @@ def test_gemma_tokenizer_is_rebuilt_from_the_gguf_vocabulary(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tok = _gemma_tokenizer_from_gguf(path)
+    tok = gemma_tokenizer_from_gguf(path)
     ids = tok("ab ab")["input_ids"]
     assert ids == [2, 8, 9]  # <bos>, "ab", "▁ab": the merges of the file order, best first
     assert tok.decode(ids, skip_special_tokens=True) == "ab ab"
