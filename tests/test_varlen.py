@@ -29,7 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexwalk
-from conftest import error_budget, reference_error_budget
+from flexwalk.reference import error_budget, reference_error_budget
 from flexwalk import SketchWalkConfig, VarlenWalkState, eager_sketchwalk_attention, sketchwalk_varlen_attention
 from flexwalk.kernels.flex import clear_flex_functions, flex_functions
 from flexwalk.reference import token_mask
