@@ -176,7 +176,7 @@ def test_full_budget_with_residual_is_dense(kernel):
 
 
 def test_residual_moves_a_repetitive_context_toward_dense():
-    """The case the residual exists for (docs/results.md): a query spreading its mass over many
+    """The case the residual exists for (docs/algorithm.md): a query spreading its mass over many
     similar blocks.  Keys are a repeated pattern plus small noise, so the dropped blocks hold
     most of the mass; the residual at least halves the error against dense attention (2.7x
     here: what remains is the blocks' spread around their means)."""

@@ -175,7 +175,7 @@ def test_the_kernel_setting_picks_the_path():
 
 def test_auto_uses_triton_only_for_the_measured_shapes():
     """The "auto" policy's shapes (head dim, query block, key block) are the ones the H100 runs
-    measured faster than flex (docs/benchmarks.md 4f); other shapes keep flex."""
+    measured faster than flex (docs/benchmarks.md, "The attention kernels"); other shapes keep flex."""
     from flexwalk.prefill import TRITON_AUTO_SHAPES
 
     assert TRITON_AUTO_SHAPES == {(128, 128, 128)}
