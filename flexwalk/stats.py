@@ -46,6 +46,7 @@ PACKED_SEQUENCES = "packed_sequences"  # a row holding several documents: each s
 VARLEN_PREFILL = "varlen_prefill"  # a call of the varlen API (a packed batch of sequences, each counted on its own too)
 DENSE_TAIL_SPLIT = "dense_tail_split"  # of the flex sparse_prefill calls, those whose dense tail ran as a call of its own
 COMPILED_SELECTION = "compiled_selection"  # prefill selections by the inductor-compiled torch selection (no graph)
+SELECTION_COMPILE_FAILED = "selection_compile_failed"  # inductor failed to compile the torch selection: it ran eager
 TRITON_DECODE = "triton_decode"  # sparse decode steps attended by flexwalk's split-KV Triton kernel
 SELECTION_GRAPH_CAPTURE = "selection_graph_capture"  # a CUDA graph of the prefill selection was captured (once per key)
 

@@ -187,3 +187,25 @@ def test_fused_block_selection_is_the_selection_the_tables_hold(qbs):
         assert got.mask.shape == ref.mask.shape == (2, -(-n // cfg.q_block), -(-n // 32))
         assert torch.equal(got.mask, ref.mask) and got.q_block_size == cfg.q_block and got.seq_len == n
         assert got.density() == pytest.approx(ref.density()) and not got.mask.all()
+
+
+@pytest.mark.parametrize("head_scoring", ["mean", "per_head"])
+def test_a_selection_inductor_cannot_compile_runs_uncompiled_and_is_counted(compiled_on_cpu, head_scoring):
+    """Where inductor fails on the torch selection (here its Triton CPU backend, which has no
+    driver on a machine without a GPU), the selection runs uncompiled - the same tables as the
+    eager one - counted once per input signature, and no compile is tried again for it."""
+    import torch._inductor.config as inductor_config
+
+    cfg = SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=0, head_scoring=head_scoring,
+                           seed=7001 if head_scoring == "mean" else 7002)  # configs no other test compiled
+    q, k, _ = random_qkv(2, 4, 2, 300, 16, seed=3)
+    kv = torch.ones(2, 300, dtype=torch.bool)
+    kv[1, :100] = False
+    flexwalk.reset_counters()
+    with inductor_config.patch(cpu_backend="triton"):
+        got = [driver.fused_selection(q, k, cfg, 0, None, key_valid=kv)[0] for _ in range(2)]
+    assert flexwalk.counters() == {"selection_compile_failed": 1}
+    with flexwalk.options(compile_selection="never"):
+        ref = driver.fused_selection(q, k, cfg, 0, None, key_valid=kv)[0]
+    for tables in got:
+        assert all(torch.equal(a, b) for a, b in zip(tables, ref))

@@ -298,13 +298,47 @@ def _selection_graph(q, k, p, config: SketchWalkConfig, has_prev: bool, padded: 
     return g
 
 
+# Input signatures (config, device type, dtype, heads, walk carried, padded) for which inductor
+# failed to compile the torch selection: they run it uncompiled, counted, without compiling again.
+_UNCOMPILABLE: set = set()
+
+
+@functools.cache
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    return tuple(e for e in (getattr(torch._inductor.exc, "InductorError", None),
+                             getattr(torch._dynamo.exc, "BackendCompilerFailed", None)) if e is not None)
+
+
+def _compiled_or_none(signature, q, k, p, prev, key_valid, layer_idx, scale, n_pad):
+    """The inductor-compiled torch selection's tables, or None where inductor cannot compile it
+    (a compiler error, remembered per signature, counted and logged once)."""
+    config = signature[0]
+    _mark_length_dynamic(q, k, prev, key_valid)
+    try:
+        out = _compiled_selection_tables(config)(q, k, p, prev, key_valid, layer_idx, scale, n_pad)
+    except _compile_errors() as e:
+        _UNCOMPILABLE.add(signature)
+        stats.count(stats.SELECTION_COMPILE_FAILED)
+        stats.log_once(f"selection_compile_failed:{type(e).__name__}", "flexwalk: inductor failed on the torch "
+                       "selection (%s: %s); it runs uncompiled for this input signature", type(e).__name__,
+                       str(e).splitlines()[0][:300])
+        return None
+    stats.count(stats.COMPILED_SELECTION)
+    return out
+
+
 def fused_selection(q, k, config: SketchWalkConfig, layer_idx: int, state: WalkState | None, *, key_valid=None,
                     scale=None, options: Options | None = None) -> tuple[tuple, WalkState, torch.Tensor, torch.Tensor]:
     """One prefill layer's selection as the BlockMask's tables, no host sync: ((partial counts,
     partial indices, full counts, full indices, selection table, start, end), walk state, kept,
     causal), over bucket_length(n) tokens.  On CUDA a graph replays it (per length bucket);
     otherwise Triton (Options.triton_selection), the inductor-compiled selection
-    (Options.compile_selection), or torch ops.  options: None: `current_options()`."""
+    (Options.compile_selection), or torch ops.  options: None: `current_options()`.  The tables
+    may be the graph's own buffers: valid until the next call in the same length bucket (copy
+    them to keep them longer; walk, kept and causal are copies already)."""
     opts = current_options() if options is None else options
     bsz, _, n, d = q.shape
     if state is not None:
@@ -329,11 +363,11 @@ def fused_selection(q, k, config: SketchWalkConfig, layer_idx: int, state: WalkS
         # dynamic length made inductor spend about 6 minutes per process at 32K on an H100.
         compile_here = opts.compile_selection == "always" or (opts.compile_selection == "cuda"
                                                              and q.device.type == "cuda")
-        if compile_here and config.walk != "oracle":
-            _mark_length_dynamic(q, k, prev, key_valid)
-            out = _compiled_selection_tables(config)(q, k, p, prev, key_valid, layer_idx, scale, n_pad)
-            stats.count(stats.COMPILED_SELECTION)
-        else:
+        signature = (config, q.device.type, q.dtype, q.shape[1], k.shape[1], prev is not None, key_valid is not None)
+        out = None
+        if compile_here and config.walk != "oracle" and signature not in _UNCOMPILABLE:
+            out = _compiled_or_none(signature, q, k, p, prev, key_valid, layer_idx, scale, n_pad)
+        if out is None:
             out = torch_selection_tables(q, k, p, prev, key_valid, config, layer_idx, scale, n_pad)
         walk, kept, causal = out[7:]
     state = WalkState(transition=walk, layer_idx=layer_idx, block_size=config.block_size, seq_len=n)

@@ -189,10 +189,10 @@ def transition_rows(
     q_sketch: [B, Hq', m, r]; k_sketch: [B, Hk', nk, r] (Hq' a multiple of Hk');
     allowed: [B, m, nk] bool.  Returns [B, m, nk] fp32.
     """
-    bsz, hq, m, r = q_sketch.shape
-    hk = k_sketch.shape[1]
-    qs = q_sketch.reshape(bsz, hk, (hq // hk) * m, r)
-    a = torch.matmul(qs, k_sketch.transpose(-1, -2)).reshape(bsz, hq, m, -1) * scale
+    hq, hk = q_sketch.shape[1], k_sketch.shape[1]
+    if hk != hq:  # each query head against its KV head; no reshape of the [m, nk] scores, whose
+        k_sketch = k_sketch.repeat_interleave(hq // hk, dim=1)  # split inductor cannot express
+    a = torch.matmul(q_sketch, k_sketch.transpose(-1, -2)) * scale  # under a dynamic length
     a = a.masked_fill(~allowed[:, None], float("-inf"))
     return transition_matrix(a, exponent).mean(1)
 
