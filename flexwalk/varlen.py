@@ -156,7 +156,9 @@ def _selection_lists(q, k, config, layer_idx, state, scale, process_group, opts)
     state, kept, causal), q [1, Hq, n, D], k [1, Hkv, n, D]."""
     if process_group is None:
         tables, new_state, kept, causal = fused_selection(q, k, config, layer_idx, state, scale=scale, options=opts)
-        return (*tables[:5], new_state, kept, causal)
+        # On CUDA the tables may be a selection graph's static outputs, which the next sequence
+        # of the same length bucket overwrites before the packed kernel reads them: copy them.
+        return (*(t.clone() for t in tables[:5]), new_state, kept, causal)
     selection, new_state = sketchwalk_selection(q, k, config, layer_idx, state, scale=scale,
                                                 process_group=process_group)
     partial, full, table, _, _ = selection_tables(selection, bucket_length(q.shape[2]))
