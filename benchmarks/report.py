@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import itertools
 import json
 import math
 import platform
@@ -40,19 +41,21 @@ import torch
 
 import flexwalk
 from benchmarks import workload
-from flexwalk import SketchWalkConfig, sketchwalk_attention
+from flexwalk import SketchWalkConfig, sketchwalk_attention, sketchwalk_varlen_attention
 from flexwalk.argtypes import comma_choices, density, positive_int, token_lengths
 from flexwalk.integrations.cache_kwarg import cache_kwargs
 from flexwalk.selection.driver import fused_selection
 
-SECTIONS = ("layer", "ttft", "decode")
+SECTIONS = ("layer", "varlen", "ttft", "decode")
 FIGURES = {"layer": "layer_speedup.png", "ttft": "ttft.png", "decode": "decode.png"}
 DEFAULTS = {  # per device; --quick changes some (QUICK)
     "cuda": dict(lengths=[8192, 32768, 65536, 131072], densities=[0.2], batches=[1], blocks=[128], kernels=None,
                  ttft_lengths=[8192, 32768, 65536, 131072], decode_lengths=[32768, 131072], ttft_layers=32,
-                 ttft_reps=2, decode_steps=32, model_block=128, dense_below=8192),
+                 ttft_reps=2, decode_steps=32, model_block=128, dense_below=8192,
+                 varlen_lengths=[2048, 4096, 8192, 8192, 16384, 16384, 32768, 65536]),
     "cpu": dict(lengths=[1024, 2048], densities=[0.2], batches=[1], blocks=[64], kernels=None, ttft_lengths=[1024],
-                decode_lengths=[1024], ttft_layers=4, ttft_reps=2, decode_steps=8, model_block=64, dense_below=0),
+                decode_lengths=[1024], ttft_layers=4, ttft_reps=2, decode_steps=8, model_block=64, dense_below=0,
+                varlen_lengths=[300, 1024, 700]),
 }
 QUICK = dict(lengths=[32768, 131072], blocks=[128, 64], kernels=["auto", "triton", "flex"],
              ttft_lengths=[32768, 131072], decode_lengths=[32768], ttft_reps=1, decode_steps=16)
@@ -96,7 +99,11 @@ def parse_args(argv: list[str] | None = None, device: str | None = None) -> argp
     ap.add_argument("--blocks", type=_blocks, help="block sizes (SketchWalkConfig.block_size) of the layer section")
     ap.add_argument("--kernels", type=comma_choices(workload.PREFILL_KERNELS, "--kernels"),
                     help="prefill kernels of the layer section (default: those available, workload.kernels_for)")
+    ap.add_argument("--varlen-lengths", type=token_lengths,
+                    help="the sequences packed into the varlen section's one batch (FlashAttention's layout)")
     ap.add_argument("--ttft-lengths", type=token_lengths)
+    ap.add_argument("--model", help="a packaged model name or local model directory that the ttft and decode "
+                    "sections load (no tokenizer needed: the prompts are random token ids); default: a random-weight model of the 8B shape with --ttft-layers layers")
     ap.add_argument("--ttft-layers", type=positive_int, help="layers of the 8B-shaped model (ttft and decode)")
     ap.add_argument("--ttft-kernels", type=comma_choices(workload.PREFILL_KERNELS, "--ttft-kernels"), default=["auto"],
                     help="prefill kernels sketchwalk_flex runs in the ttft section")
@@ -171,6 +178,58 @@ def layer_section(args, record) -> None:
                                 "achieved_density": check["density"], "check": check})
             del q, k, v
             _free(device)
+
+
+@torch.no_grad()
+def varlen_section(args, record) -> None:
+    """One packed batch of --varlen-lengths (block 128 on CUDA, density 0.2, dense_below as in
+    the model sections: sequences shorter run dense) per kernel: `sketchwalk_varlen_attention` against dense
+    varlen attention (torch's FlashAttention varlen where it runs, cuDNN SDPA per sequence), and
+    each sequence alone (sparse and cuDNN) for the batch-1 ratio at the same tokens.  The check:
+    every sequence of the packed output equals its solo run within 4 ulps of its magnitude."""
+    device, shape = args.device, workload.shape_for(args.device)
+    lens = args.varlen_lengths
+    config = SketchWalkConfig(block_size=args.model_block, density=0.2, dense_layers=0, dense_below=args.dense_below)
+    seqs = [workload.qkv(shape, n, device=device, seed=i) for i, n in enumerate(lens)]
+    q, k, v = (torch.cat([s[j][0].transpose(0, 1) for s in seqs]) for j in range(3))  # [total, H, D]
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+    total, long = sum(lens), True
+    dense = {f"{workload.dense_backend(device)} per sequence": lambda: [workload.dense_attention(*s) for s in seqs]}
+    varlen_dense = workload.dense_varlen(q, k, v, cu, max(lens))
+    if varlen_dense is not None:
+        dense["FlashAttention varlen (torch)"] = varlen_dense
+    dense_ms = {name: workload.median_ms(fn, device, long=long) for name, fn in dense.items()}
+    solo_dense_ms = sum(workload.median_ms(lambda s=s: workload.dense_attention(*s), device) for s in seqs)
+    for kernel in args.kernels:
+        row = dict(lengths=lens, total=total, block_size=config.block_size, density=0.2,
+                   dense_below=args.dense_below, kernel=kernel,
+                   dense_ms=dense_ms, solo_dense_ms=solo_dense_ms)
+        with flexwalk.options(prefill_kernel=kernel):
+            try:
+                flexwalk.reset_counters()
+                out, _ = sketchwalk_varlen_attention(q, k, v, cu, max(lens), config, 0)
+                counters = flexwalk.counters()
+                err, budget = 0.0, 0.0
+                for s, (a, b) in zip(seqs, itertools.pairwise(cu.tolist())):
+                    solo, _ = sketchwalk_attention(*s, config, 0)
+                    solo = solo[0].transpose(0, 1)
+                    err = max(err, (out[a:b].float() - solo.float()).abs().max().item())
+                    budget = max(budget, 4 * torch.finfo(q.dtype).eps * solo.float().abs().max().item())
+                sparse_ms = workload.median_ms(lambda: sketchwalk_varlen_attention(q, k, v, cu, max(lens), config, 0),
+                                               device, long=long)
+                solo_sparse_ms = sum(workload.median_ms(lambda s=s: sketchwalk_attention(*s, config, 0), device)
+                                     for s in seqs)
+            except Exception as e:  # one failing kernel must not hide the others
+                traceback.print_exc()
+                record({**row, "error": f"{type(e).__name__}: {e}"[:500]})
+                continue
+        best_dense = min(dense_ms.values())
+        ok = bool(torch.isfinite(out).all()) and err <= budget
+        record({**row, "ran": workload.kernel_ran(counters), "sparse_ms": sparse_ms,
+                "solo_sparse_ms": solo_sparse_ms, "speedup": best_dense / sparse_ms,
+                "solo_speedup": solo_dense_ms / solo_sparse_ms, "counters": counters,
+                "check": dict(err=err, budget=budget, ok=ok)})
+    _free(device)
 
 
 def _forwards(model, ids, reps: int) -> dict:
@@ -282,6 +341,9 @@ def failed(report: dict) -> list[str]:
         if "error" in row or not row["check"]["ok"]:
             bad.append(f"layer n={row['n']} batch {row['batch']} block {row['block_size']} density {row['density']} "
                        f"{row['kernel']}: {row.get('error') or row['check']}")
+    for row in report.get("varlen", []):
+        if "error" in row or not row["check"]["ok"]:
+            bad.append(f"varlen {row['kernel']}: {row.get('error') or row['check']}")
     for name in ("ttft", "decode"):
         bad += [f"{name} n={row['n']}: check failed ({_counts(row['sketchwalk']['counters'])}; logits finite: "
                 f"{row['sdpa']['finite'] and row['sketchwalk']['finite']})" for row in report.get(name, []) if not row["ok"]]
@@ -329,6 +391,25 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {r['batch']} | {r['n']} | {r['block_size']} | {r['density']} ({r['achieved_density']:.3f}) "
                          f"| {r['kernel']} ({r['ran']}) | {_fmt(r['dense_ms'])} | {_fmt(r['selection_ms'])} | "
                          f"{_fmt(r['sparse_ms'])} | **{r['speedup']:.2f}x** | {verdict} |")
+        lines.append("")
+    if report.get("varlen"):
+        r0 = report["varlen"][0]
+        lines += ["## A packed batch (varlen)", "",
+                  f"Sequences of {', '.join(map(str, r0['lengths']))} tokens ({r0['total']} in all) in one batch, "
+                  f"block {r0['block_size']}, density {r0['density']}, dense_below {r0['dense_below']}.  Median ms; speedup = the "
+                  "fastest dense varlen / sparse varlen; batch-1 = each sequence alone (sum of cuDNN / sum of "
+                  "sparse).  Check: every packed sequence equals its solo run.", "",
+                  "| kernel (ran) | " + " | ".join(f"{k} ms" for k in r0["dense_ms"]) + " | sparse ms | **speedup** "
+                  "| batch-1 speedup | check |", "|---|" + "---|" * len(r0["dense_ms"]) + "---|---|---|---|"]
+        for r in report["varlen"]:
+            dense = " | ".join(_fmt(x) for x in r["dense_ms"].values())
+            if "error" in r:
+                lines.append(f"| {r['kernel']} | {dense} | | | | error: {r['error'][:80]} |")
+                continue
+            c = r["check"]
+            verdict = "ok" if c["ok"] else f"FAILED (err {c['err']:.2e} / {c['budget']:.2e})"
+            lines.append(f"| {r['kernel']} ({r['ran']}) | {dense} | {_fmt(r['sparse_ms'])} | **{r['speedup']:.2f}x** "
+                         f"| {r['solo_speedup']:.2f}x | {verdict} |")
         lines.append("")
     if report.get("ttft"):
         lines += ["## Time to first token", "", f"{report['model']}; sketchwalk_flex: `{_changed(report['model_config'])}`.", "",
@@ -439,6 +520,25 @@ def write_outputs(report: dict, out: Path) -> None:
     (out / "report.md").write_text(render_markdown(report))
 
 
+def _model(args):
+    """The ttft and decode sections' model (sdpa, eval, on the device) and its description."""
+    if args.model is None:
+        model = workload.build_model(args.device, args.ttft_layers)
+        kind = "random-weight LlamaConfig model"
+    else:
+        from transformers import AutoModelForCausalLM
+
+        from flexwalk.models import resolve_model
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=workload.shape_for(args.device).dtype,
+                                                     attn_implementation="sdpa").to(args.device).eval()
+        kind = f"{args.model} ({model.config.model_type})"
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return model, (f"{kind}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} / "
+                   f"{c.num_key_value_heads} heads of {head_dim}, {model.dtype}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = dict(env=environment(args.device), shape=workload.shape_for(args.device).to_dict(),
@@ -457,12 +557,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if name == "layer":
                 layer_section(args, record)
+            elif name == "varlen":
+                varlen_section(args, record)
             else:
                 if model is None:
-                    model = workload.build_model(args.device, args.ttft_layers)
-                    report["model"] = (f"random-weight LlamaConfig model, {args.ttft_layers} layers, hidden "
-                                       f"{model.config.hidden_size}, {model.config.num_attention_heads} / "
-                                       f"{model.config.num_key_value_heads} heads, {model.dtype}")
+                    model, report["model"] = _model(args)
                     report["model_config"] = model_config(args).to_dict()
                 (ttft_section if name == "ttft" else decode_section)(args, model, record)
         except Exception as e:  # one broken section must not hide the others

@@ -96,10 +96,39 @@ def synchronized(fn, device: str | torch.device):
     return run
 
 
-def kernel_ran() -> str:
-    """Which prefill kernel the calls since the last `flexwalk.reset_counters()` ran."""
-    c = flexwalk.counters()
+def kernel_ran(counters: dict | None = None) -> str:
+    """Which prefill kernel ran, by the counters given (default: those since the last
+    `flexwalk.reset_counters()`)."""
+    c = flexwalk.counters() if counters is None else counters
     return "fa4" if c.get("fa4_prefill") else "triton" if c.get("triton_prefill") else "flex"
+
+
+def dense_varlen(q, k, v, cu_seqlens, max_seqlen: int):
+    """Dense causal varlen attention through torch's FlashAttention varlen kernel
+    (torch.nn.attention.varlen), as a function of no arguments; None where it does not run here
+    (the CPU, a torch without it)."""
+    if not q.is_cuda:
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    import inspect
+
+    causal = ({"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters
+              else {"window_size": (-1, 0)})
+    gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+    if not gqa and q.shape[1] != k.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+
+    def run():
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **causal, **gqa)
+
+    try:
+        run()
+    except Exception:
+        return None
+    return run
 
 
 def check_layer(q, k, v, config: SketchWalkConfig) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from benchmarks import report, workload
 
@@ -13,7 +14,7 @@ from benchmarks import report, workload
 def test_arguments_fill_in_the_device_defaults_quick_and_given_values():
     args = report.parse_args(["--out", "x"], device="cuda")
     assert args.lengths == [8192, 32768, 65536, 131072] and args.blocks == [128] and args.ttft_layers == 32
-    assert args.kernels == workload.kernels_for("cuda") and args.sections == ["layer", "ttft", "decode"]
+    assert args.kernels == workload.kernels_for("cuda") and args.sections == ["layer", "varlen", "ttft", "decode"]
     quick = report.parse_args(["--out", "x", "--quick"], device="cuda")
     assert quick.lengths == [32768, 131072] and quick.blocks == [128, 64] and quick.densities == [0.2]
     assert quick.kernels == ["auto", "triton", "flex"] and quick.decode_lengths == [32768]
@@ -114,6 +115,8 @@ def test_a_tiny_run_on_the_cpu_measures_checks_and_writes_everything(tmp_path):
     for row in saved["layer"]:
         assert row["check"]["ok"] and row["check"]["rows"] == 256 and row["sparse_ms"] > 0 and row["dense_ms"] > 0
         assert 0 < row["achieved_density"] < 1
+    for row in saved["varlen"]:  # 300 / 1024 / 700 tokens packed; on the CPU every layer sparse (dense_below 0)
+        assert row["check"]["ok"] and row["counters"]["sparse_prefill"] == 3 and row["sparse_ms"] > 0
     (ttft,) = saved["ttft"]
     assert ttft["ok"] and ttft["sparse_layers"] == 2 and ttft["layers"] == 4  # dense_layers "auto": the first two
     (dec,) = saved["decode"]
@@ -142,3 +145,19 @@ def test_the_check_before_timing_fails_a_wrong_layer(wrong, monkeypatch):
     assert not check["ok"]
     err, budget = (check["err"], check["budget"]) if wrong == "sparse" else (check["full_err"], check["full_budget"])
     assert err > budget and err == pytest.approx(1e-3, rel=0.05)
+
+
+def test_the_model_sections_load_a_model_directory(tmp_path):
+    """--model: the ttft and decode sections time the model a user names (here a tiny saved one)."""
+    from transformers import LlamaForCausalLM
+
+    conf = workload.model_config("cpu", 3)
+    torch.manual_seed(0)
+    LlamaForCausalLM(conf).save_pretrained(tmp_path / "tiny")
+    status = report.main(["--out", str(tmp_path / "out"), "--sections", "ttft", "--model", str(tmp_path / "tiny"),
+                          "--ttft-lengths", "256", "--ttft-reps", "1"])
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert status == 0, report.failed(saved)
+    assert saved["model"].startswith(f"{tmp_path / 'tiny'} (llama), 3 layers")
+    (ttft,) = saved["ttft"]
+    assert ttft["ok"] and ttft["layers"] == 3 and ttft["sparse_layers"] == 1  # dense_layers "auto": the first two
