@@ -51,15 +51,17 @@ def _json(path: Path):
 
 
 def _samples(run: Path) -> list[dict]:
-    """The per-sample records of a `flexwalk niah run` result directory."""
-    import json
+    """The per-sample records of a `flexwalk niah run` result directory (plain or gzip-compressed)."""
+    from flexwalk.niah.report.load import read_samples
 
-    return [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines() if line.strip()]
+    return read_samples(run)
 
 
 def _niah_mean(run: Path) -> float | None:
     """Mean string_match_all over a run's samples, or None where the run is absent."""
-    if not (run / "samples.jsonl").exists():
+    from flexwalk.niah.report.load import samples_path
+
+    if samples_path(run) is None:
         return None
     scores = [r["score_all"] for r in _samples(run)]
     return sum(scores) / len(scores)

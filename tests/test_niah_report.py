@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import random
@@ -26,7 +27,7 @@ from flexwalk.niah.metrics import (
 )
 from flexwalk.niah.cli import add_compare_arguments, compare_main
 from flexwalk.niah.report.compare import compare
-from flexwalk.niah.report.load import load_run
+from flexwalk.niah.report.load import load_run, read_samples
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODEL = "tiny-llama"
@@ -364,6 +365,25 @@ def test_load_run_normalises(results):
     ours = load_run(results["root"] / "sw_run")
     assert ours.kind == "flexwalk" and ours.dense is False and ours.density_per_layer["prefill"][1] == 0.25
     assert load_run(results["root"] / "sdpa_run").dense is True
+
+
+def test_a_gzip_compressed_run_loads_as_the_plain_one(results, tmp_path):
+    plain = results["root"] / "sw_run"
+    packed = tmp_path / "sw_run_gz"
+    packed.mkdir()
+    for name in ("run.json", "summary.json"):
+        (packed / name).write_bytes((plain / name).read_bytes())
+    (packed / "samples.jsonl.gz").write_bytes(gzip.compress((plain / "samples.jsonl").read_bytes()))
+    assert read_samples(packed) == read_samples(plain)
+    a, b = load_run(plain), load_run(packed)
+    assert [(s.task, s.length, s.index, s.score, s.density) for s in b.samples] == \
+        [(s.task, s.length, s.index, s.score, s.density) for s in a.samples]
+    assert b.dense is False and b.density_per_layer == a.density_per_layer
+    (packed / "samples.jsonl.gz").write_bytes(gzip.compress(b'{"index": 0}\n'))
+    with pytest.raises(ValueError, match=r"samples\.jsonl\.gz: sample .* lacks or mistypes a field"):
+        load_run(packed)
+    with pytest.raises(FileNotFoundError, match=r"holds none of samples\.jsonl, samples\.jsonl\.gz"):
+        read_samples(tmp_path)
 
 
 def test_unknown_task_of_a_flexwalk_run_is_scored_with_string_match_all(tmp_path):

@@ -218,7 +218,7 @@ def run_main(args: argparse.Namespace) -> int:
 def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `flexwalk niah compare` (run it with compare_main)."""
     parser.add_argument("paths", nargs="+", type=Path, metavar="RESULT",
-                        help="flexwalk run directories (run.json + samples.jsonl) or RULER prediction roots")
+                        help="flexwalk run directories (run.json + samples.jsonl, plain or .gz) or RULER prediction roots")
     parser.add_argument("--out", type=Path, default=Path("niah-report"),
                         help="directory for report.md, report.json and the plots (default: %(default)s)")
     parser.add_argument("--labels", type=_labels, default=None,

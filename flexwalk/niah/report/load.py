@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import re
 from collections import defaultdict
@@ -21,6 +22,9 @@ from ..metrics import (
 )
 
 FLEXWALK, RULER = "flexwalk", "ruler"
+# A run directory's per-sample records: as `flexwalk niah run` writes them, or gzip-compressed
+# (the recorded runs under docs/data are stored so).
+SAMPLE_FILES = ("samples.jsonl", "samples.jsonl.gz")
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,26 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
+def samples_path(run_dir: str | Path) -> Path | None:
+    """The per-sample file of a flexwalk run directory (SAMPLE_FILES, plain first), or None."""
+    for name in SAMPLE_FILES:
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    return None
+
+
+def read_samples(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-sample rows of a flexwalk run directory, plain or gzip-compressed."""
+    path = samples_path(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{str(run_dir)!r} holds none of {', '.join(SAMPLE_FILES)}")
+    return _read_jsonl(path)
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -104,7 +125,8 @@ def _load_flexwalk(path: Path, method: str | None, model: str | None) -> RunResu
     notes: list[str] = []
     metrics: dict[str, str] = {}
     by_key: dict[tuple[str, int, int], SampleRecord] = {}
-    for row in _read_jsonl(path / "samples.jsonl"):
+    sample_file = samples_path(path)
+    for row in read_samples(path):
         try:
             task, length = str(row["task"]), int(row["length"])
             if task not in metrics:
@@ -117,7 +139,7 @@ def _load_flexwalk(path: Path, method: str | None, model: str | None) -> RunResu
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(
-                f"{path / 'samples.jsonl'}: sample {row!r:.200} lacks or mistypes a field ({exc!r})"
+                f"{sample_file}: sample {row!r:.200} lacks or mistypes a field ({exc!r})"
             ) from None
         key = (task, length, rec.index)
         if key in by_key:
@@ -223,13 +245,13 @@ def load_run(path: str | Path, label: str | None = None) -> RunResults:
             f"result path {str(path)!r} does not exist: must be a flexwalk NIAH run directory or a RULER prediction root"
         )
     method, model = _split_label(label)
-    if path.is_dir() and (path / "run.json").is_file() and (path / "samples.jsonl").is_file():
+    if path.is_dir() and (path / "run.json").is_file() and samples_path(path) is not None:
         run = _load_flexwalk(path, method, model)
     elif path.is_dir() and (preds := _ruler_pred_dirs(path)):
         run = _load_ruler(path, preds, method, model)
     else:
         raise ValueError(
-            f"result path {str(path)!r} is neither a flexwalk NIAH run directory (run.json + samples.jsonl) "
+            f"result path {str(path)!r} is neither a flexwalk NIAH run directory (run.json + samples.jsonl[.gz]) "
             "nor a RULER prediction root (<model>/<benchmark>/<length>/pred/<task>.jsonl)"
         )
     if not run.samples:
