@@ -44,6 +44,7 @@ from benchmarks import workload
 from flexwalk import SketchWalkConfig, sketchwalk_attention, sketchwalk_varlen_attention
 from flexwalk.argtypes import comma_choices, density, positive_int, token_lengths
 from flexwalk.integrations.cache_kwarg import cache_kwargs
+from flexwalk.kernels import fa4
 from flexwalk.selection.driver import fused_selection
 
 SECTIONS = ("layer", "varlen", "ttft", "decode")
@@ -131,8 +132,11 @@ def environment(device: str) -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
+    fa4_version = version("flash-attn-4")
+    if fa4_version is not None and not fa4.available():
+        fa4_version += " (installed, does not import: not used)"
     env = dict(python=platform.python_version(), torch=torch.__version__, transformers=version("transformers"),
-               triton=version("triton"), flash_attn_4=version("flash-attn-4"), flexwalk=flexwalk.__version__,
+               triton=version("triton"), flash_attn_4=fa4_version, flexwalk=flexwalk.__version__,
                device="cpu", gpus=0, cuda=torch.version.cuda, cudnn=None)
     if device == "cuda":
         env.update(device=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(),

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import importlib.machinery
 import math
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -297,6 +300,46 @@ def test_fa4_is_not_available_without_flash_attn(monkeypatch):
         assert FA4.supported(q, q, q_block=128, kv_block=128) is False
     finally:
         FA4.available.cache_clear()
+
+
+def test_an_installed_fa4_that_does_not_import_is_not_used_and_logged_once(monkeypatch, tmp_path, caplog):
+    """flash_attn.cute is found but its import raises (as with a CUTLASS DSL lacking cutlass.cute):
+    available() is False, the error is logged once, and a sparse prefill runs another kernel."""
+    cute = tmp_path / "flash_attn" / "cute"
+    cute.mkdir(parents=True)
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    (cute / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'cutlass.cute'\")\n")
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    FA4.available.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="flexwalk"):
+            assert FA4.available() is False
+            assert FA4.available() is False
+        logged = [r.getMessage() for r in caplog.records if "does not import" in r.getMessage()]
+        assert len(logged) <= 1 and all("cutlass.cute" in m for m in logged)  # once per process
+        q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16)
+        with flexwalk.options(fa4_on_cpu=True):
+            assert FA4.supported(q, q, q_block=128, kv_block=128, on_cpu=True) is False
+    finally:
+        FA4.available.cache_clear()
+
+
+def test_a_broken_fa4_is_logged_once_per_process(tmp_path):
+    cute = tmp_path / "flash_attn" / "cute"
+    cute.mkdir(parents=True)
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    (cute / "__init__.py").write_text("raise ImportError('libcute_dsl_runtime.so: cannot open shared object file')\n")
+    code = ("import logging; logging.basicConfig(format='%(message)s')\n"
+            "from flexwalk.kernels import fa4\n"
+            "print(fa4.available()); fa4.available.cache_clear(); print(fa4.available())\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+    lines = [x for x in out.stderr.splitlines() if "does not import" in x]
+    assert len(lines) == 1 and "ImportError: libcute_dsl_runtime.so" in lines[0], out.stderr
 
 
 def test_device_ok_wants_a_cuda_device():

@@ -28,9 +28,12 @@ FA4's output, [B, n, Hq, D], is what the attention interface returns; it is hand
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 
 import torch
+
+from ..stats import log_once
 
 # (head dim, query block, key block) where FA4 runs: those where it was faster than the Triton kernel
 # and flex on an H100 at 20% (docs/benchmarks.md 4l): 128 x 128 (1.40x the Triton kernel at 128K),
@@ -54,11 +57,21 @@ def causal_mask_mod():
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether `flash_attn.cute` (FlashAttention 4) can be imported; cached."""
+    """Whether `flash_attn.cute` (FlashAttention 4) imports; cached.  An installed FA4 whose import
+    fails (a missing or mismatched dependency, e.g. a CUTLASS DSL without its `cutlass.cute`
+    package) is not used: logged once with the error, the Triton kernel or flex runs instead."""
     try:
-        return importlib.util.find_spec("flash_attn.cute") is not None
+        if importlib.util.find_spec("flash_attn.cute") is None:
+            return False
     except (ImportError, ValueError):  # no flash_attn package at all, or a broken one
         return False
+    try:
+        importlib.import_module("flash_attn.cute")
+    except Exception as exc:  # noqa: BLE001 - any failure of a third-party import means "not available"
+        log_once("fa4_import_failed", "flexwalk: flash_attn.cute (FlashAttention 4) is installed but does not import "
+                 "(%s: %s); the Triton kernel or flex runs instead", type(exc).__name__, exc)
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=8)
@@ -79,7 +92,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, *, q_block: int, kv_block: int, 
     """Whether `sparse_prefill_attention` handles this call (see the module docstring).
     shapes: the (head dim, query block, key block) shapes to run (None: SHAPES); on_cpu: see
     `device_ok`."""
-    return (available() and device_ok(q.device, on_cpu) and not padded and softcap is None
+    return (device_ok(q.device, on_cpu) and available() and not padded and softcap is None
             and q.dtype in (torch.bfloat16, torch.float16) and q.shape[2] == k.shape[2]
             and (q.shape[-1], q_block, kv_block) in (SHAPES if shapes is None else shapes))
 
