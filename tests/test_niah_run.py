@@ -234,6 +234,10 @@ def test_method_configs():
     assert method_config("sdpa", base) is None
     assert method_config("flex", base).density == 1.0
     assert method_config("one_hop", base).walk == "one_hop"
+    assert method_config("walk", base) == base.replace(walk="damped")
+    assert method_config("sketchwalk", base.replace(walk="walk")).walk == "walk"  # the configuration as given
+    assert SketchWalkConfig().walk == "one_hop"  # the default rule; the walk is the `walk` method
+    assert not method_config("walk", base, sparse_decode=True).skip_decode
     assert method_config("oracle", base, sparse_decode=True).skip_decode  # oracle never decodes sparsely
     assert not method_config("sketchwalk", base, sparse_decode=True).skip_decode
     with pytest.raises(ValueError, match="method='x'.*sdpa"):

@@ -159,7 +159,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="SketchWalk preset (default: %(default)s)")
     parser.add_argument("--config", default=None,
                         help="SketchWalk fields overriding the preset, as JSON, e.g. '{\"density\": 0.1, \"block_size\": 128}'")
-    parser.add_argument("--sparse-decode", action="store_true", help="sketchwalk and one_hop decode sparsely too")
+    parser.add_argument("--sparse-decode", action="store_true", help="sketchwalk, one_hop and walk decode sparsely too")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="greedy tokens per answer (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=1,
                         help="samples decoded together, left-padded (default: %(default)s); per-sample times are then "

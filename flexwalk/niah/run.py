@@ -12,9 +12,10 @@ Methods (all share one loaded model; the attention implementation is switched pe
   flex        dense through sketchwalk_flex at full budget (every causal block kept)
   sketchwalk  the SketchWalk configuration (preset + flags)
   one_hop     the same with walk="one_hop" (no walk across layers)
+  walk        the same with walk="damped" (the walk across layers)
   oracle      the same budget, blocks ranked by exact block attention mass (upper bound;
               prefill only, O(n^2) per layer)
-Decoding is greedy; with --sparse-decode, sketchwalk and one_hop decode sparsely too.  With
+Decoding is greedy; with --sparse-decode, sketchwalk, one_hop and walk decode sparsely too.  With
 --batch-size N, up to N samples of one task and length are decoded together (left-padded;
 sparse methods batch only prompts of one token count), see docs/niah.md.
 """
@@ -38,7 +39,7 @@ from .dataset import dataset_path, read_jsonl
 from .metrics import score_prediction
 from .report.summary import mean  # mean of the non-None values, as the report computes it
 
-METHODS = ("sdpa", "flex", "sketchwalk", "one_hop", "oracle")
+METHODS = ("sdpa", "flex", "sketchwalk", "one_hop", "walk", "oracle")
 DENSE_METHODS = ("sdpa", "flex")
 
 
@@ -51,7 +52,7 @@ def method_config(method: str, base: SketchWalkConfig, sparse_decode: bool = Fal
     if method == "flex":
         return base.replace(density=1.0, top_k_blocks=None, skip_decode=True, skip_prefill=False)
     decode = sparse_decode and method != "oracle"
-    walk = {"sketchwalk": base.walk, "one_hop": "one_hop", "oracle": "oracle"}[method]
+    walk = {"sketchwalk": base.walk, "one_hop": "one_hop", "walk": "damped", "oracle": "oracle"}[method]
     return base.replace(walk=walk, skip_decode=not decode, skip_prefill=False)
 
 
