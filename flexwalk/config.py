@@ -16,12 +16,14 @@ from typing import Any, Literal
 WalkMode = Literal["walk", "damped", "one_hop", "oracle"]
 HeadScoring = Literal["mean", "per_head"]
 DecodeScoring = Literal["sketch", "bound"]
+PrefillScoring = Literal["sketch", "bound"]
 
 _WALK_MODES = ("walk", "damped", "one_hop", "oracle")
 DEFAULT_DENSITY = 0.2
 DEFAULT_DENSE_LAYERS = 2  # the paper's; dense_layers="auto" outside a model
 _HEAD_SCORINGS = ("mean", "per_head")
 _DECODE_SCORINGS = ("sketch", "bound")
+_PREFILL_SCORINGS = ("sketch", "bound")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -95,6 +97,15 @@ class SketchWalkConfig:
     oracle ignore it.  From 1 to 8."""
     head_scoring: HeadScoring = "mean"
     """'mean': score head-mean q/k; 'per_head': score each head, average the transitions."""
+    prefill_scoring: PrefillScoring = "sketch"
+    """Prefill: the block scores A of W_l = softmax(s * scale * A).  'sketch' (the default): the
+    sketched block means' products, q_mean . k_mean.  'bound': each query block's mean against
+    each key block's channel-wise maximum and minimum key, sum_d max(q_d * kmax_d, q_d * kmin_d)
+    (an upper bound on q_mean . k for every key k of the block; decode_scoring's rule, with the
+    heads reduced as under head_scoring).  A needle of a few tokens is averaged away in its
+    block's mean key but stands out in the block's extremes.  It reads k once more per layer;
+    the prefill selection then runs without a CUDA graph (as per_head does), and it is not
+    available under tensor parallelism.  sketch_dim does not apply to it."""
     seed: int = 0
     """Seed of the SRHT sketches (selection is deterministic under it)."""
     dense_below: int | Literal["auto"] = "auto"
@@ -202,6 +213,8 @@ class SketchWalkConfig:
         _check_int("walk_steps", self.walk_steps, 1, 8)
         if self.head_scoring not in _HEAD_SCORINGS:
             _fail("head_scoring", self.head_scoring, f"must be one of {_HEAD_SCORINGS}")
+        if self.prefill_scoring not in _PREFILL_SCORINGS:
+            _fail("prefill_scoring", self.prefill_scoring, f"must be one of {_PREFILL_SCORINGS}")
         if self.decode_scoring not in _DECODE_SCORINGS:
             _fail("decode_scoring", self.decode_scoring, f"must be one of {_DECODE_SCORINGS}")
         _check_int("seed", self.seed, 0)

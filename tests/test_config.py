@@ -40,6 +40,8 @@ from conftest import block_budget
         ("walk_steps", 2.0),
         ("walk_steps", True),
         ("head_scoring", "max"),
+        ("prefill_scoring", "max"),
+        ("decode_scoring", "mean"),
         ("seed", -3),
         ("dense_below", -1),
         ("dense_below", "fast"),

@@ -417,7 +417,7 @@ def test_key_bounds_are_block_extremes_and_bound_every_logit(n, bs, pad, softcap
     query head of its KV head (GQA 3, softcap), is at most its block's bound logit.  Tolerance:
     fp32 rounding of a D-term dot product summed in another order."""
     from flexwalk.decode.scoring import bound_logits
-    from flexwalk.decode.state import block_key_bounds
+    from flexwalk.selection.sketch import block_key_bounds
 
     q, k, _ = _qkv(2, 6, 2, n, 8, seed)
     q = q[:, :, -1:] * 3

@@ -1,8 +1,8 @@
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexwalk.selection.sketch import block_means, effective_sketch_dim, srht_matrix
+from flexwalk.selection.sketch import block_means, bound_scores, effective_sketch_dim, head_reduce, srht_matrix
 
 
 def test_srht_preserves_inner_products_in_expectation():
@@ -82,3 +82,55 @@ def test_block_means_ignore_padding_and_partial_tail(n, bs, pad, seed):
             torch.testing.assert_close(means[0, b], x[0, real].mean(0))
         else:
             assert torch.all(means[0, b] == 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 150), bs=st.sampled_from([16, 32]), hq=st.sampled_from([1, 4]), per_head=st.booleans(),
+       pad=st.integers(0, 40), seed=st.integers(0, 10_000))
+def test_bound_scores_bound_every_key_of_the_block(n, bs, hq, per_head, pad, seed):
+    """prefill_scoring="bound": each score is >= q_mean . k for every real key k of the block, and
+    equals it where the block holds one real key (the extremes are that key); padding keys never
+    enter, and blocks without a real key score 0."""
+    g = torch.Generator().manual_seed(seed)
+    hk = 2 if hq == 4 else 1
+    scoring = "per_head" if per_head else "mean"
+    q = torch.randn(2, hq, n, 8, generator=g)
+    k = torch.randn(2, hk, n, 8, generator=g)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, : min(pad, n)] = False
+    qm, counts = block_means(head_reduce(q, scoring), bs, valid)
+    a = bound_scores(qm, k, bs, valid, scoring)  # [B, Hq', nb, nb]
+    kr = head_reduce(k, scoring)
+    if per_head:
+        kr = kr.repeat_interleave(hq // hk, dim=1)
+    logits = qm @ kr.transpose(-1, -2)  # [B, Hq', nb, n]: every block mean against every key
+    nb = counts.shape[1]
+    for j in range(nb):
+        keys = torch.arange(j * bs, min(n, (j + 1) * bs))
+        for b in range(2):
+            rk = keys[valid[b, keys]]
+            if len(rk) == 0:
+                assert torch.equal(a[b, :, :, j], torch.zeros_like(a[b, :, :, j]))
+                continue
+            best = logits[b, :, :, rk].amax(-1)
+            assert (a[b, :, :, j] >= best - 1e-5).all()
+            if len(rk) == 1:
+                torch.testing.assert_close(a[b, :, :, j], best, rtol=1e-5, atol=1e-5)
+
+
+def test_bound_scoring_finds_the_needle_the_block_mean_averages_away():
+    """One key aligned with the query block's mean, in a block of keys pointing away: the block
+    mean scores that block last, the bound first (a needle among distractors)."""
+    bs, d = 16, 8
+    q = torch.zeros(1, 1, 4 * bs, d)
+    q[..., 0] = 1.0  # every query looks along channel 0
+    k = torch.zeros(1, 1, 4 * bs, d)
+    k[..., 1] = 1.0  # blocks 0-2: keys orthogonal to the queries
+    k[:, :, bs:2 * bs, 0] = -0.2  # block 1: its mean points slightly away from the queries ...
+    k[:, :, bs + 5, 0] = 3.0  # ... but one key points at them
+    qm, _ = block_means(q, bs)
+    a_bound = bound_scores(qm, k, bs, None, "mean")[0, 0, 3, :3]
+    km, _ = block_means(k, bs)
+    a_mean = (qm @ km.transpose(-1, -2))[0, 0, 3, :3]
+    assert int(a_bound.argmax()) == 1
+    assert int(a_mean.argmin()) == 1

@@ -188,6 +188,10 @@ def test_sharded_heads_without_a_group_raise():
         process_group(module, torch.zeros(1, 4, 4, 16))
     with pytest.raises(NotImplementedError, match="unequal head shares"):
         process_group(module, torch.zeros(1, 3, 4, 16))
+    bound = SketchWalkConfig(block_size=16, prefill_scoring="bound")
+    with pytest.raises(NotImplementedError, match="prefill_scoring='bound' under tensor parallelism"):
+        flexwalk.sketchwalk_selection(torch.zeros(1, 4, 64, 16), torch.zeros(1, 2, 64, 16), bound, 2,
+                                      process_group=object())
     per_head = SketchWalkConfig(skip_decode=False, head_scoring="per_head")
     with pytest.raises(NotImplementedError, match="sparse decode.* under tensor parallelism with head_scoring='per_head'"):
         flexwalk.DecodeState(per_head, 0, batch=1, q_heads=4, k_heads=2, head_dim=16, scale=0.25, kv_tokens=64,

@@ -137,12 +137,16 @@ def test_ties_go_to_the_lower_block():
 
 @pytest.mark.parametrize("n,pad,m,walk", [(301, 0, 1, "damped"), (333, 40, 2, "damped"), (270, 133, 4, "walk"),
                                           (200, 17, 1, "one_hop")])
-def test_per_head_scoring_equals_torch(n, pad, m, walk):
-    """head_scoring="per_head": each head's block means and sketches (torch), its own softmax rows,
-    averaged over the heads in the softmax kernel, then the same rank kernel; three layers with
-    the walk carried, on the bucket-padded raw q and k."""
+@pytest.mark.parametrize("head_scoring,prefill_scoring", [("per_head", "sketch"), ("mean", "bound"),
+                                                          ("per_head", "bound")])
+def test_torch_scored_selection_equals_torch(n, pad, m, walk, head_scoring, prefill_scoring):
+    """head_scoring="per_head" (each head's block means and sketches) and prefill_scoring="bound"
+    (block means against key extremes): the scores are torch ops, the softmax kernel averages the
+    heads' rows, then the same rank kernel; three layers with the walk carried, on the
+    bucket-padded raw q and k."""
     cfg = SketchWalkConfig(block_size=16, query_block_size=16 * m, density=0.25, dense_below=0, dense_layers=0,
-                           head_scoring="per_head", walk=walk, dense_tail_blocks=2)
+                           head_scoring=head_scoring, prefill_scoring=prefill_scoring, walk=walk,
+                           dense_tail_blocks=2)
     q, k, _ = random_qkv(2, 6, 2, n, 16, seed=n)
     kv = torch.ones(2, n, dtype=torch.bool)
     kv[1, :pad] = False
@@ -161,7 +165,7 @@ def test_per_head_scoring_equals_torch(n, pad, m, walk):
         prev = ref[7]
 
 
-@pytest.mark.parametrize("scoring", ["mean", "per_head"])
+@pytest.mark.parametrize("scoring", ["mean", "per_head", "bound"])
 def test_sparse_prefill_with_triton_selection_equals_the_oracle(scoring):
     """The whole CUDA pipeline on CPU: the Triton selection (triton_selection_on_cpu: the path
     without a graph) feeding the Triton prefill kernel its tables directly, no BlockMask, over
@@ -172,7 +176,8 @@ def test_sparse_prefill_with_triton_selection_equals_the_oracle(scoring):
 
 def _triton_pipeline_equals_the_oracle(scoring):
     cfg = SketchWalkConfig(block_size=16, query_block_size=32, density=0.3, dense_below=0, dense_layers=0,
-                           head_scoring=scoring)
+                           head_scoring="mean" if scoring == "bound" else scoring,
+                           prefill_scoring="bound" if scoring == "bound" else "sketch")
     n = 200
     q, k, v = random_qkv(2, 4, 2, n, 16, seed=11)
     kv = torch.ones(2, n, dtype=torch.bool)

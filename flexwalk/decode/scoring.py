@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import group_mean
+from ..selection.sketch import bound_product
 
 
 def bound_rows(q: torch.Tensor, k_bounds: torch.Tensor, allowed: torch.Tensor, scale: float,
@@ -32,15 +33,11 @@ def bound_logits(q: torch.Tensor, k_bounds: torch.Tensor, live: torch.Tensor, sc
                  softcap: float | None = None, fill: float = 0.0) -> torch.Tensor:
     """[B, Hkv, G, C] fp32: scale * sum_d max(q_d * max_d, q_d * min_d), soft-capped, for query
     head kv_head * G + g (q [B, Hq, 1, D]); `fill` where live [B, C] is False (blocks with no
-    key hold -inf, which gives nan there: filled after the softcap, so -inf stays -inf).
-
-    max(q_d max_d, q_d min_d) = relu(q_d) max_d + relu(-q_d) (-min_d): one product of
-    [relu(q), relu(-q)] with k_bounds' [max, -min]."""
+    key hold -inf, which gives nan there: filled after the softcap, so -inf stays -inf);
+    the product is selection.sketch.bound_product."""
     bsz, hq, _, d = q.shape
     hkv = k_bounds.shape[1]
-    qg = q.float().reshape(bsz, hkv, hq // hkv, d)
-    qc = torch.cat([qg.clamp_min(0.0), (-qg).clamp_min(0.0)], -1)  # [B, Hkv, G, 2D]
-    a = torch.matmul(qc, k_bounds.float().transpose(-1, -2)) * scale
+    a = bound_product(q.reshape(bsz, hkv, hq // hkv, d), k_bounds) * scale  # [B, Hkv, G, C]
     if softcap:
         a = softcap * torch.tanh(a / softcap)
     return a.masked_fill(~live[:, None, None, :], fill)

@@ -26,6 +26,7 @@ from ..kernels.flex import bucket_length, contiguous_rows, key_bounds, packed
 from ..selection.sketch import (
     LayerSketch,
     block_causal_mask,
+    block_key_bounds,
     effective_sketch_dim,
     head_reduce,
     layer_sketch,
@@ -351,16 +352,3 @@ def absorb_bounds(k_bounds: torch.Tensor, k_new: torch.Tensor, blk: torch.Tensor
     kn = k_new.to(k_bounds.dtype)
     src = torch.cat([kn, -kn], -1).masked_fill(~(vf[:, None, :, None] > 0), float("-inf"))
     k_bounds.scatter_reduce_(2, blk[None, None, :, None].expand_as(src), src, "amax")
-
-
-def block_key_bounds(k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max, min) [B, Hkv, nb, D] in k's dtype: the channel-wise extremes of each block's real
-    keys (k [B, Hkv, n, D]; key_valid [B, n] bool).  A block with no real key is -inf / +inf."""
-    bsz, h, n, d = k.shape
-    nb = -(-n // block_size)
-    pad = nb * block_size - n
-    real = torch.ones(bsz, n, dtype=torch.bool, device=k.device) if key_valid is None else key_valid.bool()
-    real = F.pad(real.expand(bsz, n), (0, pad), value=False).reshape(bsz, 1, nb, block_size, 1)
-    kb = F.pad(k, (0, 0, 0, pad)).reshape(bsz, h, nb, block_size, d)
-    return kb.masked_fill(~real, float("-inf")).amax(3), kb.masked_fill(~real, float("inf")).amin(3)

@@ -38,7 +38,8 @@ row's threshold to rounding may be swapped for its equal (tests/test_triton_sele
 
 With head_scoring="per_head" the block means, sketches and per-head scores are torch ops on the
 layer's q and k (as selection.sketch.layer_sketch computes them), and the softmax kernel averages the
-heads' softmax rows; the rest is the same.
+heads' softmax rows; the rest is the same.  So are prefill_scoring="bound"'s scores (block means
+against the blocks' key extremes, selection.sketch.bound_scores).
 
 `selection_tables` runs on CUDA tensors, or on CPU tensors under triton's interpreter (tests).
 Rows of more than MAX_BLOCKS blocks (beyond 256K tokens with 64-token blocks) are not
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import SketchWalkConfig
-from ..selection.sketch import block_means, is_exact
+from ..selection.sketch import block_means, bound_scores, head_reduce, is_exact
 from ..selection.topk import block_budget
 from ..selection.walk import walk_combine
 from .triton_runtime import HAS_TRITON, interpreted
@@ -498,6 +499,13 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
     seq_len = n if seq_len is None else seq_len
     p = p.float().contiguous()
     bounds = _bounds(key_valid, bsz, qm.device)
+    if config.prefill_scoring == "bound":  # block means against key extremes (selection.sketch.bound_scores)
+        q_means, counts = block_means(head_reduce(qm, config.head_scoring), config.block_size, key_valid)
+        grow = nb - q_means.shape[2]  # blocks of the bucket past the real ones: empty
+        a = bound_scores(q_means, km, config.block_size, key_valid, config.head_scoring)  # [B, Hq', m, m]
+        a = F.pad(a, (0, grow, 0, grow)).contiguous()
+        counts = F.pad(counts.expand(bsz, -1), (0, grow)).contiguous()
+        return _rank_tables(a, a.shape[1], counts, bounds, prev_walk, config, scale, d, n_pad, seq_len, row_warps)
     if config.head_scoring == "per_head":  # each head's own (selection.sketch.layer_sketch): scores [B, Hq, nb, nb]
         q_means, counts = block_means(qm, config.block_size, key_valid)
         k_means, _ = block_means(km, config.block_size, key_valid)

@@ -164,6 +164,7 @@ ABLATIONS: dict[str, list[dict[str, Any]]] = {
     "sink": [{"sink_blocks": n} for n in (1, 2, 4)],
     "local": [{"local_blocks": n} for n in (1, 2, 4)],
     "head_scoring": [{"head_scoring": h} for h in ("mean", "per_head")],
+    "prefill_scoring": [{"prefill_scoring": s} for s in ("sketch", "bound")],
 }
 
 

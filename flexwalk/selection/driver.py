@@ -147,7 +147,7 @@ def _mark_length_dynamic(q, k, prev, key_valid) -> None:
 #   8K, 0.153 ms at 32K, 0.51 ms at 128K: 19% / 4.6-4.7% / 1.1% of the layer (batch 1); 0.23 ms
 #   at 32K before that pass (docs/benchmarks.md 4m, 4n).  Above graph_selection_max_tokens, and
 #   for head_scoring="per_head" (never graphed), it runs without a graph, instead of the
-#   compiled selection.
+#   compiled selection; so does prefill_scoring="bound" (its key extremes are not block sums).
 # - Options.compile_graphed_selection: the selection compiled by inductor for the bucket's
 #   static shapes (about a dozen fused kernels; 0.14 ms at 8K), but every new bucket first
 #   compiles for 7-72 s (once per machine: inductor caches on disk).  Takes precedence when set.
@@ -274,7 +274,7 @@ class SelectionGraph:
 
 def _graphable(q, config: SketchWalkConfig, n_pad: int, opts: Options) -> bool:
     return (opts.graph_selection and q.device.type == "cuda" and n_pad <= opts.graph_selection_max_tokens
-            and config.head_scoring == "mean" and config.walk != "oracle" and n_pad % config.q_block == 0
+            and config.head_scoring == "mean" and config.prefill_scoring == "sketch" and config.walk != "oracle" and n_pad % config.q_block == 0
             and not torch.cuda.is_current_stream_capturing())
 
 

@@ -1,6 +1,9 @@
 """Selection, stage 1: the layer's sketch.  q and k of one layer -> block means (head means
 first, or per head), SRHT sketches of them and the block transition matrix W_l = softmax(s * A)
-over the causal, valid blocks.
+over the causal, valid blocks.  The block scores A are the sketched block means' products
+(prefill_scoring="sketch"), or each query block's mean against each key block's channel-wise
+key extremes, an upper bound on the block's largest logit (prefill_scoring="bound",
+`bound_scores`).
 
 Everything here runs in fp32 whatever the model dtype, reads q and k once, and produces
 block-level tensors only ([B, nb, D], [B, nb, r], [B, nb, nb]); no token-by-token matrix.
@@ -14,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..config import SketchWalkConfig
 from ..distributed import group_mean
@@ -52,6 +56,46 @@ def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor | None = N
     cshape = (counts.shape[0],) + (1,) * (x.dim() - 3) + (nb, 1)
     means = sums / counts.clamp_min(1.0).reshape(cshape).to(sums.dtype)
     return means, counts
+
+
+def block_key_bounds(k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, min) [B, H, nb, D] in k's dtype: the channel-wise extremes of each block's real
+    keys (k [B, H, n, D]; key_valid [B, n] bool).  A block with no real key is -inf / +inf."""
+    bsz, h, n, d = k.shape
+    nb = num_blocks(n, block_size)
+    pad = nb * block_size - n
+    real = torch.ones(bsz, n, dtype=torch.bool, device=k.device) if key_valid is None else key_valid.bool()
+    real = F.pad(real.expand(bsz, n), (0, pad), value=False).reshape(bsz, 1, nb, block_size, 1)
+    kb = F.pad(k, (0, 0, 0, pad)).reshape(bsz, h, nb, block_size, d)
+    return kb.masked_fill(~real, float("-inf")).amax(3), kb.masked_fill(~real, float("inf")).amin(3)
+
+
+def bound_product(q: torch.Tensor, k_bounds: torch.Tensor) -> torch.Tensor:
+    """[..., m, C] fp32: sum_d max(q_d * max_d, q_d * min_d) for q [..., m, D] against k_bounds
+    [..., C, 2D] = [max k, -min k] per block (leading dims broadcast): an upper bound on q . k
+    for every key k of the block.  max(q_d max_d, q_d min_d) = relu(q_d) max_d + relu(-q_d)
+    (-min_d): one product of [relu(q), relu(-q)] with [max, -min]."""
+    q = q.float()
+    qc = torch.cat([q.clamp_min(0.0), (-q).clamp_min(0.0)], -1)
+    return torch.matmul(qc, k_bounds.float().transpose(-1, -2))
+
+
+def bound_scores(q_means: torch.Tensor, k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None,
+                 head_scoring: str) -> torch.Tensor:
+    """prefill_scoring="bound": [B, Hq', m, nb] fp32 block scores (unscaled), each query block's
+    mean q_means [B, Hq', m, D] against each key block's channel-wise key extremes of
+    head_reduce(k) [B, Hk', n, D] (query head h reads KV head h // (Hq' / Hk')).  A needle of a
+    few tokens is averaged away in its block's mean key but not in the block's extremes.
+    Blocks without a real key score 0 (the causal mask removes them)."""
+    kr = head_reduce(k, head_scoring)
+    kmax, kmin = block_key_bounds(kr, block_size, key_valid)
+    empty = torch.isinf(kmax[..., :1])  # [B, Hk', nb, 1]: no real key
+    bounds = torch.cat([kmax, -kmin], -1).float().masked_fill(empty, 0.0)
+    hq, hk = q_means.shape[1], bounds.shape[1]
+    if hk != hq:
+        bounds = bounds.repeat_interleave(hq // hk, dim=1)
+    return bound_product(q_means, bounds)
 
 
 def _hadamard(n: int) -> torch.Tensor:
@@ -215,6 +259,9 @@ def layer_sketch(
     head-mean block means (head_scoring="mean") or the head-mean transition ("per_head") are
     averaged over the group with one all-reduce of [B, nb, D] or [B, nb, nb] per layer, so
     every rank selects exactly what one process holding every head would."""
+    if config.prefill_scoring == "bound" and process_group is not None:
+        raise NotImplementedError("prefill_scoring='bound' under tensor parallelism (the key extremes of the "
+                                  "head-mean keys need every rank's heads); use prefill_scoring='sketch'")
     bsz, hq, n, d = q.shape
     scale = d**-0.5 if scale is None else float(scale)
     if p is None:
@@ -228,7 +275,11 @@ def layer_sketch(
     block_valid = counts > 0  # [B, nb]
     allowed = block_causal_mask(block_valid)
     ks = kb @ p
-    w = transition_rows(qb @ p, ks, allowed, scale, config.sparsity_exponent)
+    if config.prefill_scoring == "bound":
+        a = bound_scores(qb, k, config.block_size, key_valid, config.head_scoring) * scale
+        w = transition_matrix(a.masked_fill(~allowed[:, None], float("-inf")), config.sparsity_exponent).mean(1)
+    else:
+        w = transition_rows(qb @ p, ks, allowed, scale, config.sparsity_exponent)
     if process_group is not None and config.head_scoring == "per_head":
         w = group_mean(w, process_group)
     return LayerSketch(qb, kb, counts, ks, w, allowed, block_valid)
