@@ -83,8 +83,8 @@ class SketchWalkConfig:
     default): R_l = W_l; 'oracle': each layer ranks key blocks by their exact attention mass (an
     evaluation upper bound: O(n^2) work per layer, prefill only).  The walk across layers
     ('damped') was level with one-hop on every model measured, so the simpler rule is the
-    default: on Qwen2.5-Coder-1.5B (26 sparse layers) the damped walk scored -0.70 (SE 0.51)
-    against one-hop over 1462 RULER NIAH samples at 4K-32K, on SmolLM2-135M +0.81, -0.12 and
+    default: on Qwen2.5-Coder-1.5B (26 sparse layers) the damped walk scored -0.78 (SE 0.47)
+    against one-hop over 1600 RULER NIAH samples at 4K-32K, on SmolLM2-135M +0.81, -0.12 and
     -0.75 at 2K-8K, on Gemma 3 270M the same on all 2000 (docs/accuracy.md)."""
     damping: float = 0.25
     """beta of the damped walk, in [0, 1]."""
@@ -103,9 +103,11 @@ class SketchWalkConfig:
     each key block's channel-wise maximum and minimum key, sum_d max(q_d * kmax_d, q_d * kmin_d)
     (an upper bound on q_mean . k for every key k of the block; decode_scoring's rule, with the
     heads reduced as under head_scoring).  A needle of a few tokens is averaged away in its
-    block's mean key but stands out in the block's extremes.  It reads k once more per layer;
-    the prefill selection then runs without a CUDA graph (as per_head does), and it is not
-    available under tensor parallelism.  sketch_dim does not apply to it."""
+    block's mean key but stands out in the block's extremes.  On Qwen2.5-Coder-1.5B it scored
+    +2.81 (SE 0.53) over the sketch across 1600 RULER NIAH samples at 4K-32K (density 0.2,
+    one-hop); on SmolLM2-135M its next-token KL was slightly higher (docs/accuracy.md).  It reads
+    k once more per layer; the prefill selection then runs without a CUDA graph (as per_head
+    does), and it is not available under tensor parallelism.  sketch_dim does not apply to it."""
     seed: int = 0
     """Seed of the SRHT sketches (selection is deterministic under it)."""
     dense_below: int | Literal["auto"] = "auto"
