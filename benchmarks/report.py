@@ -48,6 +48,7 @@ from flexwalk.kernels import fa4
 from flexwalk.selection.driver import fused_selection
 
 SECTIONS = ("layer", "varlen", "ttft", "decode")
+SCORINGS = ("sketch", "bound")
 FIGURES = {"layer": "layer_speedup.png", "ttft": "ttft.png", "decode": "decode.png"}
 DEFAULTS = {  # per device; --quick changes some (QUICK)
     "cuda": dict(lengths=[8192, 32768, 65536, 131072], densities=[0.2], batches=[1], blocks=[128], kernels=None,
@@ -98,6 +99,8 @@ def parse_args(argv: list[str] | None = None, device: str | None = None) -> argp
     ap.add_argument("--densities", type=_densities)
     ap.add_argument("--batches", type=_ints)
     ap.add_argument("--blocks", type=_blocks, help="block sizes (SketchWalkConfig.block_size) of the layer section")
+    ap.add_argument("--scorings", type=comma_choices(SCORINGS, "--scorings"), default=["sketch"],
+                    help="SketchWalkConfig.prefill_scoring values of the layer section, side by side (default: sketch)")
     ap.add_argument("--kernels", type=comma_choices(workload.PREFILL_KERNELS, "--kernels"),
                     help="prefill kernels of the layer section (default: those available, workload.kernels_for)")
     ap.add_argument("--varlen-lengths", type=token_lengths,
@@ -154,32 +157,31 @@ def _free(device: str) -> None:
 
 @torch.no_grad()
 def layer_section(args, record) -> None:
-    """One row per (batch, length, block, density, kernel), handed to `record` as it is measured."""
+    """One row per (batch, length, block, density, prefill scoring, kernel), handed to `record` as it is measured."""
     device, shape = args.device, workload.shape_for(args.device)
     for batch in args.batches:
         for n in args.lengths:
             q, k, v = workload.qkv(shape, n, batch=batch, device=device)
             long = n * batch >= 65536
             dense_ms = workload.median_ms(lambda: workload.dense_attention(q, k, v), device, long=long)
-            for block in args.blocks:
-                for density in args.densities:
-                    config = workload.layer_config(block, density)
-                    fused_selection(q, k, config, 0, None)  # the selection's compile and capture, untimed
-                    selection_ms = workload.median_ms(lambda: fused_selection(q, k, config, 0, None), device)
-                    for kernel in args.kernels:
-                        row = dict(batch=batch, n=n, block_size=block, density=density, kernel=kernel,
-                                   dense=workload.dense_backend(device), dense_ms=dense_ms, selection_ms=selection_ms)
-                        with flexwalk.options(prefill_kernel=kernel):
-                            try:
-                                check = workload.check_layer(q, k, v, config)
-                                sparse_ms = workload.median_ms(lambda: sketchwalk_attention(q, k, v, config, 0),
-                                                               device, long=long)
-                            except Exception as e:  # one failing kernel must not hide the others
-                                traceback.print_exc()
-                                record({**row, "error": f"{type(e).__name__}: {e}"[:500]})
-                                continue
-                        record({**row, "ran": check["kernel"], "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
-                                "achieved_density": check["density"], "check": check})
+            for block, density, scoring in itertools.product(args.blocks, args.densities, args.scorings):
+                config = workload.layer_config(block, density, scoring)
+                fused_selection(q, k, config, 0, None)  # the selection's compile and capture, untimed
+                selection_ms = workload.median_ms(lambda: fused_selection(q, k, config, 0, None), device)
+                for kernel in args.kernels:
+                    row = dict(batch=batch, n=n, block_size=block, density=density, scoring=scoring, kernel=kernel,
+                               dense=workload.dense_backend(device), dense_ms=dense_ms, selection_ms=selection_ms)
+                    with flexwalk.options(prefill_kernel=kernel):
+                        try:
+                            check = workload.check_layer(q, k, v, config)
+                            sparse_ms = workload.median_ms(lambda: sketchwalk_attention(q, k, v, config, 0),
+                                                           device, long=long)
+                        except Exception as e:  # one failing kernel must not hide the others
+                            traceback.print_exc()
+                            record({**row, "error": f"{type(e).__name__}: {e}"[:500]})
+                            continue
+                    record({**row, "ran": check["kernel"], "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
+                            "achieved_density": check["density"], "check": check})
             del q, k, v
             _free(device)
 
@@ -338,12 +340,18 @@ def decode_section(args, model, record) -> None:
 # ----------------------------------------------------------------------------- outputs
 
 
+def _block(row: dict) -> str:
+    """A layer row's block size, with its prefill scoring where it is not the sketch."""
+    scoring = row.get("scoring", "sketch")
+    return str(row["block_size"]) + ("" if scoring == "sketch" else f", {scoring}")
+
+
 def failed(report: dict) -> list[str]:
     """What went wrong: sections that raised, rows that raised or failed their check."""
     bad = [f"{name}: {err}" for name, err in report.get("errors", {}).items()]
     for row in report.get("layer", []):
         if "error" in row or not row["check"]["ok"]:
-            bad.append(f"layer n={row['n']} batch {row['batch']} block {row['block_size']} density {row['density']} "
+            bad.append(f"layer n={row['n']} batch {row['batch']} block {_block(row)} density {row['density']} "
                        f"{row['kernel']}: {row.get('error') or row['check']}")
     for row in report.get("varlen", []):
         if "error" in row or not row["check"]["ok"]:
@@ -387,12 +395,12 @@ def render_markdown(report: dict) -> str:
                   "| **speedup** | check |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["layer"]:
             if "error" in r:
-                lines.append(f"| {r['batch']} | {r['n']} | {r['block_size']} | {r['density']} | {r['kernel']} | "
+                lines.append(f"| {r['batch']} | {r['n']} | {_block(r)} | {r['density']} | {r['kernel']} | "
                              f"{_fmt(r['dense_ms'])} | | | | error: {r['error'][:80]} |")
                 continue
             c = r["check"]
             verdict = "ok" if c["ok"] else f"FAILED (err {c['err']:.2e} / {c['budget']:.2e}, full {c['full_err']:.2e})"
-            lines.append(f"| {r['batch']} | {r['n']} | {r['block_size']} | {r['density']} ({r['achieved_density']:.3f}) "
+            lines.append(f"| {r['batch']} | {r['n']} | {_block(r)} | {r['density']} ({r['achieved_density']:.3f}) "
                          f"| {r['kernel']} ({r['ran']}) | {_fmt(r['dense_ms'])} | {_fmt(r['selection_ms'])} | "
                          f"{_fmt(r['sparse_ms'])} | **{r['speedup']:.2f}x** | {verdict} |")
         lines.append("")
@@ -459,7 +467,7 @@ def write_figures(report: dict, out: Path) -> dict[str, str]:
         lines: dict[tuple, list] = {}
         for r in report["layer"]:
             if "speedup" in r:
-                key = (r["kernel"], r["ran"], r["block_size"], r["density"], r["batch"])
+                key = (r["kernel"], r["ran"], _block(r), r["density"], r["batch"])
                 lines.setdefault(key, []).append((r["n"], r["speedup"]))
         for (kernel, ran, block, density, batch), pts in sorted(lines.items()):
             pts.sort()

@@ -22,12 +22,14 @@ def test_arguments_fill_in_the_device_defaults_quick_and_given_values():
                                "1,4", "--kernels", "fa4", "--sections", "layer"], device="cuda")
     assert (given.lengths, given.densities, given.batches, given.kernels, given.sections) == (
         [4096], [0.1, 0.3], [1, 4], ["fa4"], ["layer"])
+    assert given.scorings == ["sketch"]
+    assert report.parse_args(["--out", "x", "--scorings", "sketch,bound"], device="cuda").scorings == ["sketch", "bound"]
     cpu = report.parse_args(["--out", "x"], device="cpu")
     assert cpu.lengths == [1024, 2048] and cpu.kernels == ["auto", "flex"] and cpu.dense_below == 0
 
 
 @pytest.mark.parametrize("argv", [["--kernels", "cudnn"], ["--sections", "layer,prefill"], ["--lengths", "8k"],
-                                  ["--blocks", "96"], ["--densities", "0"], ["--batches", "0"]])
+                                  ["--blocks", "96"], ["--densities", "0"], ["--batches", "0"], ["--scorings", "max"]])
 def test_arguments_refuse_unknown_values(argv, capsys):
     with pytest.raises(SystemExit):
         report.parse_args(["--out", "x", *argv], device="cpu")
@@ -122,6 +124,19 @@ def test_a_tiny_run_on_the_cpu_measures_checks_and_writes_everything(tmp_path):
     (dec,) = saved["decode"]
     assert dec["ok"] and dec["sketchwalk"]["counters"]["sparse_decode"] == 2 * 5  # 2 sparse layers x 5 steps
     assert set(saved["figures"]) == {"layer", "ttft", "decode"}
+
+
+def test_the_layer_section_sets_scorings_side_by_side(tmp_path):
+    """--scorings sketch,bound: one row per scoring for the same dense time, each checked against
+    the oracle on its own selection; the bound's rows say so in the block column."""
+    status = report.main(["--out", str(tmp_path), "--sections", "layer", "--lengths", "256", "--kernels", "flex",
+                          "--scorings", "sketch,bound"])
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert status == 0, report.failed(saved)
+    rows = saved["layer"]
+    assert [r["scoring"] for r in rows] == ["sketch", "bound"] and rows[0]["dense_ms"] == rows[1]["dense_ms"]
+    assert all(r["check"]["ok"] and 0 < r["achieved_density"] < 1 for r in rows)
+    assert "| 1 | 256 | 64, bound |" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.parametrize("wrong", ["sparse", "full"])

@@ -2,7 +2,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexwalk.selection.sketch import block_means, bound_scores, effective_sketch_dim, head_reduce, srht_matrix
+from flexwalk.selection.sketch import (block_means, bound_scores, effective_sketch_dim, head_reduce, key_bounds,
+                                      srht_matrix)
 
 
 def test_srht_preserves_inner_products_in_expectation():
@@ -99,7 +100,7 @@ def test_bound_scores_bound_every_key_of_the_block(n, bs, hq, per_head, pad, see
     valid = torch.ones(2, n, dtype=torch.bool)
     valid[1, : min(pad, n)] = False
     qm, counts = block_means(head_reduce(q, scoring), bs, valid)
-    a = bound_scores(qm, k, bs, valid, scoring)  # [B, Hq', nb, nb]
+    a = bound_scores(qm, key_bounds(k, bs, valid, scoring))  # [B, Hq', nb, nb]
     kr = head_reduce(k, scoring)
     if per_head:
         kr = kr.repeat_interleave(hq // hk, dim=1)
@@ -129,7 +130,7 @@ def test_bound_scoring_finds_the_needle_the_block_mean_averages_away():
     k[:, :, bs:2 * bs, 0] = -0.2  # block 1: its mean points slightly away from the queries ...
     k[:, :, bs + 5, 0] = 3.0  # ... but one key points at them
     qm, _ = block_means(q, bs)
-    a_bound = bound_scores(qm, k, bs, None, "mean")[0, 0, 3, :3]
+    a_bound = bound_scores(qm, key_bounds(k, bs, None, "mean"))[0, 0, 3, :3]
     km, _ = block_means(k, bs)
     a_mean = (qm @ km.transpose(-1, -2))[0, 0, 3, :3]
     assert int(a_bound.argmax()) == 1

@@ -268,17 +268,20 @@ def test_block_parts_are_the_block_sums_of_the_head_means(n, hq, hk, d, bs, layo
     assert torch.equal(valid_out[:, :n], kv) and not valid_out[:, n:].any() and int(n_out) == n
 
 
-@pytest.mark.parametrize("padded,qbs,r", [(False, None, None), (True, 32, 8)])
-def test_selection_graph_halves_equal_the_torch_selection(padded, qbs, r):
+@pytest.mark.parametrize("padded,qbs,r,scoring", [(False, None, None, "sketch"), (True, 32, 8, "sketch"),
+                                                  (True, 32, 8, "bound"), (False, None, None, "bound")])
+def test_selection_graph_halves_equal_the_torch_selection(padded, qbs, r, scoring):
     """selection.driver.SelectionGraph of the Triton kind without its CUDA graph: `fill` (one
     block_parts launch into the static inputs) then `_run` (what the graph captures), reused
     across two lengths of one bucket, longer then shorter, and two layers with the walk carried: the tables equal
     the torch selection's on the bucket-padded head means (what the other graph kinds hold), and
     nothing of a longer prompt leaks into a shorter one's replay.  Without padding the graph holds no validity (no bounds kernel).
     The exact sketch (r None) needs no P in the graph; a narrower one (r = 8) is written by `fill`.
-    The walk and density sums come out in one buffer, which `kept_outputs` copies once."""
+    The walk and density sums come out in one buffer, which `kept_outputs` copies once.
+    prefill_scoring="bound": `fill` writes the keys' block extremes, and the graph holds the exact
+    sketch whatever sketch_dim says (the scores read the query blocks' means)."""
     cfg = SketchWalkConfig(block_size=16, density=0.25, dense_below=0, dense_layers=0, dense_tail_blocks=2,
-                           local_blocks=2, query_block_size=qbs, sketch_dim=r)
+                           local_blocks=2, query_block_size=qbs, sketch_dim=r, prefill_scoring=scoring)
     bsz, d, hq, hk = 2, 16, 6, 2
     n_pad = bucket_length(250)
     graph = None
@@ -301,14 +304,15 @@ def test_selection_graph_halves_equal_the_torch_selection(padded, qbs, r):
             graph.fill(q, k, p, prev if prev is not None else torch.eye(n_pad // 16).expand(bsz, -1, -1), kv)
             if prev is None:  # the graph was built with a walk input: the first layer runs one-hop
                 got = TS.parts_selection_tables(graph.qp, graph.kp, graph.counts, hq, hk, graph.p, None,
-                                                graph.valid, cfg, None, n_pad, graph.n)
+                                                graph.valid, cfg, None, n_pad, graph.n, k_bounds=graph.k_bounds)
             else:
                 got = graph.out = graph._run()
                 kept = graph.kept_outputs()
                 for a, b in zip(kept, got[7:]):
                     assert torch.equal(a, b) and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
                 assert len({t.untyped_storage().data_ptr() for t in kept}) == 1  # one copy
-            assert graph.exact == (r is None)
+            assert graph.exact == (r is None or scoring == "bound")
+            assert (graph.k_bounds is not None) == (scoring == "bound")
             assert int(graph.n) == n
             _assert_same_selection(ref, got, cfg)
             prev = ref[7]

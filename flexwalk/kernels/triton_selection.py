@@ -38,8 +38,10 @@ row's threshold to rounding may be swapped for its equal (tests/test_triton_sele
 
 With head_scoring="per_head" the block means, sketches and per-head scores are torch ops on the
 layer's q and k (as selection.sketch.layer_sketch computes them), and the softmax kernel averages the
-heads' softmax rows; the rest is the same.  So are prefill_scoring="bound"'s scores (block means
-against the blocks' key extremes, selection.sketch.bound_scores).
+heads' softmax rows; the rest is the same.  prefill_scoring="bound" scores the query blocks'
+means (the exact sketch of the parts) against the head-mean keys' block extremes
+(`bucket_key_bounds`, torch ops: selection.sketch.key_bounds), one product instead of Qs Ks^T;
+per head, as torch ops like per_head's.
 
 `selection_tables` runs on CUDA tensors, or on CPU tensors under triton's interpreter (tests).
 Rows of more than MAX_BLOCKS blocks (beyond 256K tokens with 64-token blocks) are not
@@ -52,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import SketchWalkConfig
-from ..selection.sketch import block_means, bound_scores, head_reduce, is_exact
+from ..selection.sketch import block_means, bound_scores, exact_sketch, is_exact, key_bounds
 from ..selection.topk import block_budget
 from ..selection.walk import walk_combine
 from .triton_runtime import HAS_TRITON, interpreted
@@ -499,40 +501,63 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
     seq_len = n if seq_len is None else seq_len
     p = p.float().contiguous()
     bounds = _bounds(key_valid, bsz, qm.device)
-    if config.prefill_scoring == "bound":  # block means against key extremes (selection.sketch.bound_scores)
-        q_means, counts = block_means(head_reduce(qm, config.head_scoring), config.block_size, key_valid)
-        grow = nb - q_means.shape[2]  # blocks of the bucket past the real ones: empty
-        a = bound_scores(q_means, km, config.block_size, key_valid, config.head_scoring)  # [B, Hq', m, m]
-        a = F.pad(a, (0, grow, 0, grow)).contiguous()
-        counts = F.pad(counts.expand(bsz, -1), (0, grow)).contiguous()
-        return _rank_tables(a, a.shape[1], counts, bounds, prev_walk, config, scale, d, n_pad, seq_len, row_warps)
+    bound = config.prefill_scoring == "bound"
     if config.head_scoring == "per_head":  # each head's own (selection.sketch.layer_sketch): scores [B, Hq, nb, nb]
         q_means, counts = block_means(qm, config.block_size, key_valid)
-        k_means, _ = block_means(km, config.block_size, key_valid)
         grow = nb - q_means.shape[2]  # blocks of the bucket past the real ones: empty
-        qs = F.pad(q_means, (0, 0, 0, grow)) @ p
-        ks = F.pad(k_means, (0, 0, 0, grow)) @ p
+        if bound:  # each query head's block means against its KV head's key extremes
+            a = bound_scores(q_means, key_bounds(km, config.block_size, key_valid, "per_head"))
+            a = F.pad(a, (0, grow, 0, grow)).contiguous()
+        else:
+            k_means, _ = block_means(km, config.block_size, key_valid)
+            qs = F.pad(q_means, (0, 0, 0, grow)) @ p
+            ks = F.pad(k_means, (0, 0, 0, grow)) @ p
+            r = p.shape[1]
+            a = torch.matmul(qs.reshape(bsz, hk, (hq // hk) * nb, r), ks.transpose(-1, -2)).reshape(bsz, hq, nb, nb)
         counts = F.pad(counts.expand(bsz, -1), (0, grow)).contiguous()
-        r = p.shape[1]
-        a = torch.matmul(qs.reshape(bsz, hk, (hq // hk) * nb, r), ks.transpose(-1, -2)).reshape(bsz, hq, nb, nb)
         return _rank_tables(a, hq, counts, bounds, prev_walk, config, scale, d, n_pad, seq_len, row_warps)
     qp, kp, counts = block_parts(qm, km, key_valid, config.block_size, nb)
+    kb = None
+    if bound:  # the head-mean keys' extremes; the query blocks' means need the exact sketch
+        kb = bucket_key_bounds(km, config.block_size, key_valid, nb)
+        p = exact_sketch(d, qm.device)
     return parts_selection_tables(qp, kp, counts, hq, hk, p, prev_walk, bounds, config, scale, n_pad, seq_len,
-                                  row_warps)
+                                  row_warps, k_bounds=kb)
+
+
+def bucket_key_bounds(k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None, nb: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """prefill_scoring="bound": the head-mean keys' `key_bounds` [B, 1, nb, 2D] fp32 over nb blocks
+    (0 past the real ones), written into out (the selection graph's static input) when given."""
+    kb = key_bounds(k, block_size, key_valid, "mean")
+    if out is None:
+        return F.pad(kb, (0, 0, 0, nb - kb.shape[2]))
+    m = kb.shape[2]
+    out[:, :, :m].copy_(kb)
+    out[:, :, m:].zero_()
+    return out
 
 
 def parts_selection_tables(qp: torch.Tensor, kp: torch.Tensor, counts: torch.Tensor, hq: int, hk: int,
                            p: torch.Tensor, prev_walk: torch.Tensor | None, bounds, config: SketchWalkConfig,
-                           scale: float | None, n_pad: int, seq_len: int | torch.Tensor, row_warps: int | None = None):
+                           scale: float | None, n_pad: int, seq_len: int | torch.Tensor, row_warps: int | None = None,
+                           k_bounds: torch.Tensor | None = None):
     """`selection_tables` from `block_parts`' sums (what the selection graph captures: its static
     inputs are the parts, filled by one `block_parts` launch before each replay).  bounds:
     (start, end) [B] int32, or the validity [B, n_pad] bool (the bounds kernel runs), or None
-    (nothing padded: [0, seq_len)).  `_rank_tables` checks n_pad."""
+    (nothing padded: [0, seq_len)).  k_bounds (prefill_scoring="bound"): `bucket_key_bounds`
+    [B, 1, nb, 2D], scored against the query blocks' means (p must then be the exact sketch).
+    `_rank_tables` checks n_pad."""
     d = qp.shape[-1]
     if isinstance(bounds, torch.Tensor):
         bounds = _bounds(bounds, qp.shape[0], qp.device)
+    if k_bounds is not None and not is_exact(d, p.shape[1]):
+        raise ValueError(f"bound scoring reads the query blocks' means: p must be the exact sketch, not [{d}, {p.shape[1]}]")
     qs, ks = _sketches(qp, kp, counts, hq, hk, p.float().contiguous())
-    a = torch.bmm(qs, ks.transpose(1, 2))
+    if k_bounds is not None:
+        a = bound_scores(qs[:, None, :, :d], k_bounds)[:, 0]
+    else:
+        a = torch.bmm(qs, ks.transpose(1, 2))
     return _rank_tables(a, 1, counts, bounds, prev_walk, config, scale, d, n_pad, seq_len, row_warps)
 
 

@@ -147,7 +147,8 @@ def _mark_length_dynamic(q, k, prev, key_valid) -> None:
 #   8K, 0.153 ms at 32K, 0.51 ms at 128K: 19% / 4.6-4.7% / 1.1% of the layer (batch 1); 0.23 ms
 #   at 32K before that pass (docs/benchmarks.md 4m, 4n).  Above graph_selection_max_tokens, and
 #   for head_scoring="per_head" (never graphed), it runs without a graph, instead of the
-#   compiled selection; so does prefill_scoring="bound" (its key extremes are not block sums).
+#   compiled selection.  prefill_scoring="bound" adds the head-mean keys' block extremes to the
+#   static inputs (torch ops before each replay, triton_selection.bucket_key_bounds).
 # - Options.compile_graphed_selection: the selection compiled by inductor for the bucket's
 #   static shapes (about a dozen fused kernels; 0.14 ms at 8K), but every new bucket first
 #   compiles for 7-72 s (once per machine: inductor caches on disk).  Takes precedence when set.
@@ -172,8 +173,10 @@ class SelectionGraph:
     Before each replay one `block_parts` launch reads q and k once and writes the sums, counts,
     n, the validity and the previous walk straight into them (`fill`); P too for a sketch
     narrower than the head dim (the default exact sketch is the same in every layer and the
-    kernels skip it).  The walk and the density sums come out in one buffer (`kept_outputs`
-    copies them in one copy).
+    kernels skip it).  prefill_scoring="bound" adds the head-mean keys' block extremes [B, 1, nb,
+    2D] (`triton_selection.bucket_key_bounds`, written by `fill`) and always holds the exact
+    sketch (the query blocks' means).  The walk and the density sums come out in one buffer
+    (`kept_outputs` copies them in one copy).
     Other kinds (`torch_selection_tables` eager or compiled): head-mean q and k [B, 1, n_pad, D]
     fp32, computed by torch.mean into the static inputs, and the validity.
     Outputs are the graph's own buffers, overwritten by the next replay: callers consume them
@@ -194,6 +197,8 @@ class SelectionGraph:
             self.qp, self.kp = torch.zeros(bsz, gq, nb, d, **f32), torch.zeros(bsz, gk, nb, d, **f32)
             self.counts = torch.zeros(bsz, nb, **f32)
             self.valid = torch.ones(bsz, n_pad, dtype=torch.bool, device=device) if padded else None
+            bound = config.prefill_scoring == "bound"
+            self.k_bounds = torch.zeros(bsz, 1, nb, 2 * d, **f32) if bound else None
         else:
             self.qm = torch.zeros(bsz, 1, n_pad, d, **f32)
             self.km = torch.zeros(bsz, 1, n_pad, d, **f32)
@@ -202,7 +207,7 @@ class SelectionGraph:
         self.n = torch.full((), n_pad, dtype=torch.int64, device=device)
         # the exact sketch ([I 0], the default) is the same for every layer and the Triton
         # kernels skip its product: fill writes P only for a narrower sketch
-        self.exact = kind == "triton" and is_exact(d, r)
+        self.exact = kind == "triton" and (is_exact(d, r) or config.prefill_scoring == "bound")
         self.p = exact_sketch(d, device).clone() if self.exact else torch.zeros(d, r, **f32)
         self.prev = torch.eye(nb, **f32).expand(bsz, nb, nb).contiguous() if has_prev else None
         self.args = (config, 0, scale, n_pad)
@@ -227,7 +232,7 @@ class SelectionGraph:
         if self.kind == "triton":
             return triton_selection.parts_selection_tables(self.qp, self.kp, self.counts, *self.heads, self.p,
                                                            self.prev, self.valid, config, scale, n_pad, self.n,
-                                                           self.row_warps)
+                                                           self.row_warps, k_bounds=self.k_bounds)
         if self.fn is not None:
             return self.fn(self.qm, self.km, self.p, self.prev, self.valid, layer_idx, scale, n_pad, self.n)
         return torch_selection_tables(self.qm, self.km, self.p, self.prev, self.valid, config, layer_idx, scale, n_pad,
@@ -240,6 +245,9 @@ class SelectionGraph:
             triton_selection.block_parts(q, k, key_valid, self.args[0].block_size, self.counts.shape[1],
                                          out=(self.qp, self.kp, self.counts), valid_out=self.valid, n_out=self.n,
                                          prev=prev, prev_out=None if prev is None else self.prev)
+            if self.k_bounds is not None:
+                triton_selection.bucket_key_bounds(k, self.args[0].block_size, key_valid, self.counts.shape[1],
+                                                   out=self.k_bounds)
             if not self.exact:
                 self.p.copy_(p)
             return
@@ -274,7 +282,7 @@ class SelectionGraph:
 
 def _graphable(q, config: SketchWalkConfig, n_pad: int, opts: Options) -> bool:
     return (opts.graph_selection and q.device.type == "cuda" and n_pad <= opts.graph_selection_max_tokens
-            and config.head_scoring == "mean" and config.prefill_scoring == "sketch" and config.walk != "oracle" and n_pad % config.q_block == 0
+            and config.head_scoring == "mean" and config.walk != "oracle" and n_pad % config.q_block == 0
             and not torch.cuda.is_current_stream_capturing())
 
 

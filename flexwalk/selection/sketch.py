@@ -81,21 +81,23 @@ def bound_product(q: torch.Tensor, k_bounds: torch.Tensor) -> torch.Tensor:
     return torch.matmul(qc, k_bounds.float().transpose(-1, -2))
 
 
-def bound_scores(q_means: torch.Tensor, k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None,
-                 head_scoring: str) -> torch.Tensor:
-    """prefill_scoring="bound": [B, Hq', m, nb] fp32 block scores (unscaled), each query block's
-    mean q_means [B, Hq', m, D] against each key block's channel-wise key extremes of
-    head_reduce(k) [B, Hk', n, D] (query head h reads KV head h // (Hq' / Hk')).  A needle of a
-    few tokens is averaged away in its block's mean key but not in the block's extremes.
-    Blocks without a real key score 0 (the causal mask removes them)."""
-    kr = head_reduce(k, head_scoring)
-    kmax, kmin = block_key_bounds(kr, block_size, key_valid)
+def key_bounds(k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None, head_scoring: str) -> torch.Tensor:
+    """prefill_scoring="bound": [B, Hk', nb, 2D] fp32, [max k, -min k] of each block's real keys
+    of head_reduce(k) (k [B, Hkv, n, D]); 0 for a block without a real key (never allowed)."""
+    kmax, kmin = block_key_bounds(head_reduce(k, head_scoring), block_size, key_valid)
     empty = torch.isinf(kmax[..., :1])  # [B, Hk', nb, 1]: no real key
-    bounds = torch.cat([kmax, -kmin], -1).float().masked_fill(empty, 0.0)
-    hq, hk = q_means.shape[1], bounds.shape[1]
+    return torch.cat([kmax, -kmin], -1).float().masked_fill(empty, 0.0)
+
+
+def bound_scores(q_means: torch.Tensor, k_bounds: torch.Tensor) -> torch.Tensor:
+    """prefill_scoring="bound": [B, Hq', m, nb] fp32 block scores (unscaled), each query block's
+    mean q_means [B, Hq', m, D] against each key block's `key_bounds` [B, Hk', nb, 2D] (query
+    head h reads KV head h // (Hq' / Hk')).  A needle of a few tokens is averaged away in its
+    block's mean key but not in the block's extremes."""
+    hq, hk = q_means.shape[1], k_bounds.shape[1]
     if hk != hq:
-        bounds = bounds.repeat_interleave(hq // hk, dim=1)
-    return bound_product(q_means, bounds)
+        k_bounds = k_bounds.repeat_interleave(hq // hk, dim=1)
+    return bound_product(q_means, k_bounds)
 
 
 def _hadamard(n: int) -> torch.Tensor:
@@ -276,7 +278,7 @@ def layer_sketch(
     allowed = block_causal_mask(block_valid)
     ks = kb @ p
     if config.prefill_scoring == "bound":
-        a = bound_scores(qb, k, config.block_size, key_valid, config.head_scoring) * scale
+        a = bound_scores(qb, key_bounds(k, config.block_size, key_valid, config.head_scoring)) * scale
         w = transition_matrix(a.masked_fill(~allowed[:, None], float("-inf")), config.sparsity_exponent).mean(1)
     else:
         w = transition_rows(qb @ p, ks, allowed, scale, config.sparsity_exponent)

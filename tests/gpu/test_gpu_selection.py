@@ -67,14 +67,23 @@ def _assert_same_selection(got, ref, q_block: int, padding: int):
 
 # (blocks, query heads, KV heads, head dim, tokens, head scoring, padded): the 8B shape, SmolLM2's
 # and Gemma 3's, 128-row query blocks over 64-token keys, 200K tokens (above the longest graphed
-# bucket: the Triton selection without a graph against the compiled torch one), per-head scoring
+# bucket: the Triton selection without a graph against the compiled torch one), per-head scoring,
+# key blocks scored by their key extremes (prefill_scoring="bound", head-mean and per head)
 TRITON_CASES = [
     ("128", 32, 8, 128, 30000, "mean", False), ("64", 9, 3, 64, 20000, "mean", False),
     ("128", 32, 8, 128, 8000, "mean", True), ("128", 32, 8, 128, 30000, "mean", True),
     ("64", 9, 3, 64, 20000, "mean", True), ("q128kv64", 32, 8, 128, 20000, "mean", True),
     ("128", 32, 8, 128, 200000, "mean", False), ("64", 4, 1, 256, 5000, "mean", True),
     ("128", 32, 8, 128, 20000, "per_head", True), ("64", 4, 1, 256, 5000, "per_head", True),
+    ("128", 32, 8, 128, 30000, "bound", True), ("64", 9, 3, 64, 8000, "bound", False),
+    ("128", 32, 8, 128, 20000, "bound_per_head", True),
 ]
+
+
+def _scoring(scoring: str) -> dict:
+    """A case's scoring as config fields: "mean", "per_head", "bound" (head-mean), "bound_per_head"."""
+    head = "per_head" if scoring.endswith("per_head") else "mean"
+    return {"head_scoring": head, "prefill_scoring": "bound" if scoring.startswith("bound") else "sketch"}
 
 
 def _id(case):
@@ -89,7 +98,7 @@ def test_the_triton_selection_equals_the_torch_selection(case):
     spec, hq, hkv, d, n, scoring, padded = case
     pad = n // 3 if padded else 0
     q, k, v, kv = inputs(2 if padded else 1, hq, hkv, n, d, pad=pad, seed=n + d)
-    cfg = sparse_config(spec, dense_tail_blocks=2, head_scoring=scoring)
+    cfg = sparse_config(spec, dense_tail_blocks=2, **_scoring(scoring))
     flexwalk.reset_counters()
     got = _layers(q, k, v, cfg, kv, triton_selection=True)
     assert prefill_counts()["triton_selection"] >= 2 * LAYERS  # the selections and the layers' own
@@ -100,12 +109,14 @@ def test_the_triton_selection_equals_the_torch_selection(case):
 @pytest.mark.parametrize("spec,hq,hkv,d", [("128", 32, 8, 128), ("64", 9, 3, 64), ("q128kv64", 32, 8, 128)])
 @pytest.mark.parametrize("n", [3000, 8000, 20000])
 @pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch"])
-def test_the_graphed_selection_equals_the_ungraphed(spec, hq, hkv, d, n, triton):
+@pytest.mark.parametrize("scoring", ["sketch", "bound"])
+def test_the_graphed_selection_equals_the_ungraphed(spec, hq, hkv, d, n, triton, scoring):
     """Options.graph_selection on and off, with the Triton selection and with the torch one
-    (ungraphed on CUDA: compiled with a dynamic length), three layers, batch 2, left padding."""
+    (ungraphed on CUDA: compiled with a dynamic length), three layers, batch 2, left padding;
+    block scores from the sketch and from the key extremes."""
     pad = n // 7
     q, k, v, kv = inputs(2, hq, hkv, n, d, pad=pad, seed=n)
-    cfg = sparse_config(spec, dense_tail_blocks=2)
+    cfg = sparse_config(spec, dense_tail_blocks=2, prefill_scoring=scoring)
     got = _layers(q, k, v, cfg, kv, triton_selection=triton, graph_selection=True)
     ref = _layers(q, k, v, cfg, kv, triton_selection=triton, graph_selection=False)
     _assert_same_selection(got, ref, cfg.q_block, pad)
