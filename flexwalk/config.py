@@ -105,9 +105,9 @@ class SketchWalkConfig:
     heads reduced as under head_scoring).  A needle of a few tokens is averaged away in its
     block's mean key but stands out in the block's extremes.  On Qwen2.5-Coder-1.5B it scored
     +2.81 (SE 0.53) over the sketch across 1600 RULER NIAH samples at 4K-32K (density 0.2,
-    one-hop); on SmolLM2-135M its next-token KL was slightly higher (docs/accuracy.md).  It reads
-    k once more per layer; the prefill selection then runs without a CUDA graph (as per_head
-    does), and it is not available under tensor parallelism.  sketch_dim does not apply to it."""
+    one-hop); on SmolLM2-135M its next-token KL was slightly higher, on Gemma 3 270M level
+    (docs/accuracy.md).  It reads k once more per layer (the head-mean keys' block extremes);
+    it is not available under tensor parallelism, and sketch_dim does not apply to it."""
     seed: int = 0
     """Seed of the SRHT sketches (selection is deterministic under it)."""
     dense_below: int | Literal["auto"] = "auto"
