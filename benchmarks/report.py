@@ -13,7 +13,7 @@
 - ttft: time to first token of a random-weight model of Llama-3.1-8B's shape (transformers
   LlamaConfig; --ttft-layers layers, all 32 by default), batch 1, logits of the last position:
   sdpa against sketchwalk_flex (block 128, density 0.2, dense_below 8192, the other fields'
-  defaults), each the fastest of --ttft-reps forwards after a warm-up.
+  defaults; each --scorings value), each the fastest of --ttft-reps forwards after a warm-up.
 - decode: the same model decoding with a static cache after a prompt of each --decode-lengths:
   tokens per second of sdpa and of sketchwalk_flex with sparse decode (skip_decode=False), the
   median of --decode-steps steps.
@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None = None, device: str | None = None) -> argp
     ap.add_argument("--batches", type=_ints)
     ap.add_argument("--blocks", type=_blocks, help="block sizes (SketchWalkConfig.block_size) of the layer section")
     ap.add_argument("--scorings", type=comma_choices(SCORINGS, "--scorings"), default=["sketch"],
-                    help="SketchWalkConfig.prefill_scoring values of the layer section, side by side (default: sketch)")
+                    help="SketchWalkConfig.prefill_scoring values of the layer and ttft sections, side by side (default: sketch)")
     ap.add_argument("--kernels", type=comma_choices(workload.PREFILL_KERNELS, "--kernels"),
                     help="prefill kernels of the layer section (default: those available, workload.kernels_for)")
     ap.add_argument("--varlen-lengths", type=token_lengths,
@@ -266,19 +266,20 @@ def model_config(args, **fields) -> SketchWalkConfig:
 
 @torch.no_grad()
 def ttft_section(args, model, record) -> None:
-    config = model_config(args)
+    """One row per (length, prefill scoring, kernel), each against sdpa's forward at that length."""
     for n in args.ttft_lengths:
         ids = workload.prompt(n, model.config.vocab_size, args.device)
         model.set_attn_implementation("sdpa")
         dense = _forwards(model, ids, args.ttft_reps)
-        for kernel in args.ttft_kernels:
+        for scoring, kernel in itertools.product(args.scorings, args.ttft_kernels):
+            config = model_config(args, prefill_scoring=scoring)
             flexwalk.configure(model, config, prefill_kernel=kernel)
             sparse = _forwards(model, ids, args.ttft_reps)
             c = sparse["counters"]
             sparse_layers = c.get("sparse_prefill", 0)
             ran = "fa4" if c.get("fa4_prefill") else "triton" if c.get("triton_prefill") else "flex"
             ok = dense["finite"] and sparse["finite"] and (n < config.dense_below or sparse_layers > 0)
-            record(dict(n=n, kernel=kernel, ran=ran, layers=model.config.num_hidden_layers, sparse_layers=sparse_layers,
+            record(dict(n=n, scoring=scoring, kernel=kernel, ran=ran, layers=model.config.num_hidden_layers, sparse_layers=sparse_layers,
                         sdpa=dense, sketchwalk=sparse, speedup=dense["ttft_s"] / sparse["ttft_s"], ok=ok))
         model.set_attn_implementation("sdpa")
         _free(args.device)
@@ -428,7 +429,9 @@ def render_markdown(report: dict) -> str:
                   "| prompt | kernel (ran) | sparse layers | sdpa s | sketchwalk_flex s | **speedup** | peak GiB, sdpa / "
                   "sketchwalk | check |", "|---|---|---|---|---|---|---|---|"]
         for r in report["ttft"]:
-            lines.append(f"| {r['n']} | {r['kernel']} ({r['ran']}) | {r['sparse_layers']} of {r['layers']} | "
+            scoring = r.get("scoring", "sketch")
+            kernel = f"{r['kernel']} ({r['ran']}{'' if scoring == 'sketch' else f', {scoring}'})"
+            lines.append(f"| {r['n']} | {kernel} | {r['sparse_layers']} of {r['layers']} | "
                          f"{r['sdpa']['ttft_s']:.3f} | {r['sketchwalk']['ttft_s']:.3f} | **{r['speedup']:.2f}x** | "
                          f"{_fmt(r['sdpa']['peak_gib'])} / {_fmt(r['sketchwalk']['peak_gib'])} | "
                          f"{'ok' if r['ok'] else 'FAILED'} |")
@@ -485,9 +488,11 @@ def write_figures(report: dict, out: Path) -> dict[str, str]:
         ns = sorted({r["n"] for r in report["ttft"]})
         sdpa = {r["n"]: r["sdpa"]["ttft_s"] for r in report["ttft"]}
         ax.plot(ns, [sdpa[n] for n in ns], marker="o", label="sdpa")
-        for kernel in dict.fromkeys(r["kernel"] for r in report["ttft"]):
-            rows = sorted((r["n"], r["sketchwalk"]["ttft_s"], r["speedup"]) for r in report["ttft"] if r["kernel"] == kernel)
-            ax.plot([x[0] for x in rows], [x[1] for x in rows], marker="o", label=f"sketchwalk_flex ({kernel})")
+        for kernel, scoring in dict.fromkeys((r["kernel"], r.get("scoring", "sketch")) for r in report["ttft"]):
+            rows = sorted((r["n"], r["sketchwalk"]["ttft_s"], r["speedup"]) for r in report["ttft"]
+                          if r["kernel"] == kernel and r.get("scoring", "sketch") == scoring)
+            label = f"sketchwalk_flex ({kernel}{'' if scoring == 'sketch' else f', {scoring}'})"
+            ax.plot([x[0] for x in rows], [x[1] for x in rows], marker="o", label=label)
             for n, t, s in rows:
                 ax.annotate(f"{s:.2f}x", (n, t), textcoords="offset points", xytext=(4, -12), fontsize=7)
         ax.set_xscale("log", base=2)

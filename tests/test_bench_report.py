@@ -176,3 +176,16 @@ def test_the_model_sections_load_a_model_directory(tmp_path):
     assert saved["model"].startswith(f"{tmp_path / 'tiny'} (llama), 3 layers")
     (ttft,) = saved["ttft"]
     assert ttft["ok"] and ttft["layers"] == 3 and ttft["sparse_layers"] == 1  # dense_layers "auto": the first two
+
+
+def test_the_ttft_section_sets_scorings_side_by_side(tmp_path):
+    """--scorings reaches the time to first token too: one row per scoring against the same sdpa
+    forward, each with sparse layers that ran, the bound's row named so in the table."""
+    status = report.main(["--out", str(tmp_path), "--sections", "ttft", "--ttft-lengths", "256", "--ttft-reps", "1",
+                          "--scorings", "sketch,bound"])
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert status == 0, report.failed(saved)
+    rows = saved["ttft"]
+    assert [r["scoring"] for r in rows] == ["sketch", "bound"] and rows[0]["sdpa"] == rows[1]["sdpa"]
+    assert all(r["ok"] and r["sparse_layers"] == 2 for r in rows)
+    assert "(flex, bound)" in (tmp_path / "report.md").read_text()

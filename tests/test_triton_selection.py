@@ -268,6 +268,46 @@ def test_block_parts_are_the_block_sums_of_the_head_means(n, hq, hk, d, bs, layo
     assert torch.equal(valid_out[:, :n], kv) and not valid_out[:, n:].any() and int(n_out) == n
 
 
+
+@settings(max_examples=8)
+@given(
+    n=st.integers(1, 200),
+    hk=st.integers(1, 5),
+    d=st.sampled_from([8, 24, 64]),
+    bs=st.sampled_from([16, 32]),
+    layout=st.sampled_from(["bhnd", "bnhd"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    pad=st.integers(0, 60),
+    extra=st.integers(0, 3),
+    seed=st.integers(0, 10_000),
+)
+def test_bucket_key_bounds_are_the_key_bounds_of_the_head_means(n, hk, d, bs, layout, dtype, pad, extra, seed):
+    """prefill_scoring="bound" in one launch: bucket_key_bounds equals selection.sketch.key_bounds
+    of the fp32 head-mean keys ([max, -min] over each block's valid tokens), for any KV head
+    count, head dim, layout and left padding, in a fresh buffer or the graph's; blocks past n (a
+    bucket's) and blocks without a valid token are zero."""
+    from flexwalk.selection.sketch import key_bounds
+
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(*((2, hk, n, d) if layout == "bhnd" else (2, n, hk, d)), generator=g).to(dtype)
+    if layout == "bnhd":
+        k = k.transpose(1, 2)
+    kv = torch.ones(2, n, dtype=torch.bool)
+    kv[1, :min(pad, n - 1)] = False
+    nb = -(-n // bs) + extra
+    want = key_bounds(k, bs, kv, "mean")
+    graph_buffer = torch.full((2, 1, nb, 2 * d), float("nan"))
+    for got in (TS.bucket_key_bounds(k, bs, kv, nb), TS.bucket_key_bounds(k, bs, kv, nb, out=graph_buffer)):
+        assert got.shape == (2, 1, nb, 2 * d) and got.dtype == torch.float32
+        # the mean of at most 5 fp32 terms, in another order than torch.mean's
+        torch.testing.assert_close(got[:, :, :want.shape[2]], want, rtol=1e-6, atol=1e-6)
+        assert not got[:, :, want.shape[2]:].any()
+    assert graph_buffer.data_ptr() == TS.bucket_key_bounds(k, bs, kv, nb, out=graph_buffer).data_ptr()
+    with pytest.raises(ValueError, match="cover fewer than n"):
+        TS.bucket_key_bounds(k, bs, kv, (n - 1) // bs)
+    with pytest.raises(ValueError, match="must be contiguous fp32"):
+        TS.bucket_key_bounds(k, bs, kv, nb, out=torch.zeros(2, 1, nb + 1, 2 * d))
+
 @pytest.mark.parametrize("padded,qbs,r,scoring", [(False, None, None, "sketch"), (True, 32, 8, "sketch"),
                                                   (True, 32, 8, "bound"), (False, None, None, "bound")])
 def test_selection_graph_halves_equal_the_torch_selection(padded, qbs, r, scoring):

@@ -40,7 +40,8 @@ With head_scoring="per_head" the block means, sketches and per-head scores are t
 layer's q and k (as selection.sketch.layer_sketch computes them), and the softmax kernel averages the
 heads' softmax rows; the rest is the same.  prefill_scoring="bound" scores the query blocks'
 means (the exact sketch of the parts) against the head-mean keys' block extremes
-(`bucket_key_bounds`, torch ops: selection.sketch.key_bounds), one product instead of Qs Ks^T;
+(`bucket_key_bounds`: selection.sketch.key_bounds in one launch, another read of k), one product
+instead of Qs Ks^T;
 per head, as torch ops like per_head's.
 
 `selection_tables` runs on CUDA tensors, or on CPU tensors under triton's interpreter (tests).
@@ -149,6 +150,40 @@ if HAS_TRITON:
                 j = tl.arange(0, NB_POW2)
                 row = (b64 * NB + i) * NB
                 tl.store(PREV_OUT + row + j, tl.load(PREV + row + j, mask=j < NB), mask=j < NB)
+
+    @triton.jit(do_not_specialize=["N"])
+    def _key_bounds_kernel(K, VALID, OUT, skb, skh, skn, svb, N, NB, HK, D,
+                           BS: tl.constexpr, TC: tl.constexpr, D_POW2: tl.constexpr, HAS_VALID: tl.constexpr):
+        """Program (b, i): block i's channel-wise maximum and minimum over its valid tokens of the
+        head-mean key (K [B, HK, N, D], the mean over HK heads in fp32), stored as [max, -min] in
+        OUT [B, 1, NB, 2D] fp32; 0 for a block without a valid token (and past N)."""
+        b = tl.program_id(0)
+        i = tl.program_id(1)
+        d = tl.arange(0, D_POW2)
+        dm = d < D
+        b64 = b.to(tl.int64)
+        # [TC, D] running extremes, reduced over their rows once at the end (as in _parts_kernel)
+        hi = tl.full([TC, D_POW2], float("-inf"), tl.float32)
+        lo = tl.full([TC, D_POW2], float("inf"), tl.float32)
+        for t0 in tl.static_range(0, BS, TC):
+            tok = i * BS + t0 + tl.arange(0, TC)
+            take = tok < N
+            if HAS_VALID:
+                take = take & (tl.load(VALID + b64 * svb + tok, mask=take, other=0) != 0)
+            m2 = take[:, None] & dm[None, :]
+            ptr = K + b64 * skb + tok[:, None].to(tl.int64) * skn + d[None, :]
+            s = tl.zeros([TC, D_POW2], tl.float32)
+            for _ in range(HK):  # the pointer moves by a head's stride (a 64-bit pointer: no overflow)
+                s += tl.load(ptr, mask=m2, other=0.0).to(tl.float32)
+                ptr += skh
+            s = s / HK
+            hi = tl.maximum(hi, tl.where(take[:, None], s, float("-inf")))
+            lo = tl.minimum(lo, tl.where(take[:, None], s, float("inf")))
+        kmax = tl.max(hi, 0)
+        empty = kmax == float("-inf")  # no valid token: every channel's maximum is -inf
+        out = OUT + (b64 * NB + i) * (2 * D)
+        tl.store(out + d, tl.where(empty, 0.0, kmax), mask=dm)
+        tl.store(out + D + d, tl.where(empty, 0.0, -tl.min(lo, 0)), mask=dm)
 
     @triton.jit
     def _sketch_kernel(QP, KP, COUNTS, P, QS, KS, NB, GQ, GK, HQ, HK, D, R,
@@ -527,14 +562,24 @@ def selection_tables(qm: torch.Tensor, km: torch.Tensor, p: torch.Tensor, prev_w
 
 def bucket_key_bounds(k: torch.Tensor, block_size: int, key_valid: torch.Tensor | None, nb: int,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """prefill_scoring="bound": the head-mean keys' `key_bounds` [B, 1, nb, 2D] fp32 over nb blocks
-    (0 past the real ones), written into out (the selection graph's static input) when given."""
-    kb = key_bounds(k, block_size, key_valid, "mean")
+    """prefill_scoring="bound": selection.sketch.key_bounds of the head-mean keys, [B, 1, nb, 2D]
+    fp32 over nb >= ceil(n / block_size) blocks (0 past the real ones), from k [B, Hkv, n, D] (a
+    contiguous head dim) and key_valid [B, n] bool or None, in one launch that reads k once;
+    written into out (the selection graph's static input) when given."""
+    bsz, hk, n, d = k.shape
+    if nb * block_size < n:
+        raise ValueError(f"bucket_key_bounds: nb={nb} blocks of {block_size} tokens cover fewer than n={n}")
     if out is None:
-        return F.pad(kb, (0, 0, 0, nb - kb.shape[2]))
-    m = kb.shape[2]
-    out[:, :, :m].copy_(kb)
-    out[:, :, m:].zero_()
+        out = torch.empty(bsz, 1, nb, 2 * d, device=k.device, dtype=torch.float32)
+    elif out.shape != (bsz, 1, nb, 2 * d) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"bucket_key_bounds: out {tuple(out.shape)} {out.dtype} must be contiguous fp32 "
+                         f"({bsz}, 1, {nb}, {2 * d})")
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    valid = None if key_valid is None else key_valid.contiguous().view(torch.uint8)
+    d2 = _pow2(d)
+    _key_bounds_kernel[(bsz, nb)](k, valid if valid is not None else out, out, k.stride(0), k.stride(1), k.stride(2),
+                                  0 if valid is None else valid.stride(0), n, nb, hk, d, BS=block_size,
+                                  TC=min(block_size, max(8, 2048 // d2)), D_POW2=d2, HAS_VALID=valid is not None)
     return out
 
 

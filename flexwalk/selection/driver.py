@@ -148,7 +148,7 @@ def _mark_length_dynamic(q, k, prev, key_valid) -> None:
 #   at 32K before that pass (docs/benchmarks.md 4m, 4n).  Above graph_selection_max_tokens, and
 #   for head_scoring="per_head" (never graphed), it runs without a graph, instead of the
 #   compiled selection.  prefill_scoring="bound" adds the head-mean keys' block extremes to the
-#   static inputs (torch ops before each replay, triton_selection.bucket_key_bounds).
+#   static inputs (one Triton launch before each replay, triton_selection.bucket_key_bounds).
 # - Options.compile_graphed_selection: the selection compiled by inductor for the bucket's
 #   static shapes (about a dozen fused kernels; 0.14 ms at 8K), but every new bucket first
 #   compiles for 7-72 s (once per machine: inductor caches on disk).  Takes precedence when set.
