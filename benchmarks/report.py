@@ -1,7 +1,7 @@
 """The GPU report: SketchWalk against dense attention on this machine, in one command.
 
     python -m benchmarks.report --out DIR [--quick] [--lengths 32768,131072] [--densities 0.2]
-        [--batches 1] [--blocks 128,64] [--kernels auto,triton,flex] [--sections layer,ttft,decode]
+        [--batches 1] [--blocks 128,64] [--kernels auto,triton,flex] [--sections layer,varlen,padded,ttft,decode]
 
 (`make bench-gpu BENCH_OUT=DIR BENCH_GPU_ARGS=--quick`.)  Sections:
 
@@ -10,6 +10,9 @@
   calls it (selection + attention) against cuDNN SDPA, both timed in this process (medians of
   triton.testing.do_bench); before timing, the layer's output is checked against the eager oracle
   on its own selection and at full budget against dense attention (workload.check_layer).
+- varlen / padded: the sequences of --varlen-lengths (mixed lengths, 2K-64K by default) packed in
+  one batch (FlashAttention's layout, cu_seqlens) / left-padded into one batch (key_valid, as
+  transformers batches prompts), against dense attention per sequence, and each sequence alone.
 - ttft: time to first token of a random-weight model of Llama-3.1-8B's shape (transformers
   LlamaConfig; --ttft-layers layers, all 32 by default), batch 1, logits of the last position:
   sdpa against sketchwalk_flex (block 128, density 0.2, dense_below 8192, the other fields'
@@ -47,7 +50,7 @@ from flexwalk.integrations.cache_kwarg import cache_kwargs
 from flexwalk.kernels import fa4
 from flexwalk.selection.driver import fused_selection
 
-SECTIONS = ("layer", "varlen", "ttft", "decode")
+SECTIONS = ("layer", "varlen", "padded", "ttft", "decode")
 SCORINGS = ("sketch", "bound")
 FIGURES = {"layer": "layer_speedup.png", "ttft": "ttft.png", "decode": "decode.png"}
 DEFAULTS = {  # per device; --quick changes some (QUICK)
@@ -104,7 +107,7 @@ def parse_args(argv: list[str] | None = None, device: str | None = None) -> argp
     ap.add_argument("--kernels", type=comma_choices(workload.PREFILL_KERNELS, "--kernels"),
                     help="prefill kernels of the layer section (default: those available, workload.kernels_for)")
     ap.add_argument("--varlen-lengths", type=token_lengths,
-                    help="the sequences packed into the varlen section's one batch (FlashAttention's layout)")
+                    help="the sequences of the varlen and padded sections' one batch (packed in FlashAttention's layout, or left-padded)")
     ap.add_argument("--ttft-lengths", type=token_lengths)
     ap.add_argument("--model", help="a packaged model name or local model directory that the ttft and decode "
                     "sections load (no tokenizer needed: the prompts are random token ids); default: a random-weight model of the 8B shape with --ttft-layers layers")
@@ -238,6 +241,59 @@ def varlen_section(args, record) -> None:
     _free(device)
 
 
+@torch.no_grad()
+def padded_section(args, record) -> None:
+    """The sequences of --varlen-lengths left-padded into one [B, max length] batch (as
+    transformers batches prompts; block 128 on CUDA, density 0.2, dense_below as in the varlen
+    section, applied to the padded length): `sketchwalk_attention` with key_valid per kernel,
+    against cuDNN SDPA run per sequence (a dense padded batch needs an n x n mask, which takes
+    SDPA off its fused kernels), and each sequence alone for the batch-1 ratio at the same
+    tokens.  Each length is rounded down to whole blocks, so that left padding keeps the blocks
+    where a sequence alone has them.  The check: every row's real queries equal its solo run
+    within 4 ulps of its magnitude."""
+    device, shape = args.device, workload.shape_for(args.device)
+    config = SketchWalkConfig(block_size=args.model_block, density=0.2, dense_layers=0, dense_below=args.dense_below)
+    lens = [max(config.block_size, n - n % config.block_size) for n in args.varlen_lengths]
+    seqs = [workload.qkv(shape, n, device=device, seed=i) for i, n in enumerate(lens)]
+    width = max(lens)
+    q, k, v = (torch.zeros(len(lens), h, width, shape.head_dim, device=device, dtype=shape.dtype)
+               for h in (shape.q_heads, shape.kv_heads, shape.kv_heads))
+    key_valid = torch.zeros(len(lens), width, dtype=torch.bool, device=device)
+    for row, (s, n) in enumerate(zip(seqs, lens)):
+        for dst, src in zip((q, k, v), s):
+            dst[row, :, width - n:] = src[0]
+        key_valid[row, width - n:] = True
+    dense_ms = workload.median_ms(lambda: [workload.dense_attention(*s) for s in seqs], device, long=True)
+    solo_dense_ms = sum(workload.median_ms(lambda s=s: workload.dense_attention(*s), device) for s in seqs)
+    run = lambda: sketchwalk_attention(q, k, v, config, 0, key_valid=key_valid, holes=False)  # noqa: E731
+    for kernel in args.kernels:
+        row = dict(lengths=lens, width=width, total=sum(lens), block_size=config.block_size, density=0.2,
+                   dense_below=args.dense_below, kernel=kernel, dense_ms=dense_ms, solo_dense_ms=solo_dense_ms)
+        with flexwalk.options(prefill_kernel=kernel):
+            try:
+                flexwalk.reset_counters()
+                out, _ = run()
+                counters = flexwalk.counters()
+                err, budget = 0.0, 0.0
+                for i, (s, n) in enumerate(zip(seqs, lens)):
+                    solo, _ = sketchwalk_attention(*s, config, 0)
+                    err = max(err, (out[i, :, width - n:].float() - solo[0].float()).abs().max().item())
+                    budget = max(budget, 4 * torch.finfo(q.dtype).eps * solo.float().abs().max().item())
+                sparse_ms = workload.median_ms(run, device, long=True)
+                solo_sparse_ms = sum(workload.median_ms(lambda s=s: sketchwalk_attention(*s, config, 0), device)
+                                     for s in seqs)
+            except Exception as e:  # one failing kernel must not hide the others
+                traceback.print_exc()
+                record({**row, "error": f"{type(e).__name__}: {e}"[:500]})
+                continue
+        ok = bool(torch.isfinite(out).all()) and err <= budget
+        record({**row, "ran": workload.kernel_ran(counters), "sparse_ms": sparse_ms, "solo_sparse_ms": solo_sparse_ms,
+                "speedup": dense_ms / sparse_ms, "solo_speedup": solo_dense_ms / solo_sparse_ms, "counters": counters,
+                "check": dict(err=err, budget=budget, ok=ok)})
+    del q, k, v, seqs
+    _free(device)
+
+
 def _forwards(model, ids, reps: int) -> dict:
     """A warm-up forward (compiles and captures what is new), then `reps` timed ones: the fastest,
     all times, peak memory, the counters of the last one and whether its logits are finite."""
@@ -354,9 +410,10 @@ def failed(report: dict) -> list[str]:
         if "error" in row or not row["check"]["ok"]:
             bad.append(f"layer n={row['n']} batch {row['batch']} block {_block(row)} density {row['density']} "
                        f"{row['kernel']}: {row.get('error') or row['check']}")
-    for row in report.get("varlen", []):
-        if "error" in row or not row["check"]["ok"]:
-            bad.append(f"varlen {row['kernel']}: {row.get('error') or row['check']}")
+    for name in ("varlen", "padded"):
+        for row in report.get(name, []):
+            if "error" in row or not row["check"]["ok"]:
+                bad.append(f"{name} {row['kernel']}: {row.get('error') or row['check']}")
     for name in ("ttft", "decode"):
         bad += [f"{name} n={row['n']}: check failed ({_counts(row['sketchwalk']['counters'])}; logits finite: "
                 f"{row['sdpa']['finite'] and row['sketchwalk']['finite']})" for row in report.get(name, []) if not row["ok"]]
@@ -423,6 +480,24 @@ def render_markdown(report: dict) -> str:
             verdict = "ok" if c["ok"] else f"FAILED (err {c['err']:.2e} / {c['budget']:.2e})"
             lines.append(f"| {r['kernel']} ({r['ran']}) | {dense} | {_fmt(r['sparse_ms'])} | **{r['speedup']:.2f}x** "
                          f"| {r['solo_speedup']:.2f}x | {verdict} |")
+        lines.append("")
+    if report.get("padded"):
+        r0 = report["padded"][0]
+        lines += ["## A padded batch", "",
+                  f"Sequences of {', '.join(map(str, r0['lengths']))} tokens left-padded to {r0['width']} in one batch "
+                  f"(key_valid), block {r0['block_size']}, density {r0['density']}, dense_below {r0['dense_below']}.  "
+                  "Median ms; speedup = cuDNN SDPA per sequence / the sparse padded batch; batch-1 = each sequence "
+                  "alone.  Check: every row's real queries equal its solo run.", "",
+                  "| kernel (ran) | cuDNN per sequence ms | sparse ms | **speedup** | batch-1 speedup | check |",
+                  "|---|---|---|---|---|---|"]
+        for r in report["padded"]:
+            if "error" in r:
+                lines.append(f"| {r['kernel']} | {_fmt(r['dense_ms'])} | | | | error: {r['error'][:80]} |")
+                continue
+            c = r["check"]
+            verdict = "ok" if c["ok"] else f"FAILED (err {c['err']:.2e} / {c['budget']:.2e})"
+            lines.append(f"| {r['kernel']} ({r['ran']}) | {_fmt(r['dense_ms'])} | {_fmt(r['sparse_ms'])} | "
+                         f"**{r['speedup']:.2f}x** | {r['solo_speedup']:.2f}x | {verdict} |")
         lines.append("")
     if report.get("ttft"):
         lines += ["## Time to first token", "", f"{report['model']}; sketchwalk_flex: `{_changed(report['model_config'])}`.", "",
@@ -576,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
                 layer_section(args, record)
             elif name == "varlen":
                 varlen_section(args, record)
+            elif name == "padded":
+                padded_section(args, record)
             else:
                 if model is None:
                     model, report["model"] = _model(args)

@@ -14,7 +14,7 @@ from benchmarks import report, workload
 def test_arguments_fill_in_the_device_defaults_quick_and_given_values():
     args = report.parse_args(["--out", "x"], device="cuda")
     assert args.lengths == [8192, 32768, 65536, 131072] and args.blocks == [128] and args.ttft_layers == 32
-    assert args.kernels == workload.kernels_for("cuda") and args.sections == ["layer", "varlen", "ttft", "decode"]
+    assert args.kernels == workload.kernels_for("cuda") and args.sections == ["layer", "varlen", "padded", "ttft", "decode"]
     quick = report.parse_args(["--out", "x", "--quick"], device="cuda")
     assert quick.lengths == [32768, 131072] and quick.blocks == [128, 64] and quick.densities == [0.2]
     assert quick.kernels == ["auto", "triton", "flex"] and quick.decode_lengths == [32768]
@@ -119,6 +119,10 @@ def test_a_tiny_run_on_the_cpu_measures_checks_and_writes_everything(tmp_path):
         assert 0 < row["achieved_density"] < 1
     for row in saved["varlen"]:  # 300 / 1024 / 700 tokens packed; on the CPU every layer sparse (dense_below 0)
         assert row["check"]["ok"] and row["counters"]["sparse_prefill"] == 3 and row["sparse_ms"] > 0
+    for row in saved["padded"]:  # 256 / 1024 / 640 tokens (whole blocks) left-padded to 1024: one sparse call
+        assert row["check"]["ok"] and row["lengths"] == [256, 1024, 640] and row["width"] == 1024
+        assert row["counters"]["sparse_prefill"] == 1
+        assert row["check"]["err"] <= row["check"]["budget"] and row["sparse_ms"] > 0
     (ttft,) = saved["ttft"]
     assert ttft["ok"] and ttft["sparse_layers"] == 2 and ttft["layers"] == 4  # dense_layers "auto": the first two
     (dec,) = saved["decode"]
