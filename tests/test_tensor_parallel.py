@@ -14,9 +14,10 @@ from flexwalk import SketchWalkConfig
 from flexwalk.integrations.cache_kwarg import cache_kwargs, returned_cache
 
 HQ, HKV, N, D, LAYERS = 8, 4, 300, 16, 3
-CONFIGS = {
-    "mean": SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=0),
-    "per_head": SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=0, head_scoring="per_head"),
+_BASE = dict(block_size=16, density=0.3, dense_below=0, dense_layers=0)
+CONFIGS = {  # each prefill scoring with each head scoring
+    f"{scoring}-{heads}": SketchWalkConfig(**_BASE, prefill_scoring=scoring, head_scoring=heads)
+    for scoring in ("sketch", "bound") for heads in ("mean", "per_head")
 }
 
 
@@ -188,10 +189,6 @@ def test_sharded_heads_without_a_group_raise():
         process_group(module, torch.zeros(1, 4, 4, 16))
     with pytest.raises(NotImplementedError, match="unequal head shares"):
         process_group(module, torch.zeros(1, 3, 4, 16))
-    bound = SketchWalkConfig(block_size=16, prefill_scoring="bound")
-    with pytest.raises(NotImplementedError, match="prefill_scoring='bound' under tensor parallelism"):
-        flexwalk.sketchwalk_selection(torch.zeros(1, 4, 64, 16), torch.zeros(1, 2, 64, 16), bound, 2,
-                                      process_group=object())
     per_head = SketchWalkConfig(skip_decode=False, head_scoring="per_head")
     with pytest.raises(NotImplementedError, match="sparse decode.* under tensor parallelism with head_scoring='per_head'"):
         flexwalk.DecodeState(per_head, 0, batch=1, q_heads=4, k_heads=2, head_dim=16, scale=0.25, kv_tokens=64,

@@ -189,10 +189,6 @@ def test_settings_sources_and_errors():
         engine_settings({"sketchwalk": {"block_size": 48}}, environ={})
     bound = {"prefill_scoring": "bound"}
     assert engine_settings({"sketchwalk": bound}, environ={}).config.prefill_scoring == "bound"
-    with pytest.raises(ValueError, match=r"additional_config\['sketchwalk'\].*prefill_scoring='bound'.*tensor_parallel_size=2"):
-        engine_settings({"sketchwalk": bound}, environ={}, tensor_parallel_size=2)
-    with pytest.raises(ValueError, match=r"FLEXWALK_CONFIG.*prefill_scoring='bound'"):
-        engine_settings(None, environ={"FLEXWALK_CONFIG": '{"prefill_scoring": "bound"}'}, tensor_parallel_size=4)
 
 
 # --- engines --------------------------------------------------------------------------------------

@@ -94,20 +94,13 @@ def environment_settings(environ: Mapping[str, str] | None = None) -> tuple[Sket
 
 
 def engine_settings(additional_config: Any, hf_config: Any = None,
-                    environ: Mapping[str, str] | None = None, tensor_parallel_size: int = 1) -> EngineSettings:
+                    environ: Mapping[str, str] | None = None) -> EngineSettings:
     """The settings of an engine: additional_config's "sketchwalk" / "flexwalk_options" where
     present, else the environment's; the config's "auto" fields decided for the model whose
-    transformers config is `hf_config` (hybrid sliding-window models: residual, dense_layers).
-    A configuration the engine's tensor parallelism cannot run (prefill_scoring="bound")
-    raises ValueError naming its source."""
+    transformers config is `hf_config` (hybrid sliding-window models: residual, dense_layers)."""
     env_cfg, env_opts = environment_settings(environ)
     extra = additional_config if isinstance(additional_config, dict) else {}
-    source = f"additional_config[{CONFIG_KEY!r}]" if CONFIG_KEY in extra else ENV_CONFIG
-    cfg = _config(extra[CONFIG_KEY], source) if CONFIG_KEY in extra else env_cfg
-    if cfg.prefill_scoring == "bound" and tensor_parallel_size > 1:
-        raise ValueError(f"{source}: SketchWalkConfig.prefill_scoring='bound' is not supported under tensor "
-                         f"parallelism (tensor_parallel_size={tensor_parallel_size}): the key extremes of the "
-                         "head-mean keys need every rank's heads; use prefill_scoring='sketch'")
+    cfg = _config(extra[CONFIG_KEY], f"additional_config[{CONFIG_KEY!r}]") if CONFIG_KEY in extra else env_cfg
     opts = (_options(extra[OPTIONS_KEY], f"additional_config[{OPTIONS_KEY!r}]") if OPTIONS_KEY in extra
             else env_opts)
     return EngineSettings(config_for_model(cfg, hf_config), tuple(sorted(opts.items())))
@@ -119,5 +112,4 @@ def current_engine_settings() -> EngineSettings:
 
     vc = get_current_vllm_config()
     hf_config = getattr(getattr(vc, "model_config", None), "hf_config", None)
-    tp = getattr(getattr(vc, "parallel_config", None), "tensor_parallel_size", 1)
-    return engine_settings(getattr(vc, "additional_config", None), hf_config, tensor_parallel_size=tp)
+    return engine_settings(getattr(vc, "additional_config", None), hf_config)

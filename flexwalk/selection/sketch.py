@@ -260,10 +260,9 @@ def layer_sketch(
     process_group: tensor parallelism, each rank holding an equal share of the heads: the
     head-mean block means (head_scoring="mean") or the head-mean transition ("per_head") are
     averaged over the group with one all-reduce of [B, nb, D] or [B, nb, nb] per layer, so
-    every rank selects exactly what one process holding every head would."""
-    if config.prefill_scoring == "bound" and process_group is not None:
-        raise NotImplementedError("prefill_scoring='bound' under tensor parallelism (the key extremes of the "
-                                  "head-mean keys need every rank's heads); use prefill_scoring='sketch'")
+    every rank selects exactly what one process holding every head would.  prefill_scoring=
+    "bound" with head_scoring="mean" also averages the head-mean keys themselves, [B, n, D] fp32
+    (a block's extremes do not combine from the ranks' extremes)."""
     bsz, hq, n, d = q.shape
     scale = d**-0.5 if scale is None else float(scale)
     if p is None:
@@ -278,7 +277,10 @@ def layer_sketch(
     allowed = block_causal_mask(block_valid)
     ks = kb @ p
     if config.prefill_scoring == "bound":
-        a = bound_scores(qb, key_bounds(k, config.block_size, key_valid, config.head_scoring)) * scale
+        kr = head_reduce(k, config.head_scoring)
+        if process_group is not None and config.head_scoring == "mean":
+            kr = group_mean(kr, process_group)  # every rank's heads' mean key, per token
+        a = bound_scores(qb, key_bounds(kr, config.block_size, key_valid, config.head_scoring)) * scale
         w = transition_matrix(a.masked_fill(~allowed[:, None], float("-inf")), config.sparsity_exponent).mean(1)
     else:
         w = transition_rows(qb @ p, ks, allowed, scale, config.sparsity_exponent)
