@@ -30,6 +30,7 @@ the same code runs the small CPU shape (workload.SMALL) at the sizes given: a tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import itertools
 import json
@@ -102,8 +103,9 @@ def parse_args(argv: list[str] | None = None, device: str | None = None) -> argp
     ap.add_argument("--densities", type=_densities)
     ap.add_argument("--batches", type=_ints)
     ap.add_argument("--blocks", type=_blocks, help="block sizes (SketchWalkConfig.block_size) of the layer section")
-    ap.add_argument("--scorings", type=comma_choices(SCORINGS, "--scorings"), default=["sketch"],
-                    help="SketchWalkConfig.prefill_scoring values of the layer and ttft sections, side by side (default: sketch)")
+    ap.add_argument("--scorings", type=comma_choices(SCORINGS, "--scorings"), default=[SketchWalkConfig().prefill_scoring],
+                    help="SketchWalkConfig.prefill_scoring values of the layer and ttft sections, side by side "
+                    "(default: the config's default)")
     ap.add_argument("--kernels", type=comma_choices(workload.PREFILL_KERNELS, "--kernels"),
                     help="prefill kernels of the layer section (default: those available, workload.kernels_for)")
     ap.add_argument("--varlen-lengths", type=token_lengths,
@@ -250,7 +252,8 @@ def padded_section(args, record) -> None:
     SDPA off its fused kernels), and each sequence alone for the batch-1 ratio at the same
     tokens.  Each length is rounded down to whole blocks, so that left padding keeps the blocks
     where a sequence alone has them.  The check: every row's real queries equal its solo run
-    within 4 ulps of its magnitude."""
+    within 4 ulps of its magnitude, the solo run deciding dense or sparse by the padded length as
+    the batch does (a row shorter than dense_below runs sparse in a batch at least that wide)."""
     device, shape = args.device, workload.shape_for(args.device)
     config = SketchWalkConfig(block_size=args.model_block, density=0.2, dense_layers=0, dense_below=args.dense_below)
     lens = [max(config.block_size, n - n % config.block_size) for n in args.varlen_lengths]
@@ -275,8 +278,9 @@ def padded_section(args, record) -> None:
                 out, _ = run()
                 counters = flexwalk.counters()
                 err, budget = 0.0, 0.0
+                as_batch = config if width < config.dense_below else dataclasses.replace(config, dense_below=0)
                 for i, (s, n) in enumerate(zip(seqs, lens)):
-                    solo, _ = sketchwalk_attention(*s, config, 0)
+                    solo, _ = sketchwalk_attention(*s, as_batch, 0)
                     err = max(err, (out[i, :, width - n:].float() - solo[0].float()).abs().max().item())
                     budget = max(budget, 4 * torch.finfo(q.dtype).eps * solo.float().abs().max().item())
                 sparse_ms = workload.median_ms(run, device, long=True)
@@ -398,9 +402,8 @@ def decode_section(args, model, record) -> None:
 
 
 def _block(row: dict) -> str:
-    """A layer row's block size, with its prefill scoring where it is not the sketch."""
-    scoring = row.get("scoring", "sketch")
-    return str(row["block_size"]) + ("" if scoring == "sketch" else f", {scoring}")
+    """A layer row's block size, with its prefill scoring."""
+    return f"{row['block_size']}, {row.get('scoring', 'sketch')}"
 
 
 def failed(report: dict) -> list[str]:
@@ -505,7 +508,7 @@ def render_markdown(report: dict) -> str:
                   "sketchwalk | check |", "|---|---|---|---|---|---|---|---|"]
         for r in report["ttft"]:
             scoring = r.get("scoring", "sketch")
-            kernel = f"{r['kernel']} ({r['ran']}{'' if scoring == 'sketch' else f', {scoring}'})"
+            kernel = f"{r['kernel']} ({r['ran']}, {scoring})"
             lines.append(f"| {r['n']} | {kernel} | {r['sparse_layers']} of {r['layers']} | "
                          f"{r['sdpa']['ttft_s']:.3f} | {r['sketchwalk']['ttft_s']:.3f} | **{r['speedup']:.2f}x** | "
                          f"{_fmt(r['sdpa']['peak_gib'])} / {_fmt(r['sketchwalk']['peak_gib'])} | "
@@ -566,7 +569,7 @@ def write_figures(report: dict, out: Path) -> dict[str, str]:
         for kernel, scoring in dict.fromkeys((r["kernel"], r.get("scoring", "sketch")) for r in report["ttft"]):
             rows = sorted((r["n"], r["sketchwalk"]["ttft_s"], r["speedup"]) for r in report["ttft"]
                           if r["kernel"] == kernel and r.get("scoring", "sketch") == scoring)
-            label = f"sketchwalk_flex ({kernel}{'' if scoring == 'sketch' else f', {scoring}'})"
+            label = f"sketchwalk_flex ({kernel}, {scoring})"
             ax.plot([x[0] for x in rows], [x[1] for x in rows], marker="o", label=label)
             for n, t, s in rows:
                 ax.annotate(f"{s:.2f}x", (n, t), textcoords="offset points", xytext=(4, -12), fontsize=7)

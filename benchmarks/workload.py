@@ -66,10 +66,11 @@ def qkv(shape: Shape, n: int, *, batch: int = 1, device: str | torch.device = "c
                  for h in (shape.q_heads, shape.kv_heads, shape.kv_heads))
 
 
-def layer_config(block_size: int, density: float, prefill_scoring: str = "sketch") -> SketchWalkConfig:
-    """One sparse layer whatever its index and length (the walk starts at layer 0)."""
-    return SketchWalkConfig(block_size=block_size, density=density, dense_layers=0, dense_below=0,
-                            prefill_scoring=prefill_scoring)
+def layer_config(block_size: int, density: float, prefill_scoring: str | None = None) -> SketchWalkConfig:
+    """One sparse layer whatever its index and length (the walk starts at layer 0); the default
+    prefill scoring unless one is given."""
+    scoring = {} if prefill_scoring is None else {"prefill_scoring": prefill_scoring}
+    return SketchWalkConfig(block_size=block_size, density=density, dense_layers=0, dense_below=0, **scoring)
 
 
 def dense_attention(q, k, v):

@@ -97,17 +97,17 @@ class SketchWalkConfig:
     oracle ignore it.  From 1 to 8."""
     head_scoring: HeadScoring = "mean"
     """'mean': score head-mean q/k; 'per_head': score each head, average the transitions."""
-    prefill_scoring: PrefillScoring = "sketch"
-    """Prefill: the block scores A of W_l = softmax(s * scale * A).  'sketch' (the default): the
-    sketched block means' products, q_mean . k_mean.  'bound': each query block's mean against
-    each key block's channel-wise maximum and minimum key, sum_d max(q_d * kmax_d, q_d * kmin_d)
-    (an upper bound on q_mean . k for every key k of the block; decode_scoring's rule, with the
-    heads reduced as under head_scoring).  A needle of a few tokens is averaged away in its
-    block's mean key but stands out in the block's extremes.  On Qwen2.5-Coder-1.5B it scored
-    +2.81 (SE 0.53) over the sketch across 1600 RULER NIAH samples at 4K-32K (density 0.2,
-    one-hop); on SmolLM2-135M its next-token KL was slightly higher, on Gemma 3 270M level
+    prefill_scoring: PrefillScoring = "bound"
+    """Prefill: the block scores A of W_l = softmax(s * scale * A).  'bound' (the default): each
+    query block's mean against each key block's channel-wise maximum and minimum key,
+    sum_d max(q_d * kmax_d, q_d * kmin_d) (an upper bound on q_mean . k for every key k of the
+    block; decode_scoring's rule, with the heads reduced as under head_scoring).  A needle of a
+    few tokens is averaged away in its block's mean key but stands out in the block's extremes.
+    'sketch': the sketched block means' products, q_mean . k_mean (the paper's rule).  On
+    Qwen2.5-Coder-1.5B 'bound' scored +2.81 (SE 0.53) over 'sketch' across 1600 RULER NIAH
+    samples at 4K-32K (density 0.2, one-hop), on SmolLM2-135M +0.38 (SE 0.43) across 1200
     (docs/accuracy.md).  It reads k once more per layer (the head-mean keys' block extremes);
-    it is not available under tensor parallelism, and sketch_dim does not apply to it."""
+    under tensor parallelism it all-reduces the head-mean keys; sketch_dim does not apply to it."""
     seed: int = 0
     """Seed of the SRHT sketches (selection is deterministic under it)."""
     dense_below: int | Literal["auto"] = "auto"
@@ -235,6 +235,10 @@ class SketchWalkConfig:
             _fail("skip_prefill", self.skip_prefill, "must be a bool")
         if self.walk == "oracle" and not self.skip_decode:
             _fail("walk", self.walk, "'oracle' is a prefill-only evaluation bound: it needs skip_decode=True")
+        if self.walk in ("walk", "damped") and not self.skip_decode and self.prefill_scoring == "bound":
+            _fail("walk", self.walk, "with sparse decode (skip_decode=False) the walk across layers needs "
+                  "prefill_scoring='sketch' (the decode state carries W_l under the mean-key rule); "
+                  "or use walk='one_hop' (the default)")
         if self.skip_prefill and self.skip_decode:
             raise ValueError(
                 "SketchWalkConfig: skip_prefill=True and skip_decode=True leave nothing sparse; "

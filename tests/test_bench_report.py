@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks import report, workload
+from flexwalk import SketchWalkConfig
 
 
 def test_arguments_fill_in_the_device_defaults_quick_and_given_values():
@@ -22,7 +23,7 @@ def test_arguments_fill_in_the_device_defaults_quick_and_given_values():
                                "1,4", "--kernels", "fa4", "--sections", "layer"], device="cuda")
     assert (given.lengths, given.densities, given.batches, given.kernels, given.sections) == (
         [4096], [0.1, 0.3], [1, 4], ["fa4"], ["layer"])
-    assert given.scorings == ["sketch"]
+    assert given.scorings == [SketchWalkConfig().prefill_scoring]  # the config's default
     assert report.parse_args(["--out", "x", "--scorings", "sketch,bound"], device="cuda").scorings == ["sketch", "bound"]
     cpu = report.parse_args(["--out", "x"], device="cpu")
     assert cpu.lengths == [1024, 2048] and cpu.kernels == ["auto", "flex"] and cpu.dense_below == 0
@@ -83,14 +84,14 @@ def test_a_report_renders_to_json_markdown_and_three_figures(tmp_path):
     assert "NVIDIA H100 80GB HBM3; torch 2.11.0+cu130" in md and "flash-attn-4 not installed" in md
     layer_rows = [line for line in md.splitlines() if line.startswith("| 1 | ")]
     assert len(layer_rows) == 4
-    assert "| 1 | 32768 | 128 | 0.2 (0.209) | triton (triton) | 14.4 | 0.150 | 4.56 | **3.16x** | ok |" in md
-    assert "| 1 | 131072 | 128 | 0.2 | flex | 253 | | | | error: OutOfMemoryError: made up |" in md
-    assert "| 131072 | auto (triton) | 30 of 32 | 11.636 | 6.172 | **1.89x** | 19.1 / 19.1 | ok |" in md
+    assert "| 1 | 32768 | 128, sketch | 0.2 (0.209) | triton (triton) | 14.4 | 0.150 | 4.56 | **3.16x** | ok |" in md
+    assert "| 1 | 131072 | 128, sketch | 0.2 | flex | 253 | | | | error: OutOfMemoryError: made up |" in md
+    assert "| 131072 | auto (triton, sketch) | 30 of 32 | 11.636 | 6.172 | **1.89x** | 19.1 / 19.1 | ok |" in md
     assert "| 32768 | 52.40 | 35.70 | 19.1 / 28.0 | **1.47x** | 900 (870) | ok |" in md
     assert "SketchWalkConfig(block_size=128, density=0.2, dense_layers=0, dense_below=0)" in md
     assert "![layer](layer_speedup.png)" in md
     # the failed row is listed; a clean report says every check passed
-    assert report.failed(rep) == ["layer n=131072 batch 1 block 128 density 0.2 flex: OutOfMemoryError: made up"]
+    assert report.failed(rep) == ["layer n=131072 batch 1 block 128, sketch density 0.2 flex: OutOfMemoryError: made up"]
     assert "## Failed" in md and "Every check passed" not in md
 
 
@@ -140,7 +141,8 @@ def test_the_layer_section_sets_scorings_side_by_side(tmp_path):
     rows = saved["layer"]
     assert [r["scoring"] for r in rows] == ["sketch", "bound"] and rows[0]["dense_ms"] == rows[1]["dense_ms"]
     assert all(r["check"]["ok"] and 0 < r["achieved_density"] < 1 for r in rows)
-    assert "| 1 | 256 | 64, bound |" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "| 1 | 256 | 64, sketch |" in md and "| 1 | 256 | 64, bound |" in md
 
 
 @pytest.mark.parametrize("wrong", ["sparse", "full"])

@@ -85,6 +85,17 @@ def test_phase_modes():
     assert decode_only.skip_prefill
     with pytest.raises(ValueError, match="skip_prefill=True and skip_decode=True"):
         SketchWalkConfig(skip_prefill=True)
+    # the decode state carries W_l under the mean-key rule: sparse decode's walk needs it in prefill too
+    assert SketchWalkConfig().prefill_scoring == "bound" and SketchWalkConfig(skip_decode=False).walk == "one_hop"
+    assert SketchWalkConfig(skip_decode=False, walk="damped", prefill_scoring="sketch").walk == "damped"
+    assert SketchWalkConfig(walk="damped").walk == "damped"  # decode dense: no state
+    with pytest.raises(ValueError, match=r"walk='damped' is invalid: .*skip_decode=False.*prefill_scoring='sketch'"):
+        SketchWalkConfig(skip_decode=False, walk="damped")
+    from flexwalk import DecodeState
+
+    with pytest.raises(ValueError, match=r"walk='walk' needs prefill_scoring='sketch'"):
+        DecodeState(SketchWalkConfig(walk="walk"), 0, batch=1, q_heads=2, k_heads=1, head_dim=16, scale=0.25,
+                    kv_tokens=64, device="cpu")
 
 
 def test_frozen_replace_and_dict_roundtrip():

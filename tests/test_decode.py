@@ -79,7 +79,7 @@ def test_incremental_state_equals_rebuilt_and_selection_is_valid(case):
     cfg = SketchWalkConfig(
         block_size=case["bs"], density=case["density"], head_scoring=case["head_scoring"], walk=case["walk"],
         sink_blocks=case["sink"], local_blocks=case["local"], seed=case["seed"], decode_pinned=case["pinned"],
-        decode_scoring=case["scoring"],
+        decode_scoring=case["scoring"], prefill_scoring="sketch",  # the state carries W_l under the mean-key rule
     )
     n, steps, bs = case["n"], case["steps"], case["bs"]
     pad = min(case["pad"], n - 1)
@@ -134,7 +134,8 @@ def test_decode_steps_match_the_oracle(walk, walk_steps, softcap, decode_kernel,
     """Three sparse layers, 24 steps across block boundaries, GQA 3, left padding: each step's
     flex output equals SDPA under the step's own selection expanded to a token mask, and the
     walk row handed from layer to layer equals the one computed from rebuilt states."""
-    cfg = SketchWalkConfig(block_size=16, density=0.3, walk=walk, walk_steps=walk_steps, decode_scoring=scoring)
+    cfg = SketchWalkConfig(block_size=16, density=0.3, walk=walk, walk_steps=walk_steps, decode_scoring=scoring,
+                           prefill_scoring="bound" if walk == "one_hop" else "sketch")
     n, steps, layers = 70, 24, 3
     total = n + steps
     data = [_qkv(2, 6, 2, total, 16, seed=10 + i) for i in range(layers)]
@@ -222,7 +223,7 @@ def test_stale_state_decodes_densely_and_is_counted(decode_kernel):
 
 
 def test_capacity_grows_in_buckets():
-    cfg = SketchWalkConfig(block_size=16, density=0.3)
+    cfg = SketchWalkConfig(block_size=16, density=0.3, prefill_scoring="sketch")  # the state's W_l: the mean-key rule
     q, k, v = _qkv(1, 2, 2, 270, 16, seed=9)
     state = DecodeState.from_prefill(q[:, :, :250], k[:, :, :250], cfg, 2)
     assert state.kv_tokens == 256

@@ -123,7 +123,8 @@ def _prompt_with_pad_ids(seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("name", NINE)
 def test_generate_with_pad_ids_in_the_prompt(name):
     """generate() infers a padding mask with holes from prompts holding the pad id: sparse, it runs
-    and a block-aligned left-padded row equals the row alone; at full budget the tokens equal
+    and a block-aligned left-padded row equals the row alone (with position ids from the mask, as
+    generate() sets them); at full budget the tokens equal
     eager attention's under the same inferred mask."""
     solo = _prompt_with_pad_ids(1)
     other = torch.cat([torch.full((2 * BS,), 7), _prompt_with_pad_ids(2)[2 * BS:]])
@@ -136,9 +137,11 @@ def test_generate_with_pad_ids_in_the_prompt(name):
         assert flexwalk.counters().get("padding_holes", 0) > 0
     alone = model.generate(solo[None, 2 * BS:], **gen)
     assert torch.equal(out[1, ids.shape[1]:], alone[0, PROMPT - 2 * BS:])
-    inferred = (ids != 0).long()  # the mask generate() infers
-    logits = model(ids, attention_mask=inferred).logits
-    logits_alone = model(solo[None, 2 * BS:], attention_mask=inferred[1:, 2 * BS:]).logits
+    inferred = (ids != 0).long()  # the mask generate() infers, and its position ids: the key extremes
+    positions = (inferred.cumsum(-1) - 1).clamp_min(0)  # depend on RoPE's absolute phase, block means do not
+    logits = model(ids, attention_mask=inferred, position_ids=positions).logits
+    logits_alone = model(solo[None, 2 * BS:], attention_mask=inferred[1:, 2 * BS:],
+                         position_ids=(inferred[1:, 2 * BS:].cumsum(-1) - 1).clamp_min(0)).logits
     real = solo[2 * BS:] != 0
     ref = logits_alone[0][real]
     got = logits[1, 2 * BS:][real]

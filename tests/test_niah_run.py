@@ -237,7 +237,9 @@ def test_method_configs():
     assert method_config("walk", base) == base.replace(walk="damped")
     assert method_config("sketchwalk", base.replace(walk="walk")).walk == "walk"  # the configuration as given
     assert SketchWalkConfig().walk == "one_hop"  # the default rule; the walk is the `walk` method
-    assert not method_config("walk", base, sparse_decode=True).skip_decode
+    assert not method_config("walk", base.replace(prefill_scoring="sketch"), sparse_decode=True).skip_decode
+    with pytest.raises(ValueError, match=r"walk='damped' is invalid: .*prefill_scoring='sketch'"):
+        method_config("walk", base, sparse_decode=True)  # the decode state's W_l: the mean-key rule
     assert method_config("oracle", base, sparse_decode=True).skip_decode  # oracle never decodes sparsely
     assert not method_config("sketchwalk", base, sparse_decode=True).skip_decode
     with pytest.raises(ValueError, match="method='x'.*sdpa"):

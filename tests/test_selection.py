@@ -213,7 +213,7 @@ def test_ties_break_towards_lower_block_index():
 
 def test_selection_is_deterministic_and_seeded():
     q, k, _ = random_qkv(1, 4, 2, 512, 32, seed=3)
-    cfg = SketchWalkConfig(block_size=16, density=0.15, sketch_dim=8)
+    cfg = SketchWalkConfig(block_size=16, density=0.15, sketch_dim=8, prefill_scoring="sketch")  # the SRHT's seed
     a, _ = sketchwalk_selection(q, k, cfg, 3)
     b, _ = sketchwalk_selection(q, k, cfg, 3)
     assert torch.equal(a.mask, b.mask)

@@ -95,6 +95,9 @@ class DecodeState:
             raise NotImplementedError(
                 f"sparse decode under tensor parallelism with head_scoring={config.head_scoring!r}: only 'mean' "
                 "(one all-reduce of the head means per step) is supported")
+        if config.walk in ("walk", "damped") and config.prefill_scoring == "bound":
+            raise ValueError(f"a decode state with walk={config.walk!r} needs prefill_scoring='sketch': it carries "
+                             "W_l under the mean-key rule; use walk='one_hop' (the default) with 'bound'")
         self.config = config
         self.process_group = process_group
         self.layer_idx = layer_idx
