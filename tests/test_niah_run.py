@@ -381,3 +381,15 @@ def test_fidelity_cli_writes_after_every_configuration(tmp_path, capsys):
     assert full["meta"]["complete"] is True and len(full["results"]) == 4
     dens = [r["density"] for r in full["results"]]
     assert dens == sorted(dens) and dens[0] < dens[-1]
+
+
+def test_fidelity_groups_are_valid_configurations():
+    """Every setting of `flexwalk niah fidelity --groups` is a valid change of the default
+    configuration, and the sketch width group runs the mean-key rule, the only one it changes."""
+    from flexwalk.niah.fidelity import ABLATIONS
+
+    for name, settings in ABLATIONS.items():
+        for fields in settings:
+            assert SketchWalkConfig().replace(**fields) is not None, (name, fields)
+    assert all(f["prefill_scoring"] == "sketch" for f in ABLATIONS["sketch_dim"])
+    assert {f["prefill_scoring"] for f in ABLATIONS["prefill_scoring"]} == {"sketch", "bound"}

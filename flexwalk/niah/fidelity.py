@@ -153,7 +153,8 @@ def next_token_kl(model, input_ids: torch.Tensor, config: SketchWalkConfig, *, l
 ABLATIONS: dict[str, list[dict[str, Any]]] = {
     "density": [{"density": d} for d in (0.1, 0.2, 0.3, 0.5)],
     "walk": [{"walk": w} for w in ("walk", "damped", "one_hop", "oracle")],
-    "sketch_dim": [{"sketch_dim": r} for r in (16, 32, 64, 128, 256)],  # capped at the head dim (Gemma 3: 256)
+    # the mean-key rule, the only one sketch_dim applies to; capped at the head dim (Gemma 3: 256)
+    "sketch_dim": [{"sketch_dim": r, "prefill_scoring": "sketch"} for r in (16, 32, 64, 128, 256)],
     "exponent": [{"sparsity_exponent": e} for e in (1.0, 4.0, 8.0, 16.0)],
     # 64 / 128 / 64x128: 64-token key blocks chosen per 128-row kernel query block (query_block_size)
     "block_size": [{"block_size": 64}, {"block_size": 128}, {"block_size": 64, "query_block_size": 128}],
