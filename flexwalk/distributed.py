@@ -13,10 +13,12 @@ import torch
 
 
 def group_mean(x: torch.Tensor, group) -> torch.Tensor:
-    """Mean of x over the ranks of a process group (one all-reduce; equal head shares per rank)."""
+    """Mean of x over the ranks of a process group (one all-reduce; equal head shares per rank).
+    x itself is left as it is: the all-reduce runs on a copy (x may be a view of a layer's keys,
+    as the head mean of a rank holding one KV head is)."""
     import torch.distributed as dist
 
-    x = x.contiguous()
+    x = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x / dist.get_world_size(group)
 

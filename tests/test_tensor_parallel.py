@@ -3,6 +3,7 @@ the same blocks as one process holding all of them, and their outputs are that p
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -21,12 +22,18 @@ CONFIGS = {  # each prefill scoring with each head scoring
 }
 
 
-def _inputs():
+def _inputs(kv_heads: int = HKV):
+    """LAYERS layers of q, k, v (fp32) with kv_heads KV heads (HKV, or 2: one per rank, whose head
+    mean is the rank's keys themselves), and the validity (left padding in row 1)."""
     g = torch.Generator().manual_seed(7)
     layers = [tuple(torch.randn(2, h, N, D, generator=g) for h in (HQ, HKV, HKV)) for _ in range(LAYERS)]
+    layers = [(q, k[:, :kv_heads], v[:, :kv_heads]) for q, k, v in layers]
     valid = torch.ones(2, N, dtype=torch.bool)
     valid[1, :45] = False
     return layers, valid
+
+
+KV_LAYOUTS = (HKV, 2)  # two KV heads per rank, one
 
 
 def _run(layers, valid, cfg, group=None, heads=None):
@@ -35,7 +42,8 @@ def _run(layers, valid, cfg, group=None, heads=None):
     for i, (q, k, v) in enumerate(layers):
         if heads is not None:
             (q0, q1), (k0, k1) = heads
-            q, k, v = q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]
+            # a rank's own tensors (contiguous): with one KV head, its head-mean key is k itself
+            q, k, v = (x.contiguous() for x in (q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]))
         sel, _ = flexwalk.sketchwalk_selection(q, k, cfg, i, state, key_valid=valid, process_group=group)
         out, state = flexwalk.sketchwalk_attention(q, k, v, cfg, i, state, key_valid=valid, process_group=group)
         outs.append(out)
@@ -46,10 +54,12 @@ def _run(layers, valid, cfg, group=None, heads=None):
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        layers, valid = _inputs()
-        hq, hkv = HQ // world, HKV // world
-        heads = ((rank * hq, (rank + 1) * hq), (rank * hkv, (rank + 1) * hkv))
-        result = {name: _run(layers, valid, cfg, dist.group.WORLD, heads) for name, cfg in CONFIGS.items()}
+        result = {}
+        for kv in KV_LAYOUTS:
+            layers, valid = _inputs(kv)
+            hq, hkv = HQ // world, kv // world
+            heads = ((rank * hq, (rank + 1) * hq), (rank * hkv, (rank + 1) * hkv))
+            result.update({(kv, name): _run(layers, valid, cfg, dist.group.WORLD, heads) for name, cfg in CONFIGS.items()})
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -58,17 +68,18 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
 def test_two_gloo_ranks_match_one_process(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    layers, valid = _inputs()
-    real = valid[:, None, :, None]
-    for name, cfg in CONFIGS.items():
+    for kv, (name, cfg) in itertools.product(KV_LAYOUTS, CONFIGS.items()):
+        layers, valid = _inputs(kv)
+        real = valid[:, None, :, None]
         ref_outs, ref_tables = _run(layers, valid, cfg)
+        case = f"{name}, {kv // 2} KV head(s) per rank"
         for i in range(LAYERS):
-            t0, t1 = ranks[0][name][1][i], ranks[1][name][1][i]
-            assert torch.equal(t0, t1), f"{name} layer {i}: the ranks selected different blocks"
-            assert torch.equal(t0, ref_tables[i]), f"{name} layer {i}: TP selection != single process"
-            out = torch.cat([ranks[0][name][0][i], ranks[1][name][0][i]], dim=1)  # heads back together
+            t0, t1 = ranks[0][kv, name][1][i], ranks[1][kv, name][1][i]
+            assert torch.equal(t0, t1), f"{case} layer {i}: the ranks selected different blocks"
+            assert torch.equal(t0, ref_tables[i]), f"{case} layer {i}: TP selection != single process"
+            out = torch.cat([ranks[0][kv, name][0][i], ranks[1][kv, name][0][i]], dim=1)  # heads back together
             err = ((out - ref_outs[i]) * real).abs().max().item()
-            assert err <= 1e-5, f"{name} layer {i}: TP output differs by {err:.3g}"
+            assert err <= 1e-5, f"{case} layer {i}: TP output differs by {err:.3g}"
         assert any(not t.all() for t in ref_tables), "the budget must be sparse for the test to mean anything"
 
 
