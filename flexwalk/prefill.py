@@ -35,6 +35,7 @@ from .kernels.flex import (
 from .kernels.residual import block_summaries, residual_flex
 from .selection.driver import fused_selection, sketchwalk_selection
 from .selection.sketch import LayerSketch
+from .selection.topk import short_rows
 from .selection.walk import WalkState
 
 
@@ -212,6 +213,9 @@ def sparse_prefill(
         stats.count(stats.PADDING_HOLES)
         kernel = "flex"
     use_fa4, use_triton = kernel == "fa4", kernel == "triton"
+    short = short_rows(key_valid, config, q.shape[2])
+    if short is not None:  # those rows keep every causal block (the selection's rule): counted on the device
+        stats.device_counter(stats.DENSE_SHORT_ROWS, q.device).add_(short.sum())
     if sketch is None and process_group is None and not holes:  # the fused (graphed on CUDA) selection-to-tables path
         tables, new_state, kept, causal = fused_selection(q, k, config, layer_idx, state, key_valid=key_valid,
                                                           scale=scale, options=opts)

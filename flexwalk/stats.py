@@ -31,6 +31,7 @@ DENSE_DECODE = "dense_decode"  # decode step (skip_decode=True)
 DENSE_CACHED_PREFILL = "dense_cached_prefill"  # several new tokens after a cached prefix
 DENSE_PREFILL = "dense_prefill"  # prefill with skip_prefill=True (decode-only sparsity)
 SPARSE_DECODE = "sparse_decode"  # decode step with the incremental SketchWalk state
+DENSE_SHORT_ROWS = "dense_short_rows"  # rows of a padded batch shorter than dense_below: every causal block kept
 DENSE_DECODE_SHORT = "dense_decode_short"  # decode step while the sequence is shorter than dense_below
 DENSE_DECODE_NO_STATE = "dense_decode_no_state"  # decode step without a usable state (see _REASONS)
 DECODE_STATE_RESET = "decode_state_reset"  # a state was found stale (not continuing this sequence) and dropped
@@ -57,6 +58,10 @@ _REASONS = {
     DENSE_DECODE: "decode steps run dense attention (skip_decode=True)",
     DENSE_CACHED_PREFILL: "a prefill continuing a cached prefix (chunked prefill) runs dense attention",
     DENSE_PREFILL: "prefill runs dense attention (skip_prefill=True: decode-only sparsity)",
+    DENSE_SHORT_ROWS: (
+        "rows of a padded batch with fewer real tokens than dense_below keep every causal block in the sparse "
+        "layers (dense attention, as they would run alone); counted per row and layer"
+    ),
     DENSE_DECODE_SHORT: "decode steps of sequences shorter than dense_below run dense attention",
     DENSE_DECODE_NO_STATE: (
         "decode steps without a SketchWalk decode state run dense attention (the prefill did not run "
@@ -111,7 +116,7 @@ def device_counter(path: str, device: torch.device | str) -> torch.Tensor:
 def counters() -> dict[str, int]:
     """Calls per attention path since the last reset, e.g. {'sparse_prefill': 28, ...}.
 
-    Counters kept on the device (decode_stale_steps) are read here: one host sync.
+    Counters kept on the device (decode_stale_steps, dense_short_rows) are read here: one host sync.
     """
     with _lock:
         out = dict(_counts)
@@ -124,6 +129,8 @@ def counters() -> dict[str, int]:
             if path == DECODE_STALE_STEPS:
                 log_once(path, "flexwalk: %d static-cache decode step(s) did not continue the decode state and ran "
                          "dense; call flexwalk.reset_decode_state(model) when reusing a cache", n)
+            elif path in _REASONS:
+                log_once(path, "flexwalk: %s (logged once; see flexwalk.counters())", _REASONS[path])
     return out
 
 

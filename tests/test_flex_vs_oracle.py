@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexwalk
-from conftest import assert_matches_reference, left_padding, random_qkv
+from conftest import assert_matches_reference, floor_tol, left_padding, random_qkv
 from flexwalk import SketchWalkConfig, dense_attention, eager_sketchwalk_attention, sketchwalk_attention, token_mask
 from flexwalk.prefill import dense_tail_start, rows_dropped
 from flexwalk.reference import reference_error_budget, rows_error_budget, sample_rows
@@ -365,3 +365,43 @@ def test_the_oracle_on_sampled_rows_is_the_full_oracle_on_those_rows():
     wrong[1, :, rows[40]] += 0.01
     err, budget = rows_error_budget(q, k, v, wrong, mask_of, rows, chunk=8)
     assert err > budget
+
+
+@pytest.mark.parametrize("kernel", ["flex", "triton", "triton+selection"])
+@pytest.mark.parametrize("keep_sketch", [False, True])
+def test_a_padded_row_shorter_than_dense_below_runs_dense_as_alone(kernel, keep_sketch):
+    """A batch of a 240-token prompt and a 90-token one left-padded to 240, dense_below 128: the
+    long row selects as it would alone; the short row keeps every causal block, its output
+    equal to its own run (dense: it is below dense_below) and to dense SDPA; counted per row
+    and layer.  Over three layers, the walk carried.  triton+selection: the Triton selection too
+    (where the sketch is not kept)."""
+    from flexwalk.kernels import triton_prefill as TP
+    from flexwalk.selection.sketch import layer_sketch
+
+    if kernel != "flex" and not TP.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    n, short = 240, 90
+    cfg = SketchWalkConfig(block_size=16, density=0.2, dense_layers=0, dense_below=128, sketch_dim=16)
+    kv = left_padding(2, n, [0, n - short])
+    flexwalk.reset_counters()
+    state = alone_state = None
+    opts = dict(prefill_kernel=kernel.split("+")[0], triton_selection_on_cpu=kernel.endswith("selection"))
+    with flexwalk.options(**opts):
+        for layer in range(3):
+            q, k, v = random_qkv(2, 4, 2, n, 16, seed=20 + layer)
+            sk = layer_sketch(q, k, cfg, layer, key_valid=kv) if keep_sketch else None
+            out, state = sketchwalk_attention(q, k, v, cfg, layer, state, key_valid=kv, sketch=sk)
+            alone, alone_state = sketchwalk_attention(q[:1], k[:1], v[:1], cfg, layer, alone_state)
+            torch.testing.assert_close(out[:1], alone, atol=floor_tol(alone), rtol=0, msg=f"long row, layer {layer}")
+            rows = slice(n - short, n)
+            solo, _ = sketchwalk_attention(q[1:, :, rows], k[1:, :, rows], v[1:, :, rows], cfg, layer)
+            torch.testing.assert_close(out[1:, :, rows], solo, atol=floor_tol(solo), rtol=0,
+                                       msg=f"short row, layer {layer}")
+            ref = dense_attention(q[1:, :, rows], k[1:, :, rows], v[1:, :, rows])
+            torch.testing.assert_close(out[1:, :, rows], ref, atol=floor_tol(ref), rtol=0,
+                                       msg=f"short row vs dense, layer {layer}")
+    c = flexwalk.counters()
+    assert c["dense_short_rows"] == 3 and c["sparse_prefill"] == 6 and c["dense_short"] == 3
+    assert c.get("triton_prefill", 0) == (0 if kernel == "flex" else 6)
+    # the batch keeps its sketch (torch selection) or not; the long row alone never does
+    assert c.get("triton_selection", 0) == (0 if kernel != "triton+selection" else 3 if keep_sketch else 6)

@@ -68,12 +68,15 @@ def _assert_same_selection(ref, got, cfg):
     batch=st.sampled_from([1, 2]),
     d=st.sampled_from([16, 24, 32]),
     r=st.sampled_from([8, 16, 32, None]),  # None: the default, exact sketch
+    short=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_triton_selection_equals_torch(n, bs, m, walk, steps, budget, sink, local, tail, pad, right, batch, d, r, seed):
+def test_triton_selection_equals_torch(n, bs, m, walk, steps, budget, sink, local, tail, pad, right, batch, d, r, short,
+                                       seed):
     """Three layers, walk carried, on the graph's bucket-padded inputs (real length as a 0-d
     tensor): any block and query-block size, walk rule and walk_steps, density or top-k budget, sink, local and
-    dense-tail blocks, left or right padding, head dims that are not powers of two."""
+    dense-tail blocks, left or right padding, head dims that are not powers of two; short: the
+    padded row has fewer real tokens than dense_below (it keeps every causal block)."""
     qbs = bs * m if bs * m <= 256 else None
     kw = dict(density=budget) if isinstance(budget, float) else dict(top_k_blocks=budget)
     cfg = SketchWalkConfig(block_size=bs, query_block_size=qbs, walk=walk, walk_steps=steps, sink_blocks=sink,
@@ -82,6 +85,8 @@ def test_triton_selection_equals_torch(n, bs, m, walk, steps, budget, sink, loca
     q, k, _ = random_qkv(batch, 4, 2, n, d, seed=seed)
     kv = torch.ones(batch, n, dtype=torch.bool)
     pad = min(pad, n - 1)
+    if short:
+        cfg = cfg.replace(dense_below=n - pad + 1)
     if right:
         kv[-1, n - pad:] = False
     else:

@@ -257,16 +257,18 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["n_int"])
     def _rank_kernel(W, PW, R_OUT, COUNTS, BUDGET, START, END, N_PTR,
                      P_CNT, P_IDX, F_CNT, F_IDX, TABLE, SUMS,
-                     NB, NQ, damping, n_int,
+                     NB, NQ, damping, n_int, dense_below,
                      M: tl.constexpr, BS: tl.constexpr, NB_POW2: tl.constexpr, MODE: tl.constexpr,
                      SINK: tl.constexpr, LOCAL: tl.constexpr, TAIL: tl.constexpr, N_FROM_PTR: tl.constexpr,
-                     WRITE_BOUNDS: tl.constexpr):
+                     WRITE_BOUNDS: tl.constexpr, SHORT_ROWS: tl.constexpr):
         """Program (b, I): kernel query block I (walk rows I*M .. I*M+M-1).  MODE 0: R = W;
         1: R = normalise(PW); 2: R = (1 - damping) W + damping normalise(PW).  Adds the row's
         kept and causal block counts to SUMS[b] and SUMS[B + b] (zeroed by _softmax_kernel;
         integers in fp32, exact below 2^24, so the order of the adds does not matter).
         WRITE_BOUNDS (nothing padded): every row's keys are [0, n); programs (b, 0) store that
-        into START and END instead of reading them."""
+        into START and END instead of reading them.  SHORT_ROWS (a padded batch): where n >=
+        dense_below, a batch row with fewer than dense_below real tokens (its COUNTS summed)
+        keeps every causal block (selection.topk.short_rows)."""
         b = tl.program_id(0)
         qi = tl.program_id(1)
         j = tl.arange(0, NB_POW2)
@@ -308,6 +310,9 @@ if HAS_TRITON:
         if TAIL > 0:
             last_q = (n + BS * M - 1) // (BS * M)
             kept = tl.where(qi >= last_q - TAIL, n_causal, kept)
+        if SHORT_ROWS:
+            tokens = tl.sum(tl.load(COUNTS + b * NB + j, mask=inr, other=0.0), 0)
+            kept = tl.where((tokens < dense_below) & (n >= dense_below), n_causal, kept)
         kept = tl.where(n_causal == 0, 1, kept)
         # scores as ints ordered like the floats; forced above all, not allowed below all
         score = tl.where(pooled == 0.0, 0.0, pooled)  # -0.0 ties +0.0, as in a sort
@@ -640,13 +645,14 @@ def _rank_tables(a, heads: int, counts, bounds, prev_walk, config: SketchWalkCon
     table = torch.empty(bsz, nq, nb, device=dev, dtype=torch.bool)
     start, end = bounds if bounds is not None else (torch.empty(bsz, **i32), torch.empty(bsz, **i32))
     n_ptr = seq_len if isinstance(seq_len, torch.Tensor) else start
+    dense_below = config.min_sparse_length(dev) if bounds is not None else 0  # selection.topk.short_rows
     _rank_kernel[(bsz, nq)](
         w, pw, walk, counts, budget_table(config, nb, dev), start, end, n_ptr,
         p_cnt, p_idx, f_cnt, f_idx, table.view(torch.int8), sums,
-        nb, nq, float(config.damping), 0 if isinstance(seq_len, torch.Tensor) else int(seq_len),
+        nb, nq, float(config.damping), 0 if isinstance(seq_len, torch.Tensor) else int(seq_len), dense_below,
         M=m, BS=bs, NB_POW2=nb2, MODE=mode, SINK=config.sink_blocks, LOCAL=config.local_blocks * m,
         TAIL=config.dense_tail_blocks, N_FROM_PTR=isinstance(seq_len, torch.Tensor),
-        WRITE_BOUNDS=bounds is None, num_warps=warps,
+        WRITE_BOUNDS=bounds is None, SHORT_ROWS=dense_below > 0, num_warps=warps,
     )
     return p_cnt, p_idx, f_cnt, f_idx, table, start, end, walk, kept, causal
 

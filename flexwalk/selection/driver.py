@@ -25,7 +25,7 @@ from ..options import Options, current_options
 from ..kernels import triton_selection
 from ..kernels.flex import bucket_length, selection_tables, tables_block_mask
 from .sketch import LayerSketch, exact_sketch, is_exact, layer_sketch, sketch_matrix
-from .topk import BlockSelection, select_blocks, table_to_indices
+from .topk import BlockSelection, select_blocks, short_rows, table_to_indices
 from .walk import WalkState, oracle_block_mass, walk_combine
 
 
@@ -47,7 +47,8 @@ def select(
 
     The one selection rule of the eager path (sketchwalk_selection) and of the fused,
     compiled or CUDA-graphed prefill path (`torch_selection_tables`).  seq_len: a 0-d
-    tensor of real tokens when q, k are padded to a bucket (key_valid False past it)."""
+    tensor of real tokens when q, k are padded to a bucket (key_valid False past it).  Rows of a
+    padded batch with fewer real tokens than dense_below keep every causal block (`short_rows`)."""
     n = q.shape[2] if seq_len is None else seq_len
     if sketch is None:
         sketch = layer_sketch(q, k, config, layer_idx, key_valid=key_valid, scale=scale, p=p,
@@ -60,7 +61,7 @@ def select(
     else:
         walk = walk_combine(sketch.transition, prev_walk, sketch.transition, config.walk, config.damping,
                             config.walk_steps)
-    return select_blocks(walk, sketch.allowed, sketch.block_valid, config, n), walk
+    return select_blocks(walk, sketch.allowed, sketch.block_valid, config, n, short_rows(key_valid, config, n)), walk
 
 
 def sketchwalk_selection(

@@ -139,12 +139,27 @@ def rank_blocks(
     n_causal = causal_valid.sum(-1)  # [B, m]
     kept = kept_blocks(n_causal, forced.sum(-1), top_k=top_k, density=density)
     if dense_rows is not None:
-        kept = torch.where(dense_rows[None], n_causal, kept)
+        kept = torch.where(dense_rows if dense_rows.dim() == 2 else dense_rows[None], n_causal, kept)
     # Rows without any valid key (fully padded query blocks) keep their diagonal only.
     kept = torch.where(n_causal == 0, torch.ones_like(kept), kept)
     score = walk.float().masked_fill(~allowed, float("-inf"))
     score = score.masked_fill(forced, float("inf"))
     return kept, descending_order(score), n_causal
+
+
+def short_rows(key_valid: torch.Tensor | None, config: SketchWalkConfig,
+               seq_len: int | torch.Tensor) -> torch.Tensor | None:
+    """[B] bool: in a padded batch of seq_len >= dense_below tokens (the width at which the
+    layer runs sparse), the rows with fewer real tokens (key_valid's True) than dense_below (on
+    key_valid's device): they keep every causal block, as they would run alone.  None without
+    key_valid or with dense_below 0.  A batch narrower than dense_below runs dense anyway (the
+    callers decide that); selecting on it directly keeps every row sparse.  No host sync."""
+    if key_valid is None:
+        return None
+    threshold = config.min_sparse_length(key_valid.device)
+    if threshold <= 0:
+        return None
+    return (key_valid.sum(-1) < threshold) & (seq_len >= threshold)
 
 
 def pool_rows(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -165,6 +180,7 @@ def select_blocks(
     block_valid: torch.Tensor,
     config: SketchWalkConfig,
     seq_len: int | torch.Tensor,
+    short_rows: torch.Tensor | None = None,
 ) -> BlockSelection:
     """Top-k key blocks per query block from the walk matrix, plus sink, local and tail blocks.
 
@@ -172,7 +188,9 @@ def select_blocks(
     block_valid: [B, nb] bool blocks holding at least one real token.  Sink blocks are the
     first `sink_blocks` valid blocks of each row, so they count from its first real token.
     seq_len: real tokens (an int, or a 0-d tensor when the blocks cover a padded bucket whose
-    extra blocks are invalid).  Ties break towards the lower block index.  No host synchronisation.
+    extra blocks are invalid).  short_rows: [B] bool, batch rows with fewer real tokens than
+    dense_below (`short_rows`): every query block of theirs keeps every causal block, as the row
+    would alone.  Ties break towards the lower block index.  No host synchronisation.
 
     config.query_block_size (m = q_block / block_size walk rows per kernel query block, m > 1):
     kernel query block I pools rows I*m .. I*m+m-1: the mean of their walk rows, the union of
@@ -195,6 +213,9 @@ def select_blocks(
         q_blocks = q_idx * m + (m - 1)
         last = -(-seq_len // config.q_block)
     tail = (q_idx >= last - config.dense_tail_blocks) if config.dense_tail_blocks else None
+    if short_rows is not None:
+        tail = short_rows[:, None] if tail is None else (tail[None] | short_rows[:, None])
+        tail = tail.expand(walk.shape[0], walk.shape[1])
     kept, order, n_causal = rank_blocks(
         walk, allowed, block_valid, q_blocks, sink_blocks=config.sink_blocks,
         local_blocks=config.local_blocks * m, top_k=config.top_k_blocks, density=config.density, dense_rows=tail,
