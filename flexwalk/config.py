@@ -60,7 +60,10 @@ class SketchWalkConfig:
     over r = 64 across 2K-32K, and +2.19 at 32K; at head dim 128 on the H100 it cost nothing
     measurable (docs/results.md, "Defaults").  The paper uses 64; the authors' code 128."""
     sparsity_exponent: float = 8.0
-    """Inverse temperature s of the transition W = softmax(s * A)."""
+    """Inverse temperature s of the transition W = softmax(s * A).  With the default one-hop
+    rule, head-mean scoring and query blocks of block_size it does not change which blocks are
+    kept (the softmax is monotone along a row); it weighs the walk's products, the per-head mean
+    of transitions and pooled query blocks."""
     density: float | None = None
     """Fraction of each row's causal blocks to keep, in (0, 1]; 0.2 when neither budget is set."""
     top_k_blocks: int | None = None

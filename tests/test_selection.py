@@ -243,3 +243,18 @@ def test_incompatible_state_is_refused():
     _, state = sketchwalk_selection(q, k, cfg, 0)
     with pytest.raises(ValueError, match="seq_len=160"):
         sketchwalk_selection(*random_qkv(1, 2, 2, 160, 16)[:2], cfg, 1, state)
+
+
+@settings(max_examples=20)
+@given(cfg=configs, n=st.integers(40, 300), pad=st.integers(0, 30), exponent=st.floats(0.5, 32.0),
+       scoring=st.sampled_from(["sketch", "bound"]))
+def test_one_hop_with_mean_scoring_ignores_the_sparsity_exponent(cfg, n, pad, exponent, scoring):
+    """softmax(s * A) is monotone in A along a row, so one-hop selection with head-mean scoring
+    and one walk row per query block ranks by A whatever s (until exp underflows to a tie); the
+    exponent matters for the walk, the per-head mean of transitions and pooled query blocks."""
+    cfg = cfg.replace(walk="one_hop", head_scoring="mean", prefill_scoring=scoring)
+    q, k, _ = random_qkv(2, 4, 2, n, 16, seed=n)
+    kv = left_padding(2, n, [0, min(pad, n - 1)])
+    a, _ = sketchwalk_selection(q, k, cfg, 3, key_valid=kv)
+    b, _ = sketchwalk_selection(q, k, cfg.replace(sparsity_exponent=exponent), 3, key_valid=kv)
+    assert torch.equal(a.mask, b.mask)
