@@ -12,7 +12,8 @@
   on its own selection and at full budget against dense attention (workload.check_layer).
 - varlen / padded: the sequences of --varlen-lengths (mixed lengths, 2K-64K by default) packed in
   one batch (FlashAttention's layout, cu_seqlens) / left-padded into one batch (key_valid, as
-  transformers batches prompts), against dense attention per sequence, and each sequence alone.
+  transformers batches prompts), against dense attention per sequence, and each sequence alone;
+  one row per --scorings value and kernel.
 - ttft: time to first token of a random-weight model of Llama-3.1-8B's shape (transformers
   LlamaConfig; --ttft-layers layers, all 32 by default), batch 1, logits of the last position:
   sdpa against sketchwalk_flex (block 128, density 0.2, dense_below 8192, the other fields'
@@ -45,7 +46,7 @@ import torch
 import flexwalk
 from benchmarks import workload
 from flexwalk import SketchWalkConfig, sketchwalk_attention, sketchwalk_varlen_attention
-from flexwalk.argtypes import comma_choices, density, positive_int, token_lengths
+from flexwalk.argtypes import comma_choices, density, non_negative_int, positive_int, token_lengths
 from flexwalk.integrations.cache_kwarg import cache_kwargs
 from flexwalk.kernels import fa4
 from flexwalk.selection.driver import fused_selection
@@ -103,12 +104,15 @@ def parse_args(argv: list[str] | None = None, device: str | None = None) -> argp
     ap.add_argument("--batches", type=_ints)
     ap.add_argument("--blocks", type=_blocks, help="block sizes (SketchWalkConfig.block_size) of the layer section")
     ap.add_argument("--scorings", type=comma_choices(SCORINGS, "--scorings"), default=[SketchWalkConfig().prefill_scoring],
-                    help="SketchWalkConfig.prefill_scoring values of the layer and ttft sections, side by side "
+                    help="SketchWalkConfig.prefill_scoring values of the layer, varlen, padded and ttft sections, side by side "
                     "(default: the config's default)")
     ap.add_argument("--kernels", type=comma_choices(workload.PREFILL_KERNELS, "--kernels"),
                     help="prefill kernels of the layer section (default: those available, workload.kernels_for)")
     ap.add_argument("--varlen-lengths", type=token_lengths,
                     help="the sequences of the varlen and padded sections' one batch (packed in FlashAttention's layout, or left-padded)")
+    ap.add_argument("--dense-below", type=non_negative_int,
+                    help="SketchWalkConfig.dense_below of the varlen, padded, ttft and decode sections "
+                    "(default: 8192 on CUDA, 0 on the CPU)")
     ap.add_argument("--ttft-lengths", type=token_lengths)
     ap.add_argument("--model", help="a packaged model name or local model directory that the ttft and decode "
                     "sections load (no tokenizer needed: the prompts are random token ids); default: a random-weight model of the 8B shape with --ttft-layers layers")
@@ -199,7 +203,6 @@ def varlen_section(args, record) -> None:
     every sequence of the packed output equals its solo run within 4 ulps of its magnitude."""
     device, shape = args.device, workload.shape_for(args.device)
     lens = args.varlen_lengths
-    config = SketchWalkConfig(block_size=args.model_block, density=0.2, dense_layers=0, dense_below=args.dense_below)
     seqs = [workload.qkv(shape, n, device=device, seed=i) for i, n in enumerate(lens)]
     q, k, v = (torch.cat([s[j][0].transpose(0, 1) for s in seqs]) for j in range(3))  # [total, H, D]
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
@@ -210,9 +213,10 @@ def varlen_section(args, record) -> None:
         dense["FlashAttention varlen (torch)"] = varlen_dense
     dense_ms = {name: workload.median_ms(fn, device, long=long) for name, fn in dense.items()}
     solo_dense_ms = sum(workload.median_ms(lambda s=s: workload.dense_attention(*s), device) for s in seqs)
-    for kernel in args.kernels:
+    for scoring, kernel in itertools.product(args.scorings, args.kernels):
+        config = batch_config(args, scoring)
         row = dict(lengths=lens, total=total, block_size=config.block_size, density=0.2,
-                   dense_below=args.dense_below, kernel=kernel,
+                   dense_below=args.dense_below, scoring=scoring, kernel=kernel,
                    dense_ms=dense_ms, solo_dense_ms=solo_dense_ms)
         with flexwalk.options(prefill_kernel=kernel):
             try:
@@ -243,6 +247,13 @@ def varlen_section(args, record) -> None:
 
 
 @torch.no_grad()
+def batch_config(args, scoring: str) -> SketchWalkConfig:
+    """The varlen and padded sections' configuration: block --model-block, density 0.2, every layer
+    sparse from --dense-below tokens, the given prefill scoring."""
+    return SketchWalkConfig(block_size=args.model_block, density=0.2, dense_layers=0, dense_below=args.dense_below,
+                            prefill_scoring=scoring)
+
+
 def padded_section(args, record) -> None:
     """The sequences of --varlen-lengths left-padded into one [B, max length] batch (as
     transformers batches prompts; block 128 on CUDA, density 0.2, dense_below as in the varlen
@@ -254,8 +265,8 @@ def padded_section(args, record) -> None:
     within 4 ulps of its magnitude (a row shorter than dense_below keeps every causal block in the
     batch and runs dense alone)."""
     device, shape = args.device, workload.shape_for(args.device)
-    config = SketchWalkConfig(block_size=args.model_block, density=0.2, dense_layers=0, dense_below=args.dense_below)
-    lens = [max(config.block_size, n - n % config.block_size) for n in args.varlen_lengths]
+    block = args.model_block
+    lens = [max(block, n - n % block) for n in args.varlen_lengths]
     seqs = [workload.qkv(shape, n, device=device, seed=i) for i, n in enumerate(lens)]
     width = max(lens)
     q, k, v = (torch.zeros(len(lens), h, width, shape.head_dim, device=device, dtype=shape.dtype)
@@ -267,10 +278,12 @@ def padded_section(args, record) -> None:
         key_valid[row, width - n:] = True
     dense_ms = workload.median_ms(lambda: [workload.dense_attention(*s) for s in seqs], device, long=True)
     solo_dense_ms = sum(workload.median_ms(lambda s=s: workload.dense_attention(*s), device) for s in seqs)
-    run = lambda: sketchwalk_attention(q, k, v, config, 0, key_valid=key_valid, holes=False)  # noqa: E731
-    for kernel in args.kernels:
-        row = dict(lengths=lens, width=width, total=sum(lens), block_size=config.block_size, density=0.2,
-                   dense_below=args.dense_below, kernel=kernel, dense_ms=dense_ms, solo_dense_ms=solo_dense_ms)
+    for scoring, kernel in itertools.product(args.scorings, args.kernels):
+        config = batch_config(args, scoring)
+        run = lambda: sketchwalk_attention(q, k, v, config, 0, key_valid=key_valid, holes=False)  # noqa: E731
+        row = dict(lengths=lens, width=width, total=sum(lens), block_size=block, density=0.2,
+                   dense_below=args.dense_below, scoring=scoring, kernel=kernel, dense_ms=dense_ms,
+                   solo_dense_ms=solo_dense_ms)
         with flexwalk.options(prefill_kernel=kernel):
             try:
                 flexwalk.reset_counters()
@@ -432,6 +445,11 @@ def _changed(config: dict) -> str:
                                            if k in ("block_size", "density") or default.get(k) != v) + ")"
 
 
+def _batch_kernel(row) -> str:
+    """A varlen or padded row's kernel cell: the kernel asked for, the one that ran, the scoring."""
+    return f"{row['kernel']} ({row['ran']}, {row.get('scoring', 'sketch')})"
+
+
 def _fmt(x: float, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -470,7 +488,7 @@ def render_markdown(report: dict) -> str:
                   f"block {r0['block_size']}, density {r0['density']}, dense_below {r0['dense_below']}.  Median ms; speedup = the "
                   "fastest dense varlen / sparse varlen; batch-1 = each sequence alone (sum of cuDNN / sum of "
                   "sparse).  Check: every packed sequence equals its solo run.", "",
-                  "| kernel (ran) | " + " | ".join(f"{k} ms" for k in r0["dense_ms"]) + " | sparse ms | **speedup** "
+                  "| kernel (ran, scoring) | " + " | ".join(f"{k} ms" for k in r0["dense_ms"]) + " | sparse ms | **speedup** "
                   "| batch-1 speedup | check |", "|---|" + "---|" * len(r0["dense_ms"]) + "---|---|---|---|"]
         for r in report["varlen"]:
             dense = " | ".join(_fmt(x) for x in r["dense_ms"].values())
@@ -479,7 +497,7 @@ def render_markdown(report: dict) -> str:
                 continue
             c = r["check"]
             verdict = "ok" if c["ok"] else f"FAILED (err {c['err']:.2e} / {c['budget']:.2e})"
-            lines.append(f"| {r['kernel']} ({r['ran']}) | {dense} | {_fmt(r['sparse_ms'])} | **{r['speedup']:.2f}x** "
+            lines.append(f"| {_batch_kernel(r)} | {dense} | {_fmt(r['sparse_ms'])} | **{r['speedup']:.2f}x** "
                          f"| {r['solo_speedup']:.2f}x | {verdict} |")
         lines.append("")
     if report.get("padded"):
@@ -489,7 +507,7 @@ def render_markdown(report: dict) -> str:
                   f"(key_valid), block {r0['block_size']}, density {r0['density']}, dense_below {r0['dense_below']}.  "
                   "Median ms; speedup = cuDNN SDPA per sequence / the sparse padded batch; batch-1 = each sequence "
                   "alone.  Check: every row's real queries equal its solo run.", "",
-                  "| kernel (ran) | cuDNN per sequence ms | sparse ms | **speedup** | batch-1 speedup | check |",
+                  "| kernel (ran, scoring) | cuDNN per sequence ms | sparse ms | **speedup** | batch-1 speedup | check |",
                   "|---|---|---|---|---|---|"]
         for r in report["padded"]:
             if "error" in r:
@@ -497,7 +515,7 @@ def render_markdown(report: dict) -> str:
                 continue
             c = r["check"]
             verdict = "ok" if c["ok"] else f"FAILED (err {c['err']:.2e} / {c['budget']:.2e})"
-            lines.append(f"| {r['kernel']} ({r['ran']}) | {_fmt(r['dense_ms'])} | {_fmt(r['sparse_ms'])} | "
+            lines.append(f"| {_batch_kernel(r)} | {_fmt(r['dense_ms'])} | {_fmt(r['sparse_ms'])} | "
                          f"**{r['speedup']:.2f}x** | {r['solo_speedup']:.2f}x | {verdict} |")
         lines.append("")
     if report.get("ttft"):

@@ -27,12 +27,20 @@ def token_lengths(text: str) -> list[int]:
 
 
 def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, lo: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+        value = lo - 1
+    if value < lo:
+        raise argparse.ArgumentTypeError(f"must be an int >= {lo}, got {text!r}")
     return value
 
 

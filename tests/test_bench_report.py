@@ -145,6 +145,24 @@ def test_the_layer_section_sets_scorings_side_by_side(tmp_path):
     assert "| 1 | 256 | 64, sketch |" in md and "| 1 | 256 | 64, bound |" in md
 
 
+def test_the_batch_sections_set_scorings_side_by_side(tmp_path):
+    """--scorings sketch,bound in the varlen and padded sections: one row per scoring for the same
+    dense times, each checked against its sequences' solo runs with that scoring; with
+    --dense-below 512 the 256-token sequence runs dense (counted once packed, as a padded row)."""
+    status = report.main(["--out", str(tmp_path), "--sections", "varlen,padded", "--varlen-lengths", "256,1024,640",
+                          "--kernels", "flex", "--scorings", "sketch,bound", "--dense-below", "512"])
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert status == 0, report.failed(saved)
+    for name in ("varlen", "padded"):
+        rows = saved[name]
+        assert [r["scoring"] for r in rows] == ["sketch", "bound"] and rows[0]["dense_ms"] == rows[1]["dense_ms"]
+        assert all(r["check"]["ok"] for r in rows)
+    assert all(r["counters"]["dense_short"] == 1 and r["counters"]["sparse_prefill"] == 2 for r in saved["varlen"])
+    assert all(r["counters"]["dense_short_rows"] == 1 for r in saved["padded"])
+    md = (tmp_path / "report.md").read_text()
+    assert "| flex (flex, sketch) |" in md and "| flex (flex, bound) |" in md
+
+
 @pytest.mark.parametrize("wrong", ["sparse", "full"])
 def test_the_check_before_timing_fails_a_wrong_layer(wrong, monkeypatch):
     """workload.check_layer passes the layer as it is and fails it when one query row of the
