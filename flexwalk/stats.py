@@ -32,7 +32,8 @@ DENSE_CACHED_PREFILL = "dense_cached_prefill"  # several new tokens after a cach
 DENSE_PREFILL = "dense_prefill"  # prefill with skip_prefill=True (decode-only sparsity)
 SPARSE_DECODE = "sparse_decode"  # decode step with the incremental SketchWalk state
 DENSE_SHORT_ROWS = "dense_short_rows"  # rows of a padded batch shorter than dense_below: every causal block kept
-DENSE_DECODE_SHORT = "dense_decode_short"  # decode step while the sequence is shorter than dense_below
+DENSE_DECODE_SHORT = "dense_decode_short"
+DENSE_DECODE_SHORT_ROWS = "dense_decode_short_rows"  # sparse decode steps of padded rows shorter than dense_below: dense  # decode step while the sequence is shorter than dense_below
 DENSE_DECODE_NO_STATE = "dense_decode_no_state"  # decode step without a usable state (see _REASONS)
 DECODE_STATE_RESET = "decode_state_reset"  # a state was found stale (not continuing this sequence) and dropped
 DECODE_GRAPH_STEPS = "decode_graph_steps"  # sparse decode steps replayed from a CUDA graph (static cache)
@@ -61,6 +62,10 @@ _REASONS = {
     DENSE_SHORT_ROWS: (
         "rows of a padded batch with fewer real tokens than dense_below keep every causal block in the sparse "
         "layers (dense attention, as they would run alone); counted per row and layer"
+    ),
+    DENSE_DECODE_SHORT_ROWS: (
+        "sparse decode steps of a padded batch's rows with fewer real tokens than dense_below attend every causal "
+        "block (dense, as they would decode alone); counted per row, step and layer"
     ),
     DENSE_DECODE_SHORT: "decode steps of sequences shorter than dense_below run dense attention",
     DENSE_DECODE_NO_STATE: (
@@ -116,7 +121,7 @@ def device_counter(path: str, device: torch.device | str) -> torch.Tensor:
 def counters() -> dict[str, int]:
     """Calls per attention path since the last reset, e.g. {'sparse_prefill': 28, ...}.
 
-    Counters kept on the device (decode_stale_steps, dense_short_rows) are read here: one host sync.
+    Counters kept on the device (decode_stale_steps, dense_short_rows, dense_decode_short_rows) are read here: one host sync.
     """
     with _lock:
         out = dict(_counts)

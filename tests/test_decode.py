@@ -473,3 +473,33 @@ def test_bound_scoring_finds_needles_the_block_mean_loses():
             if scoring == "bound":
                 assert int(row[0, :16].argmax()) == 6, f"draw {seed}: the needle block is not ranked first"
     assert kept["bound"] == 10 and kept["sketch"] < 10, kept
+
+
+def test_a_padded_row_shorter_than_dense_below_decodes_dense(decode_kernel):
+    """A batch 100 tokens wide, row 1 left-padded to 40 real tokens, dense_below 64, density 0.2:
+    while row 1 has fewer than 64 real tokens its steps attend every causal block (equal to dense
+    attention over its real keys), counted per step; row 0 decodes as it would alone.  A batch
+    narrower than dense_below keeps every row sparse (the callers decode it dense)."""
+    cfg = SketchWalkConfig(block_size=16, density=0.2, dense_below=64)
+    n, steps, short = 100, 30, 40
+    total = n + steps
+    q, k, v = _qkv(2, 4, 2, total, 16, seed=31)
+    key_valid = left_padding(2, total, [0, n - short])
+    state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 2, key_valid=key_valid[:, :n])
+    alone = DecodeState.from_prefill(q[:1, :, :n], k[:1, :, :n], cfg, 2)
+    flexwalk.reset_counters()
+    dense_steps = 0
+    for t in range(n, total):
+        cut = slice(0, t + 1)
+        out, _ = sketchwalk_decode(q[:, :, t:t + 1], k[:, :, cut], v[:, :, cut], state)
+        ref, _ = sketchwalk_decode(q[:1, :, t:t + 1], k[:1, :, cut], v[:1, :, cut], alone)
+        torch.testing.assert_close(out[:1], ref, rtol=0, atol=4 * EPS * max(1.0, ref.abs().max().item()))
+        if short + (t - n) + 1 < cfg.dense_below:
+            dense_steps += 1
+            assert_matches_reference(q[1:, :, t:t + 1], k[1:, :, cut], v[1:, :, cut],
+                                     key_valid[1:, None, None, cut], out[1:])
+    assert dense_steps == 23 and flexwalk.counters()["dense_decode_short_rows"] == dense_steps
+    narrow = DecodeState.from_prefill(q[:, :, :50], k[:, :, :50], cfg, 2, key_valid=left_padding(2, 50, [0, 30]))
+    flexwalk.reset_counters()
+    sketchwalk_decode(q[:, :, 50:51], k[:, :, :51], v[:, :, :51], narrow)
+    assert "dense_decode_short_rows" not in flexwalk.counters()

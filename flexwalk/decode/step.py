@@ -33,12 +33,22 @@ def check_walk_row(walk_row: torch.Tensor | None, batch: int, capacity: int) -> 
         )
 
 
+def short_decode_rows(k_count: torch.Tensor, p_tok: torch.Tensor, dense_below: int) -> torch.Tensor | None:
+    """[B] bool: where the batch holds at least dense_below tokens (p_tok + 1), the rows with
+    fewer real ones (k_count summed, the new token included): they attend every causal block, as
+    they would decode alone (selection.topk.short_rows' rule for one row).  None for dense_below 0."""
+    if dense_below <= 0:
+        return None
+    return (k_count.sum(-1) < dense_below) & (p_tok + 1 >= dense_below)
+
+
 def _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, pinned, *, bs, scale, exponent, walk_mode,
-                 damping, walk_steps, sink_blocks, local_blocks, top_k, density, q=None, k_bounds=None,
+                 damping, walk_steps, sink_blocks, local_blocks, top_k, density, dense_below=0, q=None, k_bounds=None,
                  softcap=None, w=None):
     """Tensor core of the decode selection (compiled on CUDA together with the state update).
     k_bounds given (decode_scoring="bound"): the token's row is `bound_rows` of q [B, Hq, 1, D];
-    w [B, 1, C]: the token's row computed already (tensor parallelism: reduced over the group)."""
+    w [B, 1, C]: the token's row computed already (tensor parallelism: reduced over the group).
+    dense: 0-dim or [B] bool, rows attending every causal block; so do `short_decode_rows`."""
     c = k_count.shape[1]
     idx = torch.arange(c, device=k_count.device)
     bt = (p_tok // bs).reshape(1)
@@ -52,9 +62,13 @@ def _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, pinned
     kept, order, n_causal = rank_blocks(row, allowed, block_valid, bt, sink_blocks=sink_blocks,
                                         local_blocks=local_blocks, top_k=top_k, density=density, pinned=pinned)
     row, kept, order, n_causal = row[:, 0], kept[:, 0], order[:, 0].to(INT), n_causal[:, 0]
+    short = short_decode_rows(k_count, p_tok, dense_below)
+    if short is not None:
+        dense = short if dense is None else dense | short
     if dense is not None:
+        dense = dense.reshape(-1)
         kept = torch.where(dense, (bt + 1).to(kept.dtype).expand_as(kept), kept)
-        order = torch.where(dense, idx.to(INT)[None, :].expand_as(order), order)
+        order = torch.where(dense[:, None], idx.to(INT)[None, :].expand_as(order), order)
     return row, kept.to(INT), order, kept.float(), n_causal.float()
 
 
@@ -63,7 +77,7 @@ def _consts(state: "DecodeState") -> dict:
     return dict(
         bs=state.block_size, scale=state.scale, exponent=float(cfg.sparsity_exponent), walk_mode=cfg.walk,
         damping=float(cfg.damping), walk_steps=cfg.walk_steps, sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks,
-        top_k=cfg.top_k_blocks, density=cfg.density,
+        top_k=cfg.top_k_blocks, density=cfg.density, dense_below=cfg.min_sparse_length(state.device),
     )
 
 
@@ -100,9 +114,9 @@ def _cache_mismatch(k_rows, last_key, position, pos):
     return bad if position is None else bad | (position != pos)
 
 
-def _step_core(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, last_key, stale, stale_steps, all_stale_steps, q,
-               k_rows, valid, walk_row, position, p, pinned, k_bounds, *, force_dense, head_scoring, softcap,
-               reduced=None, **consts):
+def _step_core(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, last_key, stale, stale_steps, all_stale_steps,
+               short_rows, q, k_rows, valid, walk_row, position, p, pinned, k_bounds, *, force_dense, head_scoring,
+               softcap, reduced=None, **consts):
     """One decode step's state update and selection, tensors only (no host sync).
 
     k_rows: [B, Hkv, 2, D], the cache's keys at positions pos - 1 and pos (the last absorbed
@@ -129,6 +143,9 @@ def _step_core(k_sum, k_count, k_sketch, trans, q_sum, q_count, pos, last_key, s
                              consts["bs"], consts["scale"], consts["exponent"], *bounds)
     new_pos = pos + 1
     p_tok = new_pos - 1 if position is None else position
+    short = short_decode_rows(k_count, p_tok, consts["dense_below"])
+    if short is not None:  # counted here; _select_core makes them dense
+        short_rows += short.sum().to(short_rows.dtype)
     dense = stale | force_dense if not force_dense else torch.ones_like(stale)
     row, kv_num, kv_idx, kept, causal = _select_core(k_sketch, k_count, trans, p, qm, walk_row, p_tok, dense, pinned,
                                                      q=q, k_bounds=k_bounds, softcap=softcap,
@@ -192,8 +209,8 @@ def _step_inplace(state: DecodeState, q, k, v, walk_row, valid, pos_t, *, scale,
         reduced = (qm, km, bad, w_red)
     (q_sum, q_count, pos, last_key, stale, row, kv_num, kv_idx, kept, causal, end) = _step_fn(compiled)(
         state.k_sum, state.k_count, state.k_sketch, state.transition, state.q_sum, state.q_count, state.pos,
-        state.last_key, state.stale, state.stale_steps, stats.device_counter(stats.DECODE_STALE_STEPS, q.device), q,
-        k_rows, valid, walk_row, pos_t, state.sketch, state.pinned, state.k_bounds,
+        state.last_key, state.stale, state.stale_steps, stats.device_counter(stats.DECODE_STALE_STEPS, q.device),
+        stats.device_counter(stats.DENSE_DECODE_SHORT_ROWS, q.device), q, k_rows, valid, walk_row, pos_t, state.sketch, state.pinned, state.k_bounds,
         force_dense=force_dense, head_scoring=state.config.head_scoring, softcap=softcap, reduced=reduced,
         **_consts(state),
     )
