@@ -271,9 +271,12 @@ def test_no_recompiles_over_64_decode_steps_after_warmup():
     assert dynamo_counters["stats"]["unique_graphs"] == before, "a decode step or prompt length recompiled flex"
 
 
-def test_compiled_step_core_matches_eager():
-    """The step core compiled (as on CUDA) gives the eager selection, state and output."""
-    cfg = SketchWalkConfig(block_size=16, density=0.3)
+@pytest.mark.parametrize("dense_below", ["auto", 110])
+def test_compiled_step_core_matches_eager(dense_below):
+    """The step core compiled (as on CUDA) gives the eager selection, state and output; with
+    dense_below 110 the batch crosses it mid-run and the padded row (87-106 real tokens) turns
+    dense, in both."""
+    cfg = SketchWalkConfig(block_size=16, density=0.3, dense_below=dense_below)
     q, k, v = _qkv(2, 6, 2, 120, 16, seed=12)
     key_valid = left_padding(2, 120, [0, 13])
     eager = DecodeState.from_prefill(q[:, :, :100], k[:, :, :100], cfg, 2, key_valid=key_valid[:, :100])
@@ -286,6 +289,7 @@ def test_compiled_step_core_matches_eager():
         torch.testing.assert_close(row_c, row_e, rtol=0, atol=1e-5)
         torch.testing.assert_close(out_c, out_e, rtol=0, atol=1e-5)
     assert_state_equal(compiled, eager, cfg, "compiled vs eager")
+    assert flexwalk.counters().get("dense_decode_short_rows", 0) == (0 if dense_below == "auto" else 2 * 11)
 
 
 def test_cuda_graph_key_and_invalidation():
