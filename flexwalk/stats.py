@@ -32,8 +32,8 @@ DENSE_CACHED_PREFILL = "dense_cached_prefill"  # several new tokens after a cach
 DENSE_PREFILL = "dense_prefill"  # prefill with skip_prefill=True (decode-only sparsity)
 SPARSE_DECODE = "sparse_decode"  # decode step with the incremental SketchWalk state
 DENSE_SHORT_ROWS = "dense_short_rows"  # rows of a padded batch shorter than dense_below: every causal block kept
-DENSE_DECODE_SHORT = "dense_decode_short"
-DENSE_DECODE_SHORT_ROWS = "dense_decode_short_rows"  # sparse decode steps of padded rows shorter than dense_below: dense  # decode step while the sequence is shorter than dense_below
+DENSE_DECODE_SHORT = "dense_decode_short"  # decode step while the sequence is shorter than dense_below
+DENSE_DECODE_SHORT_ROWS = "dense_decode_short_rows"  # sparse decode steps of padded rows shorter than dense_below: dense
 DENSE_DECODE_NO_STATE = "dense_decode_no_state"  # decode step without a usable state (see _REASONS)
 DECODE_STATE_RESET = "decode_state_reset"  # a state was found stale (not continuing this sequence) and dropped
 DECODE_GRAPH_STEPS = "decode_graph_steps"  # sparse decode steps replayed from a CUDA graph (static cache)

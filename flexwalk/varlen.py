@@ -17,8 +17,9 @@ sequence is what it would be run alone:
   selection at its own blocks (the document mask, at block level: no token-level tensor of
   the packed length squared).
 
-Host synchronisation: one, reading cu_seqlens (the sequences' lengths fix how many blocks
-each selects and where they sit); the selections and kernels then run without another.
+Host synchronisation: one, reading cu_seqlens where it is on the GPU (the sequences' lengths
+fix how many blocks each selects and where they sit); none where it is a host tensor (vLLM
+passes its host copy).  The selections and kernels then run without another.
 The residual (config.residual) runs each sequence through `sketchwalk_attention` in turn.
 """
 
@@ -93,6 +94,8 @@ class PackedLayout:
             at += n
             pos += -(-n // align) * align
         rows = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
+        if torch.device(device).type == "cuda":  # from pinned memory: a pageable copy would sync the stream
+            rows = rows.pin_memory().to(device, non_blocking=True)
         return PackedLayout(tuple(seq_lens), tuple(starts), tuple(aligned), pos, align, rows.to(device))
 
     def to_aligned(self, x: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -239,7 +242,8 @@ def sketchwalk_varlen_attention(
     below dense_below) up to the kernels' rounding.  Returns (out [total, Hq, D], state for the
     next layer).  Counters per sequence as its solo run counts them (sparse_prefill,
     dense_short, dense_layer, ...), plus `varlen_prefill` per call and the kernel's counter
-    (fa4_prefill, triton_prefill) per launch.  One host sync (cu_seqlens).
+    (fa4_prefill, triton_prefill) per launch.  One host sync where cu_seqlens is on the GPU, none
+    where it is a host tensor.
     """
     lens = check_varlen_inputs(q, k, v, cu_seqlens, max_seqlen)
     if not isinstance(config, SketchWalkConfig):

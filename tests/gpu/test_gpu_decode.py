@@ -107,14 +107,15 @@ def test_the_triton_decode_kernel_matches_the_oracle(dtype, case):
     assert err <= budget, (err, budget)
 
 
-def test_a_graphed_decode_step_equals_the_eager_one():
-    """40 steps of the functional API over a static layout, the step replayed from a CUDA graph
-    and run eagerly: the same outputs, walk rows and final state (the key bounds picked, equal)."""
+def _graphed_and_eager_steps(cfg, key_valid=None, counters=("decode_graph_steps",)):
+    """40 steps of the functional API over a static layout of 3,000 slots (2,900 prefilled),
+    each replayed from a CUDA graph and run eagerly; asserts equal outputs and walk rows at
+    every step.  Returns the two states and the counters summed over the steps, per mode."""
     q, k, v = (torch.randn(2, h, 3000, 128, device="cuda", dtype=torch.bfloat16) for h in (32, 8, 8))
-    cfg = SketchWalkConfig(block_size=128, density=0.2)
-    states = {g: DecodeState.from_prefill(q[:, :, :2900], k[:, :, :2900], cfg, 3, kv_tokens=3000, growable=False)
-              for g in (True, False)}
-    graphed = 0
+    kv = None if key_valid is None else key_valid[:, :2900]
+    states = {g: DecodeState.from_prefill(q[:, :, :2900], k[:, :, :2900], cfg, 3, kv_tokens=3000, growable=False,
+                                          key_valid=kv) for g in (True, False)}
+    summed = {g: dict.fromkeys(counters, 0) for g in states}
     for t in range(2900, 2940):
         outs = {}
         for g, st in states.items():
@@ -123,13 +124,33 @@ def test_a_graphed_decode_step_equals_the_eager_one():
                 out, row = sketchwalk_decode(q[:, :, t : t + 1].clone(), k, v, st,
                                              position=torch.tensor(t, device="cuda"))
             outs[g] = (out.clone(), row.clone())
-            graphed += flexwalk.counters().get("decode_graph_steps", 0) if g else 0
+            for name in counters:
+                summed[g][name] += flexwalk.counters().get(name, 0)
         assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1]), t
-    assert graphed >= 38  # every step after the first (which captures) replays the graph
+    return states, summed
+
+
+def test_a_graphed_decode_step_equals_the_eager_one():
+    """40 steps, the step replayed from a CUDA graph and run eagerly: the same outputs, walk rows
+    and final state (the key bounds picked, equal)."""
+    states, summed = _graphed_and_eager_steps(SketchWalkConfig(block_size=128, density=0.2))
+    assert summed[True]["decode_graph_steps"] >= 38  # every step after the first (which captures) replays
     for field in ("k_sum", "k_count", "k_sketch", "q_sum", "q_count", "transition"):
         assert torch.equal(getattr(states[True], field), getattr(states[False], field)), field
     a, b = states[True].k_bounds, states[False].k_bounds
     assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+def test_a_graphed_step_turns_a_short_padded_row_dense_as_the_eager_one():
+    """Row 1 left-padded to 2,000 real tokens, dense_below 2,020: the graphed and the eager steps
+    give the same outputs and walk rows, and both count row 1's first 19 steps (2,001 to 2,019
+    real tokens, the new one included) as dense."""
+    key_valid = torch.ones(2, 3000, dtype=torch.bool, device="cuda")
+    key_valid[1, :900] = False
+    cfg = SketchWalkConfig(block_size=128, density=0.2, dense_below=2020)
+    _, summed = _graphed_and_eager_steps(cfg, key_valid, counters=("decode_graph_steps", "dense_decode_short_rows"))
+    assert summed[True]["decode_graph_steps"] >= 38
+    assert summed[True]["dense_decode_short_rows"] == summed[False]["dense_decode_short_rows"] == 19
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
