@@ -8,14 +8,15 @@ sequence is what it would be run alone:
   its first token), with its own walk across the layers (`VarlenWalkState`);
 - sequences shorter than dense_below run dense (causal lists of every block, in the same kernel
   launch), counted `dense_short` each, as a solo run counts;
-- one kernel runs every sequence at once on a *block-aligned* copy of the batch: each sequence
-  starts at a multiple of the query block (`PackedLayout`), so no block straddles two
+- one kernel runs every sequence at once over a *block-aligned* layout of the batch: each
+  sequence starts at a multiple of the query block (`PackedLayout`), so no block straddles two
   sequences, every listed key block belongs to its query block's sequence, and the plain causal
-  mask inside the diagonal blocks is the right one.  FlashAttention 4 and flexwalk's Triton
-  kernel take this copy as a batch of one with global block lists; flex takes a BlockMask
-  built from the same lists, whose mask_mod reads a block table holding each sequence's
-  selection at its own blocks (the document mask, at block level: no token-level tensor of
-  the packed length squared).
+  mask inside the diagonal blocks is the right one.  flexwalk's Triton kernel reads and writes
+  the packed rows in place, each query block shifted to its sequence's rows; FlashAttention 4
+  takes a block-aligned copy as a batch of one with the same global block lists; flex takes
+  that copy and a BlockMask built from the same lists, whose mask_mod reads a block table
+  holding each sequence's selection at its own blocks (the document mask, at block level: no
+  token-level tensor of the packed length squared).
 
 Host synchronisation: one, reading cu_seqlens where it is on the GPU (the sequences' lengths
 fix how many blocks each selects and where they sit); none where it is a host tensor (vLLM
@@ -25,6 +26,7 @@ The residual (config.residual) runs each sequence through `sketchwalk_attention`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -69,34 +71,47 @@ class VarlenWalkState:
 
 @dataclass(frozen=True)
 class PackedLayout:
-    """Where each sequence of a packed batch sits in the block-aligned copy the kernels run on.
+    """Where each sequence of a packed batch sits in the block-aligned layout the kernels run on.
 
     seq_lens / starts: each sequence's length and first row in the packed input; aligned: its
-    first row in the copy (a multiple of `align`, the query block); length: the copy's rows
-    (the last sequence's end rounded up to `align`).  rows: [total] int64 on the device, the row
-    of the copy each packed row goes to."""
+    first position in the layout (a multiple of `align`, the query block); length: the layout's
+    positions (the last sequence's end rounded up to `align`).  Flex and FlashAttention 4 run
+    on a block-aligned copy (`to_aligned`, `from_aligned`); flexwalk's Triton kernel reads the
+    packed rows in place through `block_bounds`."""
 
     seq_lens: tuple[int, ...]
     starts: tuple[int, ...]
     aligned: tuple[int, ...]
     length: int
     align: int
-    rows: torch.Tensor
+    device: torch.device
 
     @staticmethod
     def build(seq_lens: tuple[int, ...], align: int, device) -> "PackedLayout":
-        starts, aligned, pos, chunks = [], [], 0, []
-        at = 0
+        starts, aligned, pos, at = [], [], 0, 0
         for n in seq_lens:
             starts.append(at)
             aligned.append(pos)
-            chunks.append(torch.arange(pos, pos + n))
             at += n
             pos += -(-n // align) * align
-        rows = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
-        if torch.device(device).type == "cuda":  # from pinned memory: a pageable copy would sync the stream
-            rows = rows.pin_memory().to(device, non_blocking=True)
-        return PackedLayout(tuple(seq_lens), tuple(starts), tuple(aligned), pos, align, rows.to(device))
+        return PackedLayout(tuple(seq_lens), tuple(starts), tuple(aligned), pos, align, torch.device(device))
+
+    @functools.cached_property
+    def rows(self) -> torch.Tensor:
+        """[total] int64 on the device: the position in the layout of each packed row."""
+        chunks = [torch.arange(a, a + n) for a, n in zip(self.aligned, self.seq_lens)]
+        return _to_device(torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long), self.device)
+
+    @functools.cached_property
+    def block_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shift, end), [length / align] int32 each on the device: for each query block of the
+        layout, its sequence's aligned start minus its packed start, and its aligned end."""
+        both = torch.zeros(2, self.length // self.align, dtype=torch.int32)
+        for n, s, a in zip(self.seq_lens, self.starts, self.aligned):
+            rows = slice(a // self.align, (a + n + self.align - 1) // self.align)
+            both[0, rows], both[1, rows] = a - s, a + n
+        both = _to_device(both, self.device)
+        return both[0], both[1]
 
     def to_aligned(self, x: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """[total, H, D] -> [length (default self.length), H, D], zeros between sequences."""
@@ -106,6 +121,14 @@ class PackedLayout:
     def from_aligned(self, x: torch.Tensor) -> torch.Tensor:
         """[>= self.length, H, D] -> [total, H, D]: the packed rows back."""
         return x.index_select(0, self.rows)
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device; to CUDA from pinned memory, so that the copy does not make
+    the host wait for the stream."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def check_varlen_inputs(q, k, v, cu_seqlens, max_seqlen) -> tuple[int, ...]:
@@ -173,7 +196,7 @@ def _global_lists(parts, layout: PackedLayout, config: SketchWalkConfig, nq_tota
     counts [1, nq_total], indices [1, nq_total, width] (global key block ids), for the partial
     and the full blocks.  Rows past the last sequence list nothing."""
     qb, bs = config.q_block, config.block_size
-    dev = layout.rows.device
+    dev = layout.device
     counts = [torch.zeros(1, nq_total, dtype=torch.int32, device=dev) for _ in range(2)]
     idx = [torch.zeros(1, nq_total, width, dtype=torch.int32, device=dev) for _ in range(2)]
     for s, lists in enumerate(parts):
@@ -197,7 +220,7 @@ def _flex_mask(parts, layout: PackedLayout, config: SketchWalkConfig, lists, n_p
     as well.  Every closure tensor's shape depends on the bucket n_pad alone, so one compiled
     flex kernel serves every batch of that bucket, whatever its sequence lengths."""
     qb, bs = config.q_block, config.block_size
-    dev = layout.rows.device
+    dev = layout.device
     table = torch.zeros(1, n_pad // qb, n_pad // bs, dtype=torch.bool, device=dev)
     for s, part in enumerate(parts):
         n = layout.seq_lens[s]
@@ -296,26 +319,26 @@ def _packed_kernel(q, k, v, parts, layout: PackedLayout, config: SketchWalkConfi
     if not live:
         return torch.zeros_like(q)
     width = max(-(-n // bs) for n in layout.seq_lens)
-    qa, ka, va = (layout.to_aligned(t).transpose(0, 1)[None] for t in (q, k, v))
-    kernel = prefill_kernel(qa, ka, va, config, softcap, None, opts)
-    if kernel == "flex":
+    as4 = [t.transpose(0, 1)[None] for t in (q, k, v)]  # [1, H, total, D] views, for the kernel choice
+    kernel = prefill_kernel(*as4, config, softcap, None, opts)
+    if kernel == "triton":  # the packed rows read and written in place
+        p_cnt, p_idx, f_cnt, f_idx = _global_lists(parts, layout, config, layout.length // qb, max(width, 1))
+        stats.count(stats.TRITON_PREFILL)
+        return triton_prefill.packed_prefill_attention(q, k, v, f_cnt, f_idx, p_cnt, p_idx, *layout.block_bounds,
+                                                       layout.length, q_block=qb, kv_block=bs, scale=scale,
+                                                       smem=opts.triton_smem_limit)
+    if kernel == "flex":  # the copy at the bucket's length: flex pads to it otherwise
+        qa, ka, va = (layout.to_aligned(t, n_pad).transpose(0, 1)[None] for t in (q, k, v))
         lists = _global_lists(parts, layout, config, n_pad // qb, n_pad // bs)  # shapes fixed by the bucket
         bm = _flex_mask(parts, layout, config, lists, n_pad)
         out = flex(qa, ka, va, bm, scale=scale, softcap=softcap, block_size=bs, q_block=qb,
                    kernel_mask_mod=kernel_mask_mod())
     else:
-        p_cnt, p_idx, f_cnt, f_idx = _global_lists(parts, layout, config, -(-layout.length // qb), max(width, 1))
-        if kernel == "fa4":
-            out = fa4.sparse_prefill_attention(qa, ka, va, f_cnt, f_idx, p_cnt, p_idx, q_block=qb, kv_block=bs,
-                                               scale=scale, mask=opts.fa4_mask)
-            stats.count(stats.FA4_PREFILL)
-        else:
-            start = torch.zeros(1, dtype=torch.int32, device=q.device)
-            end = torch.full((1,), layout.length, dtype=torch.int32, device=q.device)
-            out = triton_prefill.sparse_prefill_attention(qa, ka, va, f_cnt, f_idx, p_cnt, p_idx, start, end,
-                                                          q_block=qb, kv_block=bs, scale=scale,
-                                                          smem=opts.triton_smem_limit)
-            stats.count(stats.TRITON_PREFILL)
+        qa, ka, va = (layout.to_aligned(t).transpose(0, 1)[None] for t in (q, k, v))
+        p_cnt, p_idx, f_cnt, f_idx = _global_lists(parts, layout, config, layout.length // qb, max(width, 1))
+        out = fa4.sparse_prefill_attention(qa, ka, va, f_cnt, f_idx, p_cnt, p_idx, q_block=qb, kv_block=bs,
+                                           scale=scale, mask=opts.fa4_mask)
+        stats.count(stats.FA4_PREFILL)
     return layout.from_aligned(out[0].transpose(0, 1))
 
 

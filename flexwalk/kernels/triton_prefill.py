@@ -57,13 +57,14 @@ if HAS_TRITON:
         return acc, l_i, m_new
 
     def _prefill_kernel(
-        Q, K, V, O, F_NUM, F_IDX, P_NUM, P_IDX, START, END, KM, VM, LC, TBL,
+        Q, K, V, O, F_NUM, F_IDX, P_NUM, P_IDX, START, END, KM, VM, LC, TBL, SHIFT, SEQ_END,
         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh,
         sfnb, sfnm, sfib, sfim, spnb, spnm, spib, spim,
         skmb, skmh, skmn, svmb, svmh, svmn, slcb, stb, stm,
         H, G, N, NQ, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
         M_SPLIT: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr, RESIDUAL: tl.constexpr,
+        PACKED: tl.constexpr,
     ):
         pid_h = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -74,14 +75,20 @@ if HAS_TRITON:
         hk = h // G
         SUB: tl.constexpr = KV_BLOCK // BLOCK_N
 
+        if PACKED:  # block-aligned positions; the rows sit `shift` earlier in the packed tensors
+            shift = tl.load(SHIFT + row).to(tl.int64)
+            n_end = tl.load(SEQ_END + row)  # the end of this query block's sequence
+        else:
+            shift = 0
+            n_end = N
         offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
-        q_ok = offs_m < N
-        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqm
+        q_ok = offs_m < n_end
+        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + (offs_m[:, None].to(tl.int64) - shift) * sqm
                     + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-        k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
-        v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh - shift * skn
+        v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh - shift * svn
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -111,7 +118,7 @@ if HAS_TRITON:
             blk = tl.load(p_row + j // SUB)
             start_n = blk * KV_BLOCK + (j % SUB) * BLOCK_N
             tok = start_n + offs_n
-            inside = tok < N
+            inside = tok < n_end
             k = tl.load(k_base + start_n.to(tl.int64) * skn + k_off, mask=inside[None, :], other=0.0)
             s = tl.dot(q, k, input_precision=PRECISION)
             ok = (tok[None, :] <= offs_m[:, None]) & (tok[None, :] >= start) & (tok[None, :] < end)
@@ -141,7 +148,7 @@ if HAS_TRITON:
                 acc, l_i, m_i = _online_softmax(acc, l_i, m_i, s, vm, 1.0, True, PRECISION)
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(O + b.to(tl.int64) * sob + offs_m[:, None].to(tl.int64) * som + h.to(tl.int64) * soh
+        tl.store(O + b.to(tl.int64) * sob + (offs_m[:, None].to(tl.int64) - shift) * som + h.to(tl.int64) * soh
                  + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_ok[:, None])
 
     # N (the prompt length) varies by prompt: no specialisation on it, so one compile serves
@@ -270,6 +277,55 @@ def sparse_prefill_attention(
     blocks before its query block that the table does not keep.  smem: shared memory bytes to
     plan the tiles for (None: the device's).
     """
+    bsz, hq, n, d = q.shape
+    out = _launch(q, k, v, torch.empty(bsz, n, hq, d, device=q.device, dtype=q.dtype), full_num, full_idx, part_num,
+                  part_idx, start, end, n, q_block=q_block, kv_block=kv_block, scale=scale, block_n=block_n,
+                  num_warps=num_warps, num_stages=num_stages, reverse=reverse, residual=residual, smem=smem)
+    return out.transpose(1, 2)
+
+
+def packed_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    full_num: torch.Tensor,
+    full_idx: torch.Tensor,
+    part_num: torch.Tensor,
+    part_idx: torch.Tensor,
+    shift: torch.Tensor,
+    seq_end: torch.Tensor,
+    length: int,
+    *,
+    q_block: int,
+    kv_block: int,
+    scale: float | None = None,
+    smem: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of a packed batch (FlashAttention's varlen layout) over the listed key
+    blocks, read and written in place: no block-aligned copy.
+
+    q: [total, Hq, D]; k, v: [total, Hkv, D].  The block lists are those of the batch's
+    *block-aligned* layout of `length` positions (each sequence starting at a multiple of
+    q_block, as `flexwalk.varlen.PackedLayout` places it): full_num / part_num [1, nq'] int32,
+    full_idx / part_idx [1, nq', W] int32 (aligned key block ids; every listed block belongs to
+    its query block's sequence).  shift, seq_end: [nq'] int32 per query block, its sequence's
+    aligned start minus its packed start, and its aligned end (keys and queries at or past it
+    are not read).  Returns [total, Hq, D]."""
+    total, hq, d = q.shape
+    as4 = [t.transpose(0, 1)[None] for t in (q, k, v)]  # [1, H, total, D] views
+    out = torch.empty(1, total, hq, d, device=q.device, dtype=q.dtype)
+    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+    end = torch.full((1,), length, dtype=torch.int32, device=q.device)
+    out = _launch(*as4, out, full_num, full_idx, part_num, part_idx, zero, end, length, q_block=q_block,
+                  kv_block=kv_block, scale=scale, smem=smem, packed=(shift, seq_end))
+    return out[0]
+
+
+def _launch(q, k, v, out, full_num, full_idx, part_num, part_idx, start, end, n: int, *, q_block: int,
+            kv_block: int, scale=None, block_n=None, num_warps=None, num_stages=None, reverse: bool = True,
+            residual=None, smem=None, packed=None) -> torch.Tensor:
+    """Check and launch the kernel over n query positions, writing out ([B, rows, Hq, D]);
+    packed: (shift, seq_end) of `packed_prefill_attention`."""
     if not HAS_TRITON:
         raise RuntimeError("sparse_prefill_attention needs triton (pip install triton)")
     if q.device.type != "cuda" and not interpreted():
@@ -277,7 +333,7 @@ def sparse_prefill_attention(
             f"sparse_prefill_attention runs on CUDA; got a {q.device.type} tensor (CPU runs only under triton's "
             "interpreter: set TRITON_INTERPRET=1 before importing triton, as the tests do)"
         )
-    bsz, hq, n, d = q.shape
+    bsz, hq, _, d = q.shape
     hkv = k.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
@@ -288,11 +344,12 @@ def sparse_prefill_attention(
             "16..256, power-of-two blocks with 16 <= kv_block <= q_block <= 256, a float16/bfloat16/float32 dtype "
             f"and tiles that fit {smem} bytes of shared memory"
         )
+    if packed is not None and residual is not None:
+        raise ValueError("residual summaries are not supported on a packed batch")
     block_m, bn, warps, stages = launch_config(q.dtype, d, q_block, kv_block, smem)
     bn = min(block_n or bn, kv_block)
     nq = -(-n // block_m)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty(bsz, n, hq, d, device=q.device, dtype=q.dtype)
     start = start.reshape(bsz).to(torch.int32)
     end = end.reshape(bsz).to(torch.int32)
     scale = d ** -0.5 if scale is None else float(scale)
@@ -307,12 +364,14 @@ def sparse_prefill_attention(
     else:
         k_mean = v_mean = log_count = tbl = q  # unused (RESIDUAL is off)
         res_strides = (0,) * 9
+    shift, seq_end = packed if packed is not None else (start, end)  # unused unless PACKED
     meta = dict(D=d, BLOCK_M=block_m, BLOCK_N=bn, KV_BLOCK=kv_block, M_SPLIT=q_block // block_m, REVERSE=reverse,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32", RESIDUAL=residual is not None,
-                num_warps=num_warps or warps, num_stages=num_stages or stages)
+                PACKED=packed is not None, num_warps=num_warps or warps, num_stages=num_stages or stages)
     entry = stats.log_launch("triton_prefill", meta)  # before the launch: a failed one is logged too
     kernel = _jit[(bsz * hq, nq)](
         q, k, v, out, full_num, full_idx, part_num, part_idx, start, end, k_mean, v_mean, log_count, tbl,
+        shift, seq_end,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         full_num.stride(0), full_num.stride(-1), full_idx.stride(0), full_idx.stride(-2),
@@ -321,7 +380,7 @@ def sparse_prefill_attention(
     )
     if entry is not None:
         entry["shared"] = getattr(getattr(kernel, "metadata", None), "shared", None)
-    return out.transpose(1, 2)
+    return out
 
 
 def block_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, start: torch.Tensor,
