@@ -139,6 +139,11 @@ class SketchWalkConfig:
     """Sparse decode: fraction of the prompt's blocks kept in every decode step, forced like sink
     and local blocks (so counted within the budget): the blocks the prompt's last block_size
     queries attend most (exact attention mass, head mean, computed once per prefill).  0: none."""
+    decode_dense_steps: int = 0
+    """Sparse decode: the first N decode steps after a prefill attend every causal block (a
+    larger budget for the first answer tokens, where a retrieval answer is decided), counted
+    `dense_decode_first` per layer and step; later steps select.  0 (the default): every step
+    selects."""
     residual: bool | Literal["auto"] = "auto"
     """Prefill: every query also attends one summary entry per whole key block before its query
     block that the selection dropped (the block's mean key and mean value, weighted by its number
@@ -230,6 +235,7 @@ class SketchWalkConfig:
         pf = self.decode_pinned
         if isinstance(pf, bool) or not isinstance(pf, (int, float)) or not (0.0 <= pf <= 1.0):
             _fail("decode_pinned", pf, "must be a number in [0, 1]")
+        _check_int("decode_dense_steps", self.decode_dense_steps, 0)
         if not isinstance(self.residual, bool) and self.residual != "auto":
             _fail("residual", self.residual, "must be a bool or 'auto' (on in models with sliding-window layers)")
         if not isinstance(self.skip_decode, bool):

@@ -34,6 +34,7 @@ SPARSE_DECODE = "sparse_decode"  # decode step with the incremental SketchWalk s
 DENSE_SHORT_ROWS = "dense_short_rows"  # rows of a padded batch shorter than dense_below: every causal block kept
 DENSE_DECODE_SHORT = "dense_decode_short"  # decode step while the sequence is shorter than dense_below
 DENSE_DECODE_SHORT_ROWS = "dense_decode_short_rows"  # sparse decode steps of padded rows shorter than dense_below: dense
+DENSE_DECODE_FIRST = "dense_decode_first"  # the first decode_dense_steps steps after a prefill: dense
 DENSE_DECODE_NO_STATE = "dense_decode_no_state"  # decode step without a usable state (see _REASONS)
 DECODE_STATE_RESET = "decode_state_reset"  # a state was found stale (not continuing this sequence) and dropped
 DECODE_GRAPH_STEPS = "decode_graph_steps"  # sparse decode steps replayed from a CUDA graph (static cache)
@@ -67,6 +68,7 @@ _REASONS = {
         "sparse decode steps of a padded batch's rows with fewer real tokens than dense_below attend every causal "
         "block (dense, as they would decode alone); counted per row, step and layer"
     ),
+    DENSE_DECODE_FIRST: "the first decode_dense_steps decode steps after a prefill attend every causal block",
     DENSE_DECODE_SHORT: "decode steps of sequences shorter than dense_below run dense attention",
     DENSE_DECODE_NO_STATE: (
         "decode steps without a SketchWalk decode state run dense attention (the prefill did not run "

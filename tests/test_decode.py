@@ -507,3 +507,29 @@ def test_a_padded_row_shorter_than_dense_below_decodes_dense(decode_kernel):
     flexwalk.reset_counters()
     sketchwalk_decode(q[:, :, 50:51], k[:, :, :51], v[:, :, :51], narrow)
     assert "dense_decode_short_rows" not in flexwalk.counters()
+
+
+def test_the_first_decode_dense_steps_attend_every_block_then_select(decode_kernel):
+    """decode_dense_steps=3: the three steps after the prefill equal dense attention and are
+    counted; from the fourth the steps equal those of a state without the setting (the state
+    update does not depend on it) and keep fewer blocks than the causal ones."""
+    cfg = SketchWalkConfig(block_size=16, density=0.2, decode_dense_steps=3)
+    plain = SketchWalkConfig(block_size=16, density=0.2)
+    n, steps = 160, 8
+    q, k, v = _qkv(1, 4, 2, n + steps, 16, seed=41)
+    state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 2)
+    ref_state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], plain, 2)
+    flexwalk.reset_counters()
+    for t in range(n, n + steps):
+        cut = slice(0, t + 1)
+        out, row = sketchwalk_decode(q[:, :, t:t + 1], k[:, :, cut], v[:, :, cut], state)
+        sparse_step = flexwalk.density_report("decode")[2] < 0.5  # this step's kept / causal blocks
+        ref, ref_row = sketchwalk_decode(q[:, :, t:t + 1], k[:, :, cut], v[:, :, cut], ref_state)
+        torch.testing.assert_close(row, ref_row, rtol=0, atol=0)
+        if t - n < 3:
+            dense = torch.ones(1, 1, 1, t + 1, dtype=torch.bool)
+            assert_matches_reference(q[:, :, t:t + 1], k[:, :, cut], v[:, :, cut], dense, out)
+        else:
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        assert sparse_step == (t - n >= 3)
+    assert flexwalk.counters()["dense_decode_first"] == 3

@@ -124,6 +124,7 @@ class DecodeState:
         self.key_start = torch.zeros(batch, dtype=INT, device=device)
         self.pos = torch.zeros((), dtype=torch.int64, device=device)
         self.length = 0
+        self.prompt_length = 0  # the prefill's length (decode_dense_steps counts the steps after it)
         self.last_key: torch.Tensor | None = None
         self.stale = torch.zeros((), dtype=torch.bool, device=device)
         self.stale_steps = torch.zeros((), dtype=torch.int64, device=device)
@@ -248,6 +249,7 @@ class DecodeState:
             st.key_start = key_bounds(key_valid)[0]
         st.pos.fill_(n)
         st.length = n
+        st.prompt_length = n
         st.last_key = packed(k[:, :, n - 1])
         st.pin(q, k, key_valid=key_valid, softcap=softcap)
         return st

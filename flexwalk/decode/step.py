@@ -299,7 +299,8 @@ def sketchwalk_decode(
     absorbed (another sequence's cache), the state is stale: this and every later step attend
     densely (exact), `state.stale_steps` and flexwalk.counters()["decode_stale_steps"] count
     them.  All of this stays on the device.
-    dense: attend every causal block (still updates the state and the walk row).
+    dense: attend every causal block (still updates the state and the walk row); so do the first
+    config.decode_dense_steps steps after the prefill.
     On CUDA with a fixed-size cache the step is captured in a CUDA graph after its first run
     and replayed (Options.decode_graphs; counted in flexwalk.counters()["decode_graph_steps"]).
     options: the Options of this call (None: `flexwalk.current_options()`).
@@ -317,7 +318,10 @@ def sketchwalk_decode(
         )
     check_walk_row(walk_row, bsz, state.capacity)
     pos_t = None if position is None else position.reshape(()).to(torch.int64)
-    kw = dict(scale=scale, softcap=softcap, force_dense=bool(dense), kernel=decode_kernel(q, state.block_size, opts),
+    first = state.length - state.prompt_length < state.config.decode_dense_steps  # host ints: no sync
+    if first:
+        stats.count(stats.DENSE_DECODE_FIRST)
+    kw = dict(scale=scale, softcap=softcap, force_dense=bool(dense) or first, kernel=decode_kernel(q, state.block_size, opts),
               compiled=opts.compile_decode == "always" or (opts.compile_decode == "cuda" and q.device.type == "cuda"))
     graph = state.captured_step
     if graph is not None and graph.fits(k, v, walk_row, valid, pos_t, kw):
