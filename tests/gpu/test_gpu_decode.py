@@ -153,6 +153,15 @@ def test_a_graphed_step_turns_a_short_padded_row_dense_as_the_eager_one():
     assert summed[True]["dense_decode_short_rows"] == summed[False]["dense_decode_short_rows"] == 19
 
 
+def test_graphed_dense_first_steps_equal_the_eager_ones():
+    """decode_dense_steps=5: the graphed and the eager steps agree at every step across the
+    switch from dense to selecting steps (the graph recaptured once), both count 5 dense steps."""
+    cfg = SketchWalkConfig(block_size=128, density=0.2, decode_dense_steps=5)
+    _, summed = _graphed_and_eager_steps(cfg, counters=("decode_graph_steps", "dense_decode_first"))
+    assert summed[True]["decode_graph_steps"] >= 37  # all but the two capturing steps replay
+    assert summed[True]["dense_decode_first"] == summed[False]["dense_decode_first"] == 5
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_generate_with_decode_graphs_equals_without(dtype):
     """generate() with a static cache at full budget, the steps replayed from CUDA graphs and run
