@@ -120,6 +120,7 @@ def test_a_tiny_run_on_the_cpu_measures_checks_and_writes_everything(tmp_path):
         assert 0 < row["achieved_density"] < 1
     for row in saved["varlen"]:  # 300 / 1024 / 700 tokens packed; on the CPU every layer sparse (dense_below 0)
         assert row["check"]["ok"] and row["counters"]["sparse_prefill"] == 3 and row["sparse_ms"] > 0
+        assert row["host_cu_sparse_ms"] > 0
     for row in saved["padded"]:  # 256 / 1024 / 640 tokens (whole blocks) left-padded to 1024: one sparse call
         assert row["check"]["ok"] and row["lengths"] == [256, 1024, 640] and row["width"] == 1024
         assert row["counters"]["sparse_prefill"] == 1
