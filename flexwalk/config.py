@@ -139,11 +139,12 @@ class SketchWalkConfig:
     """Sparse decode: fraction of the prompt's blocks kept in every decode step, forced like sink
     and local blocks (so counted within the budget): the blocks the prompt's last block_size
     queries attend most (exact attention mass, head mean, computed once per prefill).  0: none."""
-    decode_dense_steps: int = 0
+    decode_dense_steps: int = 4
     """Sparse decode: the first N decode steps after a prefill attend every causal block (a
     larger budget for the first answer tokens, where a retrieval answer is decided), counted
-    `dense_decode_first` per layer and step; later steps select.  0 (the default): every step
-    selects."""
+    `dense_decode_first` per layer and step; later steps select.  4 by default: on
+    Qwen2.5-Coder-1.5B at 8K-32K they halve sparse decode's loss against dense decode
+    (docs/decode.md).  0: every step selects."""
     residual: bool | Literal["auto"] = "auto"
     """Prefill: every query also attends one summary entry per whole key block before its query
     block that the selection dropped (the block's mean key and mean value, weighted by its number
@@ -298,9 +299,10 @@ class SketchWalkConfig:
         return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 
-# dense_below="auto" per device type.  CUDA: one 8B-shaped layer at 20% density was 0.43x of
-# cuDNN SDPA at 4K and 0.99x at 8K on an H100, end to end 1.00x and 1.02x (benchmarks.md,
-# section 4); elsewhere (the CPU) sparse prefill pays from about 2K on.
+# dense_below="auto" per device type.  CUDA: one layer at 20% density with the default 64-token
+# blocks (Triton kernel, selection included) is 0.92x of cuDNN SDPA at 4K and 1.17x at 8K on an
+# H100 (docs/benchmarks.md, short prompts), and at 4K the default budget costs Qwen2.5-Coder-1.5B
+# 7.9 NIAH points (docs/accuracy.md); elsewhere (the CPU) sparse prefill pays from about 2K on.
 AUTO_DENSE_BELOW: dict[str, int] = {"cuda": 8192, "default": 2048}
 
 PRESETS: dict[str, SketchWalkConfig] = {

@@ -54,7 +54,7 @@ def deprecations_are_errors():
 def _model():
     model = build_model("llama", "sketchwalk_flex")
     return flexwalk.configure(model, SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=1,
-                                                      skip_decode=False))
+                                                      skip_decode=False, decode_dense_steps=0))
 
 
 def test_greedy_loops_raise_no_deprecation_warning():

@@ -1,4 +1,7 @@
-"""Sparse decode, functional API: incremental state, per-step selection, outputs vs the oracle."""
+"""Sparse decode, functional API: incremental state, per-step selection, outputs vs the oracle.
+
+The configurations set decode_dense_steps=0 so that every step after the prefill selects (by
+default the first four attend every block; their own test is at the end)."""
 
 from __future__ import annotations
 
@@ -76,7 +79,7 @@ decode_cases = st.fixed_dictionaries(
 def test_incremental_state_equals_rebuilt_and_selection_is_valid(case):
     """At every step the absorbed state equals the state rebuilt by a prefill of the whole
     sequence so far, and the step's selection keeps sink + current block within budget."""
-    cfg = SketchWalkConfig(
+    cfg = SketchWalkConfig(decode_dense_steps=0,
         block_size=case["bs"], density=case["density"], head_scoring=case["head_scoring"], walk=case["walk"],
         sink_blocks=case["sink"], local_blocks=case["local"], seed=case["seed"], decode_pinned=case["pinned"],
         decode_scoring=case["scoring"], prefill_scoring="sketch",  # the state carries W_l under the mean-key rule
@@ -134,7 +137,7 @@ def test_decode_steps_match_the_oracle(walk, walk_steps, softcap, decode_kernel,
     """Three sparse layers, 24 steps across block boundaries, GQA 3, left padding: each step's
     flex output equals SDPA under the step's own selection expanded to a token mask, and the
     walk row handed from layer to layer equals the one computed from rebuilt states."""
-    cfg = SketchWalkConfig(block_size=16, density=0.3, walk=walk, walk_steps=walk_steps, decode_scoring=scoring,
+    cfg = SketchWalkConfig(decode_dense_steps=0, block_size=16, density=0.3, walk=walk, walk_steps=walk_steps, decode_scoring=scoring,
                            prefill_scoring="bound" if walk == "one_hop" else "sketch")
     n, steps, layers = 70, 24, 3
     total = n + steps
@@ -181,7 +184,7 @@ def _full_budget_decode_equals_dense(dtype):
 
 def test_static_cache_layout_and_device_position(decode_kernel):
     """A fixed-size cache (static): K/V longer than the sequence, the position passed as a tensor."""
-    cfg = SketchWalkConfig(block_size=16, density=0.3)
+    cfg = SketchWalkConfig(decode_dense_steps=0, block_size=16, density=0.3)
     cap, n = 200, 90
     q, k, v = _qkv(1, 4, 2, cap, 16, seed=6)
     k[:, :, n + 10 :] = 0  # unwritten slots
@@ -200,7 +203,7 @@ def test_static_cache_layout_and_device_position(decode_kernel):
 def test_stale_state_decodes_densely_and_is_counted(decode_kernel):
     """A state continued at the wrong position, or on another sequence's cache, never selects:
     the step is exact dense attention and the stale steps are counted on the device."""
-    cfg = SketchWalkConfig(block_size=16, density=0.2)
+    cfg = SketchWalkConfig(decode_dense_steps=0, block_size=16, density=0.2)
     n = 96
     q, k, v = _qkv(1, 4, 2, n + 4, 16, seed=7)
     state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 2, kv_tokens=256, growable=False)
@@ -223,7 +226,7 @@ def test_stale_state_decodes_densely_and_is_counted(decode_kernel):
 
 
 def test_capacity_grows_in_buckets():
-    cfg = SketchWalkConfig(block_size=16, density=0.3, prefill_scoring="sketch")  # the state's W_l: the mean-key rule
+    cfg = SketchWalkConfig(decode_dense_steps=0, block_size=16, density=0.3, prefill_scoring="sketch")  # the state's W_l: the mean-key rule
     q, k, v = _qkv(1, 2, 2, 270, 16, seed=9)
     state = DecodeState.from_prefill(q[:, :, :250], k[:, :, :250], cfg, 2)
     assert state.kv_tokens == 256
@@ -254,7 +257,7 @@ def test_bad_inputs_name_the_problem():
 
 
 def test_no_recompiles_over_64_decode_steps_after_warmup():
-    cfg = SketchWalkConfig(block_size=16, density=0.2)
+    cfg = SketchWalkConfig(decode_dense_steps=0, block_size=16, density=0.2)
     q, k, v = _qkv(1, 6, 2, 200, 16, seed=11)
 
     def run(n, steps):
@@ -276,7 +279,7 @@ def test_compiled_step_core_matches_eager(dense_below):
     """The step core compiled (as on CUDA) gives the eager selection, state and output; with
     dense_below 110 the batch crosses it mid-run and the padded row (87-106 real tokens) turns
     dense, in both."""
-    cfg = SketchWalkConfig(block_size=16, density=0.3, dense_below=dense_below)
+    cfg = SketchWalkConfig(decode_dense_steps=0, block_size=16, density=0.3, dense_below=dense_below)
     q, k, v = _qkv(2, 6, 2, 120, 16, seed=12)
     key_valid = left_padding(2, 120, [0, 13])
     eager = DecodeState.from_prefill(q[:, :, :100], k[:, :, :100], cfg, 2, key_valid=key_valid[:, :100])
@@ -305,7 +308,7 @@ def test_cuda_graph_key_and_invalidation():
     assert base != graph_key(k, v, torch.ones(1, 4), None, torch.tensor(3), kw)  # a walk row now
     assert base != graph_key(k, v, None, None, None, kw)
     assert base != graph_key(k, v, None, None, torch.tensor(3), {**kw, "force_dense": True})
-    cfg = SketchWalkConfig(block_size=16)
+    cfg = SketchWalkConfig(decode_dense_steps=0, block_size=16)
     q, kk, _ = _qkv(1, 2, 2, 40, 16, seed=1)
     state = DecodeState.from_prefill(q[:, :, :30], kk[:, :, :30], cfg, 2, kv_tokens=64, growable=False)
     assert not graphable(state, q, kw, flexwalk.current_options())  # CPU: never captured
@@ -393,7 +396,7 @@ def test_prompt_block_mass_equals_dense_softmax(n, bs, lq, pad, softcap, seed):
 def test_pinned_blocks_survive_decode_and_growth():
     """The prompt's pins are its top-mass blocks (a planted needle block among them), stay kept
     in every step while the walk's own choice moves, and survive a capacity growth."""
-    cfg = SketchWalkConfig(block_size=16, density=0.2, decode_pinned=0.1)
+    cfg = SketchWalkConfig(decode_dense_steps=0, block_size=16, density=0.2, decode_pinned=0.1)
     n, total = 250, 330
     q, k, v = _qkv(1, 4, 2, total, 16, seed=5)
     q[:, :, n - 16 : n] = q[:, :, n - 1 : n]  # the prompt's last queries all ask for ...
@@ -468,7 +471,7 @@ def test_bound_scoring_finds_needles_the_block_mean_loses():
         k[0, :, 100] = base[0, :, 0] + needle
         q[0, :, n] = needle.repeat_interleave(2, 0)  # each query head asks its KV head's needle
         for scoring in kept:
-            cfg = SketchWalkConfig(block_size=bs, density=0.2, decode_scoring=scoring, decode_pinned=0.0,
+            cfg = SketchWalkConfig(decode_dense_steps=0, block_size=bs, density=0.2, decode_scoring=scoring, decode_pinned=0.0,
                                    walk="one_hop")
             state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 3)
             state.absorb(q[:, :, n : n + 1], k[:, :, n : n + 1])
@@ -484,7 +487,7 @@ def test_a_padded_row_shorter_than_dense_below_decodes_dense(decode_kernel):
     while row 1 has fewer than 64 real tokens its steps attend every causal block (equal to dense
     attention over its real keys), counted per step; row 0 decodes as it would alone.  A batch
     narrower than dense_below keeps every row sparse (the callers decode it dense)."""
-    cfg = SketchWalkConfig(block_size=16, density=0.2, dense_below=64)
+    cfg = SketchWalkConfig(decode_dense_steps=0, block_size=16, density=0.2, dense_below=64)
     n, steps, short = 100, 30, 40
     total = n + steps
     q, k, v = _qkv(2, 4, 2, total, 16, seed=31)
@@ -514,7 +517,7 @@ def test_the_first_decode_dense_steps_attend_every_block_then_select(decode_kern
     counted; from the fourth the steps equal those of a state without the setting (the state
     update does not depend on it) and keep fewer blocks than the causal ones."""
     cfg = SketchWalkConfig(block_size=16, density=0.2, decode_dense_steps=3)
-    plain = SketchWalkConfig(block_size=16, density=0.2)
+    plain = SketchWalkConfig(decode_dense_steps=0, block_size=16, density=0.2)
     n, steps = 160, 8
     q, k, v = _qkv(1, 4, 2, n + steps, 16, seed=41)
     state = DecodeState.from_prefill(q[:, :, :n], k[:, :, :n], cfg, 2)

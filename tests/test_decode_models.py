@@ -29,7 +29,7 @@ def sparse_layers(name: str, cfg: SketchWalkConfig) -> list[int]:
 
 
 def decode_cfg(density: float = 1.0, **kw) -> SketchWalkConfig:
-    base = dict(block_size=16, density=density, dense_below=0, dense_layers=1, skip_decode=False)
+    base = dict(block_size=16, density=density, dense_below=0, dense_layers=1, skip_decode=False, decode_dense_steps=0)
     base.update(kw)
     return SketchWalkConfig(**base)
 
@@ -169,6 +169,28 @@ def test_sparse_decode_is_sparse_and_walks_across_layers():
     # the walk changes the selection: one-hop at the same budget decodes differently
     one_hop = generate(model(name, cfg.replace(walk="one_hop")), ids, mask, max_new_tokens=40)
     assert any(not torch.equal(a, b) for a, b in zip(out.scores, one_hop.scores))
+
+
+def test_the_default_first_four_decode_steps_are_dense_and_the_rest_select():
+    """decode_dense_steps at its default (4): through generate(), every sparse layer runs its first
+    four steps dense (counted) and selects from the fifth; the dense steps' logits equal dense
+    decode's after the same sparse prefill, a selecting step's differ."""
+    name = "llama"
+    cfg = decode_cfg(0.25, dense_layers=0, decode_pinned=0.0, decode_dense_steps=SketchWalkConfig().decode_dense_steps)
+    assert cfg.decode_dense_steps == 4
+    ids, mask = left_padded_batch(seed=5)
+    flexwalk.reset_counters()
+    out = generate(model(name, cfg), ids, mask, max_new_tokens=NEW)
+    counts, layers = flexwalk.counters(), len(sparse_layers(name, cfg))
+    # sparse_decode counts every step of the sparse path; dense_decode_first the dense ones among them
+    assert counts["sparse_decode"] == (NEW - 1) * layers and counts["dense_decode_first"] == 4 * layers
+    dense = generate(model(name, cfg.replace(skip_decode=True)), ids, mask, max_new_tokens=NEW)
+    assert torch.equal(out.sequences[:, : PROMPT + 5], dense.sequences[:, : PROMPT + 5])
+    for step in range(1, 5):  # scores[0] is the prefill's; scores[1:5] the dense decode steps'
+        fin = torch.isfinite(dense.scores[step])
+        err = (out.scores[step][fin] - dense.scores[step][fin]).abs().max().item()
+        assert err <= floor_tol(dense.scores[step][fin]), f"dense first step {step}: logits differ by {err:.3g}"
+    assert any(not torch.allclose(a, b) for a, b in zip(out.scores[5:], dense.scores[5:]))
 
 
 def test_several_generate_calls_in_a_row_rebuild_the_state():

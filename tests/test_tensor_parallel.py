@@ -85,7 +85,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 
 # ----------------------------------------------------------------------------- transformers tp_plan
 
-DECODE_CFG = SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=1, skip_decode=False)
+DECODE_CFG = SketchWalkConfig(block_size=16, density=0.3, dense_below=0, dense_layers=1, skip_decode=False, decode_dense_steps=0)
 STEPS = 6
 
 

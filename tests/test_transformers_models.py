@@ -707,7 +707,7 @@ def test_pooled_query_blocks_through_the_model(models):
     assert_close(padded[1, 32:], alone, floor_tol(alone), "row padded by one kernel query block vs alone")
     ref, tol = reference_logits(models, "llama", ids)
     assert_close(flexwalk.configure(model, cfg.replace(density=1.0))(ids).logits, ref, tol, "full budget vs eager")
-    flexwalk.configure(model, cfg.replace(skip_decode=False))
+    flexwalk.configure(model, cfg.replace(skip_decode=False, decode_dense_steps=0))
     flexwalk.reset_counters()
     gen = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, SEQ + NEW_TOKENS) and torch.equal(gen[:, :SEQ], ids)

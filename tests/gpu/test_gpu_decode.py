@@ -133,7 +133,7 @@ def _graphed_and_eager_steps(cfg, key_valid=None, counters=("decode_graph_steps"
 def test_a_graphed_decode_step_equals_the_eager_one():
     """40 steps, the step replayed from a CUDA graph and run eagerly: the same outputs, walk rows
     and final state (the key bounds picked, equal)."""
-    states, summed = _graphed_and_eager_steps(SketchWalkConfig(block_size=128, density=0.2))
+    states, summed = _graphed_and_eager_steps(SketchWalkConfig(block_size=128, density=0.2, decode_dense_steps=0))
     assert summed[True]["decode_graph_steps"] >= 38  # every step after the first (which captures) replays
     for field in ("k_sum", "k_count", "k_sketch", "q_sum", "q_count", "transition"):
         assert torch.equal(getattr(states[True], field), getattr(states[False], field)), field
@@ -147,7 +147,7 @@ def test_a_graphed_step_turns_a_short_padded_row_dense_as_the_eager_one():
     real tokens, the new one included) as dense."""
     key_valid = torch.ones(2, 3000, dtype=torch.bool, device="cuda")
     key_valid[1, :900] = False
-    cfg = SketchWalkConfig(block_size=128, density=0.2, dense_below=2020)
+    cfg = SketchWalkConfig(block_size=128, density=0.2, dense_below=2020, decode_dense_steps=0)
     _, summed = _graphed_and_eager_steps(cfg, key_valid, counters=("decode_graph_steps", "dense_decode_short_rows"))
     assert summed[True]["decode_graph_steps"] >= 38
     assert summed[True]["dense_decode_short_rows"] == summed[False]["dense_decode_short_rows"] == 19
@@ -184,7 +184,7 @@ def test_a_compiled_decode_step_equals_the_eager_one():
     """20 steps over a growing cache, the step's state update and selection compiled (CUDA's
     default) and eager (compile_decode="never"): outputs equal to fp32 rounding."""
     q, k, v = (torch.randn(2, h, 600, 128, device="cuda") for h in (32, 8, 8))
-    cfg = SketchWalkConfig(block_size=64, density=0.2)
+    cfg = SketchWalkConfig(block_size=64, density=0.2, decode_dense_steps=0)
     st_a = DecodeState.from_prefill(q[:, :, :500], k[:, :, :500], cfg, 3)
     st_b = DecodeState.from_prefill(q[:, :, :500], k[:, :, :500], cfg, 3)
     for t in range(500, 520):

@@ -26,7 +26,7 @@ from flexwalk.integrations.cache_kwarg import cache_kwargs, returned_cache
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
 CFG = SketchWalkConfig(block_size=128, density=0.2, dense_below=0, dense_layers=1)
-DECODE_CFG = CFG.replace(skip_decode=False)
+DECODE_CFG = CFG.replace(skip_decode=False, decode_dense_steps=0)  # every step selects
 N, PAD, STEPS, LAYERS = 8192, 1000, 6, 4
 
 
