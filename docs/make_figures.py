@@ -12,6 +12,7 @@
 | share | img/selection_share_h100.png: the selection's share of that layer by prompt length | data/prefill/grid_fa4_h100.json, grid_triton_h100.json |
 | ttft | img/ttft_tp_h200.png: time to first token on one H200 and under tensor parallelism on two | data/tp/ttft_*.json |
 | gemma | img/niah_gemma3_by_length.png: Gemma 3 270M NIAH accuracy by length, the defaults against the paper's settings | data/niah/gemma3/ |
+| qwen | img/niah_qwen15b.png: Qwen2.5-Coder-1.5B NIAH, each rule's paired difference to dense by length, and the defaults against achieved density | data/niah/qwen15b/ |
 | density_accuracy | img/accuracy_vs_density.png: SmolLM2 NIAH accuracy and dense-mass recall against achieved density | data/niah/smollm2/, data/niah/fidelity/ |
 | decode | img/decode_scoring_smollm2.png: sparse decode accuracy by decode rule, SmolLM2 at 8K | data/niah/smollm2/8k-decode_scoring/ |
 
@@ -359,6 +360,69 @@ def gemma_figure(path: Path) -> None:
     _save(fig, path)
 
 
+def _paired_to_dense(run: Path, dense: Path) -> tuple[float, float, float] | None:
+    """(mean difference to dense in points, its standard error, mean achieved density) over the
+    samples both runs scored, matched by (task, length, index); None where the run is absent."""
+    from flexwalk.niah.report.load import samples_path
+
+    if samples_path(run) is None:
+        return None
+    base = {(r["task"], r["length"], r["index"]): r["score_all"] for r in _samples(dense)}
+    rows = [r for r in _samples(run) if (r["task"], r["length"], r["index"]) in base]
+    diffs = [r["score_all"] - base[(r["task"], r["length"], r["index"])] for r in rows]
+    se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
+    dens = [r["density"] for r in rows if r.get("density") is not None]
+    return float(np.mean(diffs)), se, float(np.mean(dens)) if dens else 1.0
+
+
+def qwen_figure(path: Path) -> None:
+    """Qwen2.5-Coder-1.5B: each rule's paired difference to dense by prompt length, and the
+    defaults' against achieved density."""
+    root = DATA / "niah" / "qwen15b"
+    lengths = ("4k", "8k", "16k", "32k")
+    series = [("defaults: key extremes, one-hop", "{}-bound", "sketchwalk", "tab:red", "-s"),
+              ("key extremes, density 0.3", "{}-bound-density-0.3", "sketchwalk", "tab:orange", "--^"),
+              ("key extremes, density 0.1", "{}-bound-density-0.1", "sketchwalk", "tab:purple", "--v"),
+              ("mean keys, one-hop", "{}", "one_hop", "tab:blue", ":o"),
+              ("mean keys, walk across layers", "{}", "sketchwalk", "tab:gray", ":o"),
+              ("mean keys, exact block ranking", "{}", "oracle", "k", "D")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    ax = axes[0]
+    x = np.arange(len(lengths))
+    ax.axhspan(-1, 0, color="tab:green", alpha=0.10, label="target: within 1 point of dense")
+    ax.axhline(0, color="k", lw=0.8)
+    for label, run, method, color, style in series:
+        pts = [(i, _paired_to_dense(root / run.format(n) / method, root / n / "sdpa")) for i, n in enumerate(lengths)]
+        pts = [(i, v) for i, v in pts if v is not None]
+        ax.errorbar([i for i, _ in pts], [v[0] for _, v in pts], yerr=[v[1] for _, v in pts], fmt=style,
+                    color=color, label=label, ms=5, capsize=3, lw=1.2)
+    ax.set_xticks(x)
+    ax.set_xticklabels([n.upper() for n in lengths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("RULER NIAH, points against dense (paired, +- 1 SE)")
+    ax.set_title("Qwen2.5-Coder-1.5B, density 0.2 unless named, 8 tasks x 50", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax = axes[1]
+    ax.axhspan(-1, 0, color="tab:green", alpha=0.10)
+    ax.axhline(0, color="k", lw=0.8)
+    for n, color in (("4k", "tab:blue"), ("8k", "tab:orange"), ("16k", "tab:green"), ("32k", "tab:red")):
+        runs = [f"{n}-bound-density-0.1", f"{n}-bound", f"{n}-bound-density-0.3"]
+        pts = [v for v in (_paired_to_dense(root / r / "sketchwalk", root / n / "sdpa") for r in runs) if v is not None]
+        ax.errorbar([v[2] for v in pts], [v[0] for v in pts], yerr=[v[1] for v in pts], fmt="-o", color=color,
+                    label=f"{n.upper()}: defaults at density 0.1 / 0.2 / 0.3", ms=5, capsize=3)
+        oracle = _paired_to_dense(root / n / "oracle", root / n / "sdpa")
+        if oracle is not None:
+            ax.errorbar([oracle[2]], [oracle[0]], yerr=[oracle[1]], fmt="D", color=color, mfc="white", capsize=3,
+                        label=f"{n.upper()}: exact block ranking (mean-key runs), density 0.2")
+    ax.set_xlabel("achieved density (kept / causal blocks, forced blocks included)")
+    ax.set_ylabel("points against dense (paired, +- 1 SE)")
+    ax.set_title("Qwen2.5-Coder-1.5B: the budget, H100/H200 bf16", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    _save(fig, path)
+
+
 def _fidelity_rows(path: Path, group: str = "density") -> list[tuple[float, float, float]]:
     """(achieved density, dense-mass recall, next-token KL) of one fidelity group.
 
@@ -458,6 +522,7 @@ FIGURES = {
     "ttft": lambda args: ttft_figure(IMG / "ttft_tp_h200.png"),
     "gemma": lambda args: gemma_figure(IMG / "niah_gemma3_by_length.png"),
     "density_accuracy": lambda args: density_accuracy_figure(IMG / "accuracy_vs_density.png"),
+    "qwen": lambda args: qwen_figure(IMG / "niah_qwen15b.png"),
     "decode": lambda args: decode_figure(IMG / "decode_scoring_smollm2.png"),
 }
 
