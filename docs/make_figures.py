@@ -202,7 +202,8 @@ def mask_figure(path: Path, length: int, depth: float) -> None:
         t = sel.mask[0].cpu().numpy().copy()
         nb = t.shape[-1]
         t[:, 0] = False  # sink
-        t[np.arange(nb), np.arange(nb)] = False  # diagonal
+        for lag in range(cfg.local_blocks):  # the diagonal and the local blocks before it
+            t[np.arange(lag, nb), np.arange(nb - lag)] = False
         t[nb - cfg.dense_tail_blocks:] = False  # dense tail
         picks = t.sum(0)
         top = np.argsort(-picks, kind="stable")[:4]
@@ -380,19 +381,23 @@ def qwen_figure(path: Path) -> None:
     defaults' against achieved density."""
     root = DATA / "niah" / "qwen15b"
     lengths = ("4k", "8k", "16k", "32k")
-    series = [("defaults: key extremes, one-hop", "{}-bound", "sketchwalk", "tab:red", "-s"),
-              ("key extremes, density 0.3", "{}-bound-density-0.3", "sketchwalk", "tab:orange", "--^"),
-              ("key extremes, density 0.1", "{}-bound-density-0.1", "sketchwalk", "tab:purple", "--v"),
-              ("mean keys, one-hop", "{}", "one_hop", "tab:blue", ":o"),
-              ("mean keys, walk across layers", "{}", "sketchwalk", "tab:gray", ":o"),
-              ("mean keys, exact block ranking", "{}", "oracle", "k", "D")]
+    # (label, run directory, method, colour, style, lengths); two local blocks ran in full at 4K-16K
+    series = [("defaults: key extremes, one-hop, two local blocks", "{}-bound-local2", "sketchwalk", "tab:red", "-s",
+               lengths[:3]),
+              ("key extremes, one local block", "{}-bound", "sketchwalk", "tab:brown", "--s", lengths),
+              ("key extremes, one local block, density 0.3", "{}-bound-density-0.3", "sketchwalk", "tab:orange", "--^", lengths),
+              ("key extremes, one local block, density 0.1", "{}-bound-density-0.1", "sketchwalk", "tab:purple", "--v", lengths),
+              ("mean keys, one-hop", "{}", "one_hop", "tab:blue", ":o", lengths),
+              ("mean keys, walk across layers", "{}", "sketchwalk", "tab:gray", ":o", lengths),
+              ("mean keys, exact block ranking", "{}", "oracle", "k", "D", lengths)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     ax = axes[0]
     x = np.arange(len(lengths))
     ax.axhspan(-1, 0, color="tab:green", alpha=0.10, label="target: within 1 point of dense")
     ax.axhline(0, color="k", lw=0.8)
-    for label, run, method, color, style in series:
-        pts = [(i, _paired_to_dense(root / run.format(n) / method, root / n / "sdpa")) for i, n in enumerate(lengths)]
+    for label, run, method, color, style, at in series:
+        pts = [(i, _paired_to_dense(root / run.format(n) / method, root / n / "sdpa")) for i, n in enumerate(lengths)
+               if n in at]
         pts = [(i, v) for i, v in pts if v is not None]
         ax.errorbar([i for i, _ in pts], [v[0] for _, v in pts], yerr=[v[1] for _, v in pts], fmt=style,
                     color=color, label=label, ms=5, capsize=3, lw=1.2)
@@ -410,7 +415,11 @@ def qwen_figure(path: Path) -> None:
         runs = [f"{n}-bound-density-0.1", f"{n}-bound", f"{n}-bound-density-0.3"]
         pts = [v for v in (_paired_to_dense(root / r / "sketchwalk", root / n / "sdpa") for r in runs) if v is not None]
         ax.errorbar([v[2] for v in pts], [v[0] for v in pts], yerr=[v[1] for v in pts], fmt="-o", color=color,
-                    label=f"{n.upper()}: defaults at density 0.1 / 0.2 / 0.3", ms=5, capsize=3)
+                    label=f"{n.upper()}: one local block, density 0.1 / 0.2 / 0.3", ms=5, capsize=3)
+        if n != "32k":
+            two = _paired_to_dense(root / f"{n}-bound-local2" / "sketchwalk", root / n / "sdpa")
+            ax.errorbar([two[2]], [two[0]], yerr=[two[1]], fmt="*", color=color, ms=11, capsize=3,
+                        label=f"{n.upper()}: defaults (two local blocks), density 0.2")
         oracle = _paired_to_dense(root / n / "oracle", root / n / "sdpa")
         if oracle is not None:
             ax.errorbar([oracle[2]], [oracle[0]], yerr=[oracle[1]], fmt="D", color=color, mfc="white", capsize=3,

@@ -58,7 +58,7 @@ class SketchWalkConfig:
     default): the head dim itself, an exact sketch (P = [I 0]: the block means themselves, so
     block-mean scores without sketch error).  On Gemma 3 (head dim 256) that was +0.88 points (SE 0.47)
     over r = 64 across 2K-32K, and +2.19 at 32K; at head dim 128 on the H100 it cost nothing
-    measurable (docs/results.md, "Defaults").  The paper uses 64; the authors' code 128."""
+    measurable (docs/design-notes.md).  The paper uses 64; the authors' code 128."""
     sparsity_exponent: float = 8.0
     """Inverse temperature s of the transition W = softmax(s * A).  With the default one-hop
     rule, head-mean scoring and query blocks of block_size it does not change which blocks are
@@ -70,8 +70,12 @@ class SketchWalkConfig:
     """Key blocks kept per query block (forced blocks included); None when density is set."""
     sink_blocks: int = 1
     """First real blocks of each row always kept (attention sinks)."""
-    local_blocks: int = 1
-    """Diagonal block plus local_blocks - 1 blocks before it, always kept."""
+    local_blocks: int = 2
+    """Diagonal block plus local_blocks - 1 blocks before it, always kept, within the budget.
+    2 (the default): the 64 tokens before a query block's own carry the text a question or a
+    needle continues.  On Qwen2.5-Coder-1.5B that scored +3.31 (SE 1.18) and +1.69 (1.12) over 1
+    at 4K and 8K, -1.00 (0.94) at 16K, +0.95 (SE 0.57) pooled over 4K-32K, for 0.004 of density
+    at 4K and none from 16K (docs/accuracy.md)."""
     dense_tail_blocks: int = 1
     """The last T query blocks attend every causal block (cost T / num_blocks of dense)."""
     dense_layers: int | Literal["auto"] = "auto"
@@ -79,7 +83,7 @@ class SketchWalkConfig:
     paper's, raised in a model that mixes sliding-window and full-attention layers so that its
     first full-attention layer is dense too (Gemma 3: 6, its first full layer being index 5;
     Gemma 2's, index 1, already is).  On Gemma 3 270M that was level with dense at every length
-    from 2K to 32K, worst task -2, for at most 4% of prefill from 4K (docs/results.md).  Decided
+    from 2K to 32K, worst task -2, for at most 4% of prefill from 4K (docs/design-notes.md).  Decided
     per model like residual (`for_model`); 2 outside a model."""
     walk: WalkMode = "one_hop"
     """'walk': R_l = R_{l-1} W_l; 'damped': (1-beta) W_l + beta R_{l-1} W_l; 'one_hop' (the
@@ -154,7 +158,7 @@ class SketchWalkConfig:
     are the model's only long-range path), off elsewhere, and off when `sketchwalk_attention`
     is called outside a model.  On Gemma 3 270M it took SketchWalk from up to 4.6 points below
     dense to within 1.75 at every length from 2K to 32K; on SmolLM2-135M (every layer full
-    attention) it cost 3.1 and 1.6 points at 2K and 4K (docs/results.md)."""
+    attention) it cost 3.1 and 1.6 points at 2K and 4K (docs/design-notes.md)."""
 
     @property
     def dense_layer_count(self) -> int:
@@ -302,7 +306,7 @@ class SketchWalkConfig:
 # dense_below="auto" per device type.  CUDA: one layer at 20% density with the default 64-token
 # blocks (Triton kernel, selection included) is 0.92x of cuDNN SDPA at 4K and 1.17x at 8K on an
 # H100 (docs/benchmarks.md, short prompts), and at 4K the default budget costs Qwen2.5-Coder-1.5B
-# 7.9 NIAH points (docs/accuracy.md); elsewhere (the CPU) sparse prefill pays from about 2K on.
+# 4.6 NIAH points (docs/accuracy.md); elsewhere (the CPU) sparse prefill pays from about 2K on.
 AUTO_DENSE_BELOW: dict[str, int] = {"cuda": 8192, "default": 2048}
 
 PRESETS: dict[str, SketchWalkConfig] = {
@@ -311,8 +315,9 @@ PRESETS: dict[str, SketchWalkConfig] = {
     # More budget, per-head scoring, two dense tail blocks and the residual summaries: closest to dense.
     "quality": SketchWalkConfig(density=0.3, head_scoring="per_head", dense_tail_blocks=2,
                                 residual=True),
-    # Kernel-friendly 128-token blocks, 10% density.
-    "speed": SketchWalkConfig(block_size=128, density=0.1),
-    # Long prompts: 128-token blocks, a wider local window, dense only under 8K.
-    "long-context": SketchWalkConfig(block_size=128, density=0.15, local_blocks=2, dense_below=8192),
+    # Kernel-friendly 128-token blocks, 10% density, the diagonal as the only local block (a
+    # second would take most of a short row's 10%).
+    "speed": SketchWalkConfig(block_size=128, density=0.1, local_blocks=1),
+    # Long prompts: 128-token blocks, 15% density, dense only under 8K.
+    "long-context": SketchWalkConfig(block_size=128, density=0.15, dense_below=8192),
 }

@@ -10,6 +10,7 @@ import torch
 
 from benchmarks import report, workload
 from flexwalk import SketchWalkConfig
+from flexwalk.reference import sample_rows
 
 
 def test_arguments_fill_in_the_device_defaults_quick_and_given_values():
@@ -109,14 +110,16 @@ def test_a_failed_check_is_reported_and_figures_are_optional(tmp_path, monkeypat
 def test_a_tiny_run_on_the_cpu_measures_checks_and_writes_everything(tmp_path):
     """The report's own code end to end on the small CPU shape: every section, every check."""
     pytest.importorskip("matplotlib")
-    status = report.main(["--out", str(tmp_path), "--lengths", "256", "--ttft-lengths", "256", "--decode-lengths",
+    # 512 tokens, 8 blocks of 64: enough that the forced blocks (sink, two local) and the dense tail leave some out
+    status = report.main(["--out", str(tmp_path), "--lengths", "512", "--ttft-lengths", "256", "--decode-lengths",
                           "256", "--decode-steps", "5", "--ttft-reps", "1"])
     saved = json.loads((tmp_path / "report.json").read_text())
     assert status == 0, report.failed(saved)
     assert saved["env"]["device"] == "cpu" and saved["shape"]["name"] == workload.SMALL.name
-    assert [(r["n"], r["kernel"], r["ran"]) for r in saved["layer"]] == [(256, "auto", "flex"), (256, "flex", "flex")]
+    assert [(r["n"], r["kernel"], r["ran"]) for r in saved["layer"]] == [(512, "auto", "flex"), (512, "flex", "flex")]
     for row in saved["layer"]:
-        assert row["check"]["ok"] and row["check"]["rows"] == 256 and row["sparse_ms"] > 0 and row["dense_ms"] > 0
+        assert row["check"]["ok"] and row["check"]["rows"] == len(sample_rows(512)) and row["sparse_ms"] > 0
+        assert row["dense_ms"] > 0
         assert 0 < row["achieved_density"] < 1
     for row in saved["varlen"]:  # 300 / 1024 / 700 tokens packed; on the CPU every layer sparse (dense_below 0)
         assert row["check"]["ok"] and row["counters"]["sparse_prefill"] == 3 and row["sparse_ms"] > 0
@@ -135,7 +138,7 @@ def test_a_tiny_run_on_the_cpu_measures_checks_and_writes_everything(tmp_path):
 def test_the_layer_section_sets_scorings_side_by_side(tmp_path):
     """--scorings sketch,bound: one row per scoring for the same dense time, each checked against
     the oracle on its own selection; the bound's rows say so in the block column."""
-    status = report.main(["--out", str(tmp_path), "--sections", "layer", "--lengths", "256", "--kernels", "flex",
+    status = report.main(["--out", str(tmp_path), "--sections", "layer", "--lengths", "512", "--kernels", "flex",
                           "--scorings", "sketch,bound"])
     saved = json.loads((tmp_path / "report.json").read_text())
     assert status == 0, report.failed(saved)
@@ -143,7 +146,7 @@ def test_the_layer_section_sets_scorings_side_by_side(tmp_path):
     assert [r["scoring"] for r in rows] == ["sketch", "bound"] and rows[0]["dense_ms"] == rows[1]["dense_ms"]
     assert all(r["check"]["ok"] and 0 < r["achieved_density"] < 1 for r in rows)
     md = (tmp_path / "report.md").read_text()
-    assert "| 1 | 256 | 64, sketch |" in md and "| 1 | 256 | 64, bound |" in md
+    assert "| 1 | 512 | 64, sketch |" in md and "| 1 | 512 | 64, bound |" in md
 
 
 def test_the_batch_sections_set_scorings_side_by_side(tmp_path):

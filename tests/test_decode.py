@@ -138,6 +138,7 @@ def test_decode_steps_match_the_oracle(walk, walk_steps, softcap, decode_kernel,
     flex output equals SDPA under the step's own selection expanded to a token mask, and the
     walk row handed from layer to layer equals the one computed from rebuilt states."""
     cfg = SketchWalkConfig(decode_dense_steps=0, block_size=16, density=0.3, walk=walk, walk_steps=walk_steps, decode_scoring=scoring,
+                           local_blocks=1,  # 5-6 blocks: two local would leave little to select
                            prefill_scoring="bound" if walk == "one_hop" else "sketch")
     n, steps, layers = 70, 24, 3
     total = n + steps

@@ -152,8 +152,8 @@ def test_sampling_at_full_budget_matches_sdpa():
 # --------------------------------------------------------------------------- sparse budget
 def test_sparse_decode_is_sparse_and_walks_across_layers():
     name = "llama"
-    # no pins: leave the walk room to choose; the decode state carries W_l under the mean-key rule
-    cfg = decode_cfg(0.25, dense_layers=0, walk="walk", decode_pinned=0.0, prefill_scoring="sketch")
+    # no pins and one local block: leave the walk room to choose; the decode state carries W_l under the mean-key rule
+    cfg = decode_cfg(0.25, dense_layers=0, walk="walk", decode_pinned=0.0, local_blocks=1, prefill_scoring="sketch")
     ids, mask = left_padded_batch(seed=5)
     flexwalk.reset_counters()
     out = generate(model(name, cfg), ids, mask, max_new_tokens=40)

@@ -58,6 +58,6 @@ def test_sparse_prefill_at_low_density(smollm2):
     assert torch.isfinite(logits).all()
     report = flexwalk.density_report()
     achieved = sum(report.values()) / len(report)
-    # 10 blocks: sink, local and the dense last row keep more than 20% of the triangle.
+    # 10 blocks: the sink, two local blocks and the dense last row keep more than 20% of the triangle.
     assert achieved == pytest.approx(expected_density(config, ids.shape[1]), abs=1e-6)
-    assert achieved < 0.6
+    assert achieved < 0.7
