@@ -30,7 +30,7 @@ def test_sparse(benchmark, qkv, length, config, kernel, device):
     if kernel in ("triton", "fa4"):  # the kernel asked for is the one that ran (where it applies)
         assert check["kernel"] == kernel, check
     # the kept share is the budget rule's (plus the forced and tail blocks), and sparse
-    assert abs(check["density"] - expected_density(config, length)) < 1e-6 and check["density"] < 0.5, check
+    assert abs(check["density"] - expected_density(config, length)) < 1e-6 and check["density"] < 0.6, check
     benchmark.group = f"prefill n={length}"
     benchmark.extra_info.update(shape=SHAPE.name, kernel=check["kernel"], density=check["density"])
     out, _ = benchmark(workload.synchronized(lambda: sketchwalk_attention(q, k, v, config, 0), device))

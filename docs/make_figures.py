@@ -381,15 +381,18 @@ def qwen_figure(path: Path) -> None:
     defaults' against achieved density."""
     root = DATA / "niah" / "qwen15b"
     lengths = ("4k", "8k", "16k", "32k")
-    # (label, run directory, method, colour, style, lengths); two local blocks ran in full at 4K-16K
-    series = [("defaults: key extremes, one-hop, two local blocks", "{}-bound-local2", "sketchwalk", "tab:red", "-s",
-               lengths[:3]),
+    # (label, run directory, method, colour, style, lengths); the defaults ran at 4K-16K
+    series = [("defaults: key extremes, one-hop, two local and two dense tail blocks", "{}-bound-local2-tail2",
+               "sketchwalk", "tab:red", "-s", lengths[:3]),
+              ("key extremes, two local blocks, one dense tail block", "{}-bound-local2", "sketchwalk", "tab:pink",
+               "-.s", lengths),
               ("key extremes, one local block", "{}-bound", "sketchwalk", "tab:brown", "--s", lengths),
               ("key extremes, one local block, density 0.3", "{}-bound-density-0.3", "sketchwalk", "tab:orange", "--^", lengths),
               ("key extremes, one local block, density 0.1", "{}-bound-density-0.1", "sketchwalk", "tab:purple", "--v", lengths),
               ("mean keys, one-hop", "{}", "one_hop", "tab:blue", ":o", lengths),
               ("mean keys, walk across layers", "{}", "sketchwalk", "tab:gray", ":o", lengths),
-              ("mean keys, exact block ranking", "{}", "oracle", "k", "D", lengths)]
+              ("exact block ranking, one local block", "{}", "oracle", "k", "D", lengths),
+              ("exact block ranking, two local blocks", "{}-oracle", "oracle", "dimgray", "d", lengths)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     ax = axes[0]
     x = np.arange(len(lengths))
@@ -416,14 +419,20 @@ def qwen_figure(path: Path) -> None:
         pts = [v for v in (_paired_to_dense(root / r / "sketchwalk", root / n / "sdpa") for r in runs) if v is not None]
         ax.errorbar([v[2] for v in pts], [v[0] for v in pts], yerr=[v[1] for v in pts], fmt="-o", color=color,
                     label=f"{n.upper()}: one local block, density 0.1 / 0.2 / 0.3", ms=5, capsize=3)
-        if n != "32k":
-            two = _paired_to_dense(root / f"{n}-bound-local2" / "sketchwalk", root / n / "sdpa")
-            ax.errorbar([two[2]], [two[0]], yerr=[two[1]], fmt="*", color=color, ms=11, capsize=3,
-                        label=f"{n.upper()}: defaults (two local blocks), density 0.2")
-        oracle = _paired_to_dense(root / n / "oracle", root / n / "sdpa")
-        if oracle is not None:
-            ax.errorbar([oracle[2]], [oracle[0]], yerr=[oracle[1]], fmt="D", color=color, mfc="white", capsize=3,
-                        label=f"{n.upper()}: exact block ranking (mean-key runs), density 0.2")
+        defaults = _paired_to_dense(root / f"{n}-bound-local2-tail2" / "sketchwalk", root / n / "sdpa")
+        if defaults is not None:
+            ax.errorbar([defaults[2]], [defaults[0]], yerr=[defaults[1]], fmt="*", color=color, ms=11, capsize=3,
+                        label=f"{n.upper()}: defaults, density 0.2")
+        else:  # 32K: two local blocks with one dense tail block, at density 0.2 and 0.3
+            runs = [f"{n}-bound-local2", f"{n}-bound-local2-density-0.3"]
+            pts = [v for v in (_paired_to_dense(root / r / "sketchwalk", root / n / "sdpa") for r in runs) if v is not None]
+            ax.errorbar([v[2] for v in pts], [v[0] for v in pts], yerr=[v[1] for v in pts], fmt="-*", color=color,
+                        ms=11, capsize=3, label=f"{n.upper()}: two local blocks, one tail block, density 0.2 / 0.3")
+        for run, forced in ((root / n / "oracle", "one"), (root / f"{n}-oracle" / "oracle", "two")):
+            oracle = _paired_to_dense(run, root / n / "sdpa")
+            if oracle is not None:
+                ax.errorbar([oracle[2]], [oracle[0]], yerr=[oracle[1]], fmt="D", color=color, mfc="white", capsize=3,
+                            label=f"{n.upper()}: exact block ranking, {forced} local block{'s' if forced == 'two' else ''}")
     ax.set_xlabel("achieved density (kept / causal blocks, forced blocks included)")
     ax.set_ylabel("points against dense (paired, +- 1 SE)")
     ax.set_title("Qwen2.5-Coder-1.5B: the budget, H100/H200 bf16", fontsize=10)

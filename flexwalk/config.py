@@ -74,10 +74,15 @@ class SketchWalkConfig:
     """Diagonal block plus local_blocks - 1 blocks before it, always kept, within the budget.
     2 (the default): the 64 tokens before a query block's own carry the text a question or a
     needle continues.  On Qwen2.5-Coder-1.5B that scored +3.31 (SE 1.18) and +1.69 (1.12) over 1
-    at 4K and 8K, -1.00 (0.94) at 16K, +0.95 (SE 0.57) pooled over 4K-32K, for 0.004 of density
+    at 4K and 8K, level at 16K and 32K, +1.18 (SE 0.56) pooled over 4K-32K, for 0.004 of density
     at 4K and none from 16K (docs/accuracy.md)."""
-    dense_tail_blocks: int = 1
-    """The last T query blocks attend every causal block (cost T / num_blocks of dense)."""
+    dense_tail_blocks: int = 2
+    """The last T query blocks attend every causal block (cost T / num_blocks of dense).  2 (the
+    default): the 128 tokens that end a prompt hold its question and the answer's prefix, which
+    one 64-token block does not cover (a key-value question in a chat template is about 90
+    tokens).  On Qwen2.5-Coder-1.5B with two local blocks that scored +0.62 (SE 0.52), +1.25
+    (0.67) and +1.25 (0.56) over 1 at 4K, 8K and 16K, +1.04 (SE 0.34) pooled, 19 answers better
+    and 5 worse, for 0.025 of density at 4K, 0.013 at 8K and 0.006 at 16K (docs/accuracy.md)."""
     dense_layers: int | Literal["auto"] = "auto"
     """Layers with layer_idx < dense_layers run dense attention.  "auto" (the default): 2, the
     paper's, raised in a model that mixes sliding-window and full-attention layers so that its
@@ -306,18 +311,19 @@ class SketchWalkConfig:
 # dense_below="auto" per device type.  CUDA: one layer at 20% density with the default 64-token
 # blocks (Triton kernel, selection included) is 0.92x of cuDNN SDPA at 4K and 1.17x at 8K on an
 # H100 (docs/benchmarks.md, short prompts), and at 4K the default budget costs Qwen2.5-Coder-1.5B
-# 4.6 NIAH points (docs/accuracy.md); elsewhere (the CPU) sparse prefill pays from about 2K on.
+# 4.0 NIAH points (docs/accuracy.md); elsewhere (the CPU) sparse prefill pays from about 2K on.
 AUTO_DENSE_BELOW: dict[str, int] = {"cuda": 8192, "default": 2048}
 
 PRESETS: dict[str, SketchWalkConfig] = {
     # The paper's granularity and 20% density; one-hop selection; exact sketch.
     "default": SketchWalkConfig(),
-    # More budget, per-head scoring, two dense tail blocks and the residual summaries: closest to dense.
-    "quality": SketchWalkConfig(density=0.3, head_scoring="per_head", dense_tail_blocks=2,
-                                residual=True),
+    # More budget, per-head scoring and the residual summaries: closest to dense.
+    "quality": SketchWalkConfig(density=0.3, head_scoring="per_head", residual=True),
     # Kernel-friendly 128-token blocks, 10% density, the diagonal as the only local block (a
-    # second would take most of a short row's 10%).
-    "speed": SketchWalkConfig(block_size=128, density=0.1, local_blocks=1),
-    # Long prompts: 128-token blocks, 15% density, dense only under 8K.
-    "long-context": SketchWalkConfig(block_size=128, density=0.15, dense_below=8192),
+    # second would take most of a short row's 10%), one dense tail block (128 tokens, as the
+    # default's two of 64).
+    "speed": SketchWalkConfig(block_size=128, density=0.1, local_blocks=1, dense_tail_blocks=1),
+    # Long prompts: 128-token blocks, 15% density, dense only under 8K, one dense tail block
+    # (128 tokens, as the default's two of 64).
+    "long-context": SketchWalkConfig(block_size=128, density=0.15, dense_below=8192, dense_tail_blocks=1),
 }

@@ -46,7 +46,7 @@ def test_demo_dense_and_full_density_sparse_agree(smollm2):
 def test_sparse_prefill_at_low_density(smollm2):
     model, tokenizer = smollm2
     config = SketchWalkConfig(density=0.2, dense_below=256)
-    ids = torch.tensor([needle_prompt(tokenizer, 600, 0.5, seed=0).input_ids])
+    ids = torch.tensor([needle_prompt(tokenizer, 1200, 0.5, seed=0).input_ids])
     flexwalk.configure(model, config)
     flexwalk.reset_counters()
     try:
@@ -58,6 +58,6 @@ def test_sparse_prefill_at_low_density(smollm2):
     assert torch.isfinite(logits).all()
     report = flexwalk.density_report()
     achieved = sum(report.values()) / len(report)
-    # 10 blocks: the sink, two local blocks and the dense last row keep more than 20% of the triangle.
+    # 19 blocks: the sink, two local blocks and the two dense last rows keep more than 20% of the triangle.
     assert achieved == pytest.approx(expected_density(config, ids.shape[1]), abs=1e-6)
-    assert achieved < 0.7
+    assert achieved < 0.5

@@ -159,7 +159,7 @@ def test_full_budget_equals_dense_sdpa(dtype):
 
 
 def test_sparse_budget_really_differs_from_dense():
-    q, k, v = random_qkv(1, 4, 4, 512, 32, seed=5)
+    q, k, v = random_qkv(1, 4, 4, 1024, 32, seed=5)
     out, _ = sketchwalk_attention(q, k, v, sparse_cfg(block_size=32, density=0.2), 0)
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert (out - dense).abs().max() > 1e-2

@@ -66,5 +66,5 @@ def test_needle_sketchwalk_flex_against_sdpa(qwen):
     assert sparse.output_ids == dense.output_ids
     assert dense.sparse_calls == 0
     assert sparse.sparse_calls == model.config.num_hidden_layers - config.dense_layer_count
-    assert sparse.density < 0.5
+    assert sparse.density < 0.6  # 16 blocks: the forced and the two dense tail blocks are half of it
     assert dense.finite and sparse.finite
